@@ -1,0 +1,40 @@
+"""Pillar selectors: split a kept set into pillars (kept as themselves) and collectors."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from nuwa_graph.node import Node, NodeParams, Port
+from nuwa_graph.registry import register
+from nuwa_graph.types import Roles, Scores, Selection
+
+
+class QuantileParams(NodeParams):
+    quantile: float = Field(0.55, ge=0, le=1, description="pillars: score >= this quantile of the kept tokens' scores (linear interpolation)")
+
+
+@register
+class QuantileSplit(Node):
+    """Pillars are kept tokens whose score reaches a quantile of the kept tokens' scores.
+
+    Nüwa (arXiv 2602.02951): score = CLS salience (main code path), the hidden-state L2
+    norm (ablation path) or the key norm (paper text); quantile 0.55 in the LLaVA code.
+    """
+
+    type_name = "pillar-selector.quantile"
+    family = "pillar-selector"
+    paper = "https://arxiv.org/abs/2602.02951"
+    inputs = {"selection": Port(Selection, "the kept set to split"), "scores": Port(Scores, "score per token")}
+    outputs = {"roles": Port(Roles)}
+    Params = QuantileParams
+
+    def run(self, ctx, selection: Selection, scores: Scores):
+        lookup = torch.full((int(scores.ids.max()) + 2,), -1, dtype=torch.long)
+        lookup[scores.ids] = torch.arange(scores.ids.numel())
+        pos = lookup[selection.ids]
+        if (pos < 0).any():
+            raise ValueError("some selected tokens have no score")
+        vals = scores.values[pos]
+        thr = torch.quantile(vals.double(), self.params.quantile).to(vals.dtype)
+        return {"roles": Roles(selection.ids, vals >= thr)}

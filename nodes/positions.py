@@ -1,0 +1,70 @@
+"""Position re-encoders: which position ids the kept visual tokens get (Nüwa Sec. 2.3).
+
+- PESP (sparse preservation): each kept token keeps its original id, gaps included; text
+  after the image keeps its unpruned ids (FastV, FEATHER, SparseVLM v2, Nüwa).
+- PERC (range compression): fresh contiguous ids; text follows the last kept token
+  (VisionZip, PruMerge+, PDrop, SparseVLM v1.5: what dropping tokens does by default).
+- RPME (relative position mapping extension, Nüwa Algorithm 3): with I the sorted
+  original indices and the full image range [s, e], new[0] = s and
+  new[j] = ceil(I[j] * (e - s) / I[k-1]) + s: the kept set is stretched over the range.
+Merged tokens use their anchor's index; a kept CLS token (id -1) counts as index 0.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from nuwa_graph.node import Node, NodeParams, Port
+from nuwa_graph.registry import register
+from nuwa_graph.types import PositionPlan, Selection
+
+
+def rpme_offsets(sorted_index: torch.Tensor, span: int) -> torch.Tensor:
+    """RPME offsets (relative to s) for ascending indices I; span = e - s. Exact integer ceil."""
+    k = sorted_index.numel()
+    out = torch.zeros(k, dtype=torch.long)
+    if k <= 1:
+        return out
+    last = int(sorted_index[-1])
+    if last == 0:
+        return out
+    num = sorted_index[1:] * span
+    out[1:] = (num + last - 1) // last
+    return out
+
+
+def plan_positions(ids: torch.Tensor, policy: str, n_image: int) -> PositionPlan:
+    """Offsets, in the order of `ids`, for a policy over an image of n_image tokens."""
+    index = ids.clamp(min=0)
+    if policy == "pesp":
+        return PositionPlan(ids, index.clone(), "pesp", "original")
+    if policy == "perc":
+        return PositionPlan(ids, torch.arange(ids.numel()), "perc", "compact")
+    if policy == "rpme":
+        order = torch.argsort(index, stable=True)
+        offs = torch.empty_like(index)
+        offs[order] = rpme_offsets(index[order], n_image - 1)
+        return PositionPlan(ids, offs, "rpme", "original")
+    raise ValueError(f"unknown position policy {policy!r}; valid: pesp, perc, rpme")
+
+
+class ReencodeParams(NodeParams):
+    policy: Literal["pesp", "perc", "rpme"] = Field(description="pesp: original ids; perc: contiguous; rpme: stretched")
+
+
+@register
+class PositionReencoder(Node):
+    """Choose position ids for a kept set (PESP, PERC or RPME)."""
+
+    type_name = "position-reencoder.policy"
+    family = "position-reencoder"
+    paper = "https://arxiv.org/abs/2602.02951"
+    inputs = {"selection": Port(Selection, "the kept tokens, in sequence order")}
+    outputs = {"positions": Port(PositionPlan)}
+    Params = ReencodeParams
+
+    def run(self, ctx, selection: Selection):
+        return {"positions": plan_positions(selection.ids, self.params.policy, ctx.geometry.n_tokens)}

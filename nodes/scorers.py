@@ -1,0 +1,49 @@
+"""Scorers that need no model: scores handed in by the caller.
+
+Model-reading scorers (attention rows, norms, similarities) live in their own modules.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field, field_validator
+
+from nuwa_graph.node import Node, NodeParams, Port
+from nuwa_graph.registry import register
+from nuwa_graph.signals import SignalRequest
+from nuwa_graph.sites import VALID_SITES, Site
+from nuwa_graph.types import Scores
+
+
+class ExternalParams(NodeParams):
+    name: str = Field(description="key of the tensor the caller provides (one score per present token)")
+    site: str = Field("vision", description=f"where the scores become available: {VALID_SITES}")
+
+    @field_validator("site")
+    @classmethod
+    def _site(cls, v: str) -> str:
+        Site(v)
+        return v
+
+
+@register
+class ExternalScores(Node):
+    """Scores given from outside the model, one per token present at `site` (in stream order)."""
+
+    type_name = "scorer.external"
+    family = "scorer"
+    inputs = {}
+    outputs = {"scores": Port(Scores)}
+    Params = ExternalParams
+
+    def site(self) -> Site:
+        return Site(self.params.site)
+
+    def requests(self):
+        return [SignalRequest.make("external", self.params.site, name=self.params.name)]
+
+    def run(self, ctx):
+        v = ctx.signal(self.requests()[0]).reshape(-1).float()
+        if v.numel() != ctx.present.numel():
+            raise ValueError(f"external scores {self.params.name!r} have {v.numel()} values for {ctx.present.numel()} tokens")
+        return {"scores": Scores(v, ctx.present.clone())}

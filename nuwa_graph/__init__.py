@@ -1,0 +1,9 @@
+"""nuwa-graph: visual-token pruning for VLMs as validated, drawable graphs of typed nodes."""
+
+from .errors import PipelineError, Problem, RunError
+from .executor import Executor, RunState, tokens_per_layer
+from .pipeline import Pipeline, load, load_text
+
+__version__ = "0.1.0"
+__all__ = ["Executor", "Pipeline", "PipelineError", "Problem", "RunError", "RunState", "__version__", "load",
+           "load_text", "tokens_per_layer"]

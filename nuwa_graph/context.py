@@ -1,0 +1,68 @@
+"""What a node sees while it runs one sample: geometry, signals, randomness, the stream."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .signals import SignalRequest
+from .types import Geometry, PositionPlan, Tokens
+
+
+@dataclass
+class Keep:
+    """An applier's instruction to the adapter: from `site` on, the image block is `ids`.
+
+    - `ids`: original ids of the visual tokens that stay, in the order they will sit in
+      the sequence (merged tokens carry their anchor's id; a kept CLS has id -1);
+    - `tokens`: replacement features for those rows (merged tokens), in `tokens.space`;
+      None keeps each token's own current features;
+    - `positions`: the position plan; None keeps each token's current position id (at
+      `llm.K`) or lets the model number the block contiguously (before the LLM).
+    """
+
+    site: str
+    ids: torch.Tensor
+    tokens: Tokens | None = None
+    positions: PositionPlan | None = None
+    node: str = ""
+
+
+def node_seed(seed: int, node_name: str, sample: int) -> int:
+    """A stable per-node, per-sample seed: reproducible, different across nodes and seeds."""
+    h = hashlib.sha256(f"{seed}/{node_name}/{sample}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class SampleContext:
+    """Per-sample, per-node view of a run.
+
+    `present` holds the original ids of the image tokens present in the stream at the
+    current site, in sequence order (all of them before any prune).
+    """
+
+    sample: int
+    geometry: Geometry
+    present: torch.Tensor
+    seed: int = 0
+    node_name: str = ""
+    reader: Callable[[SignalRequest, int], torch.Tensor] | None = None
+    actions: list[Keep] = field(default_factory=list)
+
+    def signal(self, request: SignalRequest) -> torch.Tensor:
+        if self.reader is None:
+            raise RuntimeError(f"node {self.node_name!r} asked for signal {request.key} but this run has no model or tensors")
+        return self.reader(request, self.sample)
+
+    def generator(self) -> torch.Generator:
+        g = torch.Generator(device="cpu")
+        g.manual_seed(node_seed(self.seed, self.node_name, self.sample))
+        return g
+
+    def apply(self, action: Keep) -> None:
+        action.node = self.node_name
+        self.actions.append(action)

@@ -1,0 +1,147 @@
+"""The executor: runs a pipeline's nodes site by site over a batch.
+
+An adapter drives a forward pass and calls `run_site(site)` where the pipeline has nodes;
+a model-free run (`run_all`) visits every site in order with signals read from a dict.
+Each node runs once per sample; its wall time is recorded (hooks, not node code, time it).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .context import Keep, SampleContext
+from .errors import RunError
+from .pipeline import Pipeline
+from .signals import SignalRequest
+from .sites import Site
+from .types import Geometry
+
+
+@dataclass
+class RunState:
+    """Everything a run produced: port values per sample, actions, timings."""
+
+    batch: int
+    geometries: list[Geometry]
+    present: list[torch.Tensor]
+    values: dict[tuple[str, str], list[Any]] = field(default_factory=dict)
+    actions: list[list[Keep]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    order: list[str] = field(default_factory=list)
+    done_sites: list[str] = field(default_factory=list)
+
+    def actions_at(self, site: Site) -> list[list[Keep]]:
+        """Per sample, the Keep actions issued at `site`."""
+        return [[a for a in acts if Site(a.site) == site] for acts in self.actions]
+
+
+class Executor:
+    """Binds a pipeline to a batch; `run_site` is called in stream order."""
+
+    def __init__(self, pipeline: Pipeline):
+        self.pipeline = pipeline
+        self.order = pipeline.order()
+        self.by_site: dict[Site, list[str]] = defaultdict(list)
+        for name in self.order:
+            self.by_site[pipeline.sites[name]].append(name)
+        self.inputs_of: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
+        for src, out, dst, port in pipeline.edges:
+            self.inputs_of[dst].append((port, src, out))
+
+    def sites(self) -> list[Site]:
+        return sorted(self.by_site)
+
+    def requests(self) -> list[SignalRequest]:
+        seen: dict[str, SignalRequest] = {}
+        for node in self.pipeline.nodes.values():
+            for r in node.requests():
+                seen.setdefault(r.key + "@" + r.site, r)
+        return list(seen.values())
+
+    def start(self, geometries: list[Geometry], present: list[torch.Tensor] | None = None) -> RunState:
+        if present is None:
+            present = [torch.arange(g.n_tokens) for g in geometries]
+        return RunState(batch=len(geometries), geometries=geometries, present=list(present),
+                        actions=[[] for _ in geometries])
+
+    def run_site(self, state: RunState, site: Site, reader: Callable[[SignalRequest, int], torch.Tensor] | None,
+                 seed: int | None = None) -> list[list[Keep]]:
+        """Run every node of `site` for every sample; returns the Keep actions issued here."""
+        seed = self.pipeline.seed if seed is None else seed
+        issued: list[list[Keep]] = [[] for _ in range(state.batch)]
+        for name in self.by_site.get(site, []):
+            node = self.pipeline.nodes[name]
+            t0 = time.perf_counter()
+            outs_per_sample = []
+            for b in range(state.batch):
+                kwargs: dict[str, Any] = {}
+                for port, src, out in self.inputs_of[name]:
+                    v = state.values[(src, out)][b]
+                    if node.inputs[port].many:
+                        kwargs.setdefault(port, []).append(v)
+                    else:
+                        kwargs[port] = v
+                ctx = SampleContext(sample=b, geometry=state.geometries[b], present=state.present[b], seed=seed,
+                                    node_name=name, reader=reader, actions=issued[b])
+                try:
+                    out_vals = node.run(ctx, **kwargs) or {}
+                except RunError:
+                    raise
+                except Exception as exc:
+                    raise RunError(f"node {name!r} ({node.type_name}) failed on sample {b} at site {site}: "
+                                   f"{type(exc).__name__}: {exc}") from exc
+                missing = set(node.outputs) - set(out_vals)
+                if missing:
+                    raise RunError(f"node {name!r} ({node.type_name}) did not produce output(s) {sorted(missing)}")
+                outs_per_sample.append(out_vals)
+            for port in node.outputs:
+                state.values[(name, port)] = [o[port] for o in outs_per_sample]
+            state.timings[name] += time.perf_counter() - t0
+            state.order.append(name)
+        for b in range(state.batch):
+            for act in issued[b]:
+                state.present[b] = act.ids
+            state.actions[b].extend(issued[b])
+        state.done_sites.append(site.name)
+        return issued
+
+    def run_all(self, geometries: list[Geometry], signals: dict[str, Any] | Callable | None = None,
+                seed: int | None = None) -> RunState:
+        """Model-free run: visit every site in order, signals from a dict (key -> per-sample list)
+        or a reader function."""
+        state = self.start(geometries)
+        reader = signals if callable(signals) or signals is None else _dict_reader(signals)
+        for site in self.sites():
+            self.run_site(state, site, reader, seed)
+        return state
+
+
+def _dict_reader(signals: dict[str, Any]) -> Callable[[SignalRequest, int], torch.Tensor]:
+    def read(req: SignalRequest, sample: int) -> torch.Tensor:
+        for key in (req.key + "@" + req.site, req.key, req.kind):
+            if key in signals:
+                v = signals[key]
+                return v[sample] if isinstance(v, (list, tuple)) else v
+        raise RunError(f"no tensor given for signal {req.key} at {req.site} (keys given: {', '.join(signals)})")
+
+    return read
+
+
+def tokens_per_layer(actions: list[Keep], n_visual: int, n_layers: int) -> list[int]:
+    """Visual tokens seen by each LLM layer, from the Keep actions of one sample."""
+    counts = []
+    current = n_visual
+    by_rank = sorted(actions, key=lambda a: Site(a.site).rank)
+    i = 0
+    for layer in range(n_layers):
+        here = Site.llm(layer)
+        while i < len(by_rank) and Site(by_rank[i].site) <= here:
+            current = int(by_rank[i].ids.numel())
+            i += 1
+        counts.append(current)
+    return counts

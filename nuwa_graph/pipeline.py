@@ -1,0 +1,192 @@
+"""Pipeline files: the YAML schema, loading with variables and overrides, dumping.
+
+A pipeline file:
+
+    name: fastv
+    description: FastV (ECCV'24) ... how the budget is counted ...
+    variables: {budget: 64}
+    seed: 0
+    nodes:
+      - name: attn
+        type: scorer.text-attention
+        params: {layer: 1}
+      - name: keep
+        type: selector.top-k
+        params: {k: "${budget}"}
+        inputs: {scores: attn.scores}
+
+Loading collects every problem (see validation.py) and raises one PipelineError.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import PipelineError, Problem
+from .node import Node
+from .sites import Site
+
+
+class NodeSpec(BaseModel):
+    """One node as written in the file (params still hold `${...}` expressions)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="unique node name, used in `inputs` as name.port")
+    type: str = Field(description="registered node type, e.g. selector.top-k")
+    params: dict[str, Any] = Field(default_factory=dict, description="node parameters")
+    inputs: dict[str, str | list[str]] = Field(default_factory=dict, description="port -> 'node.port' (or a list)")
+
+
+class PipelineSpec(BaseModel):
+    """The whole file as written."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    description: str = ""
+    variables: dict[str, Any] = Field(default_factory=dict)
+    seed: int = 0
+    nodes: list[NodeSpec]
+
+
+@dataclass
+class Pipeline:
+    """A loaded, validated pipeline: node instances, the graph, and each node's site."""
+
+    spec: PipelineSpec
+    source: str
+    variables: dict[str, Any]
+    nodes: dict[str, Node]
+    graph: nx.DiGraph
+    sites: dict[str, Site]  # effective site of every node
+    edges: list[tuple[str, str, str, str]] = field(default_factory=list)  # (src, out_port, dst, in_port)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def seed(self) -> int:
+        return self.spec.seed
+
+    def order(self) -> list[str]:
+        """Topological order, ties broken by position in the file."""
+        pos = {n.name: i for i, n in enumerate(self.spec.nodes)}
+        return list(nx.lexicographical_topological_sort(self.graph, key=lambda n: pos[n]))
+
+    def site_order(self) -> list[Site]:
+        return sorted(set(self.sites.values()))
+
+    def dump(self) -> dict[str, Any]:
+        """The file's content with the current variable values (expressions kept)."""
+        data = self.spec.model_dump(exclude_defaults=False)
+        data["variables"] = dict(self.variables)
+        for n in data["nodes"]:
+            if not n["params"]:
+                n.pop("params")
+            if not n["inputs"]:
+                n.pop("inputs")
+        return data
+
+    def dumps(self) -> str:
+        return yaml.safe_dump(self.dump(), sort_keys=False, allow_unicode=True)
+
+
+# --- YAML with line numbers -------------------------------------------------------------
+class _LineDict(dict):
+    line: int = 0
+
+
+class _LineLoader(yaml.SafeLoader):
+    pass
+
+
+def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _LineDict:
+    d = _LineDict(loader.construct_mapping(node, deep=True))
+    d.line = node.start_mark.line + 1
+    return d
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`name=value` from `--set`; the value is read as YAML (numbers, lists, strings)."""
+    if "=" not in text:
+        raise ValueError(f"--set {text!r}: expected NAME=VALUE, e.g. --set budget=128")
+    name, _, raw = text.partition("=")
+    name = name.strip()
+    if not name.isidentifier():
+        raise ValueError(f"--set {text!r}: {name!r} is not a valid variable name")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return name, value
+
+
+def _pydantic_problems(file: str, exc: ValidationError, node: str | None, prefix: str, line: int | None):
+    out = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        out.append(Problem(file, msg, node=node, field=f"{prefix}{loc}" if loc else prefix.rstrip("."), line=line))
+    return out
+
+
+def load_text(text: str, source: str = "<string>", overrides: dict[str, Any] | None = None) -> Pipeline:
+    """Parse and validate pipeline YAML; raise PipelineError listing every problem."""
+    from .validation import build_pipeline
+
+    try:
+        raw = yaml.load(text, Loader=_LineLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise PipelineError([Problem(source, f"YAML syntax error: {problem}", line=line)]) from None
+    if not isinstance(raw, dict):
+        raise PipelineError([Problem(source, "a pipeline file must be a mapping with 'name' and 'nodes'", line=1)])
+    problems: list[Problem] = []
+    # validate node entries one by one so that one bad node does not hide the others
+    raw_nodes = raw.get("nodes")
+    lines: dict[int, int] = {}
+    good_nodes: list[NodeSpec] = []
+    if isinstance(raw_nodes, list):
+        for i, rn in enumerate(raw_nodes):
+            line = getattr(rn, "line", None)
+            label = rn.get("name") if isinstance(rn, dict) and isinstance(rn.get("name"), str) else f"#{i}"
+            try:
+                good_nodes.append(NodeSpec.model_validate(rn))
+                lines[len(good_nodes) - 1] = line
+            except ValidationError as exc:
+                problems += _pydantic_problems(source, exc, label, "", line)
+        top = {k: v for k, v in raw.items() if k != "nodes"} | {"nodes": []}
+    else:
+        top = dict(raw)
+    try:
+        spec = PipelineSpec.model_validate(top)
+        spec.nodes = good_nodes
+    except ValidationError as exc:
+        problems += _pydantic_problems(source, exc, None, "", getattr(raw, "line", None))
+        spec = None
+    if spec is None:
+        raise PipelineError(problems)
+    if not isinstance(raw_nodes, list) or not raw_nodes:
+        problems.append(Problem(source, "'nodes' must be a non-empty list of nodes", field="nodes"))
+    node_lines = {s.name: lines.get(i) for i, s in enumerate(spec.nodes)}
+    return build_pipeline(spec, source, overrides or {}, problems, node_lines)
+
+
+def load(path: str | Path, overrides: dict[str, Any] | None = None) -> Pipeline:
+    p = Path(path)
+    if not p.is_file():
+        raise PipelineError([Problem(str(path), "no such file")])
+    return load_text(p.read_text(encoding="utf-8"), str(path), overrides)

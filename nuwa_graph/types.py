@@ -1,0 +1,165 @@
+"""Semantic port types: what flows along the edges of a pipeline.
+
+Every value describes ONE sample (the executor carries a list of them for a batch), and
+every value that talks about tokens carries their original indices (`ids`): the index of
+the token in the image grid, row-major, without CLS (a merged token keeps its anchor's id,
+a CLS token, where a method keeps it, has id -1). Selections in original indices are what
+lets nodes at different sites compose (DESIGN.md, invariant 6).
+
+Port types are compared by identity when two nodes are connected: a `Scores` output never
+feeds a `Selection` input, and nothing is converted silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+CLS_ID = -1  # the id a kept CLS token carries (VisionZip keeps it)
+
+
+def _check_ids(name: str, ids: torch.Tensor) -> None:
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype != torch.long:
+        raise TypeError(f"{name}.ids must be a 1-D int64 tensor, got {getattr(ids, 'shape', ids)!r}")
+
+
+class PortType:
+    """Base of every semantic port type; `doc` is shown by `nuwa-graph nodes`."""
+
+    doc: ClassVar[str] = ""
+
+    @classmethod
+    def type_name(cls) -> str:
+        return cls.__name__
+
+
+@dataclass
+class Scores(PortType):
+    """One score per token, higher = more important; `ids` are the tokens' original ids."""
+
+    values: torch.Tensor
+    ids: torch.Tensor
+    doc: ClassVar[str] = "a score per token (higher keeps), with the tokens' original ids"
+
+    def __post_init__(self) -> None:
+        _check_ids("Scores", self.ids)
+        if self.values.shape != self.ids.shape:
+            raise ValueError(f"Scores: values {tuple(self.values.shape)} and ids {tuple(self.ids.shape)} differ")
+
+
+@dataclass
+class Selection(PortType):
+    """A set of kept tokens as original ids, in the order the method produced them."""
+
+    ids: torch.Tensor
+    doc: ClassVar[str] = "kept tokens as original ids, in the method's order"
+
+    def __post_init__(self) -> None:
+        _check_ids("Selection", self.ids)
+
+    def __len__(self) -> int:
+        return int(self.ids.numel())
+
+
+@dataclass
+class Roles(PortType):
+    """A split of a token set into two roles (Nüwa: pillars vs collectors)."""
+
+    ids: torch.Tensor
+    pillar: torch.Tensor  # bool, True = pillar
+    doc: ClassVar[str] = "tokens split into pillars (True) and collectors (False)"
+
+    def __post_init__(self) -> None:
+        _check_ids("Roles", self.ids)
+        if self.pillar.dtype != torch.bool or self.pillar.shape != self.ids.shape:
+            raise ValueError("Roles.pillar must be a bool tensor shaped like ids")
+
+
+@dataclass
+class Regions(PortType):
+    """A partition of the image grid: `region[i]` is the region of original token i."""
+
+    region: torch.Tensor
+    grid: tuple[int, int]
+    doc: ClassVar[str] = "region id of every grid token (e.g. 2x2 cells)"
+
+
+@dataclass
+class Tokens(PortType):
+    """Token features (`values`: n x d) with the original id of each row (merged: anchor's).
+
+    `space` says where they live: `vision` (vision-encoder width, before the projector) or
+    `llm` (after the projector / inside the language model).
+    """
+
+    values: torch.Tensor
+    ids: torch.Tensor
+    space: str = "vision"
+    doc: ClassVar[str] = "token features (n x d) with original ids; space vision|llm"
+
+    def __post_init__(self) -> None:
+        _check_ids("Tokens", self.ids)
+        if self.values.dim() != 2 or self.values.shape[0] != self.ids.shape[0]:
+            raise ValueError(
+                f"Tokens: values must be (n, d) with n = len(ids); got {tuple(self.values.shape)} and {len(self.ids)}"
+            )
+
+
+@dataclass
+class PositionPlan(PortType):
+    """Position ids for the kept visual tokens, relative to the image's first id.
+
+    `offsets[j]` is the position offset of kept token j (in the order of `ids`); `policy`
+    names how they were made (pesp, perc, rpme); `text_follows` says whether text after
+    the image keeps its unpruned ids (`original`) or follows the last kept token
+    (`compact`).
+    """
+
+    ids: torch.Tensor
+    offsets: torch.Tensor
+    policy: str
+    text_follows: str = "original"
+    doc: ClassVar[str] = "position offsets of kept visual tokens (PESP, PERC or RPME)"
+
+    def __post_init__(self) -> None:
+        _check_ids("PositionPlan", self.ids)
+        if self.text_follows not in ("original", "compact"):
+            raise ValueError("PositionPlan.text_follows must be 'original' or 'compact'")
+
+
+@dataclass
+class AttentionMap(PortType):
+    """Attention rows (heads x queries x keys) over the current image tokens `ids`."""
+
+    values: torch.Tensor
+    ids: torch.Tensor
+    doc: ClassVar[str] = "attention rows (heads x queries x image keys) with key ids"
+
+
+@dataclass
+class Applied(PortType):
+    """What an applier did; lets a later node depend on a prune having happened."""
+
+    site: str
+    kept: int
+    doc: ClassVar[str] = "marker: the token set was changed at this site"
+
+
+PORT_TYPES: dict[str, type[PortType]] = {
+    t.__name__: t for t in (Scores, Selection, Roles, Regions, Tokens, PositionPlan, AttentionMap, Applied)
+}
+
+
+@dataclass
+class Geometry:
+    """Static facts of one sample that any node may read (not a signal: no site)."""
+
+    grid: tuple[int, int]  # (rows, cols) of the token grid the pipeline sees
+    image_start: int = 0  # sequence position of the first image token
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]

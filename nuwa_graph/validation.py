@@ -1,0 +1,165 @@
+"""Load-time validation: one pass that collects every problem, then raises once.
+
+Checks, each naming file, node and field: variables (undefined, unused, bad overrides),
+unknown node types (with "did you mean"), params (pydantic, with the path), duplicate
+names, inputs (format, unknown node or port, listing the ports with their types; missing
+required; type mismatch, never converted), cycles (listing their nodes), and sites (a node
+that must act at a site earlier than a signal it needs).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import networkx as nx
+from pydantic import ValidationError
+
+from . import registry
+from .errors import PipelineError, Problem
+from .expressions import ExpressionError, substitute
+from .node import Node
+from .pipeline import Pipeline, PipelineSpec, _pydantic_problems
+from .sites import Site
+
+
+def _ports_text(ports) -> str:
+    return ", ".join(f"{n}: {p.describe()}" for n, p in ports.items()) or "none"
+
+
+def build_pipeline(
+    spec: PipelineSpec,
+    source: str,
+    overrides: dict[str, Any],
+    problems: list[Problem],
+    node_lines: dict[str, int | None],
+) -> Pipeline:
+    variables = dict(spec.variables)
+    for name, value in overrides.items():
+        if name not in variables:
+            problems.append(Problem(source, f"--set {name}: no such variable (defined: {', '.join(sorted(variables)) or 'none'})",
+                                    field=f"variables.{name}"))
+        else:
+            variables[name] = value
+
+    used: set[str] = set()
+    nodes: dict[str, Node] = {}
+    seen: set[str] = set()
+    for ns in spec.nodes:
+        line = node_lines.get(ns.name)
+        if ns.name in seen:
+            problems.append(Problem(source, "duplicate node name (names must be unique)", node=ns.name, field="name", line=line))
+            continue
+        seen.add(ns.name)
+        if "." in ns.name or not ns.name:
+            problems.append(Problem(source, "node names must be non-empty and contain no '.'", node=ns.name, field="name", line=line))
+        try:
+            cls = registry.get(ns.type)
+        except KeyError as exc:
+            problems.append(Problem(source, str(exc.args[0]), node=ns.name, field="type", line=line))
+            continue
+        params = {}
+        bad_expr = False
+        for key, value in ns.params.items():
+            try:
+                params[key] = substitute(value, variables, used)
+            except ExpressionError as exc:
+                problems.append(Problem(source, str(exc), node=ns.name, field=f"params.{key}", line=line))
+                bad_expr = True
+        if bad_expr:
+            continue
+        try:
+            node = cls(ns.name, params)
+        except ValidationError as exc:
+            problems += _pydantic_problems(source, exc, ns.name, "params.", line)
+            continue
+        for msg in node.check():
+            problems.append(Problem(source, msg, node=ns.name, field="params", line=line))
+        nodes[ns.name] = node
+
+    for name in variables:
+        if name not in used:
+            problems.append(Problem(source, "variable is defined but no node uses it", field=f"variables.{name}"))
+
+    graph = nx.DiGraph()
+    graph.add_nodes_from(nodes)
+    edges: list[tuple[str, str, str, str]] = []
+    for ns in spec.nodes:
+        node = nodes.get(ns.name)
+        if node is None:
+            continue
+        line = node_lines.get(ns.name)
+        for port, refs in ns.inputs.items():
+            field = f"inputs.{port}"
+            if port not in node.inputs:
+                problems.append(Problem(source, f"{node.type_name} has no input {port!r}; its inputs: {_ports_text(node.inputs)}",
+                                        node=ns.name, field=field, line=line))
+                continue
+            want = node.inputs[port]
+            ref_list = refs if isinstance(refs, list) else [refs]
+            if isinstance(refs, list) and not want.many:
+                problems.append(Problem(source, f"input {port!r} takes one 'node.port', got a list of {len(refs)}",
+                                        node=ns.name, field=field, line=line))
+                continue
+            for ref in ref_list:
+                src, dot, out = ref.partition(".")
+                if not dot or not src or not out:
+                    problems.append(Problem(source, f"{ref!r} is not of the form 'node.port'", node=ns.name, field=field, line=line))
+                    continue
+                if src not in nodes:
+                    if src in seen:
+                        continue  # that node is already reported broken
+                    problems.append(Problem(source, f"unknown node {src!r}{_close(src, seen)}", node=ns.name, field=field, line=line))
+                    continue
+                sn = nodes[src]
+                if out not in sn.outputs:
+                    problems.append(Problem(source, f"node {src!r} ({sn.type_name}) has no output {out!r}; its outputs: "
+                                            f"{_ports_text(sn.outputs)}", node=ns.name, field=field, line=line))
+                    continue
+                have = sn.outputs[out].type
+                if have is not want.type:
+                    problems.append(Problem(source, f"type mismatch: {ref} is {have.type_name()} but {port!r} needs "
+                                            f"{want.type.type_name()} (no conversion is made)", node=ns.name, field=field, line=line))
+                    continue
+                graph.add_edge(src, ns.name)
+                edges.append((src, out, ns.name, port))
+        for port, p in node.inputs.items():
+            if not p.optional and port not in ns.inputs:
+                problems.append(Problem(source, f"missing required input {port!r} ({p.describe()}); its inputs: "
+                                        f"{_ports_text(node.inputs)}", node=ns.name, field=f"inputs.{port}", line=line))
+
+    cycles = list(nx.simple_cycles(graph))
+    for cyc in cycles:
+        problems.append(Problem(source, "cycle: " + " -> ".join(cyc + [cyc[0]]), node=cyc[0], field="inputs",
+                                line=node_lines.get(cyc[0])))
+
+    sites: dict[str, Site] = {}
+    if not cycles:
+        pos = {n.name: i for i, n in enumerate(spec.nodes)}
+        for name in nx.lexicographical_topological_sort(graph, key=lambda n: pos.get(n, 0)):
+            node = nodes[name]
+            own = node.site()
+            for req in node.requests():
+                rs = Site(req.site)
+                if own is not None and rs > own:
+                    problems.append(Problem(source, f"reads {req.key} at {rs} but acts at {own}", node=name, field="params",
+                                            line=node_lines.get(name)))
+                own = rs if own is None else max(own, rs) if node.site() is None else own
+            ready = max((sites[p] for p in graph.predecessors(name) if p in sites), default=None)
+            if own is not None and ready is not None and ready > own:
+                late = [p for p in graph.predecessors(name) if sites.get(p) == ready]
+                problems.append(Problem(source, f"must act at site {own} but needs {', '.join(repr(x) for x in late)}, "
+                                        f"only available at {ready} (a signal cannot be used before it exists)",
+                                        node=name, field="inputs", line=node_lines.get(name)))
+            site = own if own is not None else ready
+            sites[name] = site if site is not None else Site("vision")
+
+    if problems:
+        raise PipelineError(problems)
+    return Pipeline(spec=spec, source=source, variables=variables, nodes=nodes, graph=graph, sites=sites, edges=edges)
+
+
+def _close(name: str, names) -> str:
+    import difflib
+
+    c = difflib.get_close_matches(name, list(names), n=1)
+    return f"; did you mean {c[0]!r}?" if c else ""
