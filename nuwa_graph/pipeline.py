@@ -26,7 +26,7 @@ from typing import Any
 
 import networkx as nx
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from .errors import PipelineError, Problem
 from .node import Node
@@ -41,6 +41,7 @@ class NodeSpec(BaseModel):
     type: str = Field(description="registered node type, e.g. selector.top-k")
     params: dict[str, Any] = Field(default_factory=dict, description="node parameters")
     inputs: dict[str, str | list[str]] = Field(default_factory=dict, description="port -> 'node.port' (or a list)")
+    _line: int | None = PrivateAttr(default=None)  # line of the entry in its file (not dumped)
 
 
 class PipelineSpec(BaseModel):
@@ -181,7 +182,10 @@ def load_text(text: str, source: str = "<string>", overrides: dict[str, Any] | N
         raise PipelineError(problems)
     if not isinstance(raw_nodes, list) or not raw_nodes:
         problems.append(Problem(source, "'nodes' must be a non-empty list of nodes", field="nodes"))
-    node_lines = {s.name: lines.get(i) for i, s in enumerate(spec.nodes)}
+    node_lines: dict[str, int | None] = {}
+    for i, s in enumerate(spec.nodes):
+        s._line = lines.get(i)
+        node_lines.setdefault(s.name, s._line)  # a duplicate name keeps its first entry's line
     return build_pipeline(spec, source, overrides or {}, problems, node_lines)
 
 

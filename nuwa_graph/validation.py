@@ -44,8 +44,18 @@ def build_pipeline(
     used: set[str] = set()
     nodes: dict[str, Node] = {}
     seen: set[str] = set()
+    accepted: set[int] = set()  # id() of the specs that made `nodes` (not their duplicates)
     for ns in spec.nodes:
-        line = node_lines.get(ns.name)
+        line = ns._line if ns._line is not None else node_lines.get(ns.name)
+        # expressions first: a node that is broken otherwise still counts as using its variables
+        params = {}
+        bad_expr = False
+        for key, value in ns.params.items():
+            try:
+                params[key] = substitute(value, variables, used)
+            except ExpressionError as exc:
+                problems.append(Problem(source, str(exc), node=ns.name, field=f"params.{key}", line=line))
+                bad_expr = True
         if ns.name in seen:
             problems.append(Problem(source, "duplicate node name (names must be unique)", node=ns.name, field="name", line=line))
             continue
@@ -57,14 +67,6 @@ def build_pipeline(
         except KeyError as exc:
             problems.append(Problem(source, str(exc.args[0]), node=ns.name, field="type", line=line))
             continue
-        params = {}
-        bad_expr = False
-        for key, value in ns.params.items():
-            try:
-                params[key] = substitute(value, variables, used)
-            except ExpressionError as exc:
-                problems.append(Problem(source, str(exc), node=ns.name, field=f"params.{key}", line=line))
-                bad_expr = True
         if bad_expr:
             continue
         try:
@@ -75,6 +77,7 @@ def build_pipeline(
         for msg in node.check():
             problems.append(Problem(source, msg, node=ns.name, field="params", line=line))
         nodes[ns.name] = node
+        accepted.add(id(ns))
 
     for name in variables:
         if name not in used:
@@ -85,7 +88,7 @@ def build_pipeline(
     edges: list[tuple[str, str, str, str]] = []
     for ns in spec.nodes:
         node = nodes.get(ns.name)
-        if node is None:
+        if node is None or id(ns) not in accepted:
             continue
         line = node_lines.get(ns.name)
         for port, refs in ns.inputs.items():
