@@ -1,0 +1,130 @@
+"""LLM-side scorers: how much the prompt attends to each image token inside the language model.
+
+`scorer.llm-attention` is the one criterion behind FastV, PDrop, FEATHER, Nüwa stage 2 and
+(with rater rows) SparseVLM: post-softmax attention rows of one decoder layer, restricted
+to the image keys present at the node's site, reduced over heads and query rows.
+
+Which rows (signal `llm.attention`, docs/CONTRACTS.md), for a node at site `llm.K`:
+- `layer == K`: computed at the input of layer K with layer K's own input_layernorm, q_proj
+  and k_proj on the current hidden states (PDrop's rank-and-drop);
+- `layer < K`: the rows of layer `layer` during its forward (FastV: layer K-1; Nüwa
+  stage 2: layer 15 for a drop before layer 16; FEATHER: layer K-1 with `rope: false` and
+  `softmax_over: image`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+
+from nuwa_graph.node import Node, NodeParams, Port
+from nuwa_graph.registry import register
+from nuwa_graph.signals import SignalRequest
+from nuwa_graph.sites import Site
+from nuwa_graph.types import Scores
+
+_QUERIES = re.compile(r"^(last|text|last:[1-9]\d*)$")
+
+
+def reduce_rows(rows: torch.Tensor, heads: str, query_reduce: str, order: str = "heads-first") -> torch.Tensor:
+    """(heads, q, n) attention rows -> (n,) scores.
+
+    `order` says which axis is reduced first; it matters only when one reduction is `max`.
+    Every reduction is done in float32, as the official codes do (mean over heads, then mean
+    over query rows: SparseVLM's rater scores, FastV/PDrop/Nüwa with a single row)."""
+    if rows.dim() != 3:
+        raise ValueError(f"llm.attention rows must be (heads, q, n), got {tuple(rows.shape)}")
+    rows = rows.float()
+
+    def by_heads(x: torch.Tensor) -> torch.Tensor:
+        if heads == "mean":
+            return x.mean(dim=0)
+        if heads == "sum":
+            return x.sum(dim=0)
+        return x.max(dim=0).values
+
+    def by_queries(x: torch.Tensor, dim: int) -> torch.Tensor:
+        return x.mean(dim=dim) if query_reduce == "mean" else x.sum(dim=dim)
+
+    if order == "heads-first":
+        return by_queries(by_heads(rows), 0)
+    return by_heads(by_queries(rows, 1))
+
+
+class LLMAttentionParams(NodeParams):
+    layer: int = Field(ge=0, description="decoder layer whose attention rows are used (<= the site's layer K)")
+    queries: str = Field("last", description="query rows: 'last' (last prompt token), 'last:N' (last N), 'text' (every token after the image)")
+    rope: bool = Field(True, description="apply RoPE to q and k (FEATHER's criterion has none)")
+    softmax_over: Literal["all", "image"] = Field("all", description="softmax over all keys (causal) or over the image keys only (FEATHER)")
+    heads: Literal["mean", "max", "sum"] = Field("mean", description="reduction over attention heads")
+    query_reduce: Literal["mean", "sum"] = Field("mean", description="reduction over query rows")
+    reduce_order: Literal["heads-first", "queries-first"] = Field(
+        "heads-first", description="which axis is reduced first (only matters with heads: max)")
+    site: str | None = Field(None, description="where the scores are read (an 'llm.K' site); default llm.<layer+1>")
+
+    @field_validator("queries")
+    @classmethod
+    def _queries(cls, v: str) -> str:
+        if not _QUERIES.match(v):
+            raise ValueError(f"queries must be 'last', 'last:N' (N >= 1) or 'text', got {v!r}")
+        return v
+
+    @field_validator("site")
+    @classmethod
+    def _site(cls, v: str | None) -> str | None:
+        if v is not None and Site(v).layer is None:
+            raise ValueError(f"site must be an LLM site 'llm.K', got {v!r}")
+        return v
+
+
+@register
+class LLMAttentionScores(Node):
+    """Attention the chosen prompt rows pay to each image token present, at one LLM layer.
+
+    Output ids are `ctx.present` (the survivors of earlier stages, in sequence order). The
+    rows come from q and k of one layer (no N x N map); the adapter computes them.
+    FastV: layer K-1, last row, RoPE, softmax over all keys, mean over heads. PDrop: layer K
+    at site llm.K (the layer's own norm/q/k on the current hidden states). FEATHER: layer
+    K-1, no RoPE, softmax over the image keys. Nüwa stage 2: layer 15 at llm.16.
+    """
+
+    type_name = "scorer.llm-attention"
+    family = "scorer"
+    paper = "https://arxiv.org/abs/2403.06764"
+    inputs = {}
+    outputs = {"scores": Port(Scores, "one score per image token present (ids = ctx.present)")}
+    Params = LLMAttentionParams
+
+    def _site_name(self) -> str:
+        return self.params.site if self.params.site is not None else f"llm.{self.params.layer + 1}"
+
+    def site(self) -> Site:
+        return Site(self._site_name())
+
+    def check(self) -> list[str]:
+        k = self.site().layer
+        if self.params.layer > k:
+            return [f"layer={self.params.layer} is after the site {self._site_name()}: attention of layer L "
+                    f"can be read at llm.K only when L <= K"]
+        return []
+
+    def request(self) -> SignalRequest:
+        p = self.params
+        return SignalRequest.make("llm.attention", self._site_name(), layer=p.layer, queries=p.queries,
+                                  rope=p.rope, softmax_over=p.softmax_over)
+
+    def requests(self):
+        return [self.request()]
+
+    def run(self, ctx):
+        rows = ctx.signal(self.request())
+        if rows.dim() == 2:  # a single query row given as (heads, n)
+            rows = rows[:, None, :]
+        n = ctx.present.numel()
+        if rows.shape[-1] != n:
+            raise ValueError(f"llm.attention has {rows.shape[-1]} image columns for {n} image tokens present")
+        values = reduce_rows(rows, self.params.heads, self.params.query_reduce, self.params.reduce_order)
+        return {"scores": Scores(values, ctx.present.clone())}
