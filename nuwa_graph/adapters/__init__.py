@@ -1,0 +1,91 @@
+"""Adapters: one per model family; `load_adapter` picks it from the config's model_type.
+
+    adapter = load_adapter("tiny-llava")                      # offline preset
+    adapter = load_adapter("llava-hf/llava-1.5-7b-hf", "bfloat16", "cuda")
+    report = adapter.generate(pipeline, [image], ["What is in the image?"], max_new_tokens=16)
+
+Presets: `tiny-llava` (nuwa_graph.adapters.tiny) and `tiny-qwen` (built by
+`nuwa_graph.adapters.qwen.tiny_qwen(dtype=..., device=...)`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import RunError
+from .base import ADAPTERS, RunReport, VLMAdapter, dtype_of, register_adapter
+
+# model_type -> module that defines (and @register_adapter-s) its adapter
+FAMILY_MODULES = {
+    "llava": "nuwa_graph.adapters.llava",
+    "qwen2_5_vl": "nuwa_graph.adapters.qwen",
+}
+# preset -> (module, factory(dtype=..., device=...) -> adapter)
+PRESETS = {
+    "tiny-llava": ("nuwa_graph.adapters.tiny", "tiny_llava"),
+    "tiny-qwen": ("nuwa_graph.adapters.qwen", "tiny_qwen"),
+}
+
+
+def _hint() -> str:
+    return (f"use a preset ({', '.join(PRESETS)}), a local directory with a config.json, or a hub id that is "
+            f"already in the local Hugging Face cache (this machine has no hub access: HF_HUB_OFFLINE=1)")
+
+
+def adapter_class(model_type: str) -> type[VLMAdapter]:
+    if model_type not in ADAPTERS and model_type in FAMILY_MODULES:
+        importlib.import_module(FAMILY_MODULES[model_type])
+    if model_type not in ADAPTERS:
+        raise RunError(f"no adapter for model_type {model_type!r}; supported: {', '.join(sorted(FAMILY_MODULES))}")
+    return ADAPTERS[model_type]
+
+
+def _model_type(spec: str) -> str:
+    p = Path(spec).expanduser()
+    if p.exists():
+        cfg = p / "config.json"
+        if not cfg.is_file():
+            raise RunError(f"model path {spec!r} has no config.json; point --model at a saved model directory or "
+                           f"{_hint()}")
+        try:
+            return str(json.loads(cfg.read_text(encoding="utf-8"))["model_type"])
+        except (ValueError, KeyError) as exc:
+            raise RunError(f"{cfg} is not a model config (no model_type): {exc}") from None
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise RunError(f"model path {spec!r} does not exist; {_hint()}")
+    try:
+        from transformers import AutoConfig
+
+        return str(AutoConfig.from_pretrained(spec).model_type)
+    except Exception as exc:  # OSError, ValueError, hub errors
+        raise RunError(f"cannot load model {spec!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                       f"{_hint()}") from None
+
+
+def load_adapter(model: str = "tiny-llava", dtype: str | torch.dtype = "float32", device: str = "cpu") -> VLMAdapter:
+    """An adapter for a preset name, local model directory or hub id (family from model_type)."""
+    dt = dtype_of(dtype)
+    try:
+        torch.device(device)
+    except RuntimeError as exc:
+        raise RunError(f"bad device {device!r}: {exc}") from None
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise RunError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
+    if model in PRESETS:
+        mod, fn = PRESETS[model]
+        try:
+            factory = getattr(importlib.import_module(mod), fn)
+        except (ImportError, AttributeError) as exc:
+            raise RunError(f"preset {model!r} is not available ({exc})") from None
+        return factory(dtype=dt, device=device)
+    mt = _model_type(model)
+    cls = adapter_class(mt)
+    return cls.from_pretrained(model, dt, device)
+
+
+__all__ = ["ADAPTERS", "FAMILY_MODULES", "PRESETS", "RunReport", "VLMAdapter", "adapter_class", "dtype_of", "load_adapter",
+           "register_adapter"]

@@ -1,0 +1,202 @@
+"""The LLaVA-1.5 adapter (`LlavaForConditionalGeneration`: CLIP vision tower + projector + Llama).
+
+Sites: `vision` = CLIP hidden_states[vision_feature_layer] without CLS (before the
+projector), `pre_llm` = projected tokens and text embeddings, `llm.K` = input of decoder
+layer K. The pipeline's grid is the CLIP patch grid (24 x 24 for CLIP-L/14-336).
+
+Vision signals and their `layer` argument (CLIP-L has 24 encoder layers, indices 0..23):
+
+- hidden-state signals index `hidden_states` (length n_layers + 1; 0 = embeddings,
+  i = output of encoder layer i - 1, negatives from the end):
+  `vision.hidden(layer=-2)` (n, d) without CLS, `vision.cls_hidden(layer=-2)` (d,),
+  `vision.hidden_mean(start, stop)` = mean of hidden_states[start:stop] (Python slice), (n, d).
+  layer -2 = output of encoder layer 22, what LLaVA feeds the projector.
+- attention signals index the encoder layers (0..n_layers-1, negatives from the end):
+  `vision.cls_attention(layer=-2)` = post-softmax CLS -> patch row of encoder layer 22
+  (= `attentions[-2][:, :, 0, 1:]`), (heads, n);
+  `vision.keys(layer=-2)` = that layer's key states, (heads, n + 1, head_dim), CLS first;
+  `vision.qk_single_head(layer=-1)` = q_proj and k_proj outputs of that layer on its
+  layer_norm1 input (for layer -1: the output of layer 22 after LayerNorm, PruMerge+),
+  (2, n + 1, d), CLS first.
+All are computed from the q/k that the registered attention function sees (the vision
+tower keeps SDPA for its output; no N x N map is kept).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import RunError
+from ..signals import SignalRequest
+from ..types import Geometry
+from .base import LLM_SIGNALS, Encoded, VisionOut, VLMAdapter, _Run, register_adapter
+
+_ATTN_KINDS = {"vision.cls_attention", "vision.keys", "vision.qk_single_head"}
+_HIDDEN_KINDS = {"vision.hidden", "vision.cls_hidden", "vision.hidden_mean"}
+_DEFAULT_LAYER = {"vision.hidden": -2, "vision.cls_hidden": -2, "vision.cls_attention": -2, "vision.keys": -2,
+                  "vision.qk_single_head": -1}
+
+
+@register_adapter
+class LlavaAdapter(VLMAdapter):
+    """LLaVA-1.5 layout (also any `llava` model_type with a CLIP-like tower and a Llama-like LLM)."""
+
+    family = "llava"
+    model_types = ("llava",)
+    supported_signals = frozenset({"vision.hidden", "vision.hidden_mean", "vision.cls_hidden", "vision.cls_attention",
+                                   "vision.keys", "vision.qk_single_head"}) | LLM_SIGNALS
+
+    prompt_template = "USER: <image>\n{prompt} ASSISTANT:"
+
+    @classmethod
+    def from_pretrained(cls, id_or_path: str, dtype: torch.dtype, device: str) -> "LlavaAdapter":
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(id_or_path, dtype=dtype, attn_implementation="sdpa")
+        model = model.to(device)
+        proc = AutoProcessor.from_pretrained(id_or_path)
+        tok = getattr(proc, "tokenizer", None)
+        if tok is not None:
+            tok.padding_side = "left"
+            if tok.pad_token is None:
+                tok.pad_token = tok.unk_token or tok.eos_token
+        return cls(model, proc, name=str(id_or_path), dtype=dtype, device=device)
+
+    # ---- modules -----------------------------------------------------------------------
+    def text_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.vision_tower
+
+    def vision_layers(self) -> nn.ModuleList:
+        vt = self.vision_tower()
+        return getattr(vt, "vision_model", vt).encoder.layers
+
+    def vision_attention_modules(self) -> list[nn.Module]:
+        return [layer.self_attn for layer in self.vision_layers()]
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.model.multi_modal_projector(x)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        vc = self.model.config.vision_config
+        n = vc.image_size // vc.patch_size
+        return (n, n)
+
+    # ---- inputs ------------------------------------------------------------------------
+    def format_prompt(self, prompt: str) -> str:
+        if "<image>" in prompt:
+            return prompt
+        return self.prompt_template.format(prompt=prompt)
+
+    def encode(self, images: list, prompts: list[str]) -> Encoded:
+        texts = [self.format_prompt(p) for p in prompts]
+        tok = self.processor.tokenizer
+        tok.padding_side = "left"
+        enc = self.processor(images=images, text=texts, return_tensors="pt", padding=True)
+        return Encoded(enc["input_ids"], enc["attention_mask"], {"pixel_values": enc["pixel_values"]}, texts)
+
+    def geometry(self, run: _Run, b: int) -> Geometry:
+        lay = run.layouts[b]
+        if lay.n_image != self.grid[0] * self.grid[1]:
+            raise RunError(f"the prompt has {lay.n_image} image tokens but the grid is {self.grid}")
+        return Geometry(grid=self.grid, image_start=int(lay.pos_image[0, 0]), extras={"cls": True})
+
+    # ---- signals -----------------------------------------------------------------------
+    def _vision_layer(self, req: SignalRequest) -> int:
+        n = len(self.vision_layers())
+        L = int(req.arg("layer", _DEFAULT_LAYER.get(req.kind, -2)))
+        if req.kind in _ATTN_KINDS:
+            if not -n <= L < n:
+                raise RunError(f"signal {req.key}: layer {L} is outside the vision encoder's layers "
+                               f"(-{n}..{n - 1}); attention signals index encoder layers")
+            return L % n
+        if not -(n + 1) <= L <= n:
+            raise RunError(f"signal {req.key}: layer {L} is outside hidden_states (-{n + 1}..{n})")
+        return L % (n + 1)
+
+    def check_request(self, req: SignalRequest) -> str | None:
+        if req.kind in _ATTN_KINDS or req.kind in ("vision.hidden", "vision.cls_hidden"):
+            try:
+                self._vision_layer(req)
+            except RunError as exc:
+                return str(exc)
+        if req.kind == "vision.hidden_mean":
+            n = len(self.vision_layers()) + 1
+            idx = range(n)[slice(req.arg("start"), req.arg("stop"))]
+            if len(idx) == 0:
+                return f"signal {req.key}: hidden_states[{req.arg('start')}:{req.arg('stop')}] is empty ({n} entries)"
+        return None
+
+    def on_vision_attention(self, run: _Run, layer: int, module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                            kwargs: dict) -> None:
+        wants = run.vision.get("attn_layers", {}).get(layer)
+        if not wants:
+            return
+        store = run.vision.setdefault("attn", {})
+        scaling = kwargs.get("scaling", getattr(module, "scale", query.shape[-1] ** -0.5))
+        if "vision.cls_attention" in wants:
+            row = torch.einsum("bhd,bhkd->bhk", query[:, :, 0].float(), key.float()) * scaling
+            store[("cls_attention", layer)] = torch.softmax(row, dim=-1)[:, :, 1:].cpu()
+        if "vision.keys" in wants:
+            store[("keys", layer)] = key.detach().cpu()
+        if "vision.qk_single_head" in wants:
+            B, H, N, hd = query.shape
+            q = query.transpose(1, 2).reshape(B, N, H * hd)
+            k = key.transpose(1, 2).reshape(B, N, H * hd)
+            store[("qk", layer)] = torch.stack([q, k], dim=1).cpu()
+
+    def read_vision_signal(self, run: _Run, req: SignalRequest, b: int) -> torch.Tensor:
+        hs = run.vision["hidden_states"]
+        if req.kind == "vision.hidden":
+            return hs[self._vision_layer(req)][b, 1:]
+        if req.kind == "vision.cls_hidden":
+            return hs[self._vision_layer(req)][b, 0]
+        if req.kind == "vision.hidden_mean":
+            sel = hs[slice(req.arg("start"), req.arg("stop"))]
+            return torch.stack([h[b, 1:] for h in sel]).float().mean(0).to(sel[0].dtype)
+        attn = run.vision.get("attn", {})
+        L = self._vision_layer(req)
+        name = {"vision.cls_attention": "cls_attention", "vision.keys": "keys", "vision.qk_single_head": "qk"}.get(req.kind)
+        if name is None:
+            raise RunError(f"the llava adapter cannot give signal {req.kind}")
+        return attn[(name, L)][b]
+
+    # ---- the vision pass -----------------------------------------------------------------
+    def vision_forward(self, run: _Run) -> VisionOut:
+        attn_layers: dict[int, set[str]] = {}
+        for req in run.ex.requests():
+            if req.kind in _ATTN_KINDS:
+                attn_layers.setdefault(self._vision_layer(req), set()).add(req.kind)
+        run.vision["attn_layers"] = attn_layers
+        cfg = self.model.config
+        pix = run.enc.vision_inputs["pixel_values"].to(self.device)
+        out = self.vision_tower()(pix, output_hidden_states=True, return_dict=True)
+        hs = out.hidden_states
+        run.vision["hidden_states"] = hs
+        layer = cfg.vision_feature_layer
+        strategy = cfg.vision_feature_select_strategy
+        if isinstance(layer, int):
+            feats = hs[layer]
+            if strategy == "default":
+                feats = feats[:, 1:]
+        else:
+            pool = [hs[i] for i in layer]
+            if strategy == "default":
+                pool = [h[:, 1:] for h in pool]
+            feats = torch.cat(pool, dim=-1)
+        if strategy != "default":
+            raise RunError(f"vision_feature_select_strategy={strategy!r} is not supported (LLaVA-1.5 uses 'default')")
+        projected = self.project(feats)
+        cls_rows: list[Any] = []
+        for b in range(feats.shape[0]):
+            if isinstance(layer, int):
+                cls_rows.append(hs[layer][b, 0])
+            else:
+                cls_rows.append(torch.cat([hs[i][b, 0] for i in layer], dim=-1))
+        return VisionOut(tokens=[feats[b] for b in range(feats.shape[0])], projected=projected, cls=cls_rows)

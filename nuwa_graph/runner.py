@@ -1,0 +1,157 @@
+"""`nuwa-graph run`: load a model, run a pipeline on one image and prompt, print the report.
+
+`run_command` is what the CLI calls; it returns an exit code (0 ok, 1 run error, 2 pipeline
+error) and prints every problem as one clear message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import PipelineError, RunError
+from .pipeline import Pipeline, load
+
+DEFAULT_MODEL = "tiny-llava"
+DEFAULT_PROMPT = "What shapes are in the image, and what colour is each one?"
+
+
+def resolve_device(device: str | None) -> str:
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
+def resolve_dtype(dtype: str | None, device: str) -> str:
+    if dtype in (None, "", "auto"):
+        return "bfloat16" if device.startswith("cuda") else "float32"
+    return str(dtype)
+
+
+def load_image(image: Any):
+    """A PIL image from a path (or a PIL image as is); None = the built-in synthetic picture."""
+    from PIL import Image, UnidentifiedImageError
+
+    from .adapters.tiny import synthetic_image
+
+    if image is None:
+        return synthetic_image()
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    p = Path(str(image)).expanduser()
+    if not p.is_file():
+        raise RunError(f"image {str(image)!r} does not exist; pass --image with a PNG/JPEG file (or leave it out "
+                       f"for the built-in sample)")
+    try:
+        with Image.open(p) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise RunError(f"image {str(image)!r} could not be read ({type(exc).__name__}: {exc}); "
+                       f"pass a PNG or JPEG file") from None
+
+
+def _explain(exc: RunError, pipe: Pipeline | None = None) -> str:
+    """Add advice to a node's budget error: name the pipeline variable to lower."""
+    import re
+
+    msg = str(exc)
+    if "larger than" not in msg:
+        return msg
+    m = re.search(r"node '([^']+)'", msg)
+    most = re.search(r"larger than the (\d+)", msg)
+    limit = f" (at most {most.group(1)})" if most else ""
+    names: list[str] = []
+    if m and pipe is not None:
+        for ns in pipe.spec.nodes:
+            if ns.name == m.group(1):
+                names = sorted(set(re.findall(r"\$\{\s*([A-Za-z_][A-Za-z0-9_]*)", str(ns.params))))
+    if names:
+        shown = ", ".join(f"{n}={pipe.variables.get(n)!r}" for n in names)
+        msg += (f"\nhint: the budget is larger than the visual tokens present; lower "
+                f"{' or '.join(repr(n) for n in names)} (now {shown}){limit}, e.g. --set {names[0]}=<smaller>")
+    else:
+        msg += f"\nhint: the budget is larger than the visual tokens present; lower it{limit} in the pipeline file"
+    return msg
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+def print_report(rep, console=None) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = console or Console()
+    for b, ans in enumerate(rep.answers):
+        label = "answer" if len(rep.answers) == 1 else f"answer[{b}]"
+        console.print(f"[bold]{label}:[/] {escape(ans)}")
+    t = Table(title=f"{escape(rep.pipeline)} on {escape(rep.model)} ({rep.device}, {rep.dtype})", show_header=True)
+    t.add_column("measure")
+    t.add_column("value", overflow="fold")
+    for b, counts in enumerate(rep.visual_tokens_per_layer):
+        suffix = "" if len(rep.visual_tokens_per_layer) == 1 else f" [{b}]"
+        t.add_row(f"visual tokens per LLM layer{suffix}", " ".join(str(c) for c in counts))
+        t.add_row(f"average visual tokens{suffix}", f"{rep.visual_tokens_avg[b]:.2f} (of {rep.visual_tokens_full})")
+    t.add_row("prefill", f"{rep.prefill_ms:.1f} ms")
+    t.add_row("decode", f"{rep.decode_ms_per_token:.1f} ms/token ({rep.decode_steps} steps)")
+    t.add_row("peak memory", f"{_fmt_bytes(rep.peak_memory_bytes)} ({rep.peak_memory_source})")
+    t.add_row("KV cache", _fmt_bytes(rep.kv_cache_bytes))
+    if rep.node_ms:
+        t.add_row("node time", ", ".join(f"{k} {v:.2f} ms" for k, v in rep.node_ms.items()))
+    for b, acts in enumerate(rep.actions):
+        for a in acts:
+            t.add_row("kept" + ("" if len(rep.actions) == 1 else f" [{b}]"),
+                      f"{a['kept']} at {a['site']} by {escape(a['node'])}"
+                      + (f", positions {a['positions']}" if a["positions"] else "")
+                      + (", merged" if a["merged"] else ""))
+    console.print(t)
+
+
+def run_command(pipeline: Pipeline | str | Path, model: str | None = None, image: Any = None, prompt: str | None = None,
+                max_new_tokens: int = 16, dtype: str = "float32", device: str = "cpu", seed: int | None = None,
+                as_json: bool = False) -> int:
+    """Run `pipeline` on `model` (default tiny-llava) with one image and prompt; print the report.
+
+    Returns 0 on success, 1 for a run error (bad model, image, budget, unsupported signal),
+    2 for an invalid pipeline file.
+    """
+    from rich.console import Console
+    from rich.markup import escape
+
+    err = Console(stderr=True, soft_wrap=True)
+    pipe = None
+    try:
+        pipe = pipeline if isinstance(pipeline, Pipeline) else load(pipeline)
+        if max_new_tokens < 1:
+            raise RunError(f"max_new_tokens={max_new_tokens}; it must be at least 1")
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        img = load_image(image)
+        from .adapters import load_adapter
+
+        adapter = load_adapter(model or DEFAULT_MODEL, dt, dev)
+        rep = adapter.generate(pipe, [img], [prompt or DEFAULT_PROMPT], max_new_tokens=max_new_tokens, seed=seed)
+    except PipelineError as exc:
+        err.print(f"[bold red]error:[/] {escape(str(exc))}")
+        return 2
+    except RunError as exc:
+        err.print(f"[bold red]error:[/] {escape(_explain(exc, pipe))}")
+        return 1
+    if as_json:
+        data = rep.to_dict()
+        data["visual_tokens_per_layer"] = rep.visual_tokens_per_layer
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        sys.stdout.flush()
+    else:
+        print_report(rep)
+    return 0
