@@ -55,6 +55,15 @@ class PipelineSpec(BaseModel):
     nodes: list[NodeSpec]
 
 
+# Variables the MODEL provides: a file may use them in expressions (`${llm_layers // 2}`) so
+# one file fits models of any depth. Without a model (validate, draw, docs) they take the
+# LLaVA-1.5-7B values below; an adapter rebinds them to its model before running.
+MODEL_VARIABLES: dict[str, int] = {
+    "llm_layers": 32,  # decoder layers of the language model
+    "vision_layers": 24,  # layers (blocks) of the vision encoder
+}
+
+
 @dataclass
 class Pipeline:
     """A loaded, validated pipeline: node instances, the graph, and each node's site."""
@@ -66,6 +75,18 @@ class Pipeline:
     graph: nx.DiGraph
     sites: dict[str, Site]  # effective site of every node
     edges: list[tuple[str, str, str, str]] = field(default_factory=list)  # (src, out_port, dst, in_port)
+    model_vars: dict[str, Any] = field(default_factory=lambda: dict(MODEL_VARIABLES))
+    model_vars_used: frozenset[str] = frozenset()
+
+    def bind_model(self, model_vars: dict[str, Any]) -> "Pipeline":
+        """This pipeline with the model's variables (re-validated), or itself if they don't matter."""
+        if all(self.model_vars.get(k) == model_vars.get(k, self.model_vars.get(k)) for k in self.model_vars_used):
+            return self
+        from .validation import build_pipeline
+
+        node_lines = {n.name: n._line for n in self.spec.nodes}
+        merged = {**self.model_vars, **model_vars}
+        return build_pipeline(self.spec, self.source, dict(self.variables), [], node_lines, merged)
 
     @property
     def name(self) -> str:
@@ -142,7 +163,8 @@ def _pydantic_problems(file: str, exc: ValidationError, node: str | None, prefix
     return out
 
 
-def load_text(text: str, source: str = "<string>", overrides: dict[str, Any] | None = None) -> Pipeline:
+def load_text(text: str, source: str = "<string>", overrides: dict[str, Any] | None = None,
+              model_vars: dict[str, Any] | None = None) -> Pipeline:
     """Parse and validate pipeline YAML; raise PipelineError listing every problem."""
     from .validation import build_pipeline
 
@@ -186,11 +208,11 @@ def load_text(text: str, source: str = "<string>", overrides: dict[str, Any] | N
     for i, s in enumerate(spec.nodes):
         s._line = lines.get(i)
         node_lines.setdefault(s.name, s._line)  # a duplicate name keeps its first entry's line
-    return build_pipeline(spec, source, overrides or {}, problems, node_lines)
+    return build_pipeline(spec, source, overrides or {}, problems, node_lines, model_vars)
 
 
-def load(path: str | Path, overrides: dict[str, Any] | None = None) -> Pipeline:
+def load(path: str | Path, overrides: dict[str, Any] | None = None, model_vars: dict[str, Any] | None = None) -> Pipeline:
     p = Path(path)
     if not p.is_file():
         raise PipelineError([Problem(str(path), "no such file")])
-    return load_text(p.read_text(encoding="utf-8"), str(path), overrides)
+    return load_text(p.read_text(encoding="utf-8"), str(path), overrides, model_vars)

@@ -18,7 +18,7 @@ from . import registry
 from .errors import PipelineError, Problem
 from .expressions import ExpressionError, substitute
 from .node import Node
-from .pipeline import Pipeline, PipelineSpec, _pydantic_problems
+from .pipeline import MODEL_VARIABLES, Pipeline, PipelineSpec, _pydantic_problems
 from .sites import Site
 
 
@@ -32,10 +32,20 @@ def build_pipeline(
     overrides: dict[str, Any],
     problems: list[Problem],
     node_lines: dict[str, int | None],
+    model_vars: dict[str, Any] | None = None,
 ) -> Pipeline:
+    model_vars = {**MODEL_VARIABLES, **(model_vars or {})}
     variables = dict(spec.variables)
+    for name in variables:
+        if name in model_vars:
+            problems.append(Problem(source, f"{name!r} is a model variable (given by the model: "
+                                    f"{', '.join(sorted(model_vars))}); rename the pipeline variable",
+                                    field=f"variables.{name}"))
     for name, value in overrides.items():
-        if name not in variables:
+        if name in model_vars and name not in variables:
+            problems.append(Problem(source, f"--set {name}: {name!r} is given by the model and cannot be set",
+                                    field=f"variables.{name}"))
+        elif name not in variables:
             problems.append(Problem(source, f"--set {name}: no such variable (defined: {', '.join(sorted(variables)) or 'none'})",
                                     field=f"variables.{name}"))
         else:
@@ -52,7 +62,7 @@ def build_pipeline(
         bad_expr = False
         for key, value in ns.params.items():
             try:
-                params[key] = substitute(value, variables, used)
+                params[key] = substitute(value, {**model_vars, **variables}, used)
             except ExpressionError as exc:
                 problems.append(Problem(source, str(exc), node=ns.name, field=f"params.{key}", line=line))
                 bad_expr = True
@@ -80,7 +90,7 @@ def build_pipeline(
         accepted.add(id(ns))
 
     for name in variables:
-        if name not in used:
+        if name not in used and name not in model_vars:
             problems.append(Problem(source, "variable is defined but no node uses it", field=f"variables.{name}"))
 
     graph = nx.DiGraph()
@@ -158,7 +168,8 @@ def build_pipeline(
 
     if problems:
         raise PipelineError(problems)
-    return Pipeline(spec=spec, source=source, variables=variables, nodes=nodes, graph=graph, sites=sites, edges=edges)
+    return Pipeline(spec=spec, source=source, variables=variables, nodes=nodes, graph=graph, sites=sites, edges=edges,
+                    model_vars=model_vars, model_vars_used=frozenset(used & set(model_vars)))
 
 
 def _close(name: str, names) -> str:

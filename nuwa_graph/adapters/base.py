@@ -60,7 +60,7 @@ import torch
 from torch import nn
 
 from ..context import Keep
-from ..errors import RunError
+from ..errors import PipelineError, RunError
 from ..executor import Executor, RunState
 from ..pipeline import Pipeline
 from ..signals import SignalRequest
@@ -403,6 +403,15 @@ class VLMAdapter:
     @property
     def n_layers(self) -> int:
         return len(self.decoder_layers())
+
+    def model_variables(self) -> dict[str, int]:
+        """Values of the pipeline model variables (pipeline.MODEL_VARIABLES) for this model."""
+        vc = getattr(self.model.config, "vision_config", None)
+        depth = getattr(vc, "num_hidden_layers", None) or getattr(vc, "depth", None)
+        out = {"llm_layers": self.n_layers}
+        if depth:
+            out["vision_layers"] = int(depth)
+        return out
 
     def check_pipeline(self, ex: Executor) -> None:
         """Raise RunError before any forward pass for anything this model cannot do."""
@@ -842,6 +851,11 @@ class VLMAdapter:
         return x, am, seg
 
     def _start(self, pipeline: Pipeline, images, prompts, external, seed, extra_ids=None) -> _Run:
+        try:
+            pipeline = pipeline.bind_model(self.model_variables())
+        except PipelineError as exc:
+            raise RunError(f"pipeline {pipeline.name!r} does not fit this model "
+                           f"({self.model_variables()}):\n{exc}") from None
         ex = Executor(pipeline)
         self.check_pipeline(ex)
         if isinstance(prompts, str):
