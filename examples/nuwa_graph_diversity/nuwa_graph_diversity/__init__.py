@@ -1,0 +1,1 @@
+"""Example outside package of nuwa-graph nodes (see docs/authoring.md)."""
