@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from nuwa_graph.node import Node, NodeParams, Port
 from nuwa_graph.registry import register
@@ -20,27 +21,85 @@ def order_ids(ids: torch.Tensor, scores: torch.Tensor | None, order: str) -> tor
 
 
 class TopKParams(NodeParams):
-    k: int = Field(ge=0, description="number of tokens to keep (an error if more than are present)")
+    k: int | None = Field(None, ge=0, description="number of tokens to keep (give k or ratio)")
+    ratio: float | None = Field(None, ge=0, le=1, description="fraction kept instead of a count: of the candidates "
+                                "(`of: input`) or of the image grid (`of: grid`), rounded by `rounding`")
+    of: Literal["input", "grid"] = Field("input", description="what `ratio` is a fraction of: the tokens competing "
+                                         "(input) or every token of the grid (grid)")
+    rounding: Literal["floor", "ceil", "round"] = Field("floor", description="how ratio * count becomes a count "
+                                                        "(floor = Python int())")
+    clamp: bool = Field(False, description="when k exceeds the tokens competing keep them all (Nüwa's min(k, n)); "
+                        "otherwise that is an error")
     order: Literal["index", "score"] = Field("index", description="index: ascending original id; score: torch.topk order")
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.k is None) == (self.ratio is None):
+            raise ValueError("give exactly one of 'k' or 'ratio'")
+        return self
+
+
+def count_from_ratio(ratio: float, n: int, rounding: str) -> int:
+    """ratio * n as a token count: floor (Python int()), ceil or round."""
+    x = ratio * n
+    if rounding == "ceil":
+        return int(math.ceil(x))
+    if rounding == "round":
+        return int(round(x))
+    return int(x)
+
+
+def gather_scores(scores: Scores, ids: torch.Tensor) -> torch.Tensor:
+    """Positions in `scores` of the tokens `ids` (ValueError when one has no score)."""
+    if ids.numel() == 0:
+        return ids
+    if (ids < 0).any():
+        raise ValueError("a selected token has a negative id (CLS or pooled) and no score")
+    size = max(int(scores.ids.max()) if scores.ids.numel() else 0, int(ids.max())) + 1
+    lookup = torch.full((size,), -1, dtype=torch.long)
+    lookup[scores.ids] = torch.arange(scores.ids.numel())
+    pos = lookup[ids]
+    if (pos < 0).any():
+        missing = ids[pos < 0][:5].tolist()
+        raise ValueError(f"tokens {missing} have no score; connect scores over the same tokens")
+    return pos
 
 
 @register
 class TopK(Node):
-    """Keep the k highest-scoring tokens (FastV, PDrop, VisionZip's dominant set, ...)."""
+    """Keep the k highest-scoring tokens (FastV, PDrop, VisionZip's dominant set, ...).
+
+    With `candidates`, only those tokens compete, in the candidates' order (ties follow
+    torch.topk over that order): Nüwa's global alignment over the per-region candidates.
+    """
 
     type_name = "selector.top-k"
     family = "selector"
-    inputs = {"scores": Port(Scores, "one score per candidate token")}
+    inputs = {
+        "scores": Port(Scores, "one score per candidate token"),
+        "candidates": Port(Selection, "only these tokens compete (default: every scored token)", optional=True),
+    }
     outputs = {"selection": Port(Selection, "the k kept tokens")}
     Params = TopKParams
 
-    def run(self, ctx, scores: Scores):
-        k = self.params.k
-        n = scores.values.numel()
+    def run(self, ctx, scores: Scores, candidates: Selection | None = None):
+        values, ids = scores.values, scores.ids
+        if candidates is not None:
+            pos = gather_scores(scores, candidates.ids)
+            values, ids = values[pos], ids[pos]
+        n = values.numel()
+        p = self.params
+        if p.k is not None:
+            k = p.k
+        else:
+            k = count_from_ratio(p.ratio, ctx.geometry.n_tokens if p.of == "grid" else n, p.rounding)
         if k > n:
-            raise ValueError(f"k={k} is larger than the {n} tokens present; lower the budget (at most {n})")
-        idx = torch.topk(scores.values, k).indices
-        return {"selection": Selection(order_ids(scores.ids[idx], scores.values[idx], self.params.order))}
+            if not p.clamp:
+                raise ValueError(f"k={k} is larger than the {n} tokens present; lower the budget (at most {n}) "
+                                 "or set clamp: true")
+            k = n
+        idx = torch.topk(values, k).indices
+        return {"selection": Selection(order_ids(ids[idx], values[idx], p.order))}
 
 
 class TopKPerRegionParams(NodeParams):
@@ -125,6 +184,8 @@ class UniformGrid(Node):
 
     def run(self, ctx):
         h, w = ctx.geometry.grid
+        if self.params.offset >= min(h, w):
+            raise ValueError(f"offset={self.params.offset} is outside the {h}x{w} token grid (at most {min(h, w) - 1})")
         rows = torch.arange(self.params.offset, h, self.params.stride)
         cols = torch.arange(self.params.offset, w, self.params.stride)
         ids = (rows[:, None] * w + cols[None, :]).reshape(-1)

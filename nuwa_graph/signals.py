@@ -20,6 +20,9 @@ SIGNAL_KINDS: dict[str, str] = {
     "vision.keys": "key states of vision layer `layer`: (heads, n + cls, head_dim), CLS first where the model has one",
     "vision.qk_single_head": "q and k of vision layer `layer` as one head over the full width, "
     "after its LayerNorm: (2, n + cls, d) (PruMerge+)",
+    "vision.merged_hidden_mean": "Qwen2.5-VL: the patch merger applied to the mean of the outputs of vision "
+    "blocks start..stop-1 (Nüwa's Qwen code: blocks 7..23), one row per merged token in raster order "
+    "(window order undone): (n, d_llm)",
     "external": "a tensor given by the caller under `name` (model-free runs, tests, user scores): (n,) or (n, d)",
     "pre_llm.visual": "projected visual tokens: (n, d_llm)",
     "pre_llm.text": "input embeddings of the tokens after the image: (t, d_llm)",

@@ -18,6 +18,7 @@ from typing import ClassVar
 import torch
 
 CLS_ID = -1  # the id a kept CLS token carries (VisionZip keeps it)
+POOLED_ID = -2  # the id of a token pooled from dropped tokens with no anchor (PruMerge+'s extra token)
 
 
 def _check_ids(name: str, ids: torch.Tensor) -> None:

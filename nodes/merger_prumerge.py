@@ -1,0 +1,87 @@
+"""PruMerge+'s merge (ICCV'25; 42Shawn/LLaVA-PruMerge @ 097c0411).
+
+For each kept token i (in selection order): among all other tokens (the other kept ones in
+selection order, then the dropped ones ascending) take the `neighbours` whose keys are most
+cosine-similar to i's key, and add their features weighted by their CLS attention:
+x_i + sum_j a_j x_j (not normalised, as the official code). One extra token, the
+CLS-attention-weighted sum of every dropped token, is appended last (id POOLED_ID = -2).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from nuwa_graph.node import Node, NodeParams, Port
+from nuwa_graph.registry import register
+from nuwa_graph.signals import SignalRequest
+from nuwa_graph.types import POOLED_ID, Scores, Selection, Tokens
+
+from .selectors import gather_scores
+
+
+class PruMergeParams(NodeParams):
+    neighbours: int = Field(32, ge=1, description="most key-similar tokens merged into each kept token (official: 32)")
+    layer: int = Field(-2, description="hidden_states index of the features merged (LLaVA: -2)")
+    key_layer: int = Field(-1, description="layer whose single-head keys give the similarity (PruMerge+: -1)")
+    extra_token: bool = Field(True, description="append the attention-weighted sum of the dropped tokens")
+
+
+@register
+class PruMergePlusMerger(Node):
+    """PruMerge(+): kept tokens absorb their key-nearest neighbours, weighted by CLS attention."""
+
+    type_name = "merger.prumerge"
+    family = "merger"
+    paper = "https://arxiv.org/abs/2403.15388"
+    inputs = {
+        "selection": Port(Selection, "kept tokens, in the order they will sit (official: topk, then supplement)"),
+        "scores": Port(Scores, "CLS attention per token (the merge weights)"),
+    }
+    outputs = {
+        "tokens": Port(Tokens, "merged kept tokens, then the extra token; space vision"),
+        "selection": Port(Selection, "their ids in the same order (extra token: -2)"),
+    }
+    Params = PruMergeParams
+
+    def requests(self):
+        p = self.params
+        return [SignalRequest.make("vision.hidden", "vision", layer=p.layer),
+                SignalRequest.make("vision.qk_single_head", "vision", layer=p.key_layer)]
+
+    def run(self, ctx, selection: Selection, scores: Scores):
+        p = self.params
+        hidden = ctx.signal(self.requests()[0])  # (n, d)
+        qk = ctx.signal(self.requests()[1])  # (2, n + 1, d)
+        n = hidden.shape[0]
+        keys = qk[1][qk.shape[1] - n:]
+        attn = scores.values[gather_scores(scores, torch.arange(n))]
+        kept = selection.ids
+        if torch.unique(kept).numel() != kept.numel():
+            raise ValueError("PruMerge: the selection names a token twice")
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[kept] = True
+        dropped = torch.nonzero(~mask).reshape(-1)  # ascending, as complement_idx
+        L = kept.numel()
+        if L - 1 + dropped.numel() < p.neighbours:
+            raise ValueError(f"PruMerge: {L - 1 + dropped.numel()} other tokens for {p.neighbours} neighbours "
+                             "(the official topk fails here); lower `neighbours`")
+        x_kept, a_kept = hidden[kept], attn[kept]
+        k_kept = F.normalize(keys[kept], p=2, dim=-1)
+        x_drop, a_drop = hidden[dropped], attn[dropped]
+        k_drop = F.normalize(keys[dropped], p=2, dim=-1)
+        out = torch.zeros_like(x_kept)
+        for i in range(L):
+            rest_k = torch.cat([k_kept[:i], k_kept[i + 1:], k_drop])
+            rest_x = torch.cat([x_kept[:i], x_kept[i + 1:], x_drop])
+            rest_a = torch.cat([a_kept[:i], a_kept[i + 1:], a_drop])
+            cos = k_kept[i:i + 1] @ rest_k.transpose(0, 1)
+            nb = torch.topk(cos, k=p.neighbours, dim=1).indices[0]
+            out[i] = x_kept[i] + torch.sum(rest_x[nb] * rest_a[nb].unsqueeze(-1), dim=0)
+        ids = kept.clone()
+        if p.extra_token:
+            extra = torch.sum(x_drop * a_drop.unsqueeze(-1), dim=0, keepdim=True)
+            out = torch.cat([out, extra])
+            ids = torch.cat([ids, torch.tensor([POOLED_ID])])
+        return {"tokens": Tokens(out, ids, "vision"), "selection": Selection(ids)}

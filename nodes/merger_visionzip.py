@@ -1,0 +1,92 @@
+"""VisionZip's contextual merge (CVPR'25; dvlab-research/VisionZip @ 3151f6df).
+
+Given the dominant tokens (top CLS-attention patches), the output is
+`[CLS] + dominant (ascending) + contextual`: the remaining patches, in ascending order,
+are split into `contextual` targets taken uniformly by position in that list
+(step = max(1, R // contextual)) and the rest, each of which joins the target whose
+head-averaged key (L2-normalised) is most cosine-similar; contextual token j = hidden of
+target j + mean of the hidden states that joined it. Features are vision hidden states of
+`layer` (before the projector).
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from nuwa_graph.node import Node, NodeParams, Port
+from nuwa_graph.registry import register
+from nuwa_graph.signals import SignalRequest
+from nuwa_graph.types import CLS_ID, Selection, Tokens
+
+
+class VisionZipParams(NodeParams):
+    contextual: int = Field(ge=1, description="number of contextual (merged) tokens")
+    layer: int = Field(-2, description="hidden_states index of the features merged (LLaVA: -2)")
+    key_layer: int = Field(-2, description="layer whose key states give the similarity metric (-2 = layer 22)")
+    keep_cls: bool = Field(True, description="put the CLS token first, as the official code does")
+
+
+@register
+class VisionZipMerger(Node):
+    """VisionZip: dominant tokens kept as they are, the rest merged into uniform contextual
+    targets by key similarity."""
+
+    type_name = "merger.visionzip"
+    family = "merger"
+    paper = "https://arxiv.org/abs/2412.04467"
+    inputs = {"dominant": Port(Selection, "the dominant patches (any order)")}
+    outputs = {
+        "tokens": Port(Tokens, "CLS, dominant (ascending), contextual (target order); space vision"),
+        "selection": Port(Selection, "ids of those tokens in the same order (CLS = -1, contextual = target id)"),
+    }
+    Params = VisionZipParams
+
+    def requests(self):
+        p = self.params
+        reqs = [SignalRequest.make("vision.hidden", "vision", layer=p.layer),
+                SignalRequest.make("vision.keys", "vision", layer=p.key_layer)]
+        if p.keep_cls:
+            reqs.append(SignalRequest.make("vision.cls_hidden", "vision", layer=p.layer))
+        return reqs
+
+    def run(self, ctx, dominant: Selection):
+        p = self.params
+        reqs = self.requests()
+        hidden = ctx.signal(reqs[0])  # (n, d), no CLS
+        keys = ctx.signal(reqs[1])  # (heads, n + cls, head_dim)
+        n = hidden.shape[0]
+        if keys.dim() != 3:
+            raise ValueError(f"vision.keys must be (heads, n + cls, head_dim), got {tuple(keys.shape)}")
+        metric = keys.mean(dim=0)
+        metric = metric[metric.shape[0] - n:]  # drop CLS where present
+        keep = torch.zeros(n, dtype=torch.bool)
+        keep[dominant.ids] = True
+        dom_ids = torch.nonzero(keep).reshape(-1)  # ascending, as masked_select
+        rest = torch.nonzero(~keep).reshape(-1)
+        r = rest.numel()
+        c = p.contextual
+        if r < c:
+            raise ValueError(f"VisionZip: only {r} tokens remain for {c} contextual tokens (the official code fails "
+                             "here); lower `contextual` or the dominant count")
+        m = metric[rest]
+        m = m / m.norm(dim=-1, keepdim=True)
+        step = max(1, r // c)
+        target_pos = torch.arange(0, r, step)[:c]
+        is_target = torch.zeros(r, dtype=torch.bool)
+        is_target[target_pos] = True
+        sim = m[~is_target] @ m[target_pos].transpose(0, 1)
+        assign = torch.zeros(sim.shape[0], c, dtype=hidden.dtype)
+        if sim.shape[0]:
+            assign.scatter_(1, sim.argmax(dim=1, keepdim=True), 1)
+        counts = assign.sum(dim=0).clamp(min=1).unsqueeze(-1)
+        h_rest = hidden[rest]
+        contextual = h_rest[target_pos] + (assign.transpose(0, 1) @ h_rest[~is_target]) / counts
+        parts = [hidden[dom_ids], contextual]
+        ids = [dom_ids, rest[target_pos]]
+        if p.keep_cls:
+            cls = ctx.signal(reqs[2]).reshape(1, -1)
+            parts.insert(0, cls.to(hidden.dtype))
+            ids.insert(0, torch.tensor([CLS_ID]))
+        ids_t = torch.cat(ids).long()
+        return {"tokens": Tokens(torch.cat(parts), ids_t, "vision"), "selection": Selection(ids_t)}

@@ -1,0 +1,131 @@
+"""Vision-side scorers: one score per grid token, read from the vision tower.
+
+All act at site `vision` and return `Scores` over the whole grid (ids 0..n-1, raster
+order). Layer numbers follow LLaVA's indexing of Hugging Face outputs: for attention
+kinds `layer` indexes `attentions` (-2 = CLIP-L encoder layer 22), for hidden states it
+indexes `hidden_states` (-2 = output of layer 22).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from nuwa_graph.node import Node, NodeParams, Port
+from nuwa_graph.registry import register
+from nuwa_graph.signals import SignalRequest
+from nuwa_graph.types import Scores
+
+
+def _grid_scores(ctx, values: torch.Tensor, what: str) -> Scores:
+    n = ctx.geometry.n_tokens
+    values = values.reshape(-1)
+    if values.numel() != n:
+        raise ValueError(f"{what}: {values.numel()} scores for a {ctx.geometry.grid[0]}x{ctx.geometry.grid[1]} grid "
+                         f"({n} tokens)")
+    return Scores(values, torch.arange(n))
+
+
+class ClsAttentionParams(NodeParams):
+    layer: int = Field(-2, description="attention layer (index into `attentions`; -2 = CLIP-L layer 22)")
+    heads: Literal["sum", "mean"] = Field("sum", description="how heads are reduced (VisionZip and Nüwa sum)")
+
+
+@register
+class ClsAttention(Node):
+    """CLS -> patch attention of one vision layer, reduced over heads (VisionZip's dominant
+    score, Nüwa's salience m)."""
+
+    type_name = "scorer.cls-attention"
+    family = "scorer"
+    paper = "https://arxiv.org/abs/2412.04467"
+    inputs = {}
+    outputs = {"scores": Port(Scores, "CLS attention per patch")}
+    Params = ClsAttentionParams
+
+    def requests(self):
+        return [SignalRequest.make("vision.cls_attention", "vision", layer=self.params.layer)]
+
+    def run(self, ctx):
+        attn = ctx.signal(self.requests()[0])
+        if attn.dim() != 2:
+            raise ValueError(f"vision.cls_attention must be (heads, n), got {tuple(attn.shape)}")
+        vals = attn.sum(dim=0) if self.params.heads == "sum" else attn.mean(dim=0)
+        return {"scores": _grid_scores(ctx, vals, self.type_name)}
+
+
+class HiddenNormParams(NodeParams):
+    layer: int = Field(-2, description="index into the vision tower's hidden_states (-2 = output of layer 22)")
+
+
+@register
+class HiddenNorm(Node):
+    """L2 norm of each patch's hidden state (Nüwa's L2NORM pillar score)."""
+
+    type_name = "scorer.hidden-norm"
+    family = "scorer"
+    paper = "https://arxiv.org/abs/2602.02951"
+    inputs = {}
+    outputs = {"scores": Port(Scores, "hidden-state L2 norm per patch")}
+    Params = HiddenNormParams
+
+    def requests(self):
+        return [SignalRequest.make("vision.hidden", "vision", layer=self.params.layer)]
+
+    def run(self, ctx):
+        h = ctx.signal(self.requests()[0])
+        return {"scores": _grid_scores(ctx, torch.linalg.norm(h, ord=2, dim=-1), self.type_name)}
+
+
+class ReceivedParams(NodeParams):
+    layer: int = Field(-1, description="vision block (-1 = the last ViT block, as Nüwa's Qwen code)")
+
+
+@register
+class AttentionReceived(Node):
+    """Attention each (merged) token receives at a vision block: mean over heads, sum over
+    queries, averaged per merge unit (Nüwa's Qwen2.5-VL salience)."""
+
+    type_name = "scorer.attention-received"
+    family = "scorer"
+    paper = "https://arxiv.org/abs/2602.02951"
+    inputs = {}
+    outputs = {"scores": Port(Scores, "attention received per token")}
+    Params = ReceivedParams
+
+    def requests(self):
+        return [SignalRequest.make("vision.attention_received", "vision", layer=self.params.layer)]
+
+    def run(self, ctx):
+        return {"scores": _grid_scores(ctx, ctx.signal(self.requests()[0]), self.type_name)}
+
+
+class ClsQkParams(NodeParams):
+    layer: int = Field(-1, description="layer whose q_proj/k_proj are read (PruMerge+: -1, the last CLIP layer)")
+
+
+@register
+class ClsAttentionSingleHead(Node):
+    """PruMerge+'s CLS attention: q and k of one layer as a single head over the full
+    width, softmax(q_cls . K^T / sqrt(d)) over all keys (CLS included), patch columns."""
+
+    type_name = "scorer.cls-attention-qk"
+    family = "scorer"
+    paper = "https://arxiv.org/abs/2403.15388"
+    inputs = {}
+    outputs = {"scores": Port(Scores, "single-head CLS attention per patch")}
+    Params = ClsQkParams
+
+    def requests(self):
+        return [SignalRequest.make("vision.qk_single_head", "vision", layer=self.params.layer)]
+
+    def run(self, ctx):
+        qk = ctx.signal(self.requests()[0])
+        if qk.dim() != 3 or qk.shape[0] != 2:
+            raise ValueError(f"vision.qk_single_head must be (2, n + 1, d), got {tuple(qk.shape)}")
+        q, k = qk[0], qk[1]
+        logits = (q[0:1] @ k.transpose(0, 1)) * q.shape[-1] ** -0.5
+        row = torch.softmax(logits, dim=-1)[0]
+        return {"scores": _grid_scores(ctx, row[1:], self.type_name)}
