@@ -411,3 +411,14 @@ def test_load_adapter_preset():
 
     ad = load_adapter("tiny-qwen")
     assert isinstance(ad, qwen.QwenAdapter) and ad.family == "qwen2_5_vl"
+
+
+def test_plain_question_gets_the_chat_template_and_bad_prompts_are_clear(adapter):
+    imgs, _ = images_prompts()
+    pipe = nuwa_graph.load_text("name: v\nnodes:\n  - {name: k, type: random-dropper.uniform, params: {ratio: 1.0}}\n"
+                                "  - {name: a, type: applier.keep, params: {site: pre_llm}, inputs: {selection: k.selection}}\n")
+    rep = adapter.generate(pipe, imgs[:1], ["what colour is the square?"], max_new_tokens=1)
+    assert rep.visual_tokens_avg[0] == rep.visual_tokens_full
+    two_blocks = adapter.prompt("a") + "<|vision_start|><|image_pad|><|vision_end|>"
+    with pytest.raises(nuwa_graph.RunError, match="exactly one"):
+        adapter.generate(pipe, imgs[:1], [two_blocks], max_new_tokens=1)

@@ -366,8 +366,14 @@ class QwenAdapter(VLMAdapter):
 
     # ---- inputs --------------------------------------------------------------------------
     def encode(self, images: list, prompts: list[str]) -> Encoded:
-        enc = self.processor(images=list(images), text=list(prompts), return_tensors="pt", padding=True,
-                             padding_side="left")
+        # a plain question gets the chat template with one image block (as LLaVA's adapter does)
+        prompts = [p if "<|image_pad|>" in p else self.prompt(p) for p in prompts]
+        try:
+            enc = self.processor(images=list(images), text=list(prompts), return_tensors="pt", padding=True,
+                                 padding_side="left")
+        except ValueError as exc:
+            raise RunError(f"the Qwen2.5-VL processor refused the prompt: {exc}; give a plain question, or a chat "
+                           f"prompt with exactly one <|vision_start|><|image_pad|><|vision_end|> block") from None
         am = enc["attention_mask"]
         if am.shape[0] > 1 and bool((am[:, -1] == 0).any()):
             raise RunError("the processor padded on the right; the adapter needs left padding")
