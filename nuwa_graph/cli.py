@@ -343,6 +343,117 @@ def sweep(
 
 # `eval` (accuracy over a data set) is added here as a further @app.command().
 
+def _runs_of(values: list[float]) -> str:
+    """[144, 144, 64, 64, 64] -> '144x2 64x3' (visual tokens per layer, run-length)."""
+    parts: list[list] = []
+    for v in values:
+        if parts and parts[-1][0] == v:
+            parts[-1][1] += 1
+        else:
+            parts.append([v, 1])
+    return " ".join(f"{v:g}" + (f"x{n}" if n > 1 else "") for v, n in parts)
+
+
+@app.command("eval")
+def eval_(
+    files: list[Path] = typer.Argument(..., metavar="PIPELINE...", help="Pipeline YAML files.", show_default=False),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model id or local path (default: the embedded model)."),
+    data: Optional[list[str]] = typer.Option(None, "--data", "-d", metavar="FILE",
+                                             help="RefCOCO-style JSON (grounding) or VQA JSONL; repeatable; prefix "
+                                                  "grounding: or vqa: to force the kind (default: a built-in "
+                                                  "shapes-world sample set)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", "-s", metavar="NAME=V1,V2,...",
+                                             help="Values of a variable to sweep (comma-separated); repeatable: the "
+                                                  "cross product runs, for each pipeline that has the variable."),
+    limit: Optional[int] = typer.Option(None, "--limit", "-n", min=1, help="At most N samples per data file."),
+    batch: int = typer.Option(8, "--batch", "-b", min=1, help="Samples per generate call."),
+    output: Path = typer.Option(Path("runs/eval"), "--output", "-o",
+                                help="Folder for results.json, results.csv, predictions.jsonl and the pictures."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default: each pipeline's seed)."),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens", min=1, help="Tokens to generate per answer."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    grounding_prompt: Optional[str] = typer.Option(None, "--grounding-prompt",
+                                                   help="Prompt for grounding, with {expression} "
+                                                        "(default: 'where is {expression} ?')."),
+    vqa_prompt: str = typer.Option("{question}", "--vqa-prompt", help="Prompt for VQA, with {question}."),
+) -> None:
+    """Accuracy of pipelines over a data set: grounding Acc@0.5, VQA exact match, tokens, prefill time.
+
+    Example: nuwa-graph eval pipelines/vanilla.yaml pipelines/fastv.yaml pipelines/nuwa.yaml --set budget=32,64 --limit 100
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .evaluate import (GROUNDING_PROMPT, EvalError, default_model, evaluate, load_data, plan_runs, sample_data,
+                           sweep_axis, write_results)
+    from .sweep import parse_sweep
+    from .viz import write_pictures
+
+    try:
+        grid = parse_sweep(set_ or [])
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--set") from None
+    try:
+        runs = plan_runs(files, grid)
+    except PipelineError as exc:
+        _print_problems(exc)
+        raise typer.Exit(1) from None
+    except EvalError as exc:
+        err.print(f"[bold red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(1) from None
+    from .adapters import load_adapter
+    from .runner import _explain, resolve_device, resolve_dtype
+
+    try:
+        tasks = load_data(data if data else [str(p) for p in sample_data(output / "sample_data")], limit=limit)
+        dev = resolve_device(device)
+        adapter = load_adapter(model or default_model(), resolve_dtype(dtype, dev), dev)
+        total = len(runs) * sum(len(t.samples) for t in tasks)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=err, transient=True) as bar:
+            job = bar.add_task("eval", total=total)
+            result = evaluate(adapter, runs, tasks, batch=batch, max_new_tokens=max_new_tokens, seed=seed,
+                              grounding_prompt=grounding_prompt or GROUNDING_PROMPT, vqa_prompt=vqa_prompt,
+                              progress=lambda desc, n: bar.update(job, description=escape(desc), advance=n))
+    except (RunError, PipelineError) as exc:
+        if isinstance(exc, PipelineError):
+            _print_problems(exc)
+        else:
+            err.print(f"[bold red]error:[/] {escape(_explain(exc))}")
+        raise typer.Exit(1) from None
+    names = [t.kind for t in tasks]
+    sizes = ", ".join(f"{d['task']}: {d['n']}" for d in result["data"])
+    table = Table(title=f"eval on {escape(result['model'])} ({sizes}; relative to {escape(result['reference'])})")
+    table.add_column("run", overflow="fold")
+    for k in names:
+        table.add_column(f"{k} acc", justify="right")
+        if k.startswith("grounding"):
+            table.add_column(f"{k} unparsed", justify="right")
+    table.add_column("mean acc", justify="right")
+    table.add_column("rel. %", justify="right")
+    table.add_column("avg tokens", justify="right")
+    table.add_column("tokens per layer", overflow="fold")
+    table.add_column("prefill ms", justify="right")
+    for r in result["results"]:
+        cells = [escape(r["label"])]
+        for k in names:
+            t = r["tasks"][k]
+            cells.append(f"{100 * t['accuracy']:.1f}%")
+            if k.startswith("grounding"):
+                cells.append(f"{t['parse_failures']}/{t['n']}")
+        rel = r["relative_pct"]
+        cells += [f"{100 * r['accuracy']:.1f}%", "-" if rel is None else f"{rel:.1f}",
+                  f"{r['visual_tokens_avg']:.1f}/{r['visual_tokens_full']}",
+                  _runs_of(r["visual_tokens_per_layer"]), f"{r['prefill_ms_median']:.1f}"]
+        table.add_row(*cells)
+    # piped output (files, CI logs) gets a wide table instead of rich's 80-column default
+    (out if out.is_terminal else Console(highlight=False, width=max(out.width, 160))).print(table)
+    paths = list(write_results(result, output).values())
+    paths += write_pictures(result, output, sweep_axis(grid))
+    for p in paths:
+        out.print(f"wrote {escape(str(p))}")
+
+
 
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -112,6 +112,7 @@ class SampleLayout:
     pos_pre: torch.Tensor  # (P, n_pre)
     pos_image: torch.Tensor  # (P, n_image) original positions of the full image block
     pos_post: torch.Tensor  # (P, n_post)
+    n_extra: int = 0  # generated tokens appended by extend() (they are not prompt tokens)
 
     def extend(self, extra: torch.Tensor) -> None:
         """Append generated tokens after the prompt (cache-free recompute)."""
@@ -121,6 +122,12 @@ class SampleLayout:
         last = self.pos_post[:, -1:] if self.pos_post.shape[1] else self.pos_image[:, -1:]
         self.pos_post = torch.cat([self.pos_post, last + 1 + torch.arange(extra.numel())], dim=1)
         self.post_ids = torch.cat([self.post_ids, extra])
+        self.n_extra += int(extra.numel())
+
+    @property
+    def prompt_post_ids(self) -> torch.Tensor:
+        """Token ids after the image that belong to the prompt (not the appended ones)."""
+        return self.post_ids[: self.post_ids.numel() - self.n_extra]
 
 
 @dataclass
@@ -158,6 +165,7 @@ class Segment:
     img_ids: list[torch.Tensor]  # per sample: their original ids
     post_start: list[int]  # per sample: sequence index of the first token after the image
     n_text: list[int]  # per sample: valid non-image tokens
+    n_extra: list[int] = field(default_factory=list)  # per sample: appended generated tokens at the end
     key_valid: torch.Tensor | None = None  # (B, kv) grows during decoding
     last_pos: torch.Tensor | None = None  # (P, B) last position used
 
@@ -580,7 +588,9 @@ class VLMAdapter:
     # signals inside the LLM ---------------------------------------------------------------
     @staticmethod
     def _query_index(seg: Segment, b: int, queries: str) -> torch.Tensor:
-        L = seg.valid.shape[1]
+        """Sequence indices of the query rows; "last" is the last PROMPT token, also in a
+        cache-free recompute that appends generated tokens (so both select the same)."""
+        L = seg.valid.shape[1] - (seg.n_extra[b] if seg.n_extra else 0)
         if queries == "last":
             return torch.tensor([L - 1])
         if queries.startswith("last:"):
@@ -723,7 +733,7 @@ class VLMAdapter:
             for j in (gather[b] < 0).nonzero().flatten().tolist():
                 if j not in repl[b]:
                     raise RunError("a kept token has neither a current row nor replacement features")
-        new = Segment(layer, valid, pos_all, img_idx, img_ids, post_start, list(seg.n_text))
+        new = Segment(layer, valid, pos_all, img_idx, img_ids, post_start, list(seg.n_text), list(seg.n_extra))
         new._gather = gather  # type: ignore[attr-defined]
         new._repl = repl  # type: ignore[attr-defined]
         return new
@@ -750,7 +760,7 @@ class VLMAdapter:
             if kind == "pre_llm.visual":
                 return r.blocks[b].rows
             if kind == "pre_llm.text":
-                return self.embed(r.layouts[b].post_ids)
+                return self.embed(r.layouts[b].prompt_post_ids)
             if kind in ("llm.attention", "llm.hidden"):
                 if req.key not in r.captured:
                     raise RunError(f"internal: signal {req.key} was not captured")
@@ -847,7 +857,8 @@ class VLMAdapter:
             k = r.blocks[b].ids.numel()
             img_idx.append(torch.arange(sh + npre, sh + npre + k))
             post_start.append(sh + npre + k)
-        seg = Segment(0, am.bool(), pos, img_idx, img_ids, post_start, n_text)
+        seg = Segment(0, am.bool(), pos, img_idx, img_ids, post_start, n_text,
+                      [r.layouts[b].n_extra for b in range(r.B)])
         return x, am, seg
 
     def _start(self, pipeline: Pipeline, images, prompts, external, seed, extra_ids=None) -> _Run:

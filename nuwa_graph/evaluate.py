@@ -1,0 +1,416 @@
+"""`nuwa-graph eval`: accuracy of pipelines over a grounding and/or VQA data set.
+
+    from nuwa_graph.evaluate import load_data, plan_runs, evaluate, write_results
+    tasks = load_data(["data/refcoco_val.json", "data/gqa.jsonl"], limit=200)
+    runs = plan_runs(["pipelines/vanilla.yaml", "pipelines/fastv.yaml"], {"budget": [64, 128]})
+    result = evaluate(adapter, runs, tasks, batch=8)
+    write_results(result, "runs/eval")
+
+Metrics (see docs/evaluation.md):
+- grounding: Acc@IoU>=0.5 of the box parsed from the answer (`world.boxes.parse_box`: coordinate
+  tokens, normalised or pixel `[x0, y0, x1, y1]`); an answer without a box is wrong and is
+  also counted in `parse_failures`;
+- VQA: exact match after normalisation (`data.exact_match`: lower case, no punctuation or
+  articles) against any reference answer;
+- per run: visual tokens per LLM layer (mean over samples) and their average, median prefill
+  time per batch, and accuracy relative to the reference run in % (the pipeline named
+  `vanilla` if it is evaluated, else the first run).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .data import DataFormatError, GroundingSample, exact_match, load_grounding, load_vqa, read_records
+from .errors import PipelineError, RunError
+from .pipeline import Pipeline, load
+from .world.boxes import iou, parse_box
+from .world.shapes import GROUNDING_TEMPLATE
+
+IOU_THRESHOLD = 0.5
+SAMPLE_SEED = 4242          # world seed of the built-in sample set (training uses 0, held-out eval 1000003)
+SAMPLE_IMAGES = 40          # scenes in the built-in sample set (1 grounding + 1 VQA question each)
+GROUNDING_PROMPT = GROUNDING_TEMPLATE   # "where is {expression} ?" (the embedded model's format)
+VQA_PROMPT = "{question}"
+KINDS = ("grounding", "vqa")
+
+
+class EvalError(RunError):
+    """A user error of an evaluation (bad data file, no model, bad --set): one clear message."""
+
+
+# --- metrics ----------------------------------------------------------------------------------
+def grounding_score(answer: str, box, width: int, height: int, threshold: float = IOU_THRESHOLD) -> dict[str, Any]:
+    """{'parsed': bool, 'iou': float, 'correct': bool, 'box': parsed box or None} for one answer."""
+    pred = parse_box(answer, width, height)
+    v = iou(pred, tuple(box)) if pred is not None else 0.0
+    return {"parsed": pred is not None, "iou": v, "correct": pred is not None and v >= threshold,
+            "box": None if pred is None else [round(float(c), 2) for c in pred]}
+
+
+def vqa_score(answer: str, answers: list[str]) -> dict[str, Any]:
+    """{'correct': bool} by normalised exact match against any reference answer."""
+    return {"correct": bool(exact_match(answer, answers)) if answers else False}
+
+
+def summarize(kind: str, scores: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counts and accuracy of one task's per-sample scores."""
+    n = len(scores)
+    correct = sum(bool(s["correct"]) for s in scores)
+    out: dict[str, Any] = {"n": n, "correct": correct, "accuracy": correct / n if n else 0.0}
+    if kind == "grounding":
+        out["parse_failures"] = sum(not s["parsed"] for s in scores)
+        out["mean_iou"] = sum(s["iou"] for s in scores) / n if n else 0.0
+    return out
+
+
+def relative_pct(acc: float | None, ref: float | None) -> float | None:
+    """acc as % of ref (None when ref is 0 or missing)."""
+    if acc is None or not ref:
+        return None
+    return 100.0 * acc / ref
+
+
+# --- data ---------------------------------------------------------------------------------------
+@dataclass
+class Task:
+    kind: str          # "grounding" | "vqa"
+    source: str        # the data file
+    samples: list      # GroundingSample | VQASample
+
+    @property
+    def name(self) -> str:
+        return self.kind
+
+
+def detect_kind(path: str | Path) -> str:
+    """'grounding' if the records carry a box, else 'vqa' if they carry a question."""
+    recs = read_records(path)
+    if not recs:
+        raise EvalError(f"data file {str(path)!r} holds no records")
+    rec = recs[0]
+    if not isinstance(rec, dict):
+        raise EvalError(f"data file {str(path)!r}: record 0 is not an object")
+    if any(rec.get(k) is not None for k in ("bbox", "box_xyxy", "bbox_xyxy")):
+        return "grounding"
+    if any(isinstance(rec.get(k), str) for k in ("question", "text", "prompt")):
+        return "vqa"
+    raise EvalError(f"data file {str(path)!r}: cannot tell grounding from VQA (record 0 has no bbox / box_xyxy and "
+                    f"no question); prefix the path with grounding: or vqa:")
+
+
+def load_data(specs: Iterable[str | Path], limit: int | None = None, bbox_format: str = "xywh") -> list[Task]:
+    """One Task per data file; `grounding:PATH` / `vqa:PATH` force the kind, else it is detected.
+    Two files of the same kind are two tasks (named kind, kind#2, ...)."""
+    tasks: list[Task] = []
+    for spec in specs:
+        text = str(spec)
+        kind = None
+        for k in KINDS:
+            if text.startswith(k + ":"):
+                kind, text = k, text[len(k) + 1:]
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise EvalError(f"data file {text!r} does not exist; pass --data with a RefCOCO-style JSON (grounding) "
+                            f"or a VQA JSONL file, or leave --data out for the built-in sample set")
+        try:
+            kind = kind or detect_kind(path)
+            samples = (load_grounding(path, bbox_format=bbox_format, limit=limit) if kind == "grounding"
+                       else load_vqa(path, limit=limit))
+        except DataFormatError as exc:
+            raise EvalError(f"data file {text!r} is not valid {kind or 'grounding/VQA'} data: {exc}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise EvalError(f"data file {text!r} could not be read ({type(exc).__name__}: {exc})") from None
+        if not samples:
+            raise EvalError(f"data file {text!r} holds no {kind} samples")
+        missing = [s.image for s in samples if isinstance(s.image, str) and not Path(s.image).is_file()]
+        if missing:
+            raise EvalError(f"data file {text!r}: {len(missing)} of {len(samples)} images do not exist, e.g. "
+                            f"{missing[0]!r} (relative paths are read from the data file's folder)")
+        tasks.append(Task(kind, str(path), samples))
+    seen: dict[str, int] = {}
+    for t in tasks:
+        seen[t.kind] = seen.get(t.kind, 0) + 1
+        if seen[t.kind] > 1:
+            t.kind = f"{t.kind}#{seen[t.kind]}"
+    return tasks
+
+
+def sample_data(out_dir: str | Path, n_images: int = SAMPLE_IMAGES, seed: int = SAMPLE_SEED) -> list[Path]:
+    """The built-in sample set: shapes-world scenes [0, n_images) of world `seed`, written once
+    to `out_dir` (reused when its world.json matches) -> [refcoco.json, vqa.jsonl]."""
+    from .world import write_split
+
+    out = Path(out_dir)
+    world = out / "world.json"
+    paths = [out / "refcoco.json", out / "vqa.jsonl"]
+    try:
+        meta = json.loads(world.read_text())
+        fresh = (meta.get("seed"), meta.get("n_images"), meta.get("start")) == (seed, n_images, 0)
+    except (OSError, ValueError):
+        fresh = False
+    if not fresh or not all(p.is_file() for p in paths):
+        write_split(out, n_images, seed, n_grounding=1, n_vqa=1)
+    return paths
+
+
+# --- model --------------------------------------------------------------------------------------
+def default_model() -> str:
+    """The embedded model (preset `embedded` if one is registered, else its weights folder)."""
+    from .adapters import PRESETS
+    from .embedded import WEIGHTS_DIR
+
+    if "embedded" in PRESETS:
+        return "embedded"
+    if (WEIGHTS_DIR / "config.json").is_file():
+        return str(WEIGHTS_DIR)
+    raise EvalError(f"the embedded model is not trained yet ({WEIGHTS_DIR} has no config.json). Train it with "
+                    f"`python scripts/train_embedded.py` (see docs/embedded.md), or pass --model "
+                    f"(a local model folder, a cached hub id, or the untrained preset tiny-llava for a smoke test)")
+
+
+# --- runs ---------------------------------------------------------------------------------------
+@dataclass
+class EvalRun:
+    label: str
+    file: str
+    variables: dict[str, Any]     # the swept values this run uses
+    pipeline: Pipeline
+
+
+def plan_runs(files: Iterable[str | Path], grid: dict[str, list[Any]] | None = None) -> list[EvalRun]:
+    """Every pipeline x every combination of the swept variables it declares (a pipeline that
+    declares none of them runs once). All files are validated; problems are reported together."""
+    from .sweep import load_all
+
+    grid = grid or {}
+    runs: list[EvalRun] = []
+    problems = []
+    used: set[str] = set()
+    for f in files:
+        try:
+            base = load(f)
+        except PipelineError as exc:
+            problems += exc.problems
+            continue
+        own = {k: v for k, v in grid.items() if k in base.variables}
+        used |= set(own)
+        try:
+            loaded = load_all(f, own) if own else [({}, base)]
+        except PipelineError as exc:
+            problems += exc.problems
+            continue
+        for combo, pipe in loaded:
+            label = pipe.name + (" " + " ".join(f"{k}={v}" for k, v in combo.items()) if combo else "")
+            runs.append(EvalRun(label, str(f), combo, pipe))
+    if problems:
+        raise PipelineError(problems)
+    unknown = [k for k in grid if k not in used]
+    if unknown:
+        raise EvalError(f"--set {', '.join(unknown)}: no evaluated pipeline has such a variable")
+    labels: dict[str, int] = {}
+    for r in runs:  # two files with the same pipeline name: tell them apart
+        labels[r.label] = labels.get(r.label, 0) + 1
+        if labels[r.label] > 1:
+            r.label = f"{r.label} ({Path(r.file).stem})"
+    return runs
+
+
+def reference_index(runs: list) -> int:
+    """The run accuracy is relative to: the first pipeline named `vanilla`, else the first run."""
+    for i, r in enumerate(runs):
+        name = r.pipeline.name if isinstance(r, EvalRun) else r["pipeline"]
+        if name == "vanilla":
+            return i
+    return 0
+
+
+def _prompt(task: Task, s, grounding_prompt: str, vqa_prompt: str) -> str:
+    if isinstance(s, GroundingSample):
+        return grounding_prompt.format(expression=s.expression)
+    return vqa_prompt.format(question=s.question)
+
+
+def _load_image(s):
+    try:
+        return s.load_image()
+    except (OSError, ValueError) as exc:
+        raise EvalError(f"image of sample {s.id!r} ({s.image if isinstance(s.image, str) else '<bytes>'}) could not "
+                        f"be read: {exc}") from None
+
+
+def _score(s, answer: str, image) -> dict[str, Any]:
+    if isinstance(s, GroundingSample):
+        w, h = (s.width or image.size[0]), (s.height or image.size[1])
+        return grounding_score(answer, s.box, w, h)
+    return vqa_score(answer, s.answers)
+
+
+def evaluate(adapter, runs: list[EvalRun], tasks: list[Task], batch: int = 8, max_new_tokens: int = 16,
+             seed: int | None = None, grounding_prompt: str = GROUNDING_PROMPT, vqa_prompt: str = VQA_PROMPT,
+             progress: Callable[[str, int], None] | None = None, warmup: bool = True) -> dict[str, Any]:
+    """Run every run over every task; returns the result dict (see docs/evaluation.md).
+
+    `progress(description, n_done)` is called after each batch. Each run also keeps, for the
+    kept-token picture, the first sample of the first task: `sample_kept` (site -> ids),
+    `sample_image` (path) and `grid` (rows, cols)."""
+    if batch < 1:
+        raise EvalError(f"--batch {batch}: it must be at least 1")
+    if not runs:
+        raise EvalError("no pipeline to evaluate")
+    if not tasks:
+        raise EvalError("no data to evaluate on")
+    if warmup:  # first-call costs (allocations, kernels) stay out of the timings
+        s0 = tasks[0].samples[0]
+        adapter.generate(runs[0].pipeline, [_load_image(s0)], [_prompt(tasks[0], s0, grounding_prompt, vqa_prompt)],
+                         max_new_tokens=1, seed=seed)
+    results = []
+    for run in runs:
+        res: dict[str, Any] = {"label": run.label, "pipeline": run.pipeline.name, "file": run.file,
+                               "variables": dict(run.variables), "tasks": {}, "predictions": []}
+        per_layer_sum: list[float] = []
+        n_counted = 0
+        avg_sum = 0.0
+        prefill: list[float] = []
+        full = 0
+        for task in tasks:
+            scores = []
+            for i in range(0, len(task.samples), batch):
+                chunk = task.samples[i:i + batch]
+                images = [_load_image(s) for s in chunk]
+                prompts = [_prompt(task, s, grounding_prompt, vqa_prompt) for s in chunk]
+                rep = adapter.generate(run.pipeline, images, prompts, max_new_tokens=max_new_tokens, seed=seed)
+                prefill.append(rep.prefill_ms)
+                full = rep.visual_tokens_full
+                for b, s in enumerate(chunk):
+                    sc = _score(s, rep.answers[b], images[b])
+                    scores.append(sc)
+                    pred = {"task": task.kind, "id": s.id, "prompt": prompts[b], "answer": rep.answers[b],
+                            "correct": bool(sc["correct"])}
+                    if isinstance(s, GroundingSample):
+                        pred.update(parsed=sc["parsed"], iou=round(sc["iou"], 4), box=sc["box"],
+                                    target=[round(float(c), 2) for c in s.box])
+                    else:
+                        pred["answers"] = s.answers
+                    res["predictions"].append(pred)
+                    counts = rep.visual_tokens_per_layer[b]
+                    if len(per_layer_sum) < len(counts):
+                        per_layer_sum += [0.0] * (len(counts) - len(per_layer_sum))
+                    for L, c in enumerate(counts):
+                        per_layer_sum[L] += c
+                    avg_sum += rep.visual_tokens_avg[b]
+                    n_counted += 1
+                if "sample_kept" not in res:
+                    res["sample_kept"] = rep.kept[0]
+                    res["sample_image"] = chunk[0].image if isinstance(chunk[0].image, str) else None
+                    res["sample_prompt"] = prompts[0]
+                    res["grid"] = _grid(adapter, full)
+                if progress:
+                    progress(f"{run.label} [{task.kind}]", len(chunk))
+            res["tasks"][task.kind] = summarize(task.kind.split("#")[0], scores)
+        accs = [t["accuracy"] for t in res["tasks"].values()]
+        res["accuracy"] = sum(accs) / len(accs)
+        res["visual_tokens_per_layer"] = [round(v / n_counted, 3) for v in per_layer_sum] if n_counted else []
+        res["visual_tokens_avg"] = round(avg_sum / n_counted, 3) if n_counted else 0.0
+        res["visual_tokens_full"] = full
+        res["prefill_ms_median"] = round(statistics.median(prefill), 3) if prefill else 0.0
+        results.append(res)
+    add_relative(results)
+    model = getattr(adapter, "name", "model")
+    return {"model": str(model), "device": str(getattr(adapter, "device", "")),
+            "dtype": str(getattr(adapter, "dtype", "")).replace("torch.", ""),
+            "data": [{"task": t.kind, "source": t.source, "n": len(t.samples)} for t in tasks],
+            "settings": {"batch": batch, "max_new_tokens": max_new_tokens, "seed": seed,
+                         "iou_threshold": IOU_THRESHOLD, "grounding_prompt": grounding_prompt,
+                         "vqa_prompt": vqa_prompt, "prefill_ms": "median over batches of one generate call each"},
+            "reference": results[reference_index(results)]["label"],
+            "results": results}
+
+
+def add_relative(results: list[dict[str, Any]]) -> None:
+    """Set `relative_pct` (overall and per task) against the reference run, in place."""
+    if not results:
+        return
+    ref = results[reference_index(results)]
+    for r in results:
+        r["relative_pct"] = relative_pct(r["accuracy"], ref["accuracy"])
+        for k, t in r["tasks"].items():
+            t["relative_pct"] = relative_pct(t["accuracy"], ref["tasks"].get(k, {}).get("accuracy"))
+
+
+def _grid(adapter, n_tokens: int) -> list[int] | None:
+    g = getattr(adapter, "grid", None)
+    if isinstance(g, (tuple, list)) and len(g) == 2:
+        return [int(g[0]), int(g[1])]
+    side = int(round(n_tokens ** 0.5))
+    return [side, side] if side * side == n_tokens and side else None
+
+
+# --- output -------------------------------------------------------------------------------------
+def rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One flat row per run (the CSV)."""
+    out = []
+    for r in result["results"]:
+        row: dict[str, Any] = {"label": r["label"], "pipeline": r["pipeline"], "file": r["file"], **r["variables"]}
+        for k, t in r["tasks"].items():
+            row[f"{k}_n"] = t["n"]
+            row[f"{k}_accuracy"] = round(t["accuracy"], 4)
+            if "parse_failures" in t:
+                row[f"{k}_parse_failures"] = t["parse_failures"]
+                row[f"{k}_mean_iou"] = round(t["mean_iou"], 4)
+            row[f"{k}_relative_pct"] = None if t["relative_pct"] is None else round(t["relative_pct"], 2)
+        row["accuracy"] = round(r["accuracy"], 4)
+        row["relative_pct"] = None if r["relative_pct"] is None else round(r["relative_pct"], 2)
+        row["visual_tokens_avg"] = r["visual_tokens_avg"]
+        row["visual_tokens_full"] = r["visual_tokens_full"]
+        row["prefill_ms_median"] = r["prefill_ms_median"]
+        row["visual_tokens_per_layer"] = r["visual_tokens_per_layer"]
+        out.append(row)
+    return out
+
+
+def write_results(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """results.json (everything but per-sample predictions), results.csv, predictions.jsonl."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "csv": out / "results.csv", "predictions": out / "predictions.jsonl"}
+    slim = {**result, "results": [{k: v for k, v in r.items() if k != "predictions"} for r in result["results"]]}
+    paths["json"].write_text(json.dumps(slim, indent=2, default=str) + "\n")
+    table = rows(result)
+    cols: list[str] = []
+    for r in table:
+        cols += [c for c in r if c not in cols]
+    with paths["csv"].open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols)
+        w.writeheader()
+        for r in table:
+            w.writerow({k: (json.dumps(v) if isinstance(v, (list, dict)) else ("" if v is None else v))
+                        for k, v in r.items()})
+    with paths["predictions"].open("w") as fh:
+        for r in result["results"]:
+            for p in r["predictions"]:
+                fh.write(json.dumps({"label": r["label"], **p}) + "\n")
+    return paths
+
+
+def sweep_axis(grid: dict[str, list[Any]]) -> str | None:
+    """The variable to plot accuracy against: `budget` if swept, else the first swept variable
+    with more than one numeric value; None if nothing was swept."""
+    def numeric(vals):
+        return len(vals) > 1 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals)
+    if "budget" in grid and numeric(grid["budget"]):
+        return "budget"
+    for k, v in grid.items():
+        if numeric(v):
+            return k
+    return None
+
+
+__all__ = ["EvalError", "EvalRun", "IOU_THRESHOLD", "Task", "add_relative", "default_model", "detect_kind", "evaluate",
+           "grounding_score", "load_data", "plan_runs", "reference_index", "relative_pct", "rows", "sample_data",
+           "summarize", "sweep_axis", "vqa_score", "write_results"]

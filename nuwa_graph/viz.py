@@ -1,0 +1,134 @@
+"""Pictures of an evaluation (matplotlib, Agg backend: no display needed).
+
+- `plot_accuracy(result, axis, path)`: accuracy against a swept variable (the budget), one
+  line per pipeline (and per value of any other swept variable); runs that do not have the
+  variable (vanilla) are dashed horizontal lines.
+- `draw_kept(image, kept, grid, path)`: the tokens a pipeline kept, over the image: dropped
+  patches shaded, kept ones outlined; one panel per site where tokens were dropped.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def safe_name(label: str) -> str:
+    """A file-name-safe version of a run label."""
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", label).strip("_") or "run"
+
+
+def _site_key(site: str) -> tuple[int, int]:
+    if site == "vision":
+        return (0, 0)
+    if site == "pre_llm":
+        return (1, 0)
+    m = re.match(r"llm\.(\d+)$", site)
+    return (2, int(m.group(1))) if m else (3, 0)
+
+
+def plot_accuracy(result: dict[str, Any], axis: str, path: str | Path, metric: str = "accuracy") -> Path:
+    """Accuracy (%) against `axis` per pipeline; one line per task-mean (`metric`='accuracy') or
+    per task when `metric` names one (e.g. 'grounding')."""
+    plt = _plt()
+    series: dict[str, list[tuple[float, float]]] = {}
+    flat: list[tuple[str, float]] = []
+    for r in result["results"]:
+        acc = r["accuracy"] if metric == "accuracy" else r["tasks"][metric]["accuracy"]
+        if axis in r["variables"]:
+            others = " ".join(f"{k}={v}" for k, v in r["variables"].items() if k != axis)
+            key = f"{r['pipeline']} {others}".strip()
+            series.setdefault(key, []).append((float(r["variables"][axis]), 100.0 * acc))
+        else:
+            flat.append((r["label"], 100.0 * acc))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    for key, pts in series.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
+    for i, (label, acc) in enumerate(flat):
+        ax.axhline(acc, linestyle="--", color=f"C{(len(series) + i) % 10}", label=label)
+    ax.set_xlabel(axis)
+    ax.set_ylim(-2, 102)
+    ax.set_ylabel(("accuracy" if metric == "accuracy" else f"{metric} accuracy") + " (%)")
+    tasks = ", ".join(d["task"] for d in result.get("data", []))
+    ax.set_title(f"{metric} vs {axis} ({tasks})" if tasks else f"{metric} vs {axis}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def draw_kept(image, kept: dict[str, list[int]], grid: tuple[int, int] | list[int], path: str | Path,
+              title: str = "") -> Path:
+    """Kept tokens over `image` (PIL or path): dropped patches shaded, kept ones outlined.
+
+    `kept`: site -> kept original ids (RunReport.kept of one sample); ids outside the grid
+    (CLS = -1, extra merged tokens) are not drawn but counted in the panel title. An empty
+    `kept` (nothing dropped) gives one panel with every patch kept."""
+    from matplotlib.patches import Rectangle
+    from PIL import Image
+
+    plt = _plt()
+    if not isinstance(image, Image.Image):
+        with Image.open(image) as im:
+            image = im.convert("RGB")
+    rows, cols = int(grid[0]), int(grid[1])
+    n = rows * cols
+    panels = sorted(kept.items(), key=lambda kv: _site_key(kv[0])) or [("all", list(range(n)))]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.8), dpi=110, squeeze=False)
+    W, H = image.size
+    cw, ch = W / cols, H / rows
+    for ax, (site, ids) in zip(axes[0], panels):
+        ax.imshow(image, extent=(0, W, H, 0))
+        inside = {int(i) for i in ids if 0 <= int(i) < n}
+        for t in range(n):
+            r, c = divmod(t, cols)
+            if t in inside:
+                ax.add_patch(Rectangle((c * cw, r * ch), cw, ch, fill=False, edgecolor="#ffe600", linewidth=0.8))
+            else:
+                ax.add_patch(Rectangle((c * cw, r * ch), cw, ch, facecolor="black", alpha=0.6, linewidth=0))
+        extra = len(ids) - len(inside)
+        ax.set_title(f"{site}: {len(inside)}/{n} kept" + (f" (+{extra} other)" if extra else ""), fontsize=9)
+        ax.set_xlim(0, W)
+        ax.set_ylim(H, 0)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_pictures(result: dict[str, Any], out_dir: str | Path, axis: str | None = None) -> list[Path]:
+    """The accuracy plot (when `axis` is given) and one kept-token picture per run."""
+    out = Path(out_dir)
+    written = []
+    if axis:
+        written.append(plot_accuracy(result, axis, out / f"accuracy_vs_{safe_name(axis)}.png"))
+    for r in result["results"]:
+        img, grid = r.get("sample_image"), r.get("grid")
+        if img is None or grid is None:
+            continue
+        written.append(draw_kept(img, r.get("sample_kept") or {}, grid, out / "kept" / f"{safe_name(r['label'])}.png",
+                                 title=r["label"]))
+    return written
+
+
+__all__ = ["draw_kept", "plot_accuracy", "safe_name", "write_pictures"]
