@@ -10,7 +10,7 @@ prumerge_plus_adaptive_b{64,128,192}, nuwa_stage1_cls_b* (nuwa.yaml, stage 2 fed
 matching nuwa_stage2_b* row), nuwa_stage1_l2norm_b* (ablations/nuwa_pillar_l2norm.yaml),
 nuwa_qwen_stage1_r{25,50,75} (nuwa_qwen.yaml on the odd 15x21 grid), rpme_nuwa_b*
 (ablations/nuwa_rpme.yaml) and rpme_example_k8. Set NUWA_GOLDEN to read the files from
-elsewhere; without them these tests are skipped.
+elsewhere; without them these tests fail (a missing reference is not a pass).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from nuwa_graph.executor import Executor
 from nuwa_graph.pipeline import load, load_text
 from nuwa_graph.types import CLS_ID, POOLED_ID, Geometry
 
-GOLDEN = Path(os.environ.get("NUWA_GOLDEN", "/work/shared/golden"))
+from tests._golden import GOLDEN  # noqa: E402
 PIPES = Path(__file__).resolve().parents[1] / "pipelines"
 TOL = 1e-5
 LLAVA = (24, 24)
@@ -37,7 +37,7 @@ LLAVA = (24, 24)
 def golden(name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     path = GOLDEN / f"{name}.safetensors"
     if not path.is_file():
-        pytest.skip(f"golden file {path} not available")
+        pytest.fail(f"golden file {path} not found: set NUWA_GOLDEN to the shared/golden folder")
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     return load_file(str(path)), meta

@@ -18,7 +18,7 @@ from nuwa_graph import Executor, RunError, load_text, registry
 from nuwa_graph.context import SampleContext
 from nuwa_graph.types import Geometry, Regions, Scores, Selection
 
-GOLDEN = Path("/work/shared/golden")
+from tests._golden import GOLDEN  # noqa: E402
 FAST = settings(max_examples=60, deadline=None)
 
 
@@ -231,7 +231,7 @@ def test_rpme_golden(path):
     assert (plan.offsets + s).tolist() == expected[perm].tolist()
 
 
-@pytest.mark.skipif(not GOLDEN.is_dir(), reason="golden files not present")
+
 def test_rpme_golden_files_exist():
     assert list(GOLDEN.glob("rpme_*.safetensors"))
 
