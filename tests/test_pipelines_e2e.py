@@ -127,3 +127,20 @@ def test_cls_based_pipelines_are_refused_on_qwen(tiny_qwen, name):
     adapter, image = tiny_qwen
     with pytest.raises(RunError, match="vision.attention_received|cannot run"):
         adapter.generate(load(ROOT / "pipelines" / f"{name}.yaml"), [image], [PROMPT], max_new_tokens=1)
+
+
+def test_adaptive_prumerge_plus_in_a_batch(tiny_llava):
+    """PruMerge+ keeps a per-image count; a left-padded batch equals the single runs."""
+    from nuwa_graph.adapters.tiny import synthetic_image
+
+    images = [synthetic_image(seed=s) for s in (0, 5)]
+    prompts = [PROMPT, "how many shapes are there ?"]
+    pipe = load(ROOT / "pipelines/prumerge_plus.yaml")
+    batch = tiny_llava.generate(pipe, images, prompts, max_new_tokens=3, stop_at_eos=False, return_logits=True)
+    for b in range(2):
+        single = tiny_llava.generate(pipe, [images[b]], [prompts[b]], max_new_tokens=3, stop_at_eos=False,
+                                     return_logits=True)
+        assert batch.visual_tokens_per_layer[b] == single.visual_tokens_per_layer[0]
+        assert batch.new_tokens[b] == single.new_tokens[0]
+        diff = (torch.stack(batch.step_logits)[:, b] - torch.stack(single.step_logits)[:, 0]).abs().max()
+        assert diff.item() <= 1e-4
