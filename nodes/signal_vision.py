@@ -45,15 +45,19 @@ class VisionHidden(Node):
         return {"tokens": _grid_tokens(ctx, ctx.signal(self.requests()[0]), "vision", self.type_name)}
 
 
-class HiddenMeanParams(NodeParams):
-    start: int = Field(16, description="first hidden_states index averaged (Nüwa LLaVA: 16)")
-    stop: int = Field(25, description="one past the last index averaged (Nüwa LLaVA: 25, i.e. 16..24)")
+class _RangeParams(NodeParams):
+    """A [start, stop) range of layers; stop must exceed start."""
 
     @model_validator(mode="after")
     def _range(self):
         if self.stop <= self.start:
             raise ValueError("stop must be larger than start")
         return self
+
+
+class HiddenMeanParams(_RangeParams):
+    start: int = Field(16, description="first hidden_states index averaged (Nüwa LLaVA: 16)")
+    stop: int = Field(25, description="one past the last index averaged (Nüwa LLaVA: 25, i.e. 16..24)")
 
 
 @register
@@ -74,15 +78,9 @@ class VisionHiddenMean(Node):
         return {"tokens": _grid_tokens(ctx, ctx.signal(self.requests()[0]), "vision", self.type_name)}
 
 
-class MergedMeanParams(NodeParams):
+class MergedMeanParams(_RangeParams):
     start: int = Field(7, description="first vision block whose output is averaged (Nüwa Qwen: 7)")
     stop: int = Field(24, description="one past the last block averaged (Nüwa Qwen: 24, i.e. blocks 7..23)")
-
-    @model_validator(mode="after")
-    def _range(self):
-        if self.stop <= self.start:
-            raise ValueError("stop must be larger than start")
-        return self
 
 
 @register
