@@ -455,5 +455,18 @@ def eval_(
 
 
 
+# --- train ----------------------------------------------------------------------------------
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(ctx: typer.Context) -> None:
+    """Train the embedded LLaVA on the shapes world; every option is passed on to the trainer
+    (list them with `python scripts/train_embedded.py --help`; recipe in docs/embedded.md).
+
+    Example: nuwa-graph train --seed 0 --minutes 150
+    """
+    from .embedded.train import main as train_main
+
+    train_main(list(ctx.args))
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -154,3 +154,13 @@ def test_top_level_help_and_version():
     assert r.exit_code == 0 and "validate" in r.output and "draw" in r.output
     r = invoke("--version")
     assert r.exit_code == 0 and "nuwa-graph" in r.output
+
+
+def test_train_command_passes_options_to_the_trainer(monkeypatch):
+    import nuwa_graph.embedded.train as tr
+
+    seen = {}
+    monkeypatch.setattr(tr, "main", lambda argv: seen.setdefault("argv", argv))
+    res = CliRunner().invoke(cli.app, ["train", "--seed", "3", "--minutes", "1"])
+    assert res.exit_code == 0, res.output
+    assert seen["argv"] == ["--seed", "3", "--minutes", "1"]
