@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from nuwa_graph.draw import to_mermaid  # noqa: E402
 from nuwa_graph.pipeline import load  # noqa: E402
-from nuwa_graph.simulate import LLAVA_15, simulate  # noqa: E402
+from nuwa_graph.simulate import LLAVA_15, QWEN25_VL, simulate  # noqa: E402
 
 METHODS = [  # (file, title, notes file)
     ("vanilla", "Vanilla (no pruning)", "methods_vision.md"),
@@ -41,17 +41,29 @@ METHODS = [  # (file, title, notes file)
 BUDGETS = (64, 128, 192)
 
 
-def _runs(path: Path) -> list[tuple[str, list[int]]]:
-    """(label, tokens per layer) at each budget, or once when the file has no budget."""
+def _runs(path: Path, geom=LLAVA_15, var: str = "budget", values=BUDGETS) -> list[tuple[str, list[int]]]:
+    """(label, tokens per layer) at each value of `var`, or once when the file lacks it."""
     base = load(path)
-    if "budget" not in base.variables:
-        _, counts = simulate(base, LLAVA_15)
+    model_vars = {"llm_layers": geom.n_layers}
+    if var not in base.variables:
+        _, counts = simulate(base.bind_model(model_vars), geom)
         return [("-", counts)]
     out = []
-    for b in BUDGETS:
-        _, counts = simulate(load(path, {"budget": b}), LLAVA_15)
-        out.append((str(b), counts))
+    for v in values:
+        _, counts = simulate(load(path, {var: v}).bind_model(model_vars), geom)
+        out.append((str(v), counts))
     return out
+
+
+def _section(path: Path, title: str, note: str, runs) -> list[str]:
+    p = load(path)
+    rel = path.relative_to(ROOT).as_posix()
+    lines = [f"## {title}", "", f"`{rel}`" + (f" — notes: [{note}]({note})" if note else ""), ""]
+    lines += [" ".join(p.spec.description.split()), ""]
+    lines += ["| budget | visual tokens per layer | average |", "| --- | --- | --- |"]
+    for label, counts in runs:
+        lines.append(f"| {label} | {_compress(counts)} | {sum(counts) / len(counts):.2f} |")
+    return lines + ["", "```mermaid", to_mermaid(p).rstrip(), "```", ""]
 
 
 def _compress(counts: list[int]) -> str:
@@ -82,15 +94,15 @@ def render() -> str:
     ]
     for stem, title, notes in METHODS:
         path = ROOT / "pipelines" / f"{stem}.yaml"
-        if not path.exists():
-            continue
-        p = load(path)
-        lines += [f"## {title}", "", f"`pipelines/{stem}.yaml` — notes: [{notes}]({notes})", ""]
-        lines += [" ".join(p.spec.description.split()), ""]
-        lines += ["| budget | visual tokens per layer | average |", "| --- | --- | --- |"]
-        for label, counts in _runs(path):
-            lines.append(f"| {label} | {_compress(counts)} | {sum(counts) / len(counts):.2f} |")
-        lines += ["", "```mermaid", to_mermaid(p).rstrip(), "```", ""]
+        if path.exists():
+            lines += _section(path, title, notes, _runs(path))
+    qwen = ROOT / "pipelines" / "nuwa_qwen.yaml"
+    if qwen.exists():
+        lines += _section(qwen, "Nüwa on Qwen2.5-VL (keep 25/50/75 %, counts on a 28x28 merged grid, 28 layers)",
+                          "methods_vision.md", _runs(qwen, QWEN25_VL, "keep", (25, 50, 75)))
+    for folder, what in (("ablations", "Ablation"), ("variants", "Variant")):
+        for path in sorted((ROOT / "pipelines" / folder).glob("*.yaml")):
+            lines += _section(path, f"{what}: {path.stem}", "", _runs(path))
     return "\n".join(lines)
 
 
