@@ -52,6 +52,16 @@ def _overrides(sets: list[str] | None) -> dict[str, Any]:
     return values
 
 
+def _sweep_grid(sets: list[str] | None) -> dict[str, list[Any]]:
+    """`--set NAME=V1,V2` values of sweep and eval, or a clear --set error."""
+    from .sweep import parse_sweep
+
+    try:
+        return parse_sweep(sets or [])
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--set") from None
+
+
 def _print_problems(exc: PipelineError, console: Console = err) -> None:
     n = len(exc.problems)
     source = exc.problems[0].file if exc.problems else "pipeline"
@@ -299,12 +309,9 @@ def sweep(
     """
     from rich.progress import Progress
 
-    from .sweep import load_all, parse_sweep, write_rows
+    from .sweep import load_all, write_rows
 
-    try:
-        grid = parse_sweep(set_ or [])
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--set") from None
+    grid = _sweep_grid(set_)
     try:
         loaded = load_all(file, grid)
     except PipelineError as exc:
@@ -386,13 +393,9 @@ def eval_(
 
     from .evaluate import (GROUNDING_PROMPT, EvalError, default_model, evaluate, load_data, plan_runs, sample_data,
                            sweep_axis, write_results)
-    from .sweep import parse_sweep
     from .viz import write_pictures
 
-    try:
-        grid = parse_sweep(set_ or [])
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--set") from None
+    grid = _sweep_grid(set_)
     try:
         runs = plan_runs(files, grid)
     except PipelineError as exc:
