@@ -61,6 +61,11 @@ class PipelineSpec(BaseModel):
 MODEL_VARIABLES: dict[str, int] = {
     "llm_layers": 32,  # decoder layers of the language model
     "vision_layers": 24,  # layers (blocks) of the vision encoder
+    # visual tokens per image on a FIXED patch grid (576 = 24x24 on LLaVA-1.5). Budgets in the
+    # shipped files are LLaVA-1.5 counts (64/128/192 of 576) scaled by grid_tokens / 576, so
+    # `budget=64` keeps 1/9 of the tokens on any fixed grid (16 of 144 on the embedded model).
+    # Models whose grid depends on the image (Qwen2.5-VL) do not bind it: there budget is a count.
+    "grid_tokens": 576,
 }
 
 

@@ -46,7 +46,7 @@ def test_fastv_fix_is_fastv_with_rpme_positions():
 
 
 def test_variants_run_on_a_real_model(tiny_llava, tiny_image):
-    p = load(ROOT / "pipelines/variants/visionzip_regions.yaml", {"budget": 16, "positions": "rpme"})
+    p = load(ROOT / "pipelines/variants/visionzip_regions.yaml", {"budget": 144, "positions": "rpme"})
     rep = tiny_llava.generate(p, [tiny_image], ["what is here?"], max_new_tokens=2)
     assert rep.visual_tokens_per_layer[0] == [16] * tiny_llava.n_layers
 

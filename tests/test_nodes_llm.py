@@ -159,10 +159,10 @@ def test_sparsevlm_reject_bad_site():
 
 
 @pytest.mark.parametrize("name,sets,counts", [
-    ("fastv", ["budget=16"], "64 64 16 16"),
+    ("fastv", ["budget=144"], "64 64 16 16"),
     ("pdrop", ["layers=[1,2,3]"], "64 6 3 1"),
-    ("sparsevlm", ["layers=[0,1,2]"], "64 64 32 18"),
-    ("sparsevlm_v2", ["layers=[0,1,2]"], "64 63 34 20"),
+    ("sparsevlm", ["layers=[0,1,2]"], "64 9 4 2"),  # k 66/30/17 * 64 // 576 = 7/3/1, + recycled
+    ("sparsevlm_v2", ["layers=[0,1,2]"], "64 7 3 2"),
     ("feather", ["K=[2,3]"], "64 64 16 0"),
 ])
 def test_llm_pipelines_run_on_embedded_model(name, sets, counts):

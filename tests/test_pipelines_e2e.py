@@ -1,7 +1,8 @@
 """Every shipped pipeline end to end on tiny LLaVA / tiny Qwen: SDPA, KV cache, schedules.
 
-The tiny models have 64 (LLaVA, 8x8) visual tokens and 4 LLM layers, so budgets and layer
-schedules are scaled down with --set-style overrides; the files themselves are unedited.
+The tiny models have 64 (LLaVA, 8x8) visual tokens and 4 LLM layers. Budgets are LLaVA-1.5
+counts scaled by grid_tokens / 576 (budget 144 -> 16 of 64 tokens); layer schedules are
+scaled down with --set-style overrides; the files themselves are unedited.
 For each run: the per-layer visual-token counts measured in the layer hooks equal the
 schedule the pipeline's own Keep actions imply (and, for fixed budgets, the schedule a
 model-free run on the same geometry gives), and cached decoding equals a cache-free
@@ -26,15 +27,15 @@ TINY_LLAVA = ModelGeometry("tiny-llava", (8, 8), 4, llm_heads=4, has_cls=True, i
 # pipeline -> (overrides for a 64-token, 4-layer model, fixed schedule?)
 LLAVA_CASES = {
     "vanilla": ({}, True),
-    "random": ({"budget": 16}, True),
-    "downsample": ({"budget": 16}, True),
-    "fastv": ({"budget": 16, "K": 2}, True),
-    "fastv_fix": ({"budget": 16, "K": 2}, True),
+    "random": ({"budget": 144}, True),
+    "downsample": ({"budget": 144}, True),
+    "fastv": ({"budget": 144, "K": 2}, True),
+    "fastv_fix": ({"budget": 144, "K": 2}, True),
     "pdrop": ({"budget": 64, "layers": [1, 2, 3]}, True),
     "sparsevlm": ({"budget": 64, "layers": [0, 1, 2]}, False),
     "sparsevlm_v2": ({"budget": 64, "layers": [0, 1, 2]}, False),
-    "visionzip": ({"budget": 16}, True),
-    "visionzip_fix": ({"budget": 16}, True),
+    "visionzip": ({"budget": 144}, True),
+    "visionzip_fix": ({"budget": 144}, True),
     "prumerge_plus": ({}, False),
     "feather": ({"budget": 64, "K": [2, 3]}, False),  # union size depends on the scores
     "nuwa": ({"budget": 64}, True),
@@ -45,7 +46,7 @@ LLAVA_CASES = {
     "ablations/nuwa_pillar_l2norm": ({"budget": 64}, True),
     "ablations/nuwa_stage1_only": ({"budget": 64}, True),
     "ablations/nuwa_rpme": ({"budget": 64}, True),
-    "variants/visionzip_regions": ({"budget": 16, "positions": "rpme"}, True),
+    "variants/visionzip_regions": ({"budget": 144, "positions": "rpme"}, True),
 }
 
 
@@ -78,9 +79,19 @@ def test_pipeline_on_tiny_llava(tiny_llava, tiny_image, name):
 
 
 def test_fastv_schedule_on_tiny_llava(tiny_llava, tiny_image):
-    rep = tiny_llava.generate(load(ROOT / "pipelines/fastv.yaml", {"budget": 16, "K": 2}), [tiny_image], [PROMPT],
+    rep = tiny_llava.generate(load(ROOT / "pipelines/fastv.yaml", {"budget": 144, "K": 2}), [tiny_image], [PROMPT],
                               max_new_tokens=1)
     assert rep.visual_tokens_per_layer[0] == [64, 64, 16, 16]
+
+
+@pytest.mark.parametrize("budget, kept", [(64, 7), (144, 16), (576, 64)])
+def test_fixed_count_budgets_scale_with_the_grid(tiny_llava, tiny_image, budget, kept):
+    """`budget` is a LLaVA-1.5 count (of 576): on the 8x8 grid it keeps budget * 64 // 576."""
+    assert tiny_llava.model_variables()["grid_tokens"] == 64
+    for name in ("random", "downsample", "visionzip"):
+        rep = tiny_llava.generate(load(ROOT / f"pipelines/{name}.yaml", {"budget": budget}), [tiny_image], [PROMPT],
+                                  max_new_tokens=1)
+        assert rep.visual_tokens_per_layer[0] == [kept] * 4, name
 
 
 def test_nuwa_average_on_tiny_llava_is_its_budget_fraction(tiny_llava, tiny_image):

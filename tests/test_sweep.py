@@ -36,10 +36,10 @@ def test_every_combination_is_validated_before_running():
 
 def test_sweep_cli_writes_one_table(tmp_path):
     out = tmp_path / "res"
-    result = CliRunner().invoke(app, ["sweep", str(ROOT / "pipelines/random.yaml"), "--set", "budget=8,16",
+    result = CliRunner().invoke(app, ["sweep", str(ROOT / "pipelines/random.yaml"), "--set", "budget=72,144",
                                       "--model", "tiny-llava", "--max-new-tokens", "1", "--output", str(out)])
     assert result.exit_code == 0, result.output
     rows = json.loads((tmp_path / "res.json").read_text())
-    assert [r["budget"] for r in rows] == [8, 16]
+    assert [r["budget"] for r in rows] == [72, 144]  # of 576 -> 8, 16 of 64
     assert [r["avg_visual_tokens"] for r in rows] == [8.0, 16.0]
     assert (tmp_path / "res.csv").read_text().splitlines()[0].startswith("budget,")

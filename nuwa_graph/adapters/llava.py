@@ -88,6 +88,10 @@ class LlavaAdapter(VLMAdapter):
         n = vc.image_size // vc.patch_size
         return (n, n)
 
+    def model_variables(self) -> dict[str, int]:
+        """LLaVA's grid is fixed by the CLIP config, so budgets scale to it (grid_tokens)."""
+        return {**super().model_variables(), "grid_tokens": self.grid[0] * self.grid[1]}
+
     # ---- inputs ------------------------------------------------------------------------
     def format_prompt(self, prompt: str) -> str:
         if "<image>" in prompt:
