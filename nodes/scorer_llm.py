@@ -15,7 +15,7 @@ Which rows (signal `llm.attention`, docs/CONTRACTS.md), for a node at site `llm.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -27,6 +27,20 @@ from nuwa_graph.sites import Site
 from nuwa_graph.types import Scores
 
 _QUERIES = re.compile(r"^(last|text|last:[1-9]\d*)$")
+
+
+def drop_heads(rows: torch.Tensor, exclude: list[int], node: str) -> torch.Tensor:
+    """rows without the listed heads (dim 0). Used to check that a ranking does not hinge on
+    one head, e.g. the attention-supervised head of the embedded model (docs/results.md)."""
+    if not exclude:
+        return rows
+    n = rows.shape[0]
+    bad = [h for h in exclude if h >= n]
+    if bad or len(set(exclude)) >= n:
+        raise ValueError(f"{node}: exclude_heads={exclude} but the layer has {n} heads (valid: 0..{n - 1}, "
+                         f"at least one head must remain)")
+    keep = [h for h in range(n) if h not in set(exclude)]
+    return rows[keep]
 
 
 def reduce_rows(rows: torch.Tensor, heads: str, query_reduce: str, order: str = "heads-first") -> torch.Tensor:
@@ -64,6 +78,8 @@ class LLMAttentionParams(NodeParams):
     reduce_order: Literal["heads-first", "queries-first"] = Field(
         "heads-first", description="which axis is reduced first (only matters with heads: max)")
     site: str | None = Field(None, description="where the scores are read (an 'llm.K' site); default llm.<layer+1>")
+    exclude_heads: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=list, description="heads left out before the reduction (robustness checks; default none)")
 
     @field_validator("queries")
     @classmethod
@@ -126,5 +142,6 @@ class LLMAttentionScores(Node):
         n = ctx.present.numel()
         if rows.shape[-1] != n:
             raise ValueError(f"llm.attention has {rows.shape[-1]} image columns for {n} image tokens present")
+        rows = drop_heads(rows, self.params.exclude_heads, f"node {self.name!r} ({self.type_name})")
         values = reduce_rows(rows, self.params.heads, self.params.query_reduce, self.params.reduce_order)
         return {"scores": Scores(values, ctx.present.clone())}

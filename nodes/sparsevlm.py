@@ -29,7 +29,7 @@ unseeded `torch.rand(n) * 1e-6` to the densities. `tie_break` makes it explicit:
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -40,7 +40,7 @@ from nuwa_graph.signals import SignalRequest
 from nuwa_graph.sites import Site
 from nuwa_graph.types import Scores, Selection, Tokens
 
-from .scorer_llm import reduce_rows
+from .scorer_llm import drop_heads, reduce_rows
 
 
 def _llm_site(v: str) -> str:
@@ -77,6 +77,8 @@ class RatersParams(NodeParams):
     layer: int = Field(ge=0, description="decoder layer whose attention rows are read (SparseVLM prunes its output)")
     site: str | None = Field(None, description="where the scores are used (an 'llm.K' site); default llm.<layer+1>")
     top_heads: int | None = Field(None, ge=1, description="v2: keep only this many heads, by rater->visual attention sum (code: 14)")
+    exclude_heads: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=list, description="heads left out before anything else (robustness checks; default none)")
     rope_correction: RopeCorrection | None = Field(
         None, description="v2: divide the rows by the RoPE pattern of all-ones q/k at the tokens' positions "
         "(assumes PESP positions: visual id + image_start, text after the image unshifted)")
@@ -122,6 +124,7 @@ class SparseVLMRaters(Node):
         rv, rt, ra = self._requests()
         raters = select_raters(ctx.signal(rv), ctx.signal(rt))
         rows = ctx.signal(ra).float()  # (heads, t, n_present)
+        rows = drop_heads(rows, self.params.exclude_heads, f"node {self.name!r} ({self.type_name})")
         if rows.shape[-1] != ctx.present.numel():
             raise ValueError(f"llm.attention has {rows.shape[-1]} image columns for {ctx.present.numel()} tokens present")
         if self.params.rope_correction is not None:

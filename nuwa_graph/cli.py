@@ -257,26 +257,43 @@ def run(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model id or local path (default: the embedded model)."),
     image: Optional[str] = typer.Option(None, "--image", help="Image file (default: a built-in sample)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text (default: a built-in question)."),
-    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Tokens to generate."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1,
+                                                 help="Tokens to generate (default 32; 6 in the comparison)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default: the pipeline's seed)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    output: Path = typer.Option(Path("runs/run"), "--output", "-o",
+                                help="Folder for the comparison's sample set and kept-token picture."),
 ) -> None:
-    """Run a pipeline on a model: generate an answer and report the visual tokens per LLM layer.
+    """Run a pipeline on a model and report the visual tokens per LLM layer.
 
-    Example: nuwa-graph run pipelines/nuwa.yaml --set budget=64 --prompt "What is left of the red circle?"
+    With no --model, --image or --prompt: the pipeline against vanilla on the embedded model and
+    the built-in shapes-world sample set (grounding and VQA accuracy, tokens per layer, prefill
+    time) and a picture of the kept tokens. Otherwise one image and one prompt (default model:
+    the embedded one).
+
+    Examples: nuwa-graph run pipelines/nuwa.yaml --set budget=128
+              nuwa-graph run pipelines/nuwa.yaml --image photo.jpg --prompt "What is left of the red circle?"
     """
     pipeline = _load_or_exit(file, set_)
     if importlib.util.find_spec("nuwa_graph.runner") is None:
         err.print(f"[yellow]{escape(str(file))} is valid, but running on models is not available yet "
                   "(nuwa_graph.runner is missing).[/]")
         raise typer.Exit(2)
-    from .runner import run_command
+    from .runner import resolve_device, resolve_dtype, run_command
 
     try:
-        code = run_command(pipeline=pipeline, model=model, image=image, prompt=prompt, max_new_tokens=max_new_tokens,
-                           dtype=dtype, device=device, seed=seed, as_json=as_json)
+        if model is None and image is None and prompt is None:
+            from .demo import run_demo
+
+            dev = resolve_device(device)
+            code = run_demo(pipeline, out=output, max_new_tokens=max_new_tokens or 6, seed=seed,
+                            dtype=resolve_dtype(dtype, dev), device=dev, as_json=as_json)
+            raise typer.Exit(code)
+        code = run_command(pipeline=pipeline, model=model, image=image, prompt=prompt,
+                           max_new_tokens=max_new_tokens or 32, dtype=dtype, device=device, seed=seed,
+                           as_json=as_json)
     except (RunError, PipelineError) as exc:
         if isinstance(exc, PipelineError):
             _print_problems(exc)
@@ -318,12 +335,13 @@ def sweep(
         _print_problems(exc)
         raise typer.Exit(1) from None
     from .adapters import load_adapter
-    from .runner import DEFAULT_MODEL, DEFAULT_PROMPT, load_image, resolve_device, resolve_dtype
+    from .evaluate import default_model
+    from .runner import DEFAULT_PROMPT, load_image, resolve_device, resolve_dtype
 
     rows = []
     try:
         dev = resolve_device(device)
-        adapter = load_adapter(model or DEFAULT_MODEL, resolve_dtype(dtype, dev), dev)
+        adapter = load_adapter(model or default_model(), resolve_dtype(dtype, dev), dev)
         img = load_image(image)
         with Progress(console=err, transient=True) as bar:
             task = bar.add_task("sweep", total=len(loaded))

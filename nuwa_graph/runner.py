@@ -16,7 +16,6 @@ import torch
 from .errors import PipelineError, RunError
 from .pipeline import Pipeline, load
 
-DEFAULT_MODEL = "tiny-llava"
 DEFAULT_PROMPT = "What shapes are in the image, and what colour is each one?"
 
 
@@ -120,7 +119,7 @@ def print_report(rep, console=None) -> None:
 def run_command(pipeline: Pipeline | str | Path, model: str | None = None, image: Any = None, prompt: str | None = None,
                 max_new_tokens: int = 16, dtype: str = "float32", device: str = "cpu", seed: int | None = None,
                 as_json: bool = False) -> int:
-    """Run `pipeline` on `model` (default tiny-llava) with one image and prompt; print the report.
+    """Run `pipeline` on `model` (default: the embedded model) with one image and prompt; print the report.
 
     Returns 0 on success, 1 for a run error (bad model, image, budget, unsupported signal),
     2 for an invalid pipeline file.
@@ -139,7 +138,9 @@ def run_command(pipeline: Pipeline | str | Path, model: str | None = None, image
         img = load_image(image)
         from .adapters import load_adapter
 
-        adapter = load_adapter(model or DEFAULT_MODEL, dt, dev)
+        from .evaluate import default_model
+
+        adapter = load_adapter(model or default_model(), dt, dev)
         rep = adapter.generate(pipe, [img], [prompt or DEFAULT_PROMPT], max_new_tokens=max_new_tokens, seed=seed)
     except PipelineError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}")

@@ -172,7 +172,7 @@ def test_llm_pipelines_run_on_embedded_model(name, sets, counts):
     from nuwa_graph import cli
     from tests.test_golden_llm import PIPES
 
-    args = ["run", str(PIPES / f"{name}.yaml")]
+    args = ["run", str(PIPES / f"{name}.yaml"), "--model", "tiny-llava"]
     for s in sets:
         args += ["--set", s]
     r = CliRunner().invoke(cli.app, args)

@@ -1,0 +1,160 @@
+"""docs/results.md machinery (nuwa_graph/results.py), head masking, and the `run` comparison."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from nuwa_graph import load
+from nuwa_graph.cli import app
+from nuwa_graph.results import ENTRIES, effect_findings, caveat_findings, plan, render, run_all, with_heads_excluded
+from nodes.scorer_llm import drop_heads
+
+ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED_VARS = {"llm_layers": 4, "vision_layers": 6, "grid_tokens": 144}
+
+
+# --- head masking --------------------------------------------------------------------------------
+def test_drop_heads_removes_the_head_and_rejects_bad_ones():
+    rows = torch.tensor([[[9.0, 0.0]], [[1.0, 3.0]], [[1.0, 5.0]]])  # (heads, q, n); head 0 disagrees
+    assert torch.equal(drop_heads(rows, [0], "n").mean(0)[0], torch.tensor([1.0, 4.0]))
+    assert drop_heads(rows, [], "n") is rows
+    with pytest.raises(ValueError, match="has 3 heads"):
+        drop_heads(rows, [3], "n")
+    with pytest.raises(ValueError, match="at least one head"):
+        drop_heads(rows, [0, 1, 2], "n")
+
+
+@pytest.mark.parametrize("file, overrides, changed", [
+    ("nuwa", {}, 1),                          # stage 2 reads layer llm_layers // 2 - 1 = 1
+    ("fastv", {"K": 2}, 1),                   # layer K - 1 = 1
+    ("pdrop", {"layers": [1, 2, 3]}, 1),      # only the first stage reads layer 1
+    ("sparsevlm", {"layers": [0, 1, 2]}, 1),
+    ("feather", {"K": [2, 3]}, 1),
+    ("visionzip", {}, 0),                     # reads no LLM attention
+])
+def test_with_heads_excluded_touches_only_scorers_of_that_layer(file, overrides, changed):
+    pipe = load(ROOT / f"pipelines/{file}.yaml", overrides, model_vars=EMBEDDED_VARS)
+    masked, n = with_heads_excluded(pipe, 1, [0], EMBEDDED_VARS)
+    assert n == changed
+    for name, node in masked.nodes.items():
+        excluded = getattr(node.params, "exclude_heads", None)
+        if excluded is not None:
+            assert excluded == ([0] if node.params.layer == 1 else [])
+        assert type(node) is type(pipe.nodes[name])
+
+
+def test_plan_runs_every_pipeline_at_every_budget():
+    runs = plan(model_vars=EMBEDDED_VARS)
+    labels = [r.label for r in runs]
+    assert labels[0] == "vanilla" and "prumerge_plus" in labels
+    assert len(runs) == 1 + 1 + 3 * (len(ENTRIES) - 2)  # vanilla and PruMerge+ once
+    by = {r.label: r for r in runs}
+    assert by["fastv budget=64"].pipeline.nodes["topk"].params.k == 16  # 64 of 576 -> 16 of 144
+    assert by["visionzip budget=192"].pipeline.nodes["zip"].params.contextual == 48 - 48 * 27 // 32
+    masked = plan(model_vars=EMBEDDED_VARS, mask=(1, [0]))
+    assert {r.label.split(" ")[0] for r in masked} == {e.file for e in ENTRIES if e.text_attention}
+    assert all(r.label.endswith(" -head") for r in masked) and len(masked) == 3 * 6
+
+
+# --- the words are computed from the numbers -------------------------------------------------------
+def _result(acc: dict[str, tuple[float, float]]) -> dict:
+    """A result dict as evaluate() returns it, from label -> (grounding, vqa) accuracy."""
+    from nuwa_graph.evaluate import add_relative
+
+    res = []
+    for label, (g, v) in acc.items():
+        name, *rest = label.split(" ")
+        var = {"budget": int(rest[0].split("=")[1])} if rest and rest[0].startswith("budget=") else {}
+        res.append({"label": label, "pipeline": name, "variables": var, "accuracy": (g + v) / 2,
+                    "visual_tokens_avg": 16.0, "visual_tokens_full": 144, "visual_tokens_per_layer": [16, 16, 16, 16],
+                    "prefill_ms_median": 1.0, "grid": [12, 12],
+                    "tasks": {"grounding": {"accuracy": g, "parse_failures": 0, "n": 10}, "vqa": {"accuracy": v, "n": 10}}})
+    add_relative(res)
+    return {"results": res}
+
+
+def test_effect_findings_say_whether_the_effect_appears():
+    shows = _result({"vanilla": (0.8, 0.9), "fastv budget=64": (0.1, 0.85), "visionzip budget=64": (0.05, 0.8),
+                     "nuwa budget=64": (0.6, 0.88)})
+    (s,) = effect_findings(shows, budgets=(64,))
+    assert "appears" in s and "does not" not in s and "FastV, VisionZip" in s
+    absent = _result({"vanilla": (0.8, 0.9), "fastv budget=64": (0.7, 0.85), "visionzip budget=64": (0.05, 0.8),
+                      "nuwa budget=64": (0.02, 0.88)})
+    (s,) = effect_findings(absent, budgets=(64,))
+    assert "does not fully appear" in s and "collapses (< 50 % of vanilla) for VisionZip;" in s
+
+
+def test_caveat_findings_report_ranking_changes():
+    main = _result({"vanilla": (0.8, 0.9), "fastv budget=64": (0.5, 0.8), "nuwa budget=64": (0.4, 0.7)})
+    same = _result({"fastv budget=64 -head": (0.45, 0.8), "nuwa budget=64 -head": (0.3, 0.7)})
+    rows, notes = caveat_findings(main, same, budgets=(64,))
+    assert len(rows) == 2 and all("identical" in n for n in notes)
+    flipped = _result({"fastv budget=64 -head": (0.2, 0.8), "nuwa budget=64 -head": (0.4, 0.7)})
+    _, notes = caveat_findings(main, flipped, budgets=(64,))
+    assert "positions changed" in notes[0] and "identical" in notes[1]
+
+
+# --- end to end on an untrained embedded-architecture model ----------------------------------------
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory):
+    import json
+
+    from nuwa_graph.embedded import build_model, save_embedded
+
+    model, proc = build_model(seed=0)
+    d = save_embedded(model, proc, tmp_path_factory.mktemp("embedded") / "model")
+    (Path(d) / "training_log.json").write_text(json.dumps(
+        {"minutes": 0, "final": {"grounding_acc50": 0.0, "vqa_em": 0.0, "n": 0},
+         "supervised_attention_head": {"layer": 1, "head": 0, "zero_from_lm_step": 0}}))
+    return Path(d)
+
+
+def test_run_all_and_render(untrained, tmp_path):
+    entries = [e for e in ENTRIES if e.file in ("vanilla", "visionzip", "fastv", "nuwa")]
+    res = run_all(str(untrained), 2, tmp_path, batch=2, max_new_tokens=2, budgets=(64,), entries=entries)
+    main, caveat = res["main"], res["caveat"]
+    assert [r["label"] for r in main["results"]] == ["vanilla", "fastv budget=64", "visionzip budget=64", "nuwa budget=64"]
+    assert [r["label"] for r in caveat["results"]] == ["fastv budget=64 -head", "nuwa budget=64 -head"]
+    by = {r["label"]: r for r in main["results"]}
+    assert by["visionzip budget=64"]["visual_tokens_avg"] == 16 and by["vanilla"]["visual_tokens_avg"] == 144
+    assert by["fastv budget=64"]["visual_tokens_per_layer"] == [144, 144, 16, 16]
+    res["settings"]["budgets"] = [64]
+    text = render(res, "python scripts/gen_results.py --n 2")
+    assert "## Budget 64 of 576 (16 of 144 visual tokens)" in text and "| Nüwa | 16.0 |" in text
+    assert "Does the paper's effect appear?" in text and "head masked" in text
+    assert (tmp_path / "main/results.csv").is_file() and (tmp_path / "caveat/results.json").is_file()
+
+
+# --- `nuwa-graph run FILE` with nothing else: the comparison ---------------------------------------
+def test_run_without_model_image_or_prompt_compares_against_vanilla(monkeypatch, tmp_path):
+    import nuwa_graph.demo as demo
+
+    seen = {}
+
+    def fake(pipeline, **kw):
+        seen.update(kw, pipeline=pipeline)
+        return 0
+
+    monkeypatch.setattr(demo, "run_demo", fake)
+    r = CliRunner().invoke(app, ["run", str(ROOT / "pipelines/nuwa.yaml"), "--set", "budget=128", "-o", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert seen["pipeline"].variables["budget"] == 128 and seen["out"] == tmp_path and seen["max_new_tokens"] == 6
+
+
+def test_run_demo_on_the_embedded_model(tmp_path, monkeypatch, untrained):
+    from rich.console import Console
+
+    import nuwa_graph.demo as demo
+
+    monkeypatch.setattr(demo, "default_model", lambda: str(untrained))
+    console = Console(record=True, width=200)
+    code = demo.run_demo(load(ROOT / "pipelines/nuwa.yaml"), out=tmp_path, samples=3, max_new_tokens=2,
+                         console=console)
+    text = console.export_text()
+    assert code == 0 and "nuwa vs vanilla" in text and "28 28 4 4" in text and "144 144 144 144" in text
+    assert (tmp_path / "nuwa_kept.png").read_bytes()[:4] == b"\x89PNG"
