@@ -254,6 +254,18 @@ def evaluate(model, tok, g_items, v_items) -> dict:
     return res
 
 
+SLICE_N = 100  # the fixed check slice: the first 100 grounding and 100 VQA samples of the held-out eval set
+
+
+def slice_accuracy(path: str | Path | None = None, seed: int = 0, n: int = SLICE_N) -> dict:
+    """Grounding Acc@0.5 and VQA EM of a saved model (default: the shipped weights) on the fixed
+    slice; docs/embedded.md records the shipped model's values and a test holds it to them."""
+    model, proc = load_embedded(path)
+    g, v = eval_set(seed, n)
+    r = evaluate(model, proc.tokenizer, g, v)
+    return {"grounding_acc50": r["grounding_acc50"], "vqa_em": r["vqa_em"], "n": n}
+
+
 def _by_kind(ok, kinds) -> dict:
     out: dict = {}
     for o, k in zip(ok, kinds):
