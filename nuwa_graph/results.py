@@ -34,6 +34,11 @@ class Entry:
     title: str
     fixed: dict[str, Any] = field(default_factory=dict)  # layer schedule lowered for the small LLM
     text_attention: bool = False  # its scorer reads LLM attention (subject of the caveat check)
+    key: str = ""  # label of its runs when one file runs twice (default: the file name)
+
+    @property
+    def name(self) -> str:
+        return self.key or self.file
 
 
 ENTRIES: tuple[Entry, ...] = (
@@ -41,6 +46,8 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("random", "random"),
     Entry("downsample", "downsample"),
     Entry("fastv", "FastV (K=2)", {"K": 2}, True),
+    # K=2 is half the depth of a 4-layer LLM (1/16 on LLaVA-1.5's 32): K=1 is the closer analogue
+    Entry("fastv", "FastV (K=1)", {"K": 1}, True, key="fastv_k1"),
     Entry("pdrop", "PDrop (layers 1,2,3)", {"layers": [1, 2, 3]}, True),
     Entry("sparsevlm", "SparseVLM (layers 0,1,2)", {"layers": [0, 1, 2]}, True),
     Entry("visionzip", "VisionZip"),
@@ -78,7 +85,7 @@ def plan(entries=ENTRIES, budgets=BUDGETS, model_vars: dict[str, Any] | None = N
         for b in (budgets if has_budget else (None,)):
             over = {**e.fixed, **({"budget": b} if b is not None else {})}
             pipe = load(path, over, model_vars=model_vars)
-            label = e.file + (f" budget={b}" if b is not None else "")
+            label = e.name + (f" budget={b}" if b is not None else "")
             if mask is not None:
                 if not e.text_attention:
                     continue
@@ -91,32 +98,48 @@ def plan(entries=ENTRIES, budgets=BUDGETS, model_vars: dict[str, Any] | None = N
 
 
 def run_all(model: str, n: int, out: Path, batch: int = 32, max_new_tokens: int = 6, budgets=BUDGETS,
-            entries=ENTRIES, caveat: bool = True, progress: Callable[[str, int], None] | None = None) -> dict[str, Any]:
-    """Evaluate everything; writes results.json/csv/predictions under `out` (main and caveat)."""
+            entries=ENTRIES, caveat: bool = True, progress: Callable[[str, int], None] | None = None,
+            on_total: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Evaluate everything; writes results.json/csv/predictions under `out` (main and caveat).
+    `on_total(samples)` is told the number of generations once the runs are planned."""
     from .adapters import load_adapter
 
     t0 = time.time()
     adapter = load_adapter(model, "float32", "cpu")
     mv = adapter.model_variables()
     tasks = load_data(sample_data(out / "data", n_images=n, seed=HELD_OUT_SEED))
-    main = evaluate(adapter, plan(entries, budgets, mv), tasks, batch=batch, max_new_tokens=max_new_tokens,
-                    progress=progress)
-    write_results(main, out / "main")
     info = training_info(model)
     head = info.get("supervised_attention_head") or {}
+    main_runs = plan(entries, budgets, mv)
+    runs = plan(entries, budgets, mv, mask=(int(head["layer"]), [int(head["head"])])) if caveat and head else []
+    if on_total:
+        on_total((len(main_runs) + len(runs)) * sum(len(t.samples) for t in tasks))
+    main = evaluate(adapter, main_runs, tasks, batch=batch, max_new_tokens=max_new_tokens, progress=progress)
+    write_results(main, out / "main")
     masked = None
-    if caveat and head:
-        mask = (int(head["layer"]), [int(head["head"])])
-        runs = plan(entries, budgets, mv, mask=mask)
+    if runs:
         masked = evaluate(adapter, runs, tasks, batch=batch, max_new_tokens=max_new_tokens, progress=progress,
-                          warmup=False) if runs else None
-    if masked is not None:
+                          warmup=False)
         masked["mask"] = {"layer": head["layer"], "heads": [head["head"]]}
         write_results(masked, out / "caveat")
-    return {"main": main, "caveat": masked, "training": info, "n": n, "model": model, "model_variables": mv,
-            "seconds": round(time.time() - t0, 1), "machine": f"{platform.machine()} {platform.processor()}".strip(),
-            "date": time.strftime("%Y-%m-%d"), "settings": {"batch": batch, "max_new_tokens": max_new_tokens,
-                                                             "budgets": list(budgets), "seed": HELD_OUT_SEED}}
+    meta = {"training": info, "n": n, "model": model, "model_variables": mv, "seconds": round(time.time() - t0, 1),
+            "machine": f"{platform.machine()} {platform.processor()}".strip(), "date": time.strftime("%Y-%m-%d"),
+            "settings": {"batch": batch, "max_new_tokens": max_new_tokens, "budgets": list(budgets),
+                         "seed": HELD_OUT_SEED}}
+    (out / "run.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
+    return {"main": main, "caveat": masked, **meta}
+
+
+def load_run(out: Path) -> dict[str, Any]:
+    """What run_all returned, read back from its files (to re-render without re-running)."""
+    out = Path(out)
+    try:
+        meta = json.loads((out / "run.json").read_text())
+        main = json.loads((out / "main" / "results.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise FileNotFoundError(f"{out} holds no complete results run ({exc}); run scripts/gen_results.py first") from None
+    cav = out / "caveat" / "results.json"
+    return {"main": main, "caveat": json.loads(cav.read_text()) if cav.is_file() else None, **meta}
 
 
 HELD_OUT_SEED = 4242  # world seed of the evaluation scenes (training draws from seed 0; its own eval from 1000003)
@@ -142,6 +165,10 @@ def _rel(x: float | None) -> str:
 
 def _by_label(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {r["label"]: r for r in result["results"]}
+
+
+def _key(r: dict[str, Any]) -> str:
+    return r["label"].split(" ")[0]
 
 
 def _acc(r: dict[str, Any], task: str) -> float:
@@ -172,33 +199,58 @@ HEADER = ("| pipeline | avg tokens / layer | tokens per layer | grounding Acc@0.
 
 
 def effect_findings(main: dict[str, Any], budgets=BUDGETS) -> list[str]:
-    """Plain sentences on the paper's claims, each computed from the table."""
+    """Plain sentences on the paper's claims, each computed from the table: VQA kept means
+    >= 80 % of vanilla, a grounding collapse < 50 %; Nüwa recovers when its grounding is >= 50 %
+    of vanilla and above FastV's and VisionZip's; it helps when it beats VisionZip (same tokens,
+    also pruned before the LLM) by at least 5 points of vanilla."""
     by = _by_label(main)
-    van = by.get("vanilla")
-    if van is None:
+    if "vanilla" not in by:
         return ["(no vanilla run: nothing to compare against)"]
+    names = [("fastv", "FastV"), ("fastv_k1", "FastV K=1"), ("visionzip", "VisionZip"), ("nuwa", "Nüwa")]
     out = []
     for b in budgets:
-        def rel(file: str, task: str) -> float | None:
-            r = by.get(f"{file} budget={b}")
-            return None if r is None else r["tasks"][task]["relative_pct"]
-        names = [("fastv", "FastV"), ("visionzip", "VisionZip"), ("nuwa", "Nüwa")]
-        vals = {f: (rel(f, "vqa"), rel(f, "grounding")) for f, _ in names}
-        if any(v is None for pair in vals.values() for v in pair):
+        rs = {f: by.get(f"{f} budget={b}") for f, _ in names}
+        if rs["fastv"] is None or rs["visionzip"] is None or rs["nuwa"] is None:
             continue
-        kept_vqa = [t for f, t in names if vals[f][0] >= 80]
-        collapsed = [t for f, t in names[:2] if vals[f][1] < 50]
-        nuwa_g = vals["nuwa"][1]
-        best_other = max(vals["fastv"][1], vals["visionzip"][1])
-        s = (f"Budget {b} (of 576; {b * main['results'][0]['visual_tokens_full'] // 576} of "
-             f"{main['results'][0]['visual_tokens_full']} here): VQA kept at >= 80 % of vanilla by "
-             f"{', '.join(kept_vqa) or 'none of FastV, VisionZip, Nüwa'}; grounding collapses (< 50 % of vanilla) for "
-             f"{', '.join(collapsed) or 'neither FastV nor VisionZip'}; Nüwa keeps {nuwa_g:.0f} % of vanilla grounding "
-             f"vs {best_other:.0f} % for the better of FastV/VisionZip")
-        s += (" -> the paper's effect appears." if (len(kept_vqa) == 3 and len(collapsed) == 2 and nuwa_g > best_other)
-              else " -> the paper's effect does not fully appear here.")
+        have = [(f, t) for f, t in names if rs[f] is not None]
+        rel = {f: (rs[f]["tasks"]["vqa"]["relative_pct"], rs[f]["tasks"]["grounding"]["relative_pct"]) for f, _ in have}
+        full = rs["nuwa"]["visual_tokens_full"]
+        if any(v is None for pair in rel.values() for v in pair):
+            out.append(f"Budget {b}: vanilla scores 0 % on a task, so there is no % of vanilla to compare.")
+            continue
+        kept = [t for f, t in have if rel[f][0] >= 80]
+        collapsed = [t for f, t in have if f != "nuwa" and rel[f][1] < 50]
+        nuwa_g, vz_g = rel["nuwa"][1], rel["visionzip"][1]
+        best_llm = max(rel[f][1] for f, _ in have if f.startswith("fastv"))
+        recovers = nuwa_g >= 50 and nuwa_g > max(vz_g, best_llm)
+        helps = nuwa_g - vz_g >= 5
+        s = (f"Budget {b} ({b * full // 576} of {full} tokens). VQA, % of vanilla: "
+             + ", ".join(f"{t} {rel[f][0]:.0f}" for f, t in have)
+             + ". Grounding, % of vanilla: " + ", ".join(f"{t} {rel[f][1]:.0f}" for f, t in have)
+             + ". Average visual tokens per layer: "
+             + ", ".join(f"{t} {rs[f]['visual_tokens_avg']:g}" for f, t in have) + ". "
+             f"VQA kept (>= 80 %) by {', '.join(kept) or 'none of them'}; grounding collapses (< 50 %) for "
+             f"{', '.join(collapsed) or 'none of FastV / VisionZip'}. ")
+        if recovers and "VisionZip" in collapsed and "FastV" in collapsed:
+            s += "Nüwa recovers grounding: the paper's effect appears."
+        elif helps:
+            s += (f"Nüwa recovers part of it ({nuwa_g:.0f} % vs VisionZip's {vz_g:.0f} % at the same tokens) but "
+                  + ("not to the paper's level" if nuwa_g < 50 else "not above the LLM-side methods")
+                  + ": the effect appears only in part.")
+        else:
+            s += f"Nüwa does not recover grounding ({nuwa_g:.0f} % vs VisionZip's {vz_g:.0f} %): the effect does not appear."
         out.append(s)
     return out
+
+
+def kendall_tau(a: list[str], b: list[str]) -> float:
+    """Kendall's tau between two orderings of the same items (1 = identical, -1 = reversed)."""
+    pos = {x: i for i, x in enumerate(b)}
+    n, s = len(a), 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            s += 1 if pos[a[i]] < pos[a[j]] else -1
+    return s / (n * (n - 1) / 2) if n > 1 else 1.0
 
 
 def ranking(result: dict[str, Any], task: str, labels: list[str]) -> list[str]:
@@ -233,9 +285,11 @@ def caveat_findings(main: dict[str, Any], masked: dict[str, Any] | None, budgets
             short = [lab.split(" ")[0] for lab in before]
             same = before == after
             moved = [] if same else [lab.split(" ")[0] for i, lab in enumerate(after) if before[i] != lab]
+            tau = kendall_tau(before, after)
             notes.append(f"Budget {b}, {task}: ranking {' > '.join(short)}; with the head masked "
                          + ("identical." if same else
-                            f"{' > '.join(lab.split(' ')[0] for lab in after)} (positions changed: {', '.join(moved)})."))
+                            f"{' > '.join(lab.split(' ')[0] for lab in after)} (positions changed: {', '.join(moved)}; "
+                            f"Kendall tau {tau:.2f})."))
     return rows, notes
 
 
@@ -283,7 +337,7 @@ def render(res: dict[str, Any], command: str) -> str:
         "and are counted), VQA exact match; % of vanilla per task; prefill ms = median over batches.",
         "",
     ]
-    titles = {e.file: e.title for e in ENTRIES}
+    titles = {e.name: e.title for e in ENTRIES}
     van = by.get("vanilla")
     for b in res["settings"]["budgets"]:
         lines += [f"## Budget {b} of 576 ({b * full // 576} of {full} visual tokens)", "", HEADER]
@@ -291,12 +345,12 @@ def render(res: dict[str, Any], command: str) -> str:
             lines.append(_row("vanilla", van))
         for r in main["results"]:
             if r["variables"].get("budget") == b:
-                lines.append(_row(titles.get(r["pipeline"], r["pipeline"]), r))
+                lines.append(_row(titles.get(_key(r), _key(r)), r))
         lines.append("")
     adaptive = [r for r in main["results"] if not r["variables"] and r["pipeline"] != "vanilla"]
     if adaptive:
         lines += ["## Adaptive (no budget)", "", HEADER]
-        lines += [_row(titles.get(r["pipeline"], r["pipeline"]), r) for r in adaptive]
+        lines += [_row(titles.get(_key(r), _key(r)), r) for r in adaptive]
         lines.append("")
     lines += ["## Does the paper's effect appear?", "",
               "The paper's claim: VQA survives pruning, grounding collapses for FastV/VisionZip, Nüwa recovers it. "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from nuwa_graph.embedded import WEIGHTS_DIR
-    from nuwa_graph.results import BUDGETS, ENTRIES, plan, render, run_all, write_pictures
+    from nuwa_graph.results import load_run, render, run_all, write_pictures
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=500, help="held-out scenes = grounding and VQA samples each (default 500)")
@@ -33,17 +34,40 @@ def main(argv: list[str] | None = None) -> int:
                                                                  "<stem>/)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--no-caveat", action="store_true", help="skip the masked-head rerun")
+    ap.add_argument("--render-only", action="store_true", help="rewrite the markdown and pictures from the files "
+                                                                "of the last run in --out, without evaluating")
     args = ap.parse_args(argv)
     if args.n < 1:
         ap.error("--n must be at least 1")
     console = Console(stderr=True)
     pictures = args.pictures or args.write.with_suffix("")
-    n_runs = len(plan()) + (0 if args.no_caveat else sum(len(BUDGETS) for e in ENTRIES if e.text_attention))
+    if args.render_only:
+        res = load_run(args.out)
+        command = "python scripts/gen_results.py" + (f" --n {res['n']}" if res["n"] != 500 else "")
+        paths = write_pictures(res, pictures)
+        args.write.write_text(render(res, command))
+        console.print(f"wrote {args.write} and {len(paths)} pictures under {pictures} (from {args.out})")
+        return 0
+    total = 0
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TimeRemainingColumn(), console=console) as bar:
-        job = bar.add_task("results", total=n_runs * 2 * args.n)
-        res = run_all(args.model, args.n, args.out, batch=args.batch, caveat=not args.no_caveat,
-                      progress=lambda desc, k: bar.update(job, description=desc, advance=k))
+        job = bar.add_task("loading", total=None)
+        state = {"desc": None, "done": 0, "t0": time.time()}
+
+        def progress(desc: str, k: int) -> None:
+            bar.update(job, description=desc, advance=k)
+            state["done"] += k
+            if not console.is_terminal and desc != state["desc"]:  # a log file gets one line per run and task
+                state["desc"] = desc
+                console.print(f"{time.time() - state['t0']:7.0f} s  {state['done']}/{total}  {desc}")
+
+        def on_total(n: int) -> None:
+            nonlocal total
+            total = n
+            bar.update(job, total=n)
+
+        res = run_all(args.model, args.n, args.out, batch=args.batch, caveat=not args.no_caveat, progress=progress,
+                      on_total=on_total)
     command = "python scripts/gen_results.py" + ("" if argv is None and len(sys.argv) == 1 else
                                                  " " + shlex.join(argv if argv is not None else sys.argv[1:]))
     paths = write_pictures(res, pictures)

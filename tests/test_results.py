@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from nuwa_graph import load
 from nuwa_graph.cli import app
-from nuwa_graph.results import ENTRIES, effect_findings, caveat_findings, plan, render, run_all, with_heads_excluded
+from nuwa_graph.results import (ENTRIES, caveat_findings, effect_findings, load_run, plan, render, run_all,
+                                with_heads_excluded)
 from nodes.scorer_llm import drop_heads
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,8 +58,10 @@ def test_plan_runs_every_pipeline_at_every_budget():
     assert by["fastv budget=64"].pipeline.nodes["topk"].params.k == 16  # 64 of 576 -> 16 of 144
     assert by["visionzip budget=192"].pipeline.nodes["zip"].params.contextual == 48 - 48 * 27 // 32
     masked = plan(model_vars=EMBEDDED_VARS, mask=(1, [0]))
-    assert {r.label.split(" ")[0] for r in masked} == {e.file for e in ENTRIES if e.text_attention}
+    # every text-attention pipeline but FastV K=1, whose scorer reads layer 0, not the masked layer 1
+    assert {r.label.split(" ")[0] for r in masked} == {e.name for e in ENTRIES if e.text_attention} - {"fastv_k1"}
     assert all(r.label.endswith(" -head") for r in masked) and len(masked) == 3 * 6
+    assert by["fastv_k1 budget=64"].pipeline.nodes["attn"].params.layer == 0
 
 
 # --- the words are computed from the numbers -------------------------------------------------------
@@ -82,11 +85,16 @@ def test_effect_findings_say_whether_the_effect_appears():
     shows = _result({"vanilla": (0.8, 0.9), "fastv budget=64": (0.1, 0.85), "visionzip budget=64": (0.05, 0.8),
                      "nuwa budget=64": (0.6, 0.88)})
     (s,) = effect_findings(shows, budgets=(64,))
-    assert "appears" in s and "does not" not in s and "FastV, VisionZip" in s
+    assert s.endswith("the paper's effect appears.") and "collapses (< 50 %) for FastV, VisionZip." in s
+    assert "Grounding, % of vanilla: FastV 12, VisionZip 6, Nüwa 75." in s
     absent = _result({"vanilla": (0.8, 0.9), "fastv budget=64": (0.7, 0.85), "visionzip budget=64": (0.05, 0.8),
                       "nuwa budget=64": (0.02, 0.88)})
     (s,) = effect_findings(absent, budgets=(64,))
-    assert "does not fully appear" in s and "collapses (< 50 % of vanilla) for VisionZip;" in s
+    assert s.endswith("the effect does not appear.") and "collapses (< 50 %) for VisionZip." in s
+    part = _result({"vanilla": (0.8, 0.9), "fastv budget=64": (0.7, 0.85), "visionzip budget=64": (0.0, 0.8),
+                    "nuwa budget=64": (0.2, 0.88)})
+    (s,) = effect_findings(part, budgets=(64,))
+    assert s.endswith("the effect appears only in part.") and "(25 % vs VisionZip's 0 %" in s
 
 
 def test_caveat_findings_report_ranking_changes():
@@ -96,7 +104,7 @@ def test_caveat_findings_report_ranking_changes():
     assert len(rows) == 2 and all("identical" in n for n in notes)
     flipped = _result({"fastv budget=64 -head": (0.2, 0.8), "nuwa budget=64 -head": (0.4, 0.7)})
     _, notes = caveat_findings(main, flipped, budgets=(64,))
-    assert "positions changed" in notes[0] and "identical" in notes[1]
+    assert "positions changed" in notes[0] and "Kendall tau -1.00" in notes[0] and "identical" in notes[1]
 
 
 # --- end to end on an untrained embedded-architecture model ----------------------------------------
@@ -115,19 +123,23 @@ def untrained(tmp_path_factory):
 
 
 def test_run_all_and_render(untrained, tmp_path):
-    entries = [e for e in ENTRIES if e.file in ("vanilla", "visionzip", "fastv", "nuwa")]
-    res = run_all(str(untrained), 2, tmp_path, batch=2, max_new_tokens=2, budgets=(64,), entries=entries)
+    entries = [e for e in ENTRIES if e.name in ("vanilla", "visionzip", "fastv", "nuwa")]
+    totals = []
+    res = run_all(str(untrained), 2, tmp_path, batch=2, max_new_tokens=2, budgets=(64,), entries=entries,
+                  on_total=totals.append)
+    assert totals == [(4 + 2) * 2 * 2]  # (main + masked runs) x 2 tasks x 2 samples
     main, caveat = res["main"], res["caveat"]
     assert [r["label"] for r in main["results"]] == ["vanilla", "fastv budget=64", "visionzip budget=64", "nuwa budget=64"]
     assert [r["label"] for r in caveat["results"]] == ["fastv budget=64 -head", "nuwa budget=64 -head"]
     by = {r["label"]: r for r in main["results"]}
     assert by["visionzip budget=64"]["visual_tokens_avg"] == 16 and by["vanilla"]["visual_tokens_avg"] == 144
     assert by["fastv budget=64"]["visual_tokens_per_layer"] == [144, 144, 16, 16]
-    res["settings"]["budgets"] = [64]
+    assert res["settings"]["budgets"] == [64]
     text = render(res, "python scripts/gen_results.py --n 2")
     assert "## Budget 64 of 576 (16 of 144 visual tokens)" in text and "| Nüwa | 16.0 |" in text
     assert "Does the paper's effect appear?" in text and "head masked" in text
     assert (tmp_path / "main/results.csv").is_file() and (tmp_path / "caveat/results.json").is_file()
+    assert render(load_run(tmp_path), "python scripts/gen_results.py --n 2") == text  # --render-only path
 
 
 # --- `nuwa-graph run FILE` with nothing else: the comparison ---------------------------------------
