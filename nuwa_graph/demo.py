@@ -3,7 +3,7 @@
 The README's main job. On the embedded model and the built-in shapes-world sample set it
 answers every grounding and VQA question twice, unpruned and pruned, and prints accuracy,
 visual tokens per LLM layer and prefill time side by side; the kept tokens of the first
-sample are drawn over its image. Small enough to finish in about a minute on a laptop CPU.
+sample are drawn over its image. About 15 seconds on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -69,7 +69,10 @@ def run_demo(pipeline: Pipeline, out: str | Path = "runs/run", samples: int = DE
         sys.stdout.write(json.dumps(slim, indent=2, default=str) + "\n")
         return 0
     n = {d["task"]: d["n"] for d in result["data"]}
-    t = Table(title=f"{escape(mine['label'])} vs vanilla on {escape(Path(model).name)} "
+    from .embedded import WEIGHTS_DIR
+
+    shown = "the embedded model" if Path(model).resolve() == WEIGHTS_DIR.resolve() else Path(model).name
+    t = Table(title=f"{escape(mine['label'])} vs vanilla on {escape(shown)} "
                     f"(built-in sample set: {n.get('grounding', 0)} grounding + {n.get('vqa', 0)} VQA)")
     t.add_column("run")
     t.add_column("grounding Acc@0.5", justify="right")
