@@ -518,7 +518,7 @@ nodes:
     params: {site: pre_llm}
     inputs: {selection: r.selection}
 """
-    assert run_command(load_text(text), max_new_tokens=2) == 1
+    assert run_command(load_text(text), model="tiny-llava", max_new_tokens=2) == 1
     err = capsys.readouterr().err
     assert "lower 'budget'" in " ".join(err.split())
 
@@ -537,6 +537,7 @@ def test_image_that_fails_to_load(tmp_path, capsys):
 
 
 def test_run_command_defaults_and_json(capsys):
+    """Default model: the embedded one (12x12 = 144 visual tokens, 4 LLM layers)."""
     from nuwa_graph.runner import run_command
 
     text = """
@@ -553,9 +554,9 @@ nodes:
 """
     assert run_command(load_text(text), max_new_tokens=3, as_json=True) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["visual_tokens_per_layer"] == [[N, N, 16, 16]]
-    assert data["visual_tokens_avg"] == [40.0]
+    assert data["visual_tokens_per_layer"] == [[144, 144, 16, 16]]
+    assert data["visual_tokens_avg"] == [80.0]
     assert len(data["kept"][0]["llm.2"]) == 16
     assert run_command(load_text(text), max_new_tokens=2) == 0
     out = capsys.readouterr().out
-    assert "visual tokens per LLM layer" in out and "64 64 16 16" in out
+    assert "visual tokens per LLM layer" in out and "144 144 16 16" in out
