@@ -253,12 +253,6 @@ def kendall_tau(a: list[str], b: list[str]) -> float:
     return s / (n * (n - 1) / 2) if n > 1 else 1.0
 
 
-def ranking(result: dict[str, Any], task: str, labels: list[str]) -> list[str]:
-    by = _by_label(result)
-    present = [lab for lab in labels if lab in by]
-    return sorted(present, key=lambda lab: -_acc(by[lab], task))
-
-
 def caveat_findings(main: dict[str, Any], masked: dict[str, Any] | None, budgets=BUDGETS) -> tuple[list[str], list[str]]:
     """(table rows, sentences): each text-attention run with and without the supervised head,
     and whether the ranking of ALL pipelines per budget and task changes when it is masked."""
