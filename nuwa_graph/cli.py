@@ -368,17 +368,6 @@ def sweep(
 
 # `eval` (accuracy over a data set) is added here as a further @app.command().
 
-def _runs_of(values: list[float]) -> str:
-    """[144, 144, 64, 64, 64] -> '144x2 64x3' (visual tokens per layer, run-length)."""
-    parts: list[list] = []
-    for v in values:
-        if parts and parts[-1][0] == v:
-            parts[-1][1] += 1
-        else:
-            parts.append([v, 1])
-    return " ".join(f"{v:g}" + (f"x{n}" if n > 1 else "") for v, n in parts)
-
-
 @app.command("eval")
 def eval_(
     files: list[Path] = typer.Argument(..., metavar="PIPELINE...", help="Pipeline YAML files.", show_default=False),
@@ -410,7 +399,7 @@ def eval_(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from .evaluate import (GROUNDING_PROMPT, EvalError, default_model, evaluate, load_data, plan_runs, sample_data,
-                           sweep_axis, write_results)
+                           sweep_axis, tokens_runs, write_results)
     from .viz import write_pictures
 
     grid = _sweep_grid(set_)
@@ -465,7 +454,7 @@ def eval_(
         rel = r["relative_pct"]
         cells += [f"{100 * r['accuracy']:.1f}%", "-" if rel is None else f"{rel:.1f}",
                   f"{r['visual_tokens_avg']:.1f}/{r['visual_tokens_full']}",
-                  _runs_of(r["visual_tokens_per_layer"]), f"{r['prefill_ms_median']:.1f}"]
+                  tokens_runs(r["visual_tokens_per_layer"]), f"{r['prefill_ms_median']:.1f}"]
         table.add_row(*cells)
     # piped output (files, CI logs) gets a wide table instead of rich's 80-column default
     (out if out.is_terminal else Console(highlight=False, width=max(out.width, 160))).print(table)

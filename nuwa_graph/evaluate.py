@@ -69,6 +69,18 @@ def summarize(kind: str, scores: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def tokens_runs(values: list[float]) -> str:
+    """[144, 144, 16, 16] -> '144x2 16x2': visual tokens per layer, run-length; averages over
+    samples (non-integers) with one decimal."""
+    parts: list[list] = []
+    for v in values:
+        if parts and parts[-1][0] == v:
+            parts[-1][1] += 1
+        else:
+            parts.append([v, 1])
+    return " ".join((f"{v:g}" if v == int(v) else f"{v:.1f}") + (f"x{n}" if n > 1 else "") for v, n in parts)
+
+
 def relative_pct(acc: float | None, ref: float | None) -> float | None:
     """acc as % of ref (None when ref is 0 or missing)."""
     if acc is None or not ref:
@@ -413,4 +425,4 @@ def sweep_axis(grid: dict[str, list[Any]]) -> str | None:
 
 __all__ = ["EvalError", "EvalRun", "IOU_THRESHOLD", "Task", "add_relative", "default_model", "detect_kind", "evaluate",
            "grounding_score", "load_data", "plan_runs", "reference_index", "relative_pct", "rows", "sample_data",
-           "summarize", "sweep_axis", "vqa_score", "write_results"]
+           "summarize", "sweep_axis", "tokens_runs", "vqa_score", "write_results"]

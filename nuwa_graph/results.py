@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import yaml
 
-from .evaluate import EvalRun, evaluate, load_data, sample_data, write_results
+from .evaluate import EvalRun, evaluate, load_data, sample_data, tokens_runs, write_results
 from .pipeline import Pipeline, load, load_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -177,21 +177,9 @@ def _acc(r: dict[str, Any], task: str) -> float:
 
 def _row(title: str, r: dict[str, Any]) -> str:
     g, v = r["tasks"]["grounding"], r["tasks"]["vqa"]
-    return (f"| {title} | {r['visual_tokens_avg']:.1f} | {_runs(r['visual_tokens_per_layer'])} | "
+    return (f"| {title} | {r['visual_tokens_avg']:.1f} | {tokens_runs(r['visual_tokens_per_layer'])} | "
             f"{_pct(g['accuracy'])} | {_rel(g['relative_pct'])} | {g['parse_failures']} | "
             f"{_pct(v['accuracy'])} | {_rel(v['relative_pct'])} | {r['prefill_ms_median']:.1f} |")
-
-
-def _runs(counts: list[float]) -> str:
-    parts, i = [], 0
-    while i < len(counts):
-        j = i
-        while j < len(counts) and counts[j] == counts[i]:
-            j += 1
-        c = counts[i]
-        parts.append((f"{c:g}" if c == int(c) else f"{c:.1f}") + (f"x{j - i}" if j - i > 1 else ""))
-        i = j
-    return " ".join(parts)
 
 
 HEADER = ("| pipeline | avg tokens / layer | tokens per layer | grounding Acc@0.5 % | % of vanilla | unparsed | "

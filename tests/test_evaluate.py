@@ -166,3 +166,11 @@ def test_cli_eval_no_model_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.delitem(PRESETS, "embedded", raising=False)
     res = CliRunner().invoke(app, ["eval", str(PIPELINES / "vanilla.yaml"), "-o", str(tmp_path / "out"), "--limit", "1"])
     assert res.exit_code == 1 and "train_embedded.py" in res.output
+
+
+def test_tokens_runs_is_run_length_with_averages_rounded():
+    from nuwa_graph.evaluate import tokens_runs
+
+    assert tokens_runs([144, 144, 16, 16]) == "144x2 16x2"
+    assert tokens_runs([144.0, 77, 38, 19]) == "144 77 38 19"
+    assert tokens_runs([144, 144, 30.25, 0.0]) == "144x2 30.2 0"
