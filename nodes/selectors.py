@@ -140,7 +140,8 @@ def region_windows(scores: Scores, regions: Regions, pad: str) -> tuple[torch.Te
     region's cells in raster order of its bounding window (a 2x2 cell: top-left, top-right,
     bottom-left, bottom-right, the order of `unfold(...).reshape(R, 4)`). Cells beyond the
     grid's edge hold 0 and PAD_ID with pad 'zero' (the official zero padding); other cells
-    without a scored token of the region hold -inf and never become candidates."""
+    without a scored token of the region hold -inf and never become candidates. The window
+    is as large as the largest region (a grid side shorter than the cell gives that side)."""
     device = scores.values.device
     h, w = regions.grid
     region = regions.region.to(device)
