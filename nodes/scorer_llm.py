@@ -46,11 +46,12 @@ def drop_heads(rows: torch.Tensor, exclude: list[int], node: str) -> torch.Tenso
 def in_simd_body(rows: torch.Tensor) -> torch.Tensor:
     """rows with 64 + (-n mod 64) zero columns appended (sliced off after the reduction).
 
-    On CPU a float reduction over heads or query rows rounds a column differently when the
-    column falls in the vectorised body of the tensor than when it falls in its scalar tail
-    (the last n mod 16 columns with AVX-512). The official codes reduce whole attention maps
-    whose image columns are followed by the text columns, i.e. in the body; padding puts
-    every image column in the body here too, so ties and near-ties come out bit for bit."""
+    On CPU a float reduction over heads or query rows can round a column differently when
+    the column falls in the vectorised body of the tensor (whole blocks of 64 floats with
+    AVX-512, 32 with AVX2) than when it falls in the columns after the last whole block. The
+    official codes reduce whole attention maps whose image columns are followed by the text
+    columns, i.e. in the body when the text is long enough; padding puts every image column
+    in the body here too, so ties and near-ties come out bit for bit (docs/methods.md, Ties)."""
     extra = 64 + (-rows.shape[-1]) % 64
     return torch.cat([rows, rows.new_zeros(*rows.shape[:-1], extra)], dim=-1).contiguous()
 
