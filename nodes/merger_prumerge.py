@@ -56,11 +56,11 @@ class PruMergePlusMerger(Node):
         qk = ctx.signal(self.requests()[1])  # (2, n + 1, d)
         n = hidden.shape[0]
         keys = qk[1][qk.shape[1] - n:]
-        attn = scores.values[gather_scores(scores, torch.arange(n))]
+        attn = scores.values[gather_scores(scores, torch.arange(n, device=scores.ids.device))]
         kept = selection.ids
         if torch.unique(kept).numel() != kept.numel():
             raise ValueError("PruMerge: the selection names a token twice")
-        mask = torch.zeros(n, dtype=torch.bool)
+        mask = torch.zeros(n, dtype=torch.bool, device=hidden.device)
         mask[kept] = True
         dropped = torch.nonzero(~mask).reshape(-1)  # ascending, as complement_idx
         L = kept.numel()
@@ -76,12 +76,13 @@ class PruMergePlusMerger(Node):
             rest_k = torch.cat([k_kept[:i], k_kept[i + 1:], k_drop])
             rest_x = torch.cat([x_kept[:i], x_kept[i + 1:], x_drop])
             rest_a = torch.cat([a_kept[:i], a_kept[i + 1:], a_drop])
-            cos = k_kept[i:i + 1] @ rest_k.transpose(0, 1)
-            nb = torch.topk(cos, k=p.neighbours, dim=1).indices[0]
+            # (1, 1, c) x (1, c, m) as the official bmm, so near-equal similarities tie alike
+            cos = torch.bmm(k_kept[None, i:i + 1], rest_k[None].transpose(1, 2))
+            nb = torch.topk(cos, k=p.neighbours, dim=2).indices[0, 0]
             out[i] = x_kept[i] + torch.sum(rest_x[nb] * rest_a[nb].unsqueeze(-1), dim=0)
         ids = kept.clone()
         if p.extra_token:
             extra = torch.sum(x_drop * a_drop.unsqueeze(-1), dim=0, keepdim=True)
             out = torch.cat([out, extra])
-            ids = torch.cat([ids, torch.tensor([POOLED_ID])])
+            ids = torch.cat([ids, torch.tensor([POOLED_ID], device=ids.device)])
         return {"tokens": Tokens(out, ids, "vision"), "selection": Selection(ids)}

@@ -58,7 +58,9 @@ class VisionZipMerger(Node):
         n = hidden.shape[0]
         if keys.dim() != 3:
             raise ValueError(f"vision.keys must be (heads, n + cls, head_dim), got {tuple(keys.shape)}")
-        metric = keys.mean(dim=0)
+        # the official `raw_key_states.mean(1)` reduces a contiguous (1, heads, n + 1, head_dim) tensor;
+        # the same layout gives the same bits (a strided view could sum the heads in another order)
+        metric = keys.contiguous()[None].mean(dim=1)[0]
         metric = metric[metric.shape[0] - n:]  # drop CLS where present
         keep = torch.zeros(n, dtype=torch.bool)
         keep[dominant.ids] = True
@@ -75,10 +77,11 @@ class VisionZipMerger(Node):
         target_pos = torch.arange(0, r, step)[:c]
         is_target = torch.zeros(r, dtype=torch.bool)
         is_target[target_pos] = True
-        sim = m[~is_target] @ m[target_pos].transpose(0, 1)
-        assign = torch.zeros(sim.shape[0], c, dtype=hidden.dtype)
+        # (1, r - c, d) x (1, d, c) as the official bmm: near-equal similarities resolve alike
+        sim = torch.bmm(m[~is_target][None], m[target_pos][None].transpose(1, 2))[0]
+        assign = torch.zeros(sim.shape[0], c, dtype=hidden.dtype, device=hidden.device)
         if sim.shape[0]:
-            assign.scatter_(1, sim.argmax(dim=1, keepdim=True), 1)
+            assign.scatter_(1, sim.argmax(dim=1, keepdim=True), 1)  # first maximum, as argmax(dim=2) there
         counts = assign.sum(dim=0).clamp(min=1).unsqueeze(-1)
         h_rest = hidden[rest]
         contextual = h_rest[target_pos] + (assign.transpose(0, 1) @ h_rest[~is_target]) / counts

@@ -43,15 +43,33 @@ def drop_heads(rows: torch.Tensor, exclude: list[int], node: str) -> torch.Tenso
     return rows[keep]
 
 
-def reduce_rows(rows: torch.Tensor, heads: str, query_reduce: str, order: str = "heads-first") -> torch.Tensor:
+def in_simd_body(rows: torch.Tensor) -> torch.Tensor:
+    """rows with 64 + (-n mod 64) zero columns appended (sliced off after the reduction).
+
+    On CPU a float reduction over heads or query rows can round a column differently when
+    the column falls in the vectorised body of the tensor (whole blocks of 64 floats with
+    AVX-512, 32 with AVX2) than when it falls in the columns after the last whole block. The
+    official codes reduce whole attention maps whose image columns are followed by the text
+    columns, i.e. in the body when the text is long enough; padding puts every image column
+    in the body here too, so ties and near-ties come out bit for bit (docs/methods.md, Ties)."""
+    extra = 64 + (-rows.shape[-1]) % 64
+    return torch.cat([rows, rows.new_zeros(*rows.shape[:-1], extra)], dim=-1).contiguous()
+
+
+def reduce_rows(rows: torch.Tensor, heads: str, query_reduce: str, order: str = "heads-first",
+                full_keys: bool = True) -> torch.Tensor:
     """(heads, q, n) attention rows -> (n,) scores.
 
     `order` says which axis is reduced first; it matters only when one reduction is `max`.
     Every reduction is done in float32, as the official codes do (mean over heads, then mean
-    over query rows: SparseVLM's rater scores, FastV/PDrop/Nüwa with a single row)."""
+    over query rows: FastV/PDrop/Nüwa with a single row). `full_keys`: the official code
+    reduced maps over all keys (image columns followed by text: `in_simd_body`); False for
+    maps over the image keys only (FEATHER), reduced as they are."""
     if rows.dim() != 3:
         raise ValueError(f"llm.attention rows must be (heads, q, n), got {tuple(rows.shape)}")
+    n = rows.shape[-1]
     rows = rows.float()
+    rows = in_simd_body(rows) if full_keys else rows.contiguous()
 
     def by_heads(x: torch.Tensor) -> torch.Tensor:
         if heads == "mean":
@@ -64,8 +82,10 @@ def reduce_rows(rows: torch.Tensor, heads: str, query_reduce: str, order: str = 
         return x.mean(dim=dim) if query_reduce == "mean" else x.sum(dim=dim)
 
     if order == "heads-first":
-        return by_queries(by_heads(rows), 0)
-    return by_heads(by_queries(rows, 1))
+        out = by_queries(by_heads(rows), 0)
+    else:
+        out = by_heads(by_queries(rows, 1))
+    return out[:n]
 
 
 class LLMAttentionParams(NodeParams):
@@ -143,5 +163,6 @@ class LLMAttentionScores(Node):
         if rows.shape[-1] != n:
             raise ValueError(f"llm.attention has {rows.shape[-1]} image columns for {n} image tokens present")
         rows = drop_heads(rows, self.params.exclude_heads, f"node {self.name!r} ({self.type_name})")
-        values = reduce_rows(rows, self.params.heads, self.params.query_reduce, self.params.reduce_order)
+        values = reduce_rows(rows, self.params.heads, self.params.query_reduce, self.params.reduce_order,
+                             full_keys=self.params.softmax_over == "all")
         return {"scores": Scores(values, ctx.present.clone())}

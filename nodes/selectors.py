@@ -56,13 +56,27 @@ def gather_scores(scores: Scores, ids: torch.Tensor) -> torch.Tensor:
     if (ids < 0).any():
         raise ValueError("a selected token has a negative id (CLS or pooled) and no score")
     size = max(int(scores.ids.max()) if scores.ids.numel() else 0, int(ids.max())) + 1
-    lookup = torch.full((size,), -1, dtype=torch.long)
-    lookup[scores.ids] = torch.arange(scores.ids.numel())
-    pos = lookup[ids]
+    lookup = torch.full((size,), -1, dtype=torch.long, device=scores.ids.device)
+    lookup[scores.ids] = torch.arange(scores.ids.numel(), device=scores.ids.device)
+    pos = lookup[ids.to(lookup.device)]
     if (pos < 0).any():
         missing = ids[pos < 0][:5].tolist()
         raise ValueError(f"tokens {missing} have no score; connect scores over the same tokens")
     return pos
+
+
+PAD_ID = -3
+"""Id of a zero-padded window cell with no token: `selector.top-k-per-region` lists such cells
+among its candidates (order `region`) where the official code's padded grid has them, and
+`selector.top-k` scores them 0 and drops them after its top-k (Nüwa's Qwen code)."""
+
+
+def candidate_values(scores: Scores, candidates: torch.Tensor) -> torch.Tensor:
+    """The score of every candidate in candidate order; PAD_ID cells score 0 (zero padding)."""
+    values = torch.zeros(candidates.shape, dtype=scores.values.dtype, device=scores.values.device)
+    real = candidates != PAD_ID
+    values[real] = scores.values[gather_scores(scores, candidates[real])]
+    return values
 
 
 @register
@@ -85,8 +99,9 @@ class TopK(Node):
     def run(self, ctx, scores: Scores, candidates: Selection | None = None):
         values, ids = scores.values, scores.ids
         if candidates is not None:
-            pos = gather_scores(scores, candidates.ids)
-            values, ids = values[pos], ids[pos]
+            # the official alignment: torch.topk over the candidate vector as given (padded
+            # cells included), padded cells dropped afterwards
+            values, ids = candidate_values(scores, candidates.ids), candidates.ids.to(values.device)
         n = values.numel()
         p = self.params
         if p.k is not None:
@@ -98,18 +113,76 @@ class TopK(Node):
                 raise ValueError(f"k={k} is larger than the {n} tokens present; lower the budget (at most {n}) "
                                  "or set clamp: true")
             k = n
-        idx = torch.topk(values, k).indices
-        return {"selection": Selection(order_ids(ids[idx], values[idx], p.order))}
+        idx = torch.topk(values[None], k, dim=1).indices[0]  # (1, n) as the official codes call it
+        kept = ids[idx]
+        kept = kept[kept != PAD_ID]
+        return {"selection": Selection(order_ids(kept, None, p.order))}
 
 
 class TopKPerRegionParams(NodeParams):
     n: int = Field(ge=1, description="candidates kept per region")
-    order: Literal["index", "score"] = Field("index", description="index: ascending original id; score: by score, descending")
+    order: Literal["region", "index", "score"] = Field(
+        "region", description="region: the official candidate vector (regions in id order, each in its torch.topk "
+        "order); index: ascending original id; score: by score, descending")
+    pad: Literal["none", "zero"] = Field(
+        "none", description="none: a region ranks only its own tokens; zero: window cells beyond the grid's edge "
+        "(odd side) are zero-padded, as Nüwa's Qwen code: they compete at score 0 and, with order: region, travel "
+        "as candidates (id -3) that selector.top-k drops after its top-k; connect them only to selector.top-k")
+
+
+_ABSENT = -4  # a window cell inside the grid with no scored token of this region: never a candidate
+
+
+def region_windows(scores: Scores, regions: Regions, pad: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each region's cells as one window row, in the official layout.
+
+    Returns (values, ids), both (n_regions, cells): regions in ascending region id; a
+    region's cells in raster order of its bounding window (a 2x2 cell: top-left, top-right,
+    bottom-left, bottom-right, the order of `unfold(...).reshape(R, 4)`). Cells beyond the
+    grid's edge hold 0 and PAD_ID with pad 'zero' (the official zero padding); other cells
+    without a scored token of the region hold -inf and never become candidates. The window
+    is as large as the largest region (a grid side shorter than the cell gives that side)."""
+    device = scores.values.device
+    h, w = regions.grid
+    region = regions.region.to(device)
+    if region.numel() != h * w:
+        raise ValueError(f"regions cover {region.numel()} tokens, the grid {h}x{w} has {h * w}")
+    cells = torch.arange(h * w, device=device)
+    rows, cols = cells // w, cells % w
+    labels, which = torch.unique(region, return_inverse=True)
+    n_reg = labels.numel()
+    r0 = torch.full((n_reg,), h, dtype=torch.long, device=device).scatter_reduce(0, which, rows, "amin")
+    c0 = torch.full((n_reg,), w, dtype=torch.long, device=device).scatter_reduce(0, which, cols, "amin")
+    r1 = torch.zeros(n_reg, dtype=torch.long, device=device).scatter_reduce(0, which, rows, "amax")
+    c1 = torch.zeros(n_reg, dtype=torch.long, device=device).scatter_reduce(0, which, cols, "amax")
+    ch, cw = int((r1 - r0).max()) + 1, int((c1 - c0).max()) + 1
+    sid = scores.ids.to(device)
+    if (sid < 0).any() or (sid >= h * w).any():
+        raise ValueError(f"scores name tokens outside the {h}x{w} grid")
+    values = torch.full((n_reg, ch * cw), float("-inf"), dtype=scores.values.dtype, device=device)
+    ids = torch.full((n_reg, ch * cw), _ABSENT, dtype=torch.long, device=device)
+    if pad == "zero":
+        dy = torch.arange(ch * cw, device=device) // cw
+        dx = torch.arange(ch * cw, device=device) % cw
+        beyond = ((r0[:, None] + dy[None]) >= h) | ((c0[:, None] + dx[None]) >= w)
+        values[beyond] = 0.0
+        ids[beyond] = PAD_ID
+    reg = which[sid]
+    slot = (rows[sid] - r0[reg]) * cw + (cols[sid] - c0[reg])
+    values[reg, slot] = scores.values
+    ids[reg, slot] = sid
+    return values, ids
 
 
 @register
 class TopKPerRegion(Node):
-    """Keep the n best tokens of every region (Nüwa's region separation)."""
+    """Keep the n best tokens of every region (Nüwa's region separation).
+
+    As the official code: every region is one row of a window tensor (see
+    `region_windows`), `torch.topk(k=n)` ranks each row, and the candidates come out
+    region by region, each in its top-k order, so that `selector.top-k` (with these
+    `candidates`) runs its top-k over the same vector and breaks ties the same way.
+    """
 
     type_name = "selector.top-k-per-region"
     family = "selector"
@@ -119,26 +192,19 @@ class TopKPerRegion(Node):
     Params = TopKPerRegionParams
 
     def run(self, ctx, scores: Scores, regions: Regions):
-        reg = regions.region[scores.ids]
-        n = self.params.n
-        # rank each token within its region by descending score (stable: ties keep lower position)
-        order = torch.argsort(scores.values, descending=True, stable=True)
-        reg_sorted = reg[order]
-        by_region = torch.argsort(reg_sorted, stable=True)
-        reg_grouped = reg_sorted[by_region]
-        starts = torch.ones_like(reg_grouped, dtype=torch.bool)
-        starts[1:] = reg_grouped[1:] != reg_grouped[:-1]
-        group_start = torch.cummax(torch.where(starts, torch.arange(len(reg_grouped)), 0), 0).values
-        rank_grouped = torch.arange(len(reg_grouped)) - group_start
-        rank = torch.empty_like(rank_grouped)
-        rank[order[by_region]] = rank_grouped
-        keep = rank < n
-        ids = scores.ids[keep]
-        if self.params.order == "score":
-            ids = ids[torch.argsort(scores.values[keep], descending=True, stable=True)]
-        else:
-            ids = torch.sort(ids).values
-        return {"selection": Selection(ids)}
+        p = self.params
+        values, ids = region_windows(scores, regions, p.pad)
+        k = min(p.n, values.shape[1])
+        local = torch.topk(values[None], k=k, dim=-1).indices[0]  # (1, regions, cells), as the official call
+        cand = torch.gather(ids, 1, local).reshape(-1)
+        cand = cand[cand != _ABSENT]
+        if p.order != "region":
+            cand = cand[cand != PAD_ID]
+            if p.order == "score":
+                cand = cand[torch.argsort(scores.values[gather_scores(scores, cand)], descending=True, stable=True)]
+            else:
+                cand = torch.sort(cand).values
+        return {"selection": Selection(cand)}
 
 
 class UnionParams(NodeParams):

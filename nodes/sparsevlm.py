@@ -40,7 +40,7 @@ from nuwa_graph.signals import SignalRequest
 from nuwa_graph.sites import Site
 from nuwa_graph.types import Scores, Selection, Tokens
 
-from .scorer_llm import drop_heads, reduce_rows
+from .scorer_llm import drop_heads, in_simd_body
 
 
 def _llm_site(v: str) -> str:
@@ -137,7 +137,11 @@ class SparseVLMRaters(Node):
         if self.params.top_heads is not None:
             heads = rows.sum(dim=(1, 2)).topk(min(self.params.top_heads, rows.shape[0])).indices
             rows = rows[heads]
-        values = reduce_rows(rows, "mean", "mean")
+        # as attn_postprocess_topk: mean over heads of the whole map (image columns in its
+        # vectorised body), then the rater rows x image columns, mean over raters on that slice
+        n = rows.shape[-1]
+        by_head = in_simd_body(rows).mean(dim=0)[:, :n].contiguous()
+        values = by_head.mean(dim=0)
         return {"scores": Scores(values, ctx.present.clone())}
 
 

@@ -78,6 +78,47 @@ def _compress(counts: list[int]) -> str:
     return ", ".join(parts)
 
 
+TIES = """## Ties and degenerate inputs
+
+Every selection breaks ties as the official code does: the same tensors go through the same
+calls (`torch.topk` on CPU orders equal values by its own rule, not by index), and the scores
+that decide near-ties are computed with the official arithmetic. Tested with tied, uniform
+and near-tied inputs against the official op sequences in `tests/test_ties.py`.
+
+- Nüwa stage 1: each region is one row `[top-left, top-right, bottom-left, bottom-right]`,
+  ranked by `torch.topk(k=n)`; the candidates stay in region order and the alignment's top-k
+  runs over that vector (four equal values, k = 2: cells 2 and 3, as the official code).
+  Qwen2.5-VL (`pad: zero`): the zero-padded cells of an odd grid compete in both top-ks and
+  are dropped after the global one, so an all-zero salience keeps fewer than ceil(N * s1)
+  tokens, as the official code.
+- PruMerge+: the CLS attention comes from the full `q @ k^T` product (577 x 577 on CLIP-L,
+  vision side only), as the official code; on a uniform image it is exactly uniform.
+- LLM side (FastV, PDrop, Nüwa stage 2, SparseVLM): the official codes average whole
+  attention maps over heads; on CPU the last bit of such a mean depends on whether a column
+  falls in the vectorised body of the map or in its tail. The node pads the image columns so
+  they are reduced in the body, which is where the official map has them whenever the text
+  after the image is at least 64 tokens long (32 with AVX2); with a shorter text the last
+  image columns can differ by one ulp (near-ties only; exact ties are unaffected).
+  FEATHER's softmax covers the image keys only, so its map ends at the image columns and is
+  reduced as it is; SparseVLM's mean over raters runs on the image slice, as its code.
+- VisionZip: the key mean runs on a contiguous (heads, n + 1, d) tensor, the similarity as a
+  batched product (the official `bmm`), the assignment by first maximum (argmax).
+- The rows an adapter computes for a real model (q and k of the needed rows only) are not
+  the official eager attention maps; fidelity to the bit holds for the same rows, as the
+  golden tests feed them.
+
+| input | official code | here |
+| --- | --- | --- |
+| PruMerge+, no outlier (uniform attention) | divides by zero (`int(1/0)`) | error from node `adaptive` (`selector.iqr-outliers`): lower `whisker` or use a fixed count with `selector.top-k` |
+| PruMerge+, fewer than 32 other tokens | topk fails | error from `merger.prumerge`: lower `neighbours` |
+| VisionZip, fewer remaining tokens than contextual | shape error | error from `merger.visionzip`: lower `contextual` or the dominant count |
+| Nüwa, cohesion distance 0 | NaN (0/0) | each collector keeps its own feature |
+| Nüwa Qwen, all-zero salience | padded cells picked, then dropped | the same (fewer tokens kept) |
+| uniform scores, any top-k | `torch.topk`'s order | the same call, the same order |
+| SparseVLM, equal cluster densities | unseeded noise decides | seeded noise (`tie_break`), or the recorded noise (`signal`) |
+"""
+
+
 def render() -> str:
     lines = [
         "# Methods",
@@ -103,6 +144,7 @@ def render() -> str:
     for folder, what in (("ablations", "Ablation"), ("variants", "Variant")):
         for path in sorted((ROOT / "pipelines" / folder).glob("*.yaml")):
             lines += _section(path, f"{what}: {path.stem}", "", _runs(path))
+    lines += TIES.splitlines()
     return "\n".join(lines)
 
 

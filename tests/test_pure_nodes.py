@@ -82,19 +82,58 @@ nodes:
 
 
 # --- region.grid-cells + selector.top-k-per-region ----------------------------------------------
+def official_candidates(grid, scores, cell, n, pad):
+    """The candidate vector as Nüwa's code builds it, one region at a time: the region's
+    cell x cell window in raster order ([top-left, top-right, bottom-left, bottom-right] for
+    2x2), cells beyond the grid zero-padded (pad 'zero', id -3) or absent, torch.topk(k=n)
+    of the window, regions in raster order."""
+    h, w = grid
+    ch, cw = min(cell, h), min(cell, w)  # a side shorter than the cell: the window is that side
+    value = dict(zip(scores.ids.tolist(), scores.values.tolist()))
+    out = []
+    for r0 in range(0, h, cell):
+        for c0 in range(0, w, cell):
+            vals, ids = [], []
+            for dy in range(ch):
+                for dx in range(cw):
+                    y, x = r0 + dy, c0 + dx
+                    if y >= h or x >= w:
+                        vals.append(0.0 if pad == "zero" else -math.inf)
+                        ids.append(-3 if pad == "zero" else None)
+                    elif y * w + x in value:
+                        vals.append(value[y * w + x])
+                        ids.append(y * w + x)
+                    else:
+                        vals.append(-math.inf)
+                        ids.append(None)
+            top = torch.topk(torch.tensor(vals, dtype=torch.float32), min(n, len(vals))).indices.tolist()
+            out += [ids[i] for i in top if ids[i] is not None]
+    return out
+
+
 @FAST
-@given(scored_subset(), st.integers(1, 4), st.integers(1, 4), st.sampled_from(["index", "score"]))
-def test_top_k_per_region(case, cell, n, order):
+@given(scored_subset(), st.integers(1, 4), st.integers(1, 4), st.sampled_from(["region", "index", "score"]),
+       st.sampled_from(["none", "zero"]), st.booleans())
+def test_top_k_per_region(case, cell, n, order, pad, ties):
     grid, scores = case
+    if ties:  # few distinct values: the tie order is torch.topk's, per window
+        scores = type(scores)(torch.round(scores.values / 5), scores.ids)
     regions = make("region.grid-cells", cell=cell).run(ctx(grid))["regions"]
-    sel = make("selector.top-k-per-region", n=n, order=order).run(ctx(grid), scores=scores, regions=regions)
+    sel = make("selector.top-k-per-region", n=n, order=order, pad=pad).run(ctx(grid), scores=scores, regions=regions)
     ids = sel["selection"].ids.tolist()
+    official = official_candidates(grid, scores, cell, n, pad)
+    if order == "region":
+        assert ids == official  # the official candidate vector, order included
+        ids = [i for i in ids if i != -3]
+    official = [i for i in official if i != -3]
+    assert sorted(ids) == sorted(official)
     assert len(set(ids)) == len(ids) and set(ids) <= set(scores.ids.tolist())
     region_of = regions.region.tolist()
     per_region_kept = Counter(region_of[i] for i in ids)
     region_size = Counter(region_of[i] for i in scores.ids.tolist())
     assert all(c <= n for c in per_region_kept.values())  # never more than n from one region
-    assert len(ids) == sum(min(n, size) for size in region_size.values())
+    if pad == "none":
+        assert len(ids) == sum(min(n, size) for size in region_size.values())
     value = dict(zip(scores.ids.tolist(), scores.values.tolist()))
     for r in region_size:  # inside a region, the kept beat the dropped
         kept = [value[i] for i in ids if region_of[i] == r]
@@ -103,8 +142,22 @@ def test_top_k_per_region(case, cell, n, order):
             assert min(kept) >= max(lost)
     if order == "index":
         assert ids == sorted(ids)
-    else:
+    elif order == "score":
         assert [value[i] for i in ids] == sorted((value[i] for i in ids), reverse=True)
+
+
+def test_top_k_drops_padded_candidates_after_its_top_k():
+    """Nüwa's Qwen alignment: padded cells (score 0) compete in the global top-k, then go."""
+    grid = (3, 3)
+    scores = Scores(torch.zeros(9), torch.arange(9))
+    regions = make("region.grid-cells", cell=2).run(ctx(grid))["regions"]
+    cand = make("selector.top-k-per-region", n=4, pad="zero").run(ctx(grid), scores=scores, regions=regions)
+    assert (cand["selection"].ids == -3).sum() == 7  # 4 regions x 4 cells - 9 tokens
+    out = make("selector.top-k", k=9, clamp=True).run(ctx(grid), scores=scores, candidates=cand["selection"])
+    vec = torch.zeros(16)
+    keep = cand["selection"].ids[torch.topk(vec[None], 9, dim=1).indices[0]]
+    assert torch.equal(out["selection"].ids, torch.sort(keep[keep != -3]).values)
+    assert len(out["selection"]) < 9
 
 
 @FAST
