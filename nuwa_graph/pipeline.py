@@ -133,7 +133,7 @@ class Pipeline:
         vals = {}
         for k, v in self.variables.items():
             if k in self.overrides:
-                how = "set by the user (exact)"
+                how = "set, exact"
             elif k in self.derived:
                 how = f"{self.derived[k]} on {self.model_vars.get('llm_layers')} LLM layers"
             else:

@@ -1025,7 +1025,8 @@ def layer_variable_hint(pipe: Pipeline, site: Site) -> str:
     names: set[str] = set()
     for ns in pipe.spec.nodes:
         if pipe.sites.get(ns.name) == site:
-            names |= set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", str(ns.params)))
+            where = {k: v for k, v in ns.params.items() if k in ("site", "layer")}  # what places a node
+            names |= set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", str(where)))
     names = {n for n in names if n in pipe.variables}
     if not names:
         return "lower the layer in the pipeline file"
