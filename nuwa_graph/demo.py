@@ -105,8 +105,8 @@ def run_demo(pipeline: Pipeline, out: str | Path = "runs/run", samples: int = DE
                     f"layers); built-in sample set: {n.get('grounding', 0)} grounding + {n.get('vqa', 0)} VQA")
     t.add_column("run")
     t.add_column("budget", justify="right")
-    t.add_column("grounding Acc@0.5", justify="right")
-    t.add_column("VQA EM", justify="right")
+    t.add_column("grounding Acc@0.5 (% vanilla)", justify="right")
+    t.add_column("VQA EM (% vanilla)", justify="right")
     t.add_column("avg visual tokens/layer", justify="right")
     t.add_column("per LLM layer")
     t.add_column("prefill ms", justify="right")
@@ -118,6 +118,7 @@ def run_demo(pipeline: Pipeline, out: str | Path = "runs/run", samples: int = DE
         t.add_row(escape(r["pipeline"]), escape(str(budget)), f"{100 * g['accuracy']:.1f}%{rel}",
                   f"{100 * v['accuracy']:.1f}%{relv}", f"{r['visual_tokens_avg']:.1f} of {r['visual_tokens_full']}",
                   " ".join(f"{c:g}" for c in r["visual_tokens_per_layer"]), f"{r['prefill_ms_median']:.0f}")
+    console.print(t)
     console.print("(% of vanilla in brackets; the same `budget` for every pruned run, counted as each method "
                   "counts it - the average column is what the LLM really processed; every pipeline at 64/128/192: "
                   "docs/results.md)")

@@ -95,10 +95,10 @@ class Pipeline:
     def bind_model(self, model_vars: dict[str, Any]) -> "Pipeline":
         """This pipeline for a model (re-validated with its variables), or itself if they don't matter.
 
-        If the file names a `family_files` entry for the model's family, that file is loaded
-        instead, with the same overrides (each must be one of its variables)."""
+        If `model_vars` name a `family` listed in the file's `family_files`, that file is
+        loaded instead, with the same overrides (each must be one of its variables)."""
         merged = {**self.model_vars, **model_vars}
-        other = self.spec.family_files.get(str(merged.get("family")))
+        other = self.spec.family_files.get(str(model_vars["family"])) if "family" in model_vars else None
         if other is not None:
             return self._family_file(other, merged)
         if all(self.model_vars.get(k) == merged.get(k) for k in self.model_vars_used):

@@ -167,5 +167,12 @@ def test_run_demo_on_the_embedded_model(tmp_path, monkeypatch, untrained):
     code = demo.run_demo(load(ROOT / "pipelines/nuwa.yaml"), out=tmp_path, samples=3, max_new_tokens=2,
                          console=console)
     text = console.export_text()
-    assert code == 0 and "nuwa vs vanilla" in text and "28 28 4 4" in text and "144 144 144 144" in text
+    print(text)
+    assert code == 0 and "nuwa beside vanilla and the baselines" in text
+    rows = {line.split("│")[1].strip(): line for line in text.splitlines() if line.count("│") > 3}
+    assert "144 144 144 144" in rows["vanilla"] and "28 28 4 4" in rows["nuwa"]
+    # the baselines at nuwa's budget: VisionZip 64 -> 16 of 144 at every layer; FastV K = scale32(2) = 1
+    assert "16 16 16 16" in rows["visionzip"] and "144 16 16 16" in rows["fastv"]
+    assert all(" 64 " in rows[k] for k in ("nuwa", "visionzip", "fastv"))
+    assert "K=1 (scale32(2) on 4 LLM layers)" in text
     assert (tmp_path / "nuwa_kept.png").read_bytes()[:4] == b"\x89PNG"
