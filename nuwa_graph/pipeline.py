@@ -108,12 +108,12 @@ class Pipeline:
         node_lines = {n.name: n._line for n in self.spec.nodes}
         return build_pipeline(self.spec, self.source, dict(self.overrides), [], node_lines, merged)
 
-    def _family_file(self, other: str, model_vars: dict[str, Any]) -> "Pipeline":
+    def _family_file(self, other: str, model_vars: dict[str, Any]) -> Pipeline:
         path = Path(self.source).parent / other
         family = model_vars.get("family")
         try:
             target = PipelineSpec.model_validate({**yaml.safe_load(path.read_text(encoding="utf-8")), "nodes": []})
-        except Exception:
+        except (OSError, TypeError, yaml.YAMLError, ValidationError):
             raise PipelineError([Problem(self.source, f"family_files: {other} (for {family} models) is missing or "
                                          f"not a pipeline file", field="family_files")]) from None
         if str(family) in target.family_files:
@@ -123,7 +123,8 @@ class Pipeline:
         if stray:
             raise PipelineError([Problem(self.source, f"on a {family} model this file runs {other} (family_files), "
                                          f"which has no variable {', '.join(repr(k) for k in stray)}; its variables: "
-                                         f"{', '.join(sorted(target.variables)) or 'none'}", field="family_files")])
+                                         f"{', '.join(sorted(target.variables)) or 'none'}: run {path} itself to set them",
+                                         field="family_files")])
         pipe = load(path, dict(self.overrides), model_vars)
         pipe.chosen_from = self.source
         return pipe

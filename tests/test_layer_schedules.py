@@ -6,6 +6,8 @@ then a schedule is made strictly increasing inside the bounds; exact on 32 layer
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 
 from nuwa_graph import load
@@ -40,7 +42,7 @@ def test_rule_properties(depth):
     for sched in ([1], [2], [31], [2, 10, 20], [8, 16, 24], [1, 2, 3], [29, 30, 31], [0, 1], [15, 16]):
         out = scale_layers(sched, depth)
         assert all(1 <= k <= depth - 1 for k in out), (sched, out)  # never an illegal layer
-        assert all(a < b for a, b in zip(out, out[1:])), (sched, out)  # stages stay distinct and ordered
+        assert all(a < b for a, b in pairwise(out)), (sched, out)  # stages stay distinct and ordered
         # each entry is the half-up proportional layer unless a bound or an earlier stage moved it
         for k, o in zip(sched, out):
             assert abs(o - k * depth / 32) <= len(sched) + 0.5

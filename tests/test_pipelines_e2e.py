@@ -270,3 +270,19 @@ def test_adaptive_prumerge_plus_in_a_batch(tiny_llava):
         assert batch.new_tokens[b] == single.new_tokens[0]
         diff = (torch.stack(batch.step_logits)[:, b] - torch.stack(single.step_logits)[:, 0]).abs().max()
         assert diff.item() <= 1e-4
+
+
+def test_run_json_and_table_say_which_schedule_and_signals(capsys):
+    """`nuwa-graph run FILE --model ... --json`: the schedule and the signals used, also in the table."""
+    import json
+
+    from nuwa_graph.runner import run_command
+
+    assert run_command(ROOT / "pipelines/feather.yaml", model="tiny-llava", max_new_tokens=1, as_json=True) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["schedule"]["variables"]["K"] == {"value": [1, 2], "from": "scale32([8, 16]) on 4 LLM layers"}
+    assert data["schedule"]["sites"] == ["llm.1", "llm.2"]
+    assert [s.split("(")[0] for s in data["signals"]] == ["llm.attention", "llm.attention"]
+    assert run_command(ROOT / "pipelines/feather.yaml", model="tiny-llava", max_new_tokens=1) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "schedule" in out and "signals" in out and "scale32([8, 16])" in out

@@ -1031,8 +1031,7 @@ def layer_variable_hint(pipe: Pipeline, site: Site) -> str:
     if not names:
         return "lower the layer in the pipeline file"
     shown = ", ".join(f"{n} (now {pipe.variables[n]!r})" for n in sorted(names))
-    first = sorted(names)[0]
-    return f"change {shown}, e.g. --set {first}=..."
+    return f"change {shown}, e.g. --set {min(names)}=..."
 
 
 def dtype_of(name: str | torch.dtype) -> torch.dtype:
