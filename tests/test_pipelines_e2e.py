@@ -281,7 +281,7 @@ def test_run_json_and_table_say_which_schedule_and_signals(capsys):
     assert run_command(ROOT / "pipelines/feather.yaml", model="tiny-llava", max_new_tokens=1, as_json=True) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["schedule"]["variables"]["K"] == {"value": [1, 2], "from": "scale32([8, 16]) on 4 LLM layers"}
-    assert data["schedule"]["sites"] == ["llm.1", "llm.2"]
+    assert data["schedule"]["sites"] == ["vision", "llm.1", "llm.2"]  # the uniform grid is chosen at vision
     assert [s.split("(")[0] for s in data["signals"]] == ["llm.attention", "llm.attention"]
     assert run_command(ROOT / "pipelines/feather.yaml", model="tiny-llava", max_new_tokens=1) == 0
     out = " ".join(capsys.readouterr().out.split())
