@@ -268,10 +268,11 @@ def run(
 ) -> None:
     """Run a pipeline on a model and report the visual tokens per LLM layer.
 
-    With no --model, --image or --prompt: the pipeline against vanilla on the embedded model and
-    the built-in shapes-world sample set (grounding and VQA accuracy, tokens per layer, prefill
-    time) and a picture of the kept tokens. Otherwise one image and one prompt (default model:
-    the embedded one).
+    With no --model, --image or --prompt: the pipeline beside vanilla, VisionZip and FastV at its
+    budget on the embedded model and the built-in shapes-world sample set (grounding and VQA
+    accuracy with % of vanilla, tokens per layer, prefill time, each run's schedule) and a
+    picture of the kept tokens. Otherwise one image and one prompt (default model: the
+    embedded one); the report says which schedule and signals were used.
 
     Examples: nuwa-graph run pipelines/nuwa.yaml --set budget=128
               nuwa-graph run pipelines/nuwa.yaml --image photo.jpg --prompt "What is left of the red circle?"

@@ -322,6 +322,8 @@ def evaluate(adapter, runs: list[EvalRun], tasks: list[Task], batch: int = 8, ma
                     res["sample_image"] = chunk[0].image if isinstance(chunk[0].image, str) else None
                     res["sample_prompt"] = prompts[0]
                     res["grid"] = _grid(adapter, full)
+                    res["schedule"] = rep.schedule  # file, variable values (and their origin), sites
+                    res["signals"] = rep.signals
                 if progress:
                     progress(f"{run.label} [{task.kind}]", len(chunk))
             res["tasks"][task.kind] = summarize(task.kind.split("#")[0], scores)

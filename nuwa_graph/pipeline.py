@@ -52,13 +52,19 @@ class PipelineSpec(BaseModel):
     description: str = ""
     variables: dict[str, Any] = Field(default_factory=dict)
     seed: int = 0
+    # model family (adapter `family`, e.g. qwen2_5_vl) -> file run INSTEAD of this one on such a
+    # model (path relative to this file): one method, one file name, the authors' per-family code
+    family_files: dict[str, str] = Field(default_factory=dict)
     nodes: list[NodeSpec]
 
 
 # Variables the MODEL provides: a file may use them in expressions (`${llm_layers // 2}`) so
 # one file fits models of any depth. Without a model (validate, draw, docs) they take the
 # LLaVA-1.5-7B values below; an adapter rebinds them to its model before running.
-MODEL_VARIABLES: dict[str, int] = {
+# A variable's default may itself be an expression over them (`K: "${scale32(2)}"`): it is
+# evaluated for each model; `--set K=3` replaces it by the exact value.
+MODEL_VARIABLES: dict[str, Any] = {
+    "family": "llava",  # adapter family: llava | qwen2_5_vl (see family_files)
     "llm_layers": 32,  # decoder layers of the language model
     "vision_layers": 24,  # layers (blocks) of the vision encoder
     # visual tokens per image on a FIXED patch grid (576 = 24x24 on LLaVA-1.5). Budgets in the
@@ -82,16 +88,61 @@ class Pipeline:
     edges: list[tuple[str, str, str, str]] = field(default_factory=list)  # (src, out_port, dst, in_port)
     model_vars: dict[str, Any] = field(default_factory=lambda: dict(MODEL_VARIABLES))
     model_vars_used: frozenset[str] = frozenset()
+    overrides: dict[str, Any] = field(default_factory=dict)  # what the user set (--set), exact
+    derived: dict[str, str] = field(default_factory=dict)  # variable -> default expression it was computed from
+    chosen_from: str | None = None  # the file whose family_files picked this one for the model
 
     def bind_model(self, model_vars: dict[str, Any]) -> "Pipeline":
-        """This pipeline with the model's variables (re-validated), or itself if they don't matter."""
-        if all(self.model_vars.get(k) == model_vars.get(k, self.model_vars.get(k)) for k in self.model_vars_used):
+        """This pipeline for a model (re-validated with its variables), or itself if they don't matter.
+
+        If `model_vars` name a `family` listed in the file's `family_files`, that file is
+        loaded instead, with the same overrides (each must be one of its variables)."""
+        merged = {**self.model_vars, **model_vars}
+        other = self.spec.family_files.get(str(model_vars["family"])) if "family" in model_vars else None
+        if other is not None:
+            return self._family_file(other, merged)
+        if all(self.model_vars.get(k) == merged.get(k) for k in self.model_vars_used):
             return self
         from .validation import build_pipeline
 
         node_lines = {n.name: n._line for n in self.spec.nodes}
-        merged = {**self.model_vars, **model_vars}
-        return build_pipeline(self.spec, self.source, dict(self.variables), [], node_lines, merged)
+        return build_pipeline(self.spec, self.source, dict(self.overrides), [], node_lines, merged)
+
+    def _family_file(self, other: str, model_vars: dict[str, Any]) -> Pipeline:
+        path = Path(self.source).parent / other
+        family = model_vars.get("family")
+        try:
+            target = PipelineSpec.model_validate({**yaml.safe_load(path.read_text(encoding="utf-8")), "nodes": []})
+        except (OSError, TypeError, yaml.YAMLError, ValidationError):
+            raise PipelineError([Problem(self.source, f"family_files: {other} (for {family} models) is missing or "
+                                         f"not a pipeline file", field="family_files")]) from None
+        if str(family) in target.family_files:
+            raise PipelineError([Problem(self.source, f"family_files: {other} sends {family} models on to "
+                                         f"{target.family_files[str(family)]}; name the final file", field="family_files")])
+        stray = [k for k in self.overrides if k not in target.variables]
+        if stray:
+            raise PipelineError([Problem(self.source, f"on a {family} model this file runs {other} (family_files), "
+                                         f"which has no variable {', '.join(repr(k) for k in stray)}; its variables: "
+                                         f"{', '.join(sorted(target.variables)) or 'none'}: run {path} itself to set them",
+                                         field="family_files")])
+        pipe = load(path, dict(self.overrides), model_vars)
+        pipe.chosen_from = self.source
+        return pipe
+
+    def schedule(self) -> dict[str, Any]:
+        """Which file and which variable values this run uses, and where each value came from."""
+        vals = {}
+        for k, v in self.variables.items():
+            if k in self.overrides:
+                how = "set, exact"
+            elif k in self.derived:
+                how = f"{self.derived[k]} on {self.model_vars.get('llm_layers')} LLM layers"
+            else:
+                how = "file default"
+            vals[k] = {"value": v, "from": how}
+        return {"file": self.source, "chosen_for_family": self.model_vars.get("family") if self.chosen_from else None,
+                "instead_of": self.chosen_from, "model": {k: self.model_vars.get(k) for k in sorted(self.model_vars)},
+                "variables": vals, "sites": [str(s) for s in self.site_order()]}
 
     @property
     def name(self) -> str:
@@ -112,7 +163,9 @@ class Pipeline:
     def dump(self) -> dict[str, Any]:
         """The file's content with the current variable values (expressions kept)."""
         data = self.spec.model_dump(exclude_defaults=False)
-        data["variables"] = dict(self.variables)
+        data["variables"] = {k: self.spec.variables[k] if k in self.derived else v for k, v in self.variables.items()}
+        if not data["family_files"]:
+            data.pop("family_files")
         for n in data["nodes"]:
             if not n["params"]:
                 n.pop("params")
@@ -170,7 +223,9 @@ def _pydantic_problems(file: str, exc: ValidationError, node: str | None, prefix
 
 def load_text(text: str, source: str = "<string>", overrides: dict[str, Any] | None = None,
               model_vars: dict[str, Any] | None = None) -> Pipeline:
-    """Parse and validate pipeline YAML; raise PipelineError listing every problem."""
+    """Parse and validate pipeline YAML; raise PipelineError listing every problem.
+
+    With `model_vars` of a family listed in the file's `family_files`, that file is loaded."""
     from .validation import build_pipeline
 
     try:
@@ -213,7 +268,10 @@ def load_text(text: str, source: str = "<string>", overrides: dict[str, Any] | N
     for i, s in enumerate(spec.nodes):
         s._line = lines.get(i)
         node_lines.setdefault(s.name, s._line)  # a duplicate name keeps its first entry's line
-    return build_pipeline(spec, source, overrides or {}, problems, node_lines, model_vars)
+    pipe = build_pipeline(spec, source, overrides or {}, problems, node_lines, model_vars)
+    if model_vars and str(model_vars.get("family")) in spec.family_files:
+        return pipe.bind_model(model_vars)
+    return pipe
 
 
 def load(path: str | Path, overrides: dict[str, Any] | None = None, model_vars: dict[str, Any] | None = None) -> Pipeline:

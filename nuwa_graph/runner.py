@@ -85,6 +85,15 @@ def _fmt_bytes(n: int) -> str:
     return str(n)
 
 
+def describe_schedule(schedule: dict[str, Any]) -> str:
+    """One line: the file run (and why), each variable with where its value came from, the sites."""
+    head = schedule["file"]
+    if schedule.get("instead_of"):
+        head += f" (for {schedule['chosen_for_family']} models, instead of {schedule['instead_of']})"
+    parts = [f"{k}={v['value']!r} ({v['from']})" for k, v in schedule.get("variables", {}).items()]
+    return head + (": " + ", ".join(parts) if parts else "") + "; sites " + " ".join(schedule.get("sites", []))
+
+
 def print_report(rep, console=None) -> None:
     from rich.console import Console
     from rich.markup import escape
@@ -107,6 +116,10 @@ def print_report(rep, console=None) -> None:
     t.add_row("KV cache", _fmt_bytes(rep.kv_cache_bytes))
     if rep.node_ms:
         t.add_row("node time", ", ".join(f"{k} {v:.2f} ms" for k, v in rep.node_ms.items()))
+    if rep.schedule:
+        t.add_row("schedule", escape(describe_schedule(rep.schedule)))
+    if rep.signals:
+        t.add_row("signals", escape("; ".join(rep.signals)))
     for b, acts in enumerate(rep.actions):
         for a in acts:
             t.add_row("kept" + ("" if len(rep.actions) == 1 else f" [{b}]"),

@@ -46,12 +46,24 @@ def build_pipeline(
             problems.append(Problem(source, f"--set {name}: {name!r} is given by the model and cannot be set",
                                     field=f"variables.{name}"))
         elif name not in variables:
-            problems.append(Problem(source, f"--set {name}: no such variable (defined: {', '.join(sorted(variables)) or 'none'})",
-                                    field=f"variables.{name}"))
+            problems.append(Problem(source, f"--set {name}: no such variable (defined: {', '.join(sorted(variables)) or 'none'})"
+                                    + _family_hint(spec), field=f"variables.{name}"))
         else:
             variables[name] = value
 
     used: set[str] = set()
+    # defaults written as expressions over the model variables (`K: "${scale32(2)}"`), for this model
+    derived: dict[str, str] = {}
+    for name, value in spec.variables.items():
+        if name in overrides or not (isinstance(value, str) and "${" in value):
+            continue
+        try:
+            variables[name] = substitute(value, dict(model_vars), used)
+            derived[name] = value.strip().removeprefix("${").removesuffix("}").strip()
+        except ExpressionError as exc:
+            depth = f"{model_vars.get('llm_layers')}-layer " if "llm_layers" in value or "scale32" in value else ""
+            problems.append(Problem(source, f"the default of {name!r} ({value}) does not fit this {depth}model: {exc}; "
+                                    f"give it for this model with --set {name}=...", field=f"variables.{name}"))
     nodes: dict[str, Node] = {}
     seen: set[str] = set()
     accepted: set[int] = set()  # id() of the specs that made `nodes` (not their duplicates)
@@ -169,7 +181,15 @@ def build_pipeline(
     if problems:
         raise PipelineError(problems)
     return Pipeline(spec=spec, source=source, variables=variables, nodes=nodes, graph=graph, sites=sites, edges=edges,
-                    model_vars=model_vars, model_vars_used=frozenset(used & set(model_vars)))
+                    model_vars=model_vars, model_vars_used=frozenset(used & set(model_vars)),
+                    overrides={k: v for k, v in overrides.items() if k in spec.variables}, derived=derived)
+
+
+def _family_hint(spec: PipelineSpec) -> str:
+    if not spec.family_files:
+        return ""
+    return "; " + "; ".join(f"on a {fam} model this file runs {f}: pass that file to set its variables"
+                            for fam, f in spec.family_files.items())
 
 
 def _close(name: str, names) -> str:

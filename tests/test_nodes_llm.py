@@ -159,14 +159,16 @@ def test_sparsevlm_reject_bad_site():
 
 
 @pytest.mark.parametrize("name,sets,counts", [
-    ("fastv", ["budget=144"], "64 64 16 16"),
-    ("pdrop", ["layers=[1,2,3]"], "64 6 3 1"),
-    ("sparsevlm", ["layers=[0,1,2]"], "64 9 4 2"),  # k 66/30/17 * 64 // 576 = 7/3/1, + recycled
-    ("sparsevlm_v2", ["layers=[0,1,2]"], "64 7 3 2"),
+    ("fastv", ["budget=144"], "64 16 16 16"),  # K = scale32(2) = 1 on 4 layers
+    ("fastv", ["budget=144", "K=2"], "64 64 16 16"),  # a --set layer is exact
+    ("pdrop", [], "64 6 3 1"),  # layers = scale32([2, 10, 20]) = [1, 2, 3]
+    ("sparsevlm", [], "64 9 4 2"),  # layers [0, 1, 2]; k 66/30/17 * 64 // 576 = 7/3/1, + recycled
+    ("sparsevlm_v2", [], "64 7 3 2"),
+    ("feather", [], "64 16 0 0"),  # K = scale32([8, 16]) = [1, 2]
     ("feather", ["K=[2,3]"], "64 64 16 0"),
 ])
 def test_llm_pipelines_run_on_embedded_model(name, sets, counts):
-    """End to end on the embedded 4-layer model (8x8 grid), with layers lowered to fit it."""
+    """End to end on the tiny 4-layer LLaVA (8x8 grid): the 32-layer schedules follow its depth."""
     from typer.testing import CliRunner
 
     from nuwa_graph import cli

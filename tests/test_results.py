@@ -167,5 +167,23 @@ def test_run_demo_on_the_embedded_model(tmp_path, monkeypatch, untrained):
     code = demo.run_demo(load(ROOT / "pipelines/nuwa.yaml"), out=tmp_path, samples=3, max_new_tokens=2,
                          console=console)
     text = console.export_text()
-    assert code == 0 and "nuwa vs vanilla" in text and "28 28 4 4" in text and "144 144 144 144" in text
+    assert code == 0 and "nuwa beside vanilla and the baselines" in text
+    # depth-independent: whatever the embedded LLM's depth L, the schedules follow it
+    import re
+
+    from nuwa_graph.expressions import scale_layers
+
+    L = int(re.search(r"\((\d+) LLM layers\)", text).group(1))
+    K = scale_layers(2, L)
+
+    def per_layer(*runs):
+        return " ".join(str(c) for n, c in runs for _ in range(n)) + " "
+
+    rows = {line.split("│")[1].strip(): line for line in text.splitlines() if line.count("│") > 3}
+    assert per_layer((L, 144)) in rows["vanilla"]
+    assert per_layer((L // 2, 28), (L - L // 2, 4)) in rows["nuwa"]  # K1 = 112/576 of 144, K2 = K1 // 7
+    # the baselines at nuwa's budget: VisionZip 64 -> 16 of 144 at every layer; FastV from layer K = scale32(2)
+    assert per_layer((L, 16)) in rows["visionzip"] and per_layer((K, 144), (L - K, 16)) in rows["fastv"]
+    assert all(" 64 " in rows[k] for k in ("nuwa", "visionzip", "fastv"))
+    assert f"K={K} (scale32(2) on {L} LLM layers)" in text
     assert (tmp_path / "nuwa_kept.png").read_bytes()[:4] == b"\x89PNG"

@@ -192,6 +192,8 @@ class RunReport:
     actions: list[list[dict[str, Any]]]  # per sample: every Keep (site, node, count, positions)
     device: str = "cpu"
     dtype: str = "float32"
+    schedule: dict[str, Any] = field(default_factory=dict)  # file run, variable values and their origin, sites
+    signals: list[str] = field(default_factory=list)  # every model signal read: "kind(args) at site"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -412,11 +414,11 @@ class VLMAdapter:
     def n_layers(self) -> int:
         return len(self.decoder_layers())
 
-    def model_variables(self) -> dict[str, int]:
+    def model_variables(self) -> dict[str, Any]:
         """Values of the pipeline model variables (pipeline.MODEL_VARIABLES) for this model."""
         vc = getattr(self.model.config, "vision_config", None)
         depth = getattr(vc, "num_hidden_layers", None) or getattr(vc, "depth", None)
-        out = {"llm_layers": self.n_layers}
+        out: dict[str, Any] = {"family": self.family, "llm_layers": self.n_layers}
         if depth:
             out["vision_layers"] = int(depth)
         return out
@@ -427,7 +429,7 @@ class VLMAdapter:
         for site in ex.sites():
             if site.layer is not None and site.layer >= self.n_layers:
                 problems.append(f"site {site} is past the last LLM layer ({self.n_layers - 1}); "
-                                f"lower the layer in the pipeline")
+                                + layer_variable_hint(ex.pipeline, site))
         for req in ex.requests():
             if req.kind not in self.supported_signals:
                 problems.append(f"signal {req.kind!r} (read at {req.site}) is not available for the {self.family} "
@@ -439,7 +441,8 @@ class VLMAdapter:
                 if K is None:
                     problems.append(f"signal {req.key} must be read at an llm.K site, not {req.site}")
                 elif L is None or not (0 <= int(L) <= K):
-                    problems.append(f"signal {req.key} at {req.site}: layer must be in 0..{K}")
+                    problems.append(f"signal {req.key} at {req.site}: layer must be in 0..{K}; "
+                                    + layer_variable_hint(ex.pipeline, Site(req.site)))
                 if req.kind == "llm.attention":
                     q = str(req.arg("queries", "last"))
                     if not _QUERIES.match(q):
@@ -969,6 +972,8 @@ class VLMAdapter:
                 if isinstance(t, torch.Tensor):
                     kv += t.numel() * t.element_size()
         rep = self._report(r, new_tokens, prefill_s, decode_s, steps, mem, kv)
+        rep.schedule = r.ex.pipeline.schedule()
+        rep.signals = [f"{q.key} at {q.site}" for q in r.ex.requests()]
         if return_logits:
             rep.step_logits = step_logits  # type: ignore[attr-defined]
         return rep
@@ -1013,6 +1018,20 @@ class VLMAdapter:
             node_ms={k: v * 1e3 for k, v in r.state.timings.items()}, kept=kept, actions=actions,
             device=str(self.device), dtype=str(self.dtype).replace("torch.", ""),
         )
+
+
+def layer_variable_hint(pipe: Pipeline, site: Site) -> str:
+    """'change K (now 40), e.g. --set K=...': the pipeline variables that put a node at `site`."""
+    names: set[str] = set()
+    for ns in pipe.spec.nodes:
+        if pipe.sites.get(ns.name) == site:
+            where = {k: v for k, v in ns.params.items() if k in ("site", "layer")}  # what places a node
+            names |= set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", str(where)))
+    names = {n for n in names if n in pipe.variables}
+    if not names:
+        return "lower the layer in the pipeline file"
+    shown = ", ".join(f"{n} (now {pipe.variables[n]!r})" for n in sorted(names))
+    return f"change {shown}, e.g. --set {min(names)}=..."
 
 
 def dtype_of(name: str | torch.dtype) -> torch.dtype:

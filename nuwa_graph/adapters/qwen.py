@@ -347,7 +347,14 @@ class QwenAdapter(VLMAdapter):
             lines = [ln.strip()[2:] for ln in str(exc).splitlines()[1:] if ln.strip().startswith("- ")]
             problems += [ln for ln in lines if not any(f"signal {k!r}" in ln for k in NO_CLS_SIGNALS)]
         if problems:
-            raise RunError(f"pipeline {ex.pipeline.name!r} cannot run on {self.name}:\n  - " + "\n  - ".join(problems))
+            hint = ""
+            if any(req.kind in NO_CLS_SIGNALS for req in ex.requests()):
+                hint = (f"\nhint: {ex.pipeline.name} is defined on a CLS token (CLIP-style towers, LLaVA-1.5) and has "
+                        f"no Qwen2.5-VL form; on this model run pipelines/nuwa.yaml (it switches to its authors' Qwen "
+                        f"code by itself) or a method that reads only LLM signals (fastv, pdrop, sparsevlm, feather, "
+                        f"random, downsample)")
+            raise RunError(f"pipeline {ex.pipeline.name!r} cannot run on {self.name}:\n  - " + "\n  - ".join(problems)
+                           + hint)
 
     def check_request(self, req: SignalRequest) -> str | None:
         if not req.kind.startswith("vision."):
