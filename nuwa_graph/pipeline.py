@@ -26,10 +26,11 @@ from typing import Any
 
 import networkx as nx
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictInt, ValidationError
 
 from .errors import PipelineError, Problem
 from .node import Node
+from .safe_yaml import MAX_FILE_BYTES, YamlLimitError, load_yaml
 from .sites import Site
 
 
@@ -51,7 +52,7 @@ class PipelineSpec(BaseModel):
     name: str
     description: str = ""
     variables: dict[str, Any] = Field(default_factory=dict)
-    seed: int = 0
+    seed: StrictInt = 0
     nodes: list[NodeSpec]
 
 
@@ -124,24 +125,6 @@ class Pipeline:
         return yaml.safe_dump(self.dump(), sort_keys=False, allow_unicode=True)
 
 
-# --- YAML with line numbers -------------------------------------------------------------
-class _LineDict(dict):
-    line: int = 0
-
-
-class _LineLoader(yaml.SafeLoader):
-    pass
-
-
-def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _LineDict:
-    d = _LineDict(loader.construct_mapping(node, deep=True))
-    d.line = node.start_mark.line + 1
-    return d
-
-
-_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
 def parse_override(text: str) -> tuple[str, Any]:
     """`name=value` from `--set`; the value is read as YAML (numbers, lists, strings)."""
     if "=" not in text:
@@ -151,8 +134,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not name.isidentifier():
         raise ValueError(f"--set {text!r}: {name!r} is not a valid variable name")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = load_yaml(raw, f"--set {name}") if raw.strip() else ""
+    except YamlLimitError as exc:
+        if len(raw) > 1000:  # too large to be a plain string either
+            raise ValueError(f"--set {name}: {exc.message}") from None
         value = raw
     return name, value
 
@@ -161,25 +146,22 @@ def _pydantic_problems(file: str, exc: ValidationError, node: str | None, prefix
     out = []
     for err in exc.errors():
         loc = ".".join(str(x) for x in err["loc"])
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
         out.append(Problem(file, msg, node=node, field=f"{prefix}{loc}" if loc else prefix.rstrip("."), line=line))
     return out
 
 
-def load_text(text: str, source: str = "<string>", overrides: dict[str, Any] | None = None,
+def load_text(text: str | bytes, source: str = "<string>", overrides: dict[str, Any] | None = None,
               model_vars: dict[str, Any] | None = None) -> Pipeline:
-    """Parse and validate pipeline YAML; raise PipelineError listing every problem."""
+    """Parse and validate pipeline YAML (bounded: see safe_yaml.py); raise PipelineError listing every problem."""
     from .validation import build_pipeline
 
     try:
-        raw = yaml.load(text, Loader=_LineLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise PipelineError([Problem(source, f"YAML syntax error: {problem}", line=line)]) from None
+        raw = load_yaml(text, source)
+    except YamlLimitError as exc:
+        raise PipelineError([Problem(source, exc.message, line=exc.line)]) from None
     if not isinstance(raw, dict):
         raise PipelineError([Problem(source, "a pipeline file must be a mapping with 'name' and 'nodes'", line=1)])
     problems: list[Problem] = []
@@ -218,6 +200,17 @@ def load_text(text: str, source: str = "<string>", overrides: dict[str, Any] | N
 
 def load(path: str | Path, overrides: dict[str, Any] | None = None, model_vars: dict[str, Any] | None = None) -> Pipeline:
     p = Path(path)
+    if p.is_dir():
+        raise PipelineError([Problem(str(path), "is a folder, not a pipeline file")])
     if not p.is_file():
         raise PipelineError([Problem(str(path), "no such file")])
-    return load_text(p.read_text(encoding="utf-8"), str(path), overrides, model_vars)
+    try:
+        size = p.stat().st_size
+        if size > MAX_FILE_BYTES:  # refused before reading it
+            raise PipelineError([Problem(str(path), f"file is {size} bytes; a pipeline file may have at most "
+                                         f"{MAX_FILE_BYTES} bytes (limit MAX_FILE_BYTES)")])
+        with p.open("rb") as fh:
+            data = fh.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise PipelineError([Problem(str(path), f"cannot be read ({exc.strerror or exc})")]) from None
+    return load_text(data, str(path), overrides, model_vars)
