@@ -124,9 +124,9 @@ def _eval(node: ast.AST, env: dict[str, Any], used: set[str]) -> Any:
             raise ExpressionError(f"{key!r} is not in the table (valid: {keys})") from None
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCS and not node.keywords:
         args = [_eval(a, env, used) for a in node.args]
-        if node.func.id in ("int", "round", "ceil", "floor") and args and isinstance(args[0], str):
-            if len(args[0]) > 100:
-                raise ExpressionError(f"{node.func.id}() of a string of {len(args[0])} characters (at most 100)")
+        if node.func.id in ("int", "round", "ceil", "floor") and args and isinstance(args[0], str) \
+                and len(args[0]) > 100:
+            raise ExpressionError(f"{node.func.id}() of a string of {len(args[0])} characters (at most 100)")
         if node.func.id == "round" and len(args) == 2 and isinstance(args[1], int) and abs(args[1]) > 1000:
             raise ExpressionError(f"round() to {args[1]} digits (at most 1000)")
         return _check_value(_FUNCS[node.func.id](*args))

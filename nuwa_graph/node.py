@@ -14,9 +14,9 @@ Nodes that read the model also implement `requests()` and a fixed `site()`; appl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import types as _types
 import typing
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator

@@ -26,7 +26,14 @@ from typing import Any
 
 import networkx as nx
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictInt, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictInt,
+    ValidationError,
+)
 
 from .errors import PipelineError, Problem
 from .node import Node
