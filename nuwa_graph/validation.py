@@ -181,7 +181,7 @@ def _sites_beyond_model(source, nodes, sites, node_lines, model_vars, model_know
         f"no supported model has more than {MAX_LLM_LAYERS} LLM layers"
     out = []
     for name, node in nodes.items():
-        used = {sites.get(name)} | {Site(r.site) for r in node.requests()}
+        used = {node.site()} | {Site(r.site) for r in node.requests()}
         for s in sorted(x for x in used if x is not None and x.layer is not None and x.layer >= n_layers):
             out.append(Problem(source, f"site {s} is past the last LLM layer ({what}: llm.0 .. llm.{n_layers - 1})",
                                node=name, field="params", line=node_lines.get(name)))
