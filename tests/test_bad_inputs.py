@@ -217,14 +217,23 @@ def test_not_an_image(tmp_path):
     assert r.exit_code == 1 and has(r, "could not be read as an image")
 
 
-def test_skip_bad_records_reports_the_count(tmp_path):
-    r = invoke("eval", PIPELINES / "vanilla.yaml", "--data", CORPUS / "data" / "many_bad.json", "--model",
-               "tiny-llava", "--skip-bad-records", "--max-new-tokens", "2", "-o", tmp_path / "ev")
+def test_skip_bad_records_reports_the_count(tmp_path, monkeypatch):
+    from nuwa_graph.evaluate import load_data
+
+    (task,) = load_data([CORPUS / "data" / "many_bad.json"], skip_bad=True)
+    assert task.skipped == 3 and [s.record for s in task.samples] == [0, 3]
+
+    import nuwa_graph.adapters as adapters
+    from nuwa_graph.errors import RunError
+
+    def stop(*a, **k):
+        raise RunError("stopped at the model")
+
+    monkeypatch.setattr(adapters, "load_adapter", stop)
+    r = invoke("eval", PIPELINES / "vanilla.yaml", "--data", CORPUS / "data" / "many_bad.json",
+               "--skip-bad-records", "-o", tmp_path / "ev")
     no_traceback(r)
-    assert r.exit_code == 0, r.output
-    assert has(r, "skipped 3 bad records of")
-    res = json.loads((tmp_path / "ev" / "results.json").read_text())
-    assert res["data"][0]["n"] == 2 and res["data"][0]["skipped_bad_records"] == 3
+    assert has(r, "skipped 3 bad records of") and has(r, "stopped at the model"), r.output
 
 
 @pytest.fixture
