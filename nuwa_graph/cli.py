@@ -57,7 +57,7 @@ class _SafeGroup(TyperGroup):
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None
-        except Exception as exc:  # a bug or an input nobody foresaw: still one line, never a traceback
+        except Exception as exc:  # noqa: BLE001 - a bug or an input nobody foresaw: still one line, never a traceback
             if _debug():
                 raise
             text = (str(exc).strip().splitlines() or [""])[0][:300]
@@ -301,7 +301,8 @@ def draw(
 
     Example: nuwa-graph draw pipelines/nuwa.yaml --format svg -o nuwa.svg
     """
-    from .draw import DrawError, draw as make_drawing
+    from .draw import DrawError
+    from .draw import draw as make_drawing
 
     _output_or_exit(output, "file", [file], "--output")
     pipeline = _load_or_exit(file, set_)
@@ -486,10 +487,28 @@ def eval_(
 
     Example: nuwa-graph eval pipelines/vanilla.yaml pipelines/fastv.yaml pipelines/nuwa.yaml --set budget=32,64 --limit 100
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
-    from .evaluate import (GROUNDING_PROMPT, OUTPUT_FILES, PARTIAL_PREDICTIONS, EvalError, default_model, evaluate,
-                           load_data, plan_runs, sample_data, sweep_axis, tokens_runs, write_results)
+    from .evaluate import (
+        GROUNDING_PROMPT,
+        OUTPUT_FILES,
+        PARTIAL_PREDICTIONS,
+        EvalError,
+        default_model,
+        evaluate,
+        load_data,
+        plan_runs,
+        sample_data,
+        sweep_axis,
+        tokens_runs,
+        write_results,
+    )
     from .viz import write_pictures
 
     for template, field, option in ((grounding_prompt, "expression", "--grounding-prompt"),

@@ -24,12 +24,20 @@ import io
 import json
 import os
 import statistics
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
-from .data import (BadRecord, DataFormatError, GroundingSample, exact_match, load_grounding, load_vqa,
-                   read_records)
+from .data import (
+    BadRecord,
+    DataFormatError,
+    GroundingSample,
+    exact_match,
+    load_grounding,
+    load_vqa,
+    read_records,
+)
 from .errors import PipelineError, RunError
 from .pipeline import Pipeline, load
 from .safe_io import atomic_write, probe_image
@@ -573,6 +581,28 @@ def sweep_axis(grid: dict[str, list[Any]]) -> str | None:
     return None
 
 
-__all__ = ["Checkpoint", "EvalError", "OUTPUT_FILES", "PARTIAL_PREDICTIONS", "EvalRun", "IOU_THRESHOLD", "Task", "add_relative", "default_model", "detect_kind", "evaluate",
-           "grounding_score", "load_data", "plan_runs", "reference_index", "relative_pct", "rows", "sample_data",
-           "summarize", "sweep_axis", "tokens_runs", "vqa_score", "write_results"]
+__all__ = [
+    "IOU_THRESHOLD",
+    "OUTPUT_FILES",
+    "PARTIAL_PREDICTIONS",
+    "Checkpoint",
+    "EvalError",
+    "EvalRun",
+    "Task",
+    "add_relative",
+    "default_model",
+    "detect_kind",
+    "evaluate",
+    "grounding_score",
+    "load_data",
+    "plan_runs",
+    "reference_index",
+    "relative_pct",
+    "rows",
+    "sample_data",
+    "summarize",
+    "sweep_axis",
+    "tokens_runs",
+    "vqa_score",
+    "write_results",
+]

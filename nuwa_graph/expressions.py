@@ -157,7 +157,7 @@ def evaluate(expr: str, env: dict[str, Any], used: set[str]) -> Any:
         if "${" in str(exc):
             raise
         raise ExpressionError(f"expression ${{{_shown(expr)}}}: {exc}") from None
-    except Exception as exc:  # arithmetic errors and the like
+    except Exception as exc:  # noqa: BLE001 - arithmetic errors and the like
         raise ExpressionError(f"expression ${{{_shown(expr)}}} failed: {type(exc).__name__}: {exc}") from None
 
 

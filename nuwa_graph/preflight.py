@@ -70,7 +70,7 @@ def check_context(adapter: Any, image: Any, prompt: str, max_new_tokens: int, wh
         n_prompt = int(adapter.encode([image], [prompt]).input_ids.shape[1])
     except RunError:
         raise
-    except Exception as exc:  # the processor's own refusal, e.g. a malformed chat prompt
+    except Exception as exc:  # noqa: BLE001 - the processor's own refusal, e.g. a malformed chat prompt
         raise RunError(f"{where}: the model's processor refused the prompt ({type(exc).__name__}: "
                        f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
     if n_prompt + max_new_tokens > n_ctx:

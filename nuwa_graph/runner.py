@@ -136,7 +136,6 @@ def run_command(pipeline: Pipeline | str | Path, model: str | None = None, image
         dt = resolve_dtype(dtype, dev)
         img = load_image(image)
         from .adapters import load_adapter
-
         from .evaluate import default_model
 
         adapter = load_adapter(model or default_model(), dt, dev)

@@ -17,8 +17,9 @@ import io
 import os
 import tempfile
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal
 
 from .errors import RunError
 

@@ -78,8 +78,8 @@ def test_every_corpus_file_has_a_case():
 def test_no_payload_runs(tmp_path, monkeypatch):
     marker = tmp_path / "pwned"
     for text in (f"name: !!python/object/apply:os.system ['touch {marker}']\nnodes: []\n",
-                 f"name: x\nnodes: [{{name: a, type: selector.top-k, params: {{k: \"${{__import__('os')"
-                 f".system('touch {marker}')}}\"}}}}]\n",
+                 (f"name: x\nnodes: [{{name: a, type: selector.top-k, params: {{k: \"${{__import__('os')"
+                  f".system('touch {marker}')}}\"}}}}]\n"),
                  "name: !!python/name:os.system\nnodes: []\n"):
         with pytest.raises(PipelineError):
             load_text(text)
@@ -102,7 +102,7 @@ def test_folder_as_pipeline_file(tmp_path):
 
 
 def test_set_value_cannot_be_a_bomb():
-    name, value = parse_override("budget=[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]")
+    _, value = parse_override("budget=[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]")
     assert isinstance(value, str)  # too deep to be YAML: kept as text, then refused by the node's type
     with pytest.raises(ValueError, match="--set budget: a value of"):
         parse_override("budget=" + "x" * (safe_yaml.MAX_SCALAR_CHARS + 1))
@@ -139,7 +139,7 @@ def test_draw_output_paths_checked_first_and_input_kept(tmp_path):
 
 
 def test_eval_and_sweep_check_outputs_before_loading_anything(tmp_path, monkeypatch):
-    import nuwa_graph.adapters as adapters
+    from nuwa_graph import adapters
 
     def boom(*a, **k):
         raise AssertionError("the model was loaded before the output path was checked")
@@ -223,7 +223,7 @@ def test_skip_bad_records_reports_the_count(tmp_path, monkeypatch):
     (task,) = load_data([CORPUS / "data" / "many_bad.json"], skip_bad=True)
     assert task.skipped == 3 and [s.record for s in task.samples] == [0, 3]
 
-    import nuwa_graph.adapters as adapters
+    from nuwa_graph import adapters
     from nuwa_graph.errors import RunError
 
     def stop(*a, **k):

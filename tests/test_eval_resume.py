@@ -12,7 +12,13 @@ from typer.testing import CliRunner
 
 from nuwa_graph import cli
 from nuwa_graph.adapters.base import RunReport
-from nuwa_graph.evaluate import PARTIAL_PREDICTIONS, evaluate, load_data, plan_runs, sample_data
+from nuwa_graph.evaluate import (
+    PARTIAL_PREDICTIONS,
+    evaluate,
+    load_data,
+    plan_runs,
+    sample_data,
+)
 
 PIPELINES = Path(__file__).parent.parent / "pipelines"
 RESULT_FILES = ("results.json", "results.csv", "predictions.jsonl")
@@ -59,7 +65,7 @@ def eval_args(data, out):
 
 
 def test_interrupted_eval_resumes_to_the_same_results(tmp_path, data, monkeypatch):
-    import nuwa_graph.adapters as adapters
+    from nuwa_graph import adapters
 
     # reference: one uninterrupted run
     monkeypatch.setattr(adapters, "load_adapter", lambda *a, **k: FakeAdapter())
@@ -89,7 +95,7 @@ def test_interrupted_eval_resumes_to_the_same_results(tmp_path, data, monkeypatc
 
 
 def test_partial_predictions_of_other_settings_are_not_reused(tmp_path, data, monkeypatch):
-    import nuwa_graph.adapters as adapters
+    from nuwa_graph import adapters
 
     fake = FakeAdapter(fail_at=4)
     monkeypatch.setattr(adapters, "load_adapter", lambda *a, **k: fake)

@@ -89,7 +89,7 @@ def load_adapter(model: str = "tiny-llava", dtype: str | torch.dtype = "float32"
         return cls.from_pretrained(model, dt, device)
     except RunError:
         raise
-    except Exception as exc:  # broken config values, missing or corrupt weights, refused pickles, ...
+    except Exception as exc:  # noqa: BLE001 - broken config values, missing or corrupt weights, refused pickles, ...
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         if type(exc).__name__ == "UnpicklingError":
             first = "pickled weights are refused (they can run code); convert them to model.safetensors"
