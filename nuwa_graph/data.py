@@ -231,6 +231,19 @@ def _expressions(rec: dict) -> list[str]:
     return out
 
 
+IMAGE_PLACEHOLDERS = ("<image>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>")
+
+
+def _no_placeholder(text: str, field: str) -> str:
+    """Data text may not carry an image placeholder: the adapter adds exactly one per prompt, and
+    a prompt holding one is taken as already formatted (no chat template): results would change."""
+    for ph in IMAGE_PLACEHOLDERS:
+        if ph in text:
+            raise _Bad(field, f"holds the image placeholder {ph!r}; give plain text (the image is added once per "
+                              f"prompt by the model's adapter)")
+    return text
+
+
 def _record_id(rec: dict, keys: tuple[str, ...]) -> str | None:
     v = _first(rec, keys)
     if v is None or isinstance(v, (dict, list)):
@@ -280,6 +293,9 @@ def load_grounding(path: str | Path, image_root: str | Path | None = None, bbox_
             exprs = _expressions(rec)
             if not exprs:
                 raise _Bad("answer", "no referring expression (answer, sentences, expression, ...)")
+            for e in exprs:
+                _no_placeholder(e, _first_key(rec, ("answer", "sentences", "expressions", "expression", "sent",
+                                                    "caption", "text")))
             image = _image(rec, root, f"{path}: record {n}")
             w = _size(rec, ("image_width", "width"))
             h = _size(rec, ("image_height", "height"))
@@ -344,6 +360,7 @@ def load_vqa(path: str | Path, image_root: str | Path | None = None, image_templ
             q = _first(rec, ("question", "text", "prompt"))
             if not isinstance(q, str) or not q.strip():
                 raise _Bad("question", "no question text (expected question, text or prompt)")
+            _no_placeholder(q, _first_key(rec, ("question", "text", "prompt")))
             image = _image(rec, root, f"{path}: record {n}", image_template)
             answers = _answers(rec, require_answers)
             rid = _record_id(rec, id_keys)

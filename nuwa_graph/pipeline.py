@@ -209,6 +209,8 @@ def load(path: str | Path, overrides: dict[str, Any] | None = None, model_vars: 
     p = Path(path)
     if p.is_dir():
         raise PipelineError([Problem(str(path), "is a folder, not a pipeline file")])
+    if p.exists() and not p.is_file():
+        raise PipelineError([Problem(str(path), "not a regular file (a device, pipe or socket?); give a YAML file")])
     if not p.is_file():
         raise PipelineError([Problem(str(path), "no such file")])
     try:

@@ -96,9 +96,12 @@ def test_pipeline_file_over_the_size_limit_is_refused_unread(tmp_path):
     assert r.exit_code == 1 and has(r, "a pipeline file may have at most 1000000 bytes (limit MAX_FILE_BYTES)")
 
 
-def test_folder_as_pipeline_file(tmp_path):
+def test_folder_or_device_as_pipeline_file(tmp_path):
     r = invoke("validate", tmp_path)
     assert r.exit_code == 1 and has(r, "is a folder, not a pipeline file")
+    t0 = time.perf_counter()
+    r = invoke("validate", "/dev/zero")  # endless: never read
+    assert r.exit_code == 1 and has(r, "not a regular file") and time.perf_counter() - t0 < 5
 
 
 def test_set_value_cannot_be_a_bomb():
