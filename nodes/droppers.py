@@ -13,7 +13,7 @@ from nuwa_graph.types import Selection
 
 
 class RandomParams(NodeParams):
-    keep: int | None = Field(None, ge=0, description="tokens kept (give keep or ratio)")
+    keep: int | None = Field(None, ge=1, description="tokens kept (give keep or ratio)")
     ratio: float | None = Field(None, gt=0, le=1, description="fraction kept, int(n * ratio)")
     order: Literal["index", "input"] = Field("index", description="index: ascending ids; input: keep input order")
 

@@ -42,7 +42,7 @@ def spread_ids(grid: tuple[int, int], k: int) -> torch.Tensor:
 
 
 class CountParams(NodeParams):
-    k: int = Field(ge=0, description="number of tokens kept, spread evenly over the grid")
+    k: int = Field(ge=1, description="number of tokens kept, spread evenly over the grid")
 
 
 @register

@@ -21,8 +21,8 @@ def order_ids(ids: torch.Tensor, scores: torch.Tensor | None, order: str) -> tor
 
 
 class TopKParams(NodeParams):
-    k: int | None = Field(None, ge=0, description="number of tokens to keep (give k or ratio)")
-    ratio: float | None = Field(None, ge=0, le=1, description="fraction kept instead of a count: of the candidates "
+    k: int | None = Field(None, ge=1, description="number of tokens to keep (give k or ratio)")
+    ratio: float | None = Field(None, gt=0, le=1, description="fraction kept instead of a count: of the candidates "
                                 "(`of: input`) or of the image grid (`of: grid`), rounded by `rounding`")
     of: Literal["input", "grid"] = Field("input", description="what `ratio` is a fraction of: the tokens competing "
                                          "(input) or every token of the grid (grid)")

@@ -30,7 +30,7 @@ def count_for(n_present: int, n_grid: int, k: int | None, ratio: float | None, b
 
 
 class TopKIntParams(NodeParams):
-    k: int | None = Field(None, ge=0, description="tokens to keep (give k or ratio)")
+    k: int | None = Field(None, ge=1, description="tokens to keep (give k or ratio)")
     ratio: float | None = Field(None, gt=0, le=1, description="keep int(base * ratio) tokens (Python int() truncation)")
     base: Literal["present", "grid"] = Field(
         "present", description="what ratio multiplies: tokens present (FEATHER) or the full grid (PDrop: 576 at every stage)")

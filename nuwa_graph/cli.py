@@ -1,7 +1,9 @@
 """The `nuwa-graph` command line: validate, list node types, draw and run pipelines.
 
 Every user error (a bad file, a bad --set, an unknown node type, Graphviz missing) ends
-with a message and a non-zero exit code, never a traceback.
+with a message and a non-zero exit code, never a traceback: exit 1 for an error, 2 for a
+usage error (a bad option), 130 when interrupted (Ctrl-C). `--debug` shows the traceback of
+an unexpected error. Output paths are checked before any work (see safe_io.py).
 """
 
 from __future__ import annotations
@@ -17,12 +19,82 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from . import __version__, registry
 from .errors import PipelineError, RunError
 from .pipeline import Pipeline, load, parse_override
+from .preflight import check_prompt_text, check_template
+from .safe_io import atomic_write, check_output
+
+try:  # typer >= 0.17 vendors click
+    from typer._click import exceptions as _click_exc
+except ImportError:  # pragma: no cover
+    from click import exceptions as _click_exc
+
+_STATE = {"debug": False}
+
+
+class _SafeGroup(TyperGroup):
+    """Turns every error into one message and an exit code (1 error, 130 interrupted), never a
+    traceback unless --debug (or NUWA_GRAPH_DEBUG=1) asks for it."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (_click_exc.ClickException, typer.Abort, typer.Exit, SystemExit):
+            raise
+        except PipelineError as exc:
+            if _debug():
+                raise
+            _print_problems(exc)
+            raise typer.Exit(1) from None
+        except RunError as exc:
+            if _debug():
+                raise
+            _error(str(exc))
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+        except Exception as exc:  # noqa: BLE001 - a bug or an input nobody foresaw: still one line, never a traceback
+            if _debug():
+                raise
+            text = (str(exc).strip().splitlines() or [""])[0][:300]
+            _error(f"{type(exc).__name__}: {text} (unexpected; run again with --debug for the traceback)")
+            raise typer.Exit(1) from None
+
+
+def _debug() -> bool:
+    import os
+
+    return _STATE["debug"] or os.environ.get("NUWA_GRAPH_DEBUG", "") not in ("", "0")
+
+
+def _error(message: str) -> None:
+    err.print(f"[bold red]error:[/] {escape(message)}")
+
+
+def _output_or_exit(path: Path | None, kind: str, inputs, option: str = "--output", extra_files=()) -> None:
+    """Check an output path before any work; a bad one is a usage error (exit 2)."""
+    if path is None:
+        return
+    try:
+        check_output(path, kind, inputs, option, extra_files)  # type: ignore[arg-type]
+    except RunError as exc:
+        raise typer.BadParameter(str(exc).removeprefix(f"{option} "), param_hint=option) from None
+
+
+def _prompt_or_exit(prompt: str | None) -> None:
+    try:
+        check_prompt_text(prompt)
+    except RunError as exc:
+        raise typer.BadParameter(str(exc).removeprefix("--prompt "), param_hint="--prompt") from None
+
 
 app = typer.Typer(
+    cls=_SafeGroup,
+    pretty_exceptions_show_locals=False,
     name="nuwa-graph",
     help=(
         "Visual-token pruning for vision-language models as YAML graphs of typed nodes.\n\n"
@@ -88,11 +160,13 @@ def _version(value: bool) -> None:
 @app.callback()
 def main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show the Python traceback of an unexpected error."),
 ) -> None:
     """Visual-token pruning for vision-language models as YAML graphs of typed nodes.
 
     Example: nuwa-graph validate pipelines/*.yaml
     """
+    _STATE["debug"] = debug
 
 
 # --- validate -------------------------------------------------------------------------------
@@ -227,8 +301,10 @@ def draw(
 
     Example: nuwa-graph draw pipelines/nuwa.yaml --format svg -o nuwa.svg
     """
-    from .draw import DrawError, draw as make_drawing
+    from .draw import DrawError
+    from .draw import draw as make_drawing
 
+    _output_or_exit(output, "file", [file], "--output")
     pipeline = _load_or_exit(file, set_)
     try:
         drawing = make_drawing(pipeline, fmt.value)
@@ -236,10 +312,7 @@ def draw(
         err.print(f"[bold red]error:[/] {escape(str(exc))}")
         raise typer.Exit(1) from None
     if output is not None:
-        if isinstance(drawing, bytes):
-            output.write_bytes(drawing)
-        else:
-            output.write_text(drawing, encoding="utf-8")
+        atomic_write(output, drawing)
         err.print(f"wrote {escape(str(output))}")
     elif isinstance(drawing, bytes):
         sys.stdout.flush()
@@ -277,6 +350,10 @@ def run(
     Examples: nuwa-graph run pipelines/nuwa.yaml --set budget=128
               nuwa-graph run pipelines/nuwa.yaml --image photo.jpg --prompt "What is left of the red circle?"
     """
+    _prompt_or_exit(prompt)
+    demo = model is None and image is None and prompt is None
+    if demo:
+        _output_or_exit(output, "folder", [file], "--output")
     pipeline = _load_or_exit(file, set_)
     if importlib.util.find_spec("nuwa_graph.runner") is None:
         err.print(f"[yellow]{escape(str(file))} is valid, but running on models is not available yet "
@@ -285,7 +362,7 @@ def run(
     from .runner import resolve_device, resolve_dtype, run_command
 
     try:
-        if model is None and image is None and prompt is None:
+        if demo:
             from .demo import run_demo
 
             dev = resolve_device(device)
@@ -327,8 +404,11 @@ def sweep(
     """
     from rich.progress import Progress
 
-    from .sweep import load_all, write_rows
+    from .sweep import load_all, output_paths, write_rows
 
+    _prompt_or_exit(prompt)
+    for path in output_paths(output):
+        _output_or_exit(path, "file", [file] + ([image] if image else []), "--output")
     grid = _sweep_grid(set_)
     try:
         loaded = load_all(file, grid)
@@ -337,18 +417,21 @@ def sweep(
         raise typer.Exit(1) from None
     from .adapters import load_adapter
     from .evaluate import default_model
+    from .preflight import check_context
     from .runner import DEFAULT_PROMPT, load_image, resolve_device, resolve_dtype
 
     rows = []
+    text = DEFAULT_PROMPT if prompt is None else prompt
     try:
+        img = load_image(image)
         dev = resolve_device(device)
         adapter = load_adapter(model or default_model(), resolve_dtype(dtype, dev), dev)
-        img = load_image(image)
+        check_context(adapter, img, text, max_new_tokens)
         with Progress(console=err, transient=True) as bar:
             task = bar.add_task("sweep", total=len(loaded))
             for combo, pipe in loaded:
                 bar.update(task, description=", ".join(f"{k}={v}" for k, v in combo.items()))
-                rep = adapter.generate(pipe, [img], [prompt or DEFAULT_PROMPT], max_new_tokens=max_new_tokens, seed=seed)
+                rep = adapter.generate(pipe, [img], [text], max_new_tokens=max_new_tokens, seed=seed)
                 rows.append({**combo, "avg_visual_tokens": round(rep.visual_tokens_avg[0], 3),
                              "tokens_per_layer": rep.visual_tokens_per_layer[0], "prefill_ms": round(rep.prefill_ms, 2),
                              "decode_ms_per_token": round(rep.decode_ms_per_token, 2), "answer": rep.answers[0]})
@@ -392,17 +475,52 @@ def eval_(
                                                    help="Prompt for grounding, with {expression} "
                                                         "(default: 'where is {expression} ?')."),
     vqa_prompt: str = typer.Option("{question}", "--vqa-prompt", help="Prompt for VQA, with {question}."),
+    skip_bad_records: bool = typer.Option(False, "--skip-bad-records",
+                                          help="Leave out data records that fail the checks (their count is "
+                                               "reported) instead of stopping with the list of them."),
+    fresh: bool = typer.Option(False, "--fresh", help="Discard the partial predictions of an interrupted eval in "
+                                                      "OUTPUT instead of resuming from them."),
 ) -> None:
     """Accuracy of pipelines over a data set: grounding Acc@0.5, VQA exact match, tokens, prefill time.
 
+    Every data record is checked before the model is loaded. An interrupted eval (Ctrl-C) keeps its
+    finished batches in OUTPUT/predictions.partial.jsonl; the same command again resumes from them.
+
     Example: nuwa-graph eval pipelines/vanilla.yaml pipelines/fastv.yaml pipelines/nuwa.yaml --set budget=32,64 --limit 100
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
-    from .evaluate import (GROUNDING_PROMPT, EvalError, default_model, evaluate, load_data, plan_runs, sample_data,
-                           sweep_axis, tokens_runs, write_results)
+    from .evaluate import (
+        GROUNDING_PROMPT,
+        OUTPUT_FILES,
+        PARTIAL_PREDICTIONS,
+        EvalError,
+        default_model,
+        evaluate,
+        load_data,
+        plan_runs,
+        sample_data,
+        sweep_axis,
+        tokens_runs,
+        write_results,
+    )
     from .viz import write_pictures
 
+    for template, field, option in ((grounding_prompt, "expression", "--grounding-prompt"),
+                                    (vqa_prompt, "question", "--vqa-prompt")):
+        if template is not None:
+            try:
+                check_template(template, field, option)
+            except RunError as exc:
+                raise typer.BadParameter(str(exc).removeprefix(f"{option} "), param_hint=option) from None
+    data_files = [d.split(":", 1)[1] if d.startswith(("grounding:", "vqa:")) else d for d in data or []]
+    _output_or_exit(output, "folder", list(files) + data_files, "--output", OUTPUT_FILES)
     grid = _sweep_grid(set_)
     try:
         runs = plan_runs(files, grid)
@@ -415,8 +533,16 @@ def eval_(
     from .adapters import load_adapter
     from .runner import _explain, resolve_device, resolve_dtype
 
+    partial = output / PARTIAL_PREDICTIONS
     try:
-        tasks = load_data(data if data else [str(p) for p in sample_data(output / "sample_data")], limit=limit)
+        tasks = load_data(data if data else [str(p) for p in sample_data(output / "sample_data")], limit=limit,
+                          skip_bad=skip_bad_records)
+        for t in tasks:
+            if t.skipped:
+                err.print(f"[yellow]skipped {t.skipped} bad record{'s' if t.skipped != 1 else ''} of "
+                          f"{escape(t.source)} (--skip-bad-records)[/]")
+        if fresh and partial.exists():
+            partial.unlink()
         dev = resolve_device(device)
         adapter = load_adapter(model or default_model(), resolve_dtype(dtype, dev), dev)
         total = len(runs) * sum(len(t.samples) for t in tasks)
@@ -425,7 +551,13 @@ def eval_(
             job = bar.add_task("eval", total=total)
             result = evaluate(adapter, runs, tasks, batch=batch, max_new_tokens=max_new_tokens, seed=seed,
                               grounding_prompt=grounding_prompt or GROUNDING_PROMPT, vqa_prompt=vqa_prompt,
-                              progress=lambda desc, n: bar.update(job, description=escape(desc), advance=n))
+                              progress=lambda desc, n: bar.update(job, description=escape(desc), advance=n),
+                              checkpoint=partial)
+    except KeyboardInterrupt:
+        kept = f"finished batches are kept in {partial}; " if partial.exists() else ""
+        err.print(f"[yellow]interrupted: {escape(kept)}run the same command again to resume "
+                  f"(--fresh starts over)[/]")
+        raise typer.Exit(130) from None
     except (RunError, PipelineError) as exc:
         if isinstance(exc, PipelineError):
             _print_problems(exc)
@@ -459,7 +591,10 @@ def eval_(
         table.add_row(*cells)
     # piped output (files, CI logs) gets a wide table instead of rich's 80-column default
     (out if out.is_terminal else Console(highlight=False, width=max(out.width, 160))).print(table)
+    if result.get("resumed_batches"):
+        err.print(f"resumed: {result['resumed_batches']} batches taken from {escape(str(partial))}")
     paths = list(write_results(result, output).values())
+    partial.unlink(missing_ok=True)  # the complete predictions.jsonl now holds them
     paths += write_pictures(result, output, sweep_axis(grid))
     for p in paths:
         out.print(f"wrote {escape(str(p))}")

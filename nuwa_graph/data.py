@@ -21,14 +21,20 @@ or `imageId` (GQA) / `image_id` (VQAv2) through `image_template`, e.g.
 `answer` (string; GQA's short answer), `answers` (list of strings or of dicts with
 `answer`, VQAv2), `multiple_choice_answer` or `label`. Ids: `question_id`, `questionId`, `id`.
 
+Every record is checked before anything runs: a box must be 4 finite numbers with positive
+width and height, image sizes positive whole numbers, base64 image bytes valid, ids unique
+in a file, and (for eval: `require_answers`) a VQA record needs a reference answer. With `problems=[]` the loaders collect
+every bad record (file, record number, field) instead of stopping at the first.
+
 Relative image paths are resolved against `image_root`, else the data file's folder.
 """
 
 from __future__ import annotations
 
 import base64
-import io
+import binascii
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +46,25 @@ class DataFormatError(ValueError):
     """A data file that cannot be read as the expected format (message names file and record)."""
 
 
+@dataclass(frozen=True)
+class BadRecord:
+    """One record that cannot be scored correctly: where it is and what is wrong."""
+
+    file: str
+    record: int            # 0-based position in the file
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: record {self.record}, field {self.field!r}: {self.message}"
+
+
+class _Bad(Exception):
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field, self.message = field, message
+
+
 @dataclass
 class GroundingSample:
     id: str
@@ -49,6 +74,7 @@ class GroundingSample:
     width: int | None = None
     height: int | None = None
     meta: dict = field(default_factory=dict)
+    record: int = -1              # position of its record in the data file (for messages)
 
     def load_image(self) -> Image.Image:
         return _open(self.image)
@@ -61,6 +87,7 @@ class VQASample:
     question: str
     answers: list[str]
     meta: dict = field(default_factory=dict)
+    record: int = -1
 
     @property
     def answer(self) -> str | None:
@@ -71,16 +98,18 @@ class VQASample:
 
 
 def _open(image: str | bytes) -> Image.Image:
-    if isinstance(image, bytes):
-        return Image.open(io.BytesIO(image)).convert("RGB")
-    with Image.open(image) as im:
-        return im.convert("RGB")
+    from .safe_io import open_image
+
+    return open_image(image, "image")
 
 
 def read_records(path: str | Path) -> list[dict]:
     """Records of a JSON list / JSON object with a list / JSON Lines file."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataFormatError(f"{path}: not UTF-8 text (byte {exc.start}); data files are JSON or JSON Lines") from None
     stripped = text.lstrip()
     if not stripped:
         return []
@@ -88,6 +117,8 @@ def read_records(path: str | Path) -> list[dict]:
         obj = json.loads(text)
     except json.JSONDecodeError:
         obj = None
+    except RecursionError:
+        raise DataFormatError(f"{path}: JSON nested too deeply") from None
     if obj is None or (isinstance(obj, dict) and path.suffix == ".jsonl"):
         recs = []
         for n, line in enumerate(text.splitlines(), 1):
@@ -96,6 +127,8 @@ def read_records(path: str | Path) -> list[dict]:
                     recs.append(json.loads(line))
                 except json.JSONDecodeError as exc:
                     raise DataFormatError(f"{path}:{n}: not JSON: {exc}") from None
+                except RecursionError:
+                    raise DataFormatError(f"{path}:{n}: JSON nested too deeply") from None
         return recs
     if isinstance(obj, list):
         return obj
@@ -114,23 +147,71 @@ def _first(rec: dict, keys: tuple[str, ...]):
     return None
 
 
+def _first_key(rec: dict, keys: tuple[str, ...]) -> str:
+    return next((k for k in keys if rec.get(k) is not None), keys[0])
+
+
+_IMAGE_KEYS = ("image", "image_path", "file_name", "img_path", "filename")
+
+
 def _image(rec: dict, root: Path, where: str, template: str | None = None) -> str | bytes:
-    img = _first(rec, ("image", "image_path", "file_name", "img_path", "filename"))
+    key = _first_key(rec, _IMAGE_KEYS)
+    img = _first(rec, _IMAGE_KEYS)
     if isinstance(img, dict):
         if img.get("bytes"):
             b = img["bytes"]
-            return base64.b64decode(b) if isinstance(b, str) else bytes(b)
+            if isinstance(b, str):
+                try:
+                    return base64.b64decode(b, validate=True)
+                except (binascii.Error, ValueError):
+                    raise _Bad(f"{key}.bytes", "not valid base64 (the encoded image bytes)") from None
+            if isinstance(b, list) and all(isinstance(x, int) and 0 <= x < 256 for x in b):
+                return bytes(b)
+            raise _Bad(f"{key}.bytes", f"expected base64 text, got {type(b).__name__}")
         img = img.get("path")
     if img is None and template:
         try:
             img = template.format(**rec)
-        except (KeyError, ValueError) as exc:
-            raise DataFormatError(f"{where}: image_template {template!r} does not fit: {exc}") from None
+        except (KeyError, ValueError, IndexError, AttributeError) as exc:
+            raise _Bad("image_template", f"{template!r} does not fit the record ({type(exc).__name__}: {exc})") from None
     if not isinstance(img, str) or not img:
-        raise DataFormatError(f"{where}: no image (expected one of image, image_path, file_name, img_path"
-                              f"{' or an image_template' if template is None else ''})")
+        raise _Bad(key, "no image (expected one of image, image_path, file_name, img_path"
+                        f"{' or an image_template' if template is None else ''})")
     p = Path(img)
     return str(p if p.is_absolute() else root / p)
+
+
+def _number(v, field: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise _Bad(field, f"expected a number, got {type(v).__name__} {v!r}"[:160])
+    if not math.isfinite(v):
+        raise _Bad(field, f"{v} is not a finite number")
+    return float(v)
+
+
+def _box(rec: dict, bbox_format: str) -> tuple[float, float, float, float]:
+    key = _first_key(rec, ("box_xyxy", "bbox_xyxy", "bbox"))
+    raw = rec.get(key)
+    if raw is None:
+        raise _Bad("bbox", "no box (expected bbox [x, y, w, h] or box_xyxy [x0, y0, x1, y1])")
+    if not isinstance(raw, (list, tuple)) or len(raw) != 4:
+        raise _Bad(key, f"expected a list of 4 numbers, got {raw!r}"[:160])
+    b = [_number(v, key) for v in raw]
+    xyxy = key != "bbox" or bbox_format == "xyxy"
+    x0, y0, x1, y1 = b if xyxy else (b[0], b[1], b[0] + b[2], b[1] + b[3])
+    if x1 <= x0 or y1 <= y0:
+        raise _Bad(key, f"box {raw} has zero or negative size (width {x1 - x0:g}, height {y1 - y0:g})")
+    return x0, y0, x1, y1
+
+
+def _size(rec: dict, keys: tuple[str, ...]) -> int | None:
+    v = _first(rec, keys)
+    if v is None:
+        return None
+    k = _first_key(rec, keys)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v != int(v) or v < 1:
+        raise _Bad(k, f"expected a positive whole number of pixels, got {v!r}"[:160])
+    return int(v)
 
 
 def _expressions(rec: dict) -> list[str]:
@@ -138,7 +219,9 @@ def _expressions(rec: dict) -> list[str]:
     if v is None:
         return []
     if isinstance(v, str):
-        return [v]
+        return [v] if v.strip() else []
+    if not isinstance(v, list):
+        return []
     out = []
     for s in v:
         if isinstance(s, dict):
@@ -148,70 +231,145 @@ def _expressions(rec: dict) -> list[str]:
     return out
 
 
+IMAGE_PLACEHOLDERS = ("<image>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>")
+
+
+def _no_placeholder(text: str, field: str) -> str:
+    """Data text may not carry an image placeholder: the adapter adds exactly one per prompt, and
+    a prompt holding one is taken as already formatted (no chat template): results would change."""
+    for ph in IMAGE_PLACEHOLDERS:
+        if ph in text:
+            raise _Bad(field, f"holds the image placeholder {ph!r}; give plain text (the image is added once per "
+                              f"prompt by the model's adapter)")
+    return text
+
+
+def _record_id(rec: dict, keys: tuple[str, ...]) -> str | None:
+    v = _first(rec, keys)
+    if v is None or isinstance(v, (dict, list)):
+        return None
+    return str(v)
+
+
+class _Ids:
+    """Duplicate ids within one file: a second record with an id already seen is bad."""
+
+    def __init__(self):
+        self.seen: dict[str, int] = {}
+
+    def check(self, rid: str | None, n: int, field: str) -> None:
+        if rid is None:
+            return
+        if rid in self.seen:
+            raise _Bad(field, f"duplicate id {rid!r} (also record {self.seen[rid]}); every record needs its own id")
+        self.seen[rid] = n
+
+
+def _collect(path: Path, problems: list[BadRecord] | None, n: int, exc: _Bad) -> None:
+    bad = BadRecord(str(path), n, exc.field, exc.message)
+    if problems is None:
+        raise DataFormatError(str(bad))
+    problems.append(bad)
+
+
 def load_grounding(path: str | Path, image_root: str | Path | None = None, bbox_format: str = "xywh",
-                   limit: int | None = None) -> list[GroundingSample]:
-    """Grounding samples (one per expression) from a RefCOCO-style file; see the module doc."""
+                   limit: int | None = None, problems: list[BadRecord] | None = None) -> list[GroundingSample]:
+    """Grounding samples (one per expression) from a RefCOCO-style file; see the module doc.
+
+    A bad record raises DataFormatError, or, when `problems` is a list, is appended there and
+    skipped (every bad record of the file is then reported, not only the first)."""
     if bbox_format not in ("xywh", "xyxy"):
         raise ValueError("bbox_format must be 'xywh' or 'xyxy'")
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
     out: list[GroundingSample] = []
+    ids = _Ids()
+    id_keys = ("question_id", "id", "ann_id", "ref_id")
     for n, rec in enumerate(read_records(path)):
-        where = f"{path}: record {n}"
-        if not isinstance(rec, dict):
-            raise DataFormatError(f"{where}: not an object")
-        if rec.get("box_xyxy") is not None or rec.get("bbox_xyxy") is not None:
-            x0, y0, x1, y1 = map(float, _first(rec, ("box_xyxy", "bbox_xyxy")))
-        elif rec.get("bbox") is not None:
-            b = [float(v) for v in rec["bbox"]]
-            if len(b) != 4:
-                raise DataFormatError(f"{where}: bbox must have 4 numbers")
-            x0, y0, x1, y1 = (b[0], b[1], b[0] + b[2], b[1] + b[3]) if bbox_format == "xywh" else b
-        else:
-            raise DataFormatError(f"{where}: no box (expected bbox [x, y, w, h] or box_xyxy)")
-        exprs = _expressions(rec)
-        if not exprs:
-            raise DataFormatError(f"{where}: no referring expression (answer, sentences, expression, ...)")
-        image = _image(rec, root, where)
-        rid = str(_first(rec, ("question_id", "id", "ann_id", "ref_id")) or n)
-        w = _first(rec, ("image_width", "width"))
-        h = _first(rec, ("image_height", "height"))
+        try:
+            if not isinstance(rec, dict):
+                raise _Bad("-", f"not an object (a {type(rec).__name__})")
+            box = _box(rec, bbox_format)
+            exprs = _expressions(rec)
+            if not exprs:
+                raise _Bad("answer", "no referring expression (answer, sentences, expression, ...)")
+            for e in exprs:
+                _no_placeholder(e, _first_key(rec, ("answer", "sentences", "expressions", "expression", "sent",
+                                                    "caption", "text")))
+            image = _image(rec, root, f"{path}: record {n}")
+            w = _size(rec, ("image_width", "width"))
+            h = _size(rec, ("image_height", "height"))
+            rid0 = _record_id(rec, id_keys)
+            ids.check(rid0, n, _first_key(rec, id_keys))
+        except _Bad as exc:
+            _collect(path, problems, n, exc)
+            continue
+        rid = rid0 or str(n)
         meta = {k: v for k, v in rec.items() if k in ("kind", "target", "split", "category", "question")}
         for j, e in enumerate(exprs):
-            out.append(GroundingSample(rid if len(exprs) == 1 else f"{rid}-{j}", image, e.strip(), (x0, y0, x1, y1),
-                                       int(w) if w else None, int(h) if h else None, dict(meta)))
+            out.append(GroundingSample(rid if len(exprs) == 1 else f"{rid}-{j}", image, e.strip(), box, w, h,
+                                       dict(meta), n))
             if limit is not None and len(out) >= limit:
                 return out
     return out
 
 
-def _answers(rec: dict) -> list[str]:
+def _answers(rec: dict, required: bool) -> list[str]:
     v = rec.get("answers")
+    key = "answers"
     if v is None:
+        key = _first_key(rec, ("answer", "multiple_choice_answer", "label"))
         v = _first(rec, ("answer", "multiple_choice_answer", "label"))
-    if v is None:
+    if v is None and not required:
         return []
+    if v is None:
+        raise _Bad("answers", "no reference answer (answers, answer, multiple_choice_answer or label): the sample "
+                              "could never be scored correct")
+    if isinstance(v, bool):
+        raise _Bad(key, f"expected text, got {v!r}")
     if isinstance(v, (str, int, float)):
         return [str(v)]
-    return [str(a["answer"] if isinstance(a, dict) else a) for a in v]
+    if not isinstance(v, list) or not v:
+        raise _Bad(key, f"expected an answer or a non-empty list of answers, got {v!r}"[:160])
+    out = []
+    for a in v:
+        if isinstance(a, dict):
+            if not isinstance(a.get("answer"), (str, int, float)):
+                raise _Bad(key, f"an answer object without an 'answer' text: {a!r}"[:160])
+            a = a["answer"]
+        if not isinstance(a, (str, int, float)) or isinstance(a, bool):
+            raise _Bad(key, f"expected text answers, got {a!r}"[:160])
+        out.append(str(a))
+    return out
 
 
 def load_vqa(path: str | Path, image_root: str | Path | None = None, image_template: str | None = None,
-             limit: int | None = None) -> list[VQASample]:
-    """VQA samples from a GQA / VQAv2-style JSONL or JSON file; see the module doc."""
+             limit: int | None = None, problems: list[BadRecord] | None = None,
+             require_answers: bool = False) -> list[VQASample]:
+    """VQA samples from a GQA / VQAv2-style JSONL or JSON file; see the module doc and load_grounding.
+    `require_answers`: a record without a reference answer is bad (eval: it could never score)."""
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
     out: list[VQASample] = []
+    ids = _Ids()
+    id_keys = ("question_id", "questionId", "id")
     for n, rec in enumerate(read_records(path)):
-        where = f"{path}: record {n}"
-        if not isinstance(rec, dict):
-            raise DataFormatError(f"{where}: not an object")
-        q = _first(rec, ("question", "text", "prompt"))
-        if not isinstance(q, str):
-            raise DataFormatError(f"{where}: no question (expected question, text or prompt)")
-        rid = str(_first(rec, ("question_id", "questionId", "id")) or n)
+        try:
+            if not isinstance(rec, dict):
+                raise _Bad("-", f"not an object (a {type(rec).__name__})")
+            q = _first(rec, ("question", "text", "prompt"))
+            if not isinstance(q, str) or not q.strip():
+                raise _Bad("question", "no question text (expected question, text or prompt)")
+            _no_placeholder(q, _first_key(rec, ("question", "text", "prompt")))
+            image = _image(rec, root, f"{path}: record {n}", image_template)
+            answers = _answers(rec, require_answers)
+            rid = _record_id(rec, id_keys)
+            ids.check(rid, n, _first_key(rec, id_keys))
+        except _Bad as exc:
+            _collect(path, problems, n, exc)
+            continue
         meta = {k: v for k, v in rec.items() if k in ("kind", "category", "types", "question_type", "answer_type")}
-        out.append(VQASample(rid, _image(rec, root, where, image_template), q.strip(), _answers(rec), meta))
+        out.append(VQASample(rid or str(n), image, q.strip(), answers, meta, n))
         if limit is not None and len(out) >= limit:
             break
     return out

@@ -20,15 +20,27 @@ Metrics (see docs/evaluation.md):
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
 import statistics
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
-from .data import DataFormatError, GroundingSample, exact_match, load_grounding, load_vqa, read_records
+from .data import (
+    BadRecord,
+    DataFormatError,
+    GroundingSample,
+    exact_match,
+    load_grounding,
+    load_vqa,
+    read_records,
+)
 from .errors import PipelineError, RunError
 from .pipeline import Pipeline, load
+from .safe_io import atomic_write, probe_image
 from .world.boxes import iou, parse_box
 from .world.shapes import GROUNDING_TEMPLATE
 
@@ -94,6 +106,7 @@ class Task:
     kind: str          # "grounding" | "vqa"
     source: str        # the data file
     samples: list      # GroundingSample | VQASample
+    skipped: int = 0   # bad records left out (--skip-bad-records)
 
     @property
     def name(self) -> str:
@@ -102,7 +115,10 @@ class Task:
 
 def detect_kind(path: str | Path) -> str:
     """'grounding' if the records carry a box, else 'vqa' if they carry a question."""
-    recs = read_records(path)
+    try:
+        recs = read_records(path)
+    except DataFormatError as exc:
+        raise EvalError(str(exc)) from None
     if not recs:
         raise EvalError(f"data file {str(path)!r} holds no records")
     rec = recs[0]
@@ -116,35 +132,64 @@ def detect_kind(path: str | Path) -> str:
                     f"no question); prefix the path with grounding: or vqa:")
 
 
-def load_data(specs: Iterable[str | Path], limit: int | None = None, bbox_format: str = "xywh") -> list[Task]:
+MAX_LISTED_PROBLEMS = 50     # bad records listed in one error message (the count is always given)
+
+
+def _read_task(text: str, kind: str | None, limit: int | None, bbox_format: str,
+               problems: list[BadRecord]) -> Task:
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise EvalError(f"data file {text!r} does not exist; pass --data with a RefCOCO-style JSON (grounding) "
+                        f"or a VQA JSONL file, or leave --data out for the built-in sample set")
+    found: list[BadRecord] = []
+    try:
+        kind = kind or detect_kind(path)
+        samples = (load_grounding(path, bbox_format=bbox_format, limit=limit, problems=found) if kind == "grounding"
+                   else load_vqa(path, limit=limit, problems=found, require_answers=True))
+    except DataFormatError as exc:
+        raise EvalError(f"data file {text!r} is not valid {kind or 'grounding/VQA'} data: {exc}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EvalError(f"data file {text!r} could not be read ({type(exc).__name__}: {exc})") from None
+    checked: dict[Any, str | None] = {}
+    for s in samples:  # every image is probed (header only) before anything runs
+        key = s.image if isinstance(s.image, str) else id(s.image)
+        if key not in checked:
+            checked[key] = probe_image(s.image)
+            if checked[key]:
+                found.append(BadRecord(str(path), s.record, "image", checked[key]))
+    bad = {b.record for b in found}
+    task = Task(kind, str(path), [s for s in samples if s.record not in bad], skipped=len(bad))
+    problems += sorted(found, key=lambda b: b.record)
+    return task
+
+
+def load_data(specs: Iterable[str | Path], limit: int | None = None, bbox_format: str = "xywh",
+              skip_bad: bool = False) -> list[Task]:
     """One Task per data file; `grounding:PATH` / `vqa:PATH` force the kind, else it is detected.
-    Two files of the same kind are two tasks (named kind, kind#2, ...)."""
+    Two files of the same kind are two tasks (named kind, kind#2, ...).
+
+    Every record of every file is checked first (see data.py; images are probed). Bad records
+    raise one EvalError listing them all (file, record, field), or with `skip_bad` are left out
+    and counted in `Task.skipped`."""
     tasks: list[Task] = []
+    problems: list[BadRecord] = []
     for spec in specs:
         text = str(spec)
         kind = None
         for k in KINDS:
             if text.startswith(k + ":"):
                 kind, text = k, text[len(k) + 1:]
-        path = Path(text).expanduser()
-        if not path.is_file():
-            raise EvalError(f"data file {text!r} does not exist; pass --data with a RefCOCO-style JSON (grounding) "
-                            f"or a VQA JSONL file, or leave --data out for the built-in sample set")
-        try:
-            kind = kind or detect_kind(path)
-            samples = (load_grounding(path, bbox_format=bbox_format, limit=limit) if kind == "grounding"
-                       else load_vqa(path, limit=limit))
-        except DataFormatError as exc:
-            raise EvalError(f"data file {text!r} is not valid {kind or 'grounding/VQA'} data: {exc}") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise EvalError(f"data file {text!r} could not be read ({type(exc).__name__}: {exc})") from None
-        if not samples:
-            raise EvalError(f"data file {text!r} holds no {kind} samples")
-        missing = [s.image for s in samples if isinstance(s.image, str) and not Path(s.image).is_file()]
-        if missing:
-            raise EvalError(f"data file {text!r}: {len(missing)} of {len(samples)} images do not exist, e.g. "
-                            f"{missing[0]!r} (relative paths are read from the data file's folder)")
-        tasks.append(Task(kind, str(path), samples))
+        tasks.append(_read_task(text, kind, limit, bbox_format, problems))
+    if problems and not skip_bad:
+        shown = "\n".join(f"  - {p}" for p in problems[:MAX_LISTED_PROBLEMS])
+        more = len(problems) - MAX_LISTED_PROBLEMS
+        raise EvalError(f"{len(problems)} bad data record{'s' if len(problems) != 1 else ''} (nothing was run):\n"
+                        f"{shown}" + (f"\n  ... and {more} more" if more > 0 else "")
+                        + "\nfix them, or pass --skip-bad-records to leave them out (the count is reported)")
+    for t in tasks:
+        if not t.samples:
+            raise EvalError(f"data file {t.source!r} holds no usable {t.kind} samples"
+                            + (f" ({t.skipped} bad records skipped)" if t.skipped else ""))
     seen: dict[str, int] = {}
     for t in tasks:
         seen[t.kind] = seen.get(t.kind, 0) + 1
@@ -258,92 +303,201 @@ def _load_image(s):
 
 def _score(s, answer: str, image) -> dict[str, Any]:
     if isinstance(s, GroundingSample):
+        if (s.width is None or s.height is None) and image is None:
+            image = _load_image(s)  # a batch taken from the checkpoint: only the size is needed
         w, h = (s.width or image.size[0]), (s.height or image.size[1])
         return grounding_score(answer, s.box, w, h)
     return vqa_score(answer, s.answers)
 
 
+class Checkpoint:
+    """The partial predictions file of an eval: one JSON line per finished batch, flushed at once,
+    so an interrupted eval (Ctrl-C, a crash, a lost machine) keeps every finished batch and a rerun
+    with the same settings takes them from here instead of running them again.
+
+    The first line holds the settings; a file written with other settings is not reused."""
+
+    def __init__(self, path: str | Path | None, settings: dict[str, Any]):
+        self.path = Path(path) if path is not None else None
+        self.settings = json.loads(json.dumps(settings, default=str))
+        self.done: dict[str, dict[str, Any]] = {}
+        self.reused = 0
+        self.discarded = False
+        self._fh = None
+        if self.path is None or not self.path.is_file():
+            return
+        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+        try:
+            head = json.loads(lines[0]) if lines else None
+        except ValueError:
+            head = None
+        if not isinstance(head, dict) or head.get("settings") != self.settings:
+            self.discarded = True
+            return
+        for line in lines[1:]:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                break  # a line cut by the interruption: that batch runs again
+            if isinstance(rec, dict) and isinstance(rec.get("key"), str):
+                self.done[rec["key"]] = rec
+
+    @staticmethod
+    def key(run: "EvalRun", task: Task, chunk: list) -> str:
+        return json.dumps([run.label, run.file, task.kind, task.source, [s.id for s in chunk]])
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        rec = self.done.get(key)
+        if rec is not None:
+            self.reused += 1
+        return rec
+
+    def add(self, rec: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        if self._fh is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            old = list(self.done.values())
+            self._fh = self.path.open("w", encoding="utf-8")
+            self._fh.write(json.dumps({"settings": self.settings}) + "\n")
+            for r in old:
+                self._fh.write(json.dumps(r) + "\n")
+        self._fh.write(json.dumps(rec) + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self, remove: bool = False) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if remove and self.path is not None and self.path.exists():
+            self.path.unlink()
+
+
+def _batch_record(key: str, rep, prompts: list[str]) -> dict[str, Any]:
+    """What a finished batch contributes to the results (all JSON)."""
+    return {"key": key, "answers": list(rep.answers), "prompts": prompts,
+            "counts": [list(c) for c in rep.visual_tokens_per_layer], "avg": list(rep.visual_tokens_avg),
+            "full": rep.visual_tokens_full, "prefill_ms": rep.prefill_ms, "kept": rep.kept[0] if rep.kept else {},
+            "schedule": rep.schedule, "signals": list(rep.signals)}
+
+
 def evaluate(adapter, runs: list[EvalRun], tasks: list[Task], batch: int = 8, max_new_tokens: int = 16,
              seed: int | None = None, grounding_prompt: str = GROUNDING_PROMPT, vqa_prompt: str = VQA_PROMPT,
-             progress: Callable[[str, int], None] | None = None, warmup: bool = True) -> dict[str, Any]:
+             progress: Callable[[str, int], None] | None = None, warmup: bool = True,
+             checkpoint: str | Path | None = None) -> dict[str, Any]:
     """Run every run over every task; returns the result dict (see docs/evaluation.md).
 
     `progress(description, n_done)` is called after each batch. Each run also keeps, for the
     kept-token picture, the first sample of the first task: `sample_kept` (site -> ids),
-    `sample_image` (path) and `grid` (rows, cols)."""
+    `sample_image` (path) and `grid` (rows, cols).
+
+    `checkpoint`: the partial predictions file (see Checkpoint). Batches found there (same
+    settings, same samples) are taken from it, the others run and are appended as they finish;
+    the result is the same as an uninterrupted run's."""
     if batch < 1:
         raise EvalError(f"--batch {batch}: it must be at least 1")
     if not runs:
         raise EvalError("no pipeline to evaluate")
     if not tasks:
         raise EvalError("no data to evaluate on")
-    if warmup:  # first-call costs (allocations, kernels) stay out of the timings
+    from .preflight import check_context
+
+    for task in tasks:  # the longest prompt of each task must fit the model's context, before any run
+        s_long = max(task.samples, key=lambda s: len(_prompt(task, s, grounding_prompt, vqa_prompt)))
+        check_context(adapter, _load_image(s_long), _prompt(task, s_long, grounding_prompt, vqa_prompt),
+                      max_new_tokens, where=f"the prompt of sample {s_long.id!r} of {task.source}")
+    settings = {"model": str(getattr(adapter, "name", "model")), "device": str(getattr(adapter, "device", "")),
+                "dtype": str(getattr(adapter, "dtype", "")), "batch": batch, "max_new_tokens": max_new_tokens,
+                "seed": seed, "grounding_prompt": grounding_prompt, "vqa_prompt": vqa_prompt,
+                "runs": [[r.label, r.file, r.pipeline.dumps()] for r in runs]}
+    ckpt = Checkpoint(checkpoint, settings)
+    keys = [Checkpoint.key(run, task, task.samples[i:i + batch]) for run in runs for task in tasks
+            for i in range(0, len(task.samples), batch)]
+    if warmup and not all(k in ckpt.done for k in keys):  # first-call costs stay out of the timings
         s0 = tasks[0].samples[0]
         adapter.generate(runs[0].pipeline, [_load_image(s0)], [_prompt(tasks[0], s0, grounding_prompt, vqa_prompt)],
                          max_new_tokens=1, seed=seed)
     results = []
-    for run in runs:
-        res: dict[str, Any] = {"label": run.label, "pipeline": run.pipeline.name, "file": run.file,
-                               "variables": dict(run.variables), "tasks": {}, "predictions": []}
-        per_layer_sum: list[float] = []
-        n_counted = 0
-        avg_sum = 0.0
-        prefill: list[float] = []
-        full = 0
-        for task in tasks:
-            scores = []
-            for i in range(0, len(task.samples), batch):
-                chunk = task.samples[i:i + batch]
-                images = [_load_image(s) for s in chunk]
-                prompts = [_prompt(task, s, grounding_prompt, vqa_prompt) for s in chunk]
-                rep = adapter.generate(run.pipeline, images, prompts, max_new_tokens=max_new_tokens, seed=seed)
-                prefill.append(rep.prefill_ms)
-                full = rep.visual_tokens_full
-                for b, s in enumerate(chunk):
-                    sc = _score(s, rep.answers[b], images[b])
-                    scores.append(sc)
-                    pred = {"task": task.kind, "id": s.id, "prompt": prompts[b], "answer": rep.answers[b],
-                            "correct": bool(sc["correct"])}
-                    if isinstance(s, GroundingSample):
-                        pred.update(parsed=sc["parsed"], iou=round(sc["iou"], 4), box=sc["box"],
-                                    target=[round(float(c), 2) for c in s.box])
-                    else:
-                        pred["answers"] = s.answers
-                    res["predictions"].append(pred)
-                    counts = rep.visual_tokens_per_layer[b]
-                    if len(per_layer_sum) < len(counts):
-                        per_layer_sum += [0.0] * (len(counts) - len(per_layer_sum))
-                    for L, c in enumerate(counts):
-                        per_layer_sum[L] += c
-                    avg_sum += rep.visual_tokens_avg[b]
-                    n_counted += 1
-                if "sample_kept" not in res:
-                    res["sample_kept"] = rep.kept[0]
-                    res["sample_image"] = chunk[0].image if isinstance(chunk[0].image, str) else None
-                    res["sample_prompt"] = prompts[0]
-                    res["grid"] = _grid(adapter, full)
-                    res["schedule"] = rep.schedule  # file, variable values (and their origin), sites
-                    res["signals"] = rep.signals
-                if progress:
-                    progress(f"{run.label} [{task.kind}]", len(chunk))
-            res["tasks"][task.kind] = summarize(task.kind.split("#")[0], scores)
-        accs = [t["accuracy"] for t in res["tasks"].values()]
-        res["accuracy"] = sum(accs) / len(accs)
-        res["visual_tokens_per_layer"] = [round(v / n_counted, 3) for v in per_layer_sum] if n_counted else []
-        res["visual_tokens_avg"] = round(avg_sum / n_counted, 3) if n_counted else 0.0
-        res["visual_tokens_full"] = full
-        res["prefill_ms_median"] = round(statistics.median(prefill), 3) if prefill else 0.0
-        results.append(res)
+    try:
+        for run in runs:
+            results.append(_evaluate_run(adapter, run, tasks, batch, max_new_tokens, seed, grounding_prompt,
+                                         vqa_prompt, progress, ckpt))
+    finally:
+        ckpt.close()
     add_relative(results)
     model = getattr(adapter, "name", "model")
     return {"model": str(model), "device": str(getattr(adapter, "device", "")),
             "dtype": str(getattr(adapter, "dtype", "")).replace("torch.", ""),
-            "data": [{"task": t.kind, "source": t.source, "n": len(t.samples)} for t in tasks],
+            "data": [{"task": t.kind, "source": t.source, "n": len(t.samples), "skipped_bad_records": t.skipped}
+                     for t in tasks],
             "settings": {"batch": batch, "max_new_tokens": max_new_tokens, "seed": seed,
                          "iou_threshold": IOU_THRESHOLD, "grounding_prompt": grounding_prompt,
                          "vqa_prompt": vqa_prompt, "prefill_ms": "median over batches of one generate call each"},
             "reference": results[reference_index(results)]["label"],
-            "results": results}
+            "results": results, "resumed_batches": ckpt.reused}
+
+
+def _evaluate_run(adapter, run: EvalRun, tasks: list[Task], batch: int, max_new_tokens: int, seed: int | None,
+                  grounding_prompt: str, vqa_prompt: str, progress, ckpt: Checkpoint) -> dict[str, Any]:
+    res: dict[str, Any] = {"label": run.label, "pipeline": run.pipeline.name, "file": run.file,
+                           "variables": dict(run.variables), "tasks": {}, "predictions": []}
+    per_layer_sum: list[float] = []
+    n_counted = 0
+    avg_sum = 0.0
+    prefill: list[float] = []
+    full = 0
+    for task in tasks:
+        scores = []
+        for i in range(0, len(task.samples), batch):
+            chunk = task.samples[i:i + batch]
+            key = Checkpoint.key(run, task, chunk)
+            rec = ckpt.get(key)
+            images = None
+            if rec is None:
+                images = [_load_image(s) for s in chunk]
+                prompts = [_prompt(task, s, grounding_prompt, vqa_prompt) for s in chunk]
+                rep = adapter.generate(run.pipeline, images, prompts, max_new_tokens=max_new_tokens, seed=seed)
+                rec = _batch_record(key, rep, prompts)
+                ckpt.add(rec)
+            prefill.append(rec["prefill_ms"])
+            full = rec["full"]
+            for b, s in enumerate(chunk):
+                answer = rec["answers"][b]
+                sc = _score(s, answer, images[b] if images is not None else None)
+                scores.append(sc)
+                pred = {"task": task.kind, "id": s.id, "prompt": rec["prompts"][b], "answer": answer,
+                        "correct": bool(sc["correct"])}
+                if isinstance(s, GroundingSample):
+                    pred.update(parsed=sc["parsed"], iou=round(sc["iou"], 4), box=sc["box"],
+                                target=[round(float(c), 2) for c in s.box])
+                else:
+                    pred["answers"] = s.answers
+                res["predictions"].append(pred)
+                counts = rec["counts"][b]
+                if len(per_layer_sum) < len(counts):
+                    per_layer_sum += [0.0] * (len(counts) - len(per_layer_sum))
+                for L, c in enumerate(counts):
+                    per_layer_sum[L] += c
+                avg_sum += rec["avg"][b]
+                n_counted += 1
+            if "sample_kept" not in res:
+                res["sample_kept"] = rec["kept"]
+                res["sample_image"] = chunk[0].image if isinstance(chunk[0].image, str) else None
+                res["sample_prompt"] = rec["prompts"][0]
+                res["grid"] = _grid(adapter, full)
+                res["schedule"] = rec.get("schedule", {})  # file, variable values (and their origin), sites
+                res["signals"] = rec.get("signals", [])
+            if progress:
+                progress(f"{run.label} [{task.kind}]", len(chunk))
+        res["tasks"][task.kind] = summarize(task.kind.split("#")[0], scores)
+    accs = [t["accuracy"] for t in res["tasks"].values()]
+    res["accuracy"] = sum(accs) / len(accs)
+    res["visual_tokens_per_layer"] = [round(v / n_counted, 3) for v in per_layer_sum] if n_counted else []
+    res["visual_tokens_avg"] = round(avg_sum / n_counted, 3) if n_counted else 0.0
+    res["visual_tokens_full"] = full
+    res["prefill_ms_median"] = round(statistics.median(prefill), 3) if prefill else 0.0
+    return res
 
 
 def add_relative(results: list[dict[str, Any]]) -> None:
@@ -388,27 +542,32 @@ def rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+PARTIAL_PREDICTIONS = "predictions.partial.jsonl"   # the Checkpoint of an eval, inside its output folder
+OUTPUT_FILES = ("results.json", "results.csv", "predictions.jsonl", PARTIAL_PREDICTIONS)
+
+
 def write_results(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """results.json (everything but per-sample predictions), results.csv, predictions.jsonl."""
+    """results.json (everything but per-sample predictions), results.csv, predictions.jsonl;
+    each written atomically (a temp file renamed), so an old file is never left half-written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "csv": out / "results.csv", "predictions": out / "predictions.jsonl"}
     slim = {**result, "results": [{k: v for k, v in r.items() if k != "predictions"} for r in result["results"]]}
-    paths["json"].write_text(json.dumps(slim, indent=2, default=str) + "\n")
+    slim.pop("resumed_batches", None)  # how the results were obtained, not what they are
+    atomic_write(paths["json"], json.dumps(slim, indent=2, default=str) + "\n")
     table = rows(result)
     cols: list[str] = []
     for r in table:
         cols += [c for c in r if c not in cols]
-    with paths["csv"].open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols)
-        w.writeheader()
-        for r in table:
-            w.writerow({k: (json.dumps(v) if isinstance(v, (list, dict)) else ("" if v is None else v))
-                        for k, v in r.items()})
-    with paths["predictions"].open("w") as fh:
-        for r in result["results"]:
-            for p in r["predictions"]:
-                fh.write(json.dumps({"label": r["label"], **p}) + "\n")
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    for r in table:
+        w.writerow({k: (json.dumps(v) if isinstance(v, (list, dict)) else ("" if v is None else v))
+                    for k, v in r.items()})
+    atomic_write(paths["csv"], buf.getvalue())
+    atomic_write(paths["predictions"], "".join(json.dumps({"label": r["label"], **p}) + "\n"
+                                               for r in result["results"] for p in r["predictions"]))
     return paths
 
 
@@ -425,6 +584,28 @@ def sweep_axis(grid: dict[str, list[Any]]) -> str | None:
     return None
 
 
-__all__ = ["EvalError", "EvalRun", "IOU_THRESHOLD", "Task", "add_relative", "default_model", "detect_kind", "evaluate",
-           "grounding_score", "load_data", "plan_runs", "reference_index", "relative_pct", "rows", "sample_data",
-           "summarize", "sweep_axis", "tokens_runs", "vqa_score", "write_results"]
+__all__ = [
+    "IOU_THRESHOLD",
+    "OUTPUT_FILES",
+    "PARTIAL_PREDICTIONS",
+    "Checkpoint",
+    "EvalError",
+    "EvalRun",
+    "Task",
+    "add_relative",
+    "default_model",
+    "detect_kind",
+    "evaluate",
+    "grounding_score",
+    "load_data",
+    "plan_runs",
+    "reference_index",
+    "relative_pct",
+    "rows",
+    "sample_data",
+    "summarize",
+    "sweep_axis",
+    "tokens_runs",
+    "vqa_score",
+    "write_results",
+]

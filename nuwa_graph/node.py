@@ -14,10 +14,12 @@ Nodes that read the model also implement `requests()` and a fixed `site()`; appl
 
 from __future__ import annotations
 
+import types as _types
+import typing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 from .sites import Site
 from .types import PortType
@@ -40,10 +42,60 @@ FAMILIES = (
 )
 
 
+def _admits_bool(annotation: Any) -> bool:
+    """True if a field of this type may hold True/False (bool, Any, a Literal of them, a union with one)."""
+    if annotation is bool or annotation is Any or annotation is object:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _admits_bool(typing.get_args(annotation)[0])
+    if origin is typing.Literal:
+        return any(isinstance(a, bool) for a in typing.get_args(annotation))
+    if origin is typing.Union or origin is _types.UnionType:
+        return any(_admits_bool(a) for a in typing.get_args(annotation))
+    return False
+
+
+def _bool_where_not_allowed(value: Any, annotation: Any) -> bool:
+    """A True/False in `value` where `annotation` (or its list items) wants a number or text."""
+    if isinstance(value, bool):
+        return not _admits_bool(annotation)
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _bool_where_not_allowed(value, typing.get_args(annotation)[0])
+    if origin is typing.Union or origin is _types.UnionType:
+        fits = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return len(fits) == 1 and _bool_where_not_allowed(value, fits[0])
+    if isinstance(value, (list, tuple)) and origin in (list, tuple):
+        args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+        return len(args) == 1 and any(_bool_where_not_allowed(v, args[0]) for v in value)
+    return False
+
+
 class NodeParams(BaseModel):
-    """Base of every params model: unknown keys are errors, never ignored."""
+    """Base of every params model: unknown keys are errors, never ignored; a boolean is never
+    read as a number (`k: true` would otherwise silently become 1)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
+        f = cls.model_fields.get(info.field_name or "")
+        if f is not None and _bool_where_not_allowed(value, f.annotation):
+            raise ValueError(f"got the boolean {str(value).lower()}; give {_type_text(f.annotation)}, not "
+                             f"true/false")
+        return value
+
+
+def _type_text(annotation: Any) -> str:
+    words = {int: "an integer", float: "a number", str: "text"}
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, _types.UnionType) and len(args) == 1:
+        annotation = args[0]
+    if annotation in words:
+        return words[annotation]
+    return "value of type " + str(annotation).replace("typing.", "")
 
 
 class NoParams(NodeParams):

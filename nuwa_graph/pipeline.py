@@ -26,10 +26,18 @@ from typing import Any
 
 import networkx as nx
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictInt,
+    ValidationError,
+)
 
 from .errors import PipelineError, Problem
 from .node import Node
+from .safe_yaml import MAX_FILE_BYTES, YamlLimitError, load_yaml
 from .sites import Site
 
 
@@ -51,7 +59,7 @@ class PipelineSpec(BaseModel):
     name: str
     description: str = ""
     variables: dict[str, Any] = Field(default_factory=dict)
-    seed: int = 0
+    seed: StrictInt = 0
     # model family (adapter `family`, e.g. qwen2_5_vl) -> file run INSTEAD of this one on such a
     # model (path relative to this file): one method, one file name, the authors' per-family code
     family_files: dict[str, str] = Field(default_factory=dict)
@@ -112,8 +120,10 @@ class Pipeline:
         path = Path(self.source).parent / other
         family = model_vars.get("family")
         try:
-            target = PipelineSpec.model_validate({**yaml.safe_load(path.read_text(encoding="utf-8")), "nodes": []})
-        except (OSError, TypeError, yaml.YAMLError, ValidationError):
+            with path.open("rb") as fh:  # bounded like any pipeline file (safe_yaml.py)
+                raw = load_yaml(fh.read(MAX_FILE_BYTES + 1), str(path))
+            target = PipelineSpec.model_validate({**raw, "nodes": []})
+        except (OSError, TypeError, YamlLimitError, ValidationError):
             raise PipelineError([Problem(self.source, f"family_files: {other} (for {family} models) is missing or "
                                          f"not a pipeline file", field="family_files")]) from None
         if str(family) in target.family_files:
@@ -177,24 +187,6 @@ class Pipeline:
         return yaml.safe_dump(self.dump(), sort_keys=False, allow_unicode=True)
 
 
-# --- YAML with line numbers -------------------------------------------------------------
-class _LineDict(dict):
-    line: int = 0
-
-
-class _LineLoader(yaml.SafeLoader):
-    pass
-
-
-def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _LineDict:
-    d = _LineDict(loader.construct_mapping(node, deep=True))
-    d.line = node.start_mark.line + 1
-    return d
-
-
-_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
 def parse_override(text: str) -> tuple[str, Any]:
     """`name=value` from `--set`; the value is read as YAML (numbers, lists, strings)."""
     if "=" not in text:
@@ -204,8 +196,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not name.isidentifier():
         raise ValueError(f"--set {text!r}: {name!r} is not a valid variable name")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = load_yaml(raw, f"--set {name}") if raw.strip() else ""
+    except YamlLimitError as exc:
+        if len(raw) > 1000:  # too large to be a plain string either
+            raise ValueError(f"--set {name}: {exc.message}") from None
         value = raw
     return name, value
 
@@ -214,27 +208,24 @@ def _pydantic_problems(file: str, exc: ValidationError, node: str | None, prefix
     out = []
     for err in exc.errors():
         loc = ".".join(str(x) for x in err["loc"])
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
         out.append(Problem(file, msg, node=node, field=f"{prefix}{loc}" if loc else prefix.rstrip("."), line=line))
     return out
 
 
-def load_text(text: str, source: str = "<string>", overrides: dict[str, Any] | None = None,
+def load_text(text: str | bytes, source: str = "<string>", overrides: dict[str, Any] | None = None,
               model_vars: dict[str, Any] | None = None) -> Pipeline:
-    """Parse and validate pipeline YAML; raise PipelineError listing every problem.
+    """Parse and validate pipeline YAML (bounded: see safe_yaml.py); raise PipelineError listing every problem.
 
     With `model_vars` of a family listed in the file's `family_files`, that file is loaded."""
     from .validation import build_pipeline
 
     try:
-        raw = yaml.load(text, Loader=_LineLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise PipelineError([Problem(source, f"YAML syntax error: {problem}", line=line)]) from None
+        raw = load_yaml(text, source)
+    except YamlLimitError as exc:
+        raise PipelineError([Problem(source, exc.message, line=exc.line)]) from None
     if not isinstance(raw, dict):
         raise PipelineError([Problem(source, "a pipeline file must be a mapping with 'name' and 'nodes'", line=1)])
     problems: list[Problem] = []
@@ -276,6 +267,19 @@ def load_text(text: str, source: str = "<string>", overrides: dict[str, Any] | N
 
 def load(path: str | Path, overrides: dict[str, Any] | None = None, model_vars: dict[str, Any] | None = None) -> Pipeline:
     p = Path(path)
+    if p.is_dir():
+        raise PipelineError([Problem(str(path), "is a folder, not a pipeline file")])
+    if p.exists() and not p.is_file():
+        raise PipelineError([Problem(str(path), "not a regular file (a device, pipe or socket?); give a YAML file")])
     if not p.is_file():
         raise PipelineError([Problem(str(path), "no such file")])
-    return load_text(p.read_text(encoding="utf-8"), str(path), overrides, model_vars)
+    try:
+        size = p.stat().st_size
+        if size > MAX_FILE_BYTES:  # refused before reading it
+            raise PipelineError([Problem(str(path), f"file is {size} bytes; a pipeline file may have at most "
+                                         f"{MAX_FILE_BYTES} bytes (limit MAX_FILE_BYTES)")])
+        with p.open("rb") as fh:
+            data = fh.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise PipelineError([Problem(str(path), f"cannot be read ({exc.strerror or exc})")]) from None
+    return load_text(data, str(path), overrides, model_vars)

@@ -15,6 +15,8 @@ import torch
 
 from .errors import PipelineError, RunError
 from .pipeline import Pipeline, load
+from .preflight import check_context, check_prompt_text
+from .safe_io import open_image
 
 DEFAULT_PROMPT = "What shapes are in the image, and what colour is each one?"
 
@@ -33,7 +35,7 @@ def resolve_dtype(dtype: str | None, device: str) -> str:
 
 def load_image(image: Any):
     """A PIL image from a path (or a PIL image as is); None = the built-in synthetic picture."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     from .adapters.tiny import synthetic_image
 
@@ -45,12 +47,7 @@ def load_image(image: Any):
     if not p.is_file():
         raise RunError(f"image {str(image)!r} does not exist; pass --image with a PNG/JPEG file (or leave it out "
                        f"for the built-in sample)")
-    try:
-        with Image.open(p) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise RunError(f"image {str(image)!r} could not be read ({type(exc).__name__}: {exc}); "
-                       f"pass a PNG or JPEG file") from None
+    return open_image(p, "--image")
 
 
 def _explain(exc: RunError, pipe: Pipeline | None = None) -> str:
@@ -146,15 +143,17 @@ def run_command(pipeline: Pipeline | str | Path, model: str | None = None, image
         pipe = pipeline if isinstance(pipeline, Pipeline) else load(pipeline)
         if max_new_tokens < 1:
             raise RunError(f"max_new_tokens={max_new_tokens}; it must be at least 1")
+        check_prompt_text(prompt)
+        prompt = DEFAULT_PROMPT if prompt is None else prompt
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         img = load_image(image)
         from .adapters import load_adapter
-
         from .evaluate import default_model
 
         adapter = load_adapter(model or default_model(), dt, dev)
-        rep = adapter.generate(pipe, [img], [prompt or DEFAULT_PROMPT], max_new_tokens=max_new_tokens, seed=seed)
+        check_context(adapter, img, prompt, max_new_tokens)
+        rep = adapter.generate(pipe, [img], [prompt], max_new_tokens=max_new_tokens, seed=seed)
     except PipelineError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}")
         return 2

@@ -9,7 +9,10 @@ from __future__ import annotations
 import re
 from functools import total_ordering
 
-_LLM = re.compile(r"^llm\.(\d+)$")
+_LLM = re.compile(r"^llm\.(\d{1,9})$")
+# No supported model is deeper than this: without a model (validate, draw) an `llm.K` site must
+# have K below it; with a model, below the model's `llm_layers`.
+MAX_LLM_LAYERS = 128
 VALID_SITES = "'vision', 'pre_llm' or 'llm.K' with K >= 0 (e.g. 'llm.2')"
 
 

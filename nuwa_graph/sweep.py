@@ -9,6 +9,7 @@ inputs and seed, and writes one row per combination.
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any, Callable, Iterable
 
 from .errors import PipelineError
 from .pipeline import Pipeline, load, parse_override
+from .safe_io import atomic_write
 
 
 def split_values(text: str) -> list[str]:
@@ -95,19 +97,24 @@ def run_sweep(path: str | Path, grid: dict[str, list[Any]], job: Callable[[Pipel
 
 
 def write_rows(rows: list[dict[str, Any]], out: str | Path) -> list[Path]:
-    """Write rows as JSON and CSV next to each other (out without suffix or with .json/.csv)."""
-    base = Path(out)
-    if base.suffix in (".json", ".csv"):
-        base = base.with_suffix("")
-    base.parent.mkdir(parents=True, exist_ok=True)
-    jpath, cpath = base.with_suffix(".json"), base.with_suffix(".csv")
-    jpath.write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    """Write rows as JSON and CSV next to each other (out without suffix or with .json/.csv), atomically."""
+    jpath, cpath = output_paths(out)
+    atomic_write(jpath, json.dumps(rows, indent=2, default=str) + "\n")
     cols: list[str] = []
     for r in rows:
         cols += [c for c in r if c not in cols]
-    with cpath.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in r.items()})
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in r.items()})
+    atomic_write(cpath, buf.getvalue())
     return [jpath, cpath]
+
+
+def output_paths(out: str | Path) -> tuple[Path, Path]:
+    """OUTPUT.json and OUTPUT.csv of `--output OUTPUT` (a .json / .csv suffix is dropped first)."""
+    base = Path(out)
+    if base.suffix in (".json", ".csv"):
+        base = base.with_suffix("")
+    return base.with_suffix(".json"), base.with_suffix(".csv")

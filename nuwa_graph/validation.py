@@ -19,7 +19,7 @@ from .errors import PipelineError, Problem
 from .expressions import ExpressionError, substitute
 from .node import Node
 from .pipeline import MODEL_VARIABLES, Pipeline, PipelineSpec, _pydantic_problems
-from .sites import Site
+from .sites import MAX_LLM_LAYERS, Site
 
 
 def _ports_text(ports) -> str:
@@ -34,6 +34,7 @@ def build_pipeline(
     node_lines: dict[str, int | None],
     model_vars: dict[str, Any] | None = None,
 ) -> Pipeline:
+    model_known = model_vars is not None and "llm_layers" in model_vars
     model_vars = {**MODEL_VARIABLES, **(model_vars or {})}
     variables = dict(spec.variables)
     for name in variables:
@@ -177,6 +178,7 @@ def build_pipeline(
                                         node=name, field="inputs", line=node_lines.get(name)))
             site = own if own is not None else ready
             sites[name] = site if site is not None else Site("vision")
+        problems += _sites_beyond_model(source, nodes, sites, node_lines, model_vars, model_known)
 
     if problems:
         raise PipelineError(problems)
@@ -190,6 +192,20 @@ def _family_hint(spec: PipelineSpec) -> str:
         return ""
     return "; " + "; ".join(f"on a {fam} model this file runs {f}: pass that file to set its variables"
                             for fam, f in spec.family_files.items())
+
+
+def _sites_beyond_model(source, nodes, sites, node_lines, model_vars, model_known) -> list[Problem]:
+    """`llm.K` sites past the model's last layer (or, with no model, past any model's)."""
+    n_layers = int(model_vars["llm_layers"]) if model_known else MAX_LLM_LAYERS
+    what = f"this model has {n_layers} LLM layers" if model_known else \
+        f"no supported model has more than {MAX_LLM_LAYERS} LLM layers"
+    out = []
+    for name, node in nodes.items():
+        used = {node.site()} | {Site(r.site) for r in node.requests()}
+        for s in sorted(x for x in used if x is not None and x.layer is not None and x.layer >= n_layers):
+            out.append(Problem(source, f"site {s} is past the last LLM layer ({what}: llm.0 .. llm.{n_layers - 1})",
+                               node=name, field="params", line=node_lines.get(name)))
+    return out
 
 
 def _close(name: str, names) -> str:

@@ -49,7 +49,7 @@ def random_pipeline(draw):
             out = "Selection"
         elif kind == "top-k":
             src = draw(st.sampled_from(made["Scores"]))
-            entry |= {"type": "selector.top-k", "params": {"k": draw(st.integers(0, N))},
+            entry |= {"type": "selector.top-k", "params": {"k": draw(st.integers(1, N))},
                       "inputs": {"scores": f"{src}.scores"}}
             edges.add((src, name))
             out = "Selection"

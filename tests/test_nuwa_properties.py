@@ -45,7 +45,7 @@ def grids_and_scores(draw):
 
 
 @FAST
-@given(grids_and_scores(), st.integers(1, 4), st.integers(0, 200))
+@given(grids_and_scores(), st.integers(1, 4), st.integers(1, 200))
 def test_each_region_gives_at_most_n_candidates(gs, n, k):
     grid, vals = gs
     ctx = ctx_for(grid)

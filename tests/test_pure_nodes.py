@@ -50,7 +50,7 @@ def scored_subset(draw, max_side=8):
 def test_top_k(case, data):
     grid, scores = case
     n = scores.ids.numel()
-    k = data.draw(st.integers(0, n))
+    k = data.draw(st.integers(1, n))  # k=0 is refused: a budget keeps at least one token
     order = data.draw(st.sampled_from(["index", "score"]))
     sel = make("selector.top-k", k=k, order=order).run(ctx(grid), scores=scores)["selection"]
     ids = sel.ids.tolist()
@@ -311,7 +311,7 @@ def test_cls_token_counts_as_index_zero():
 @FAST
 @given(st.integers(1, 120), st.data())
 def test_random_dropper_properties(n, data):
-    keep = data.draw(st.integers(0, n))
+    keep = data.draw(st.integers(1, n))
     seed = data.draw(st.integers(0, 2**31))
     present = torch.randperm(n, generator=torch.Generator().manual_seed(n))
     node = make("random-dropper.uniform", "drop", keep=keep)

@@ -297,7 +297,7 @@ def test_bad_override_unknown_variable(tmp_path):
 def test_bad_override_value_fails_param_validation(tmp_path):
     path = write(tmp_path, GOOD)
     p = only(problems_of(path, {"budget": -3}), node="pick", field="params.k")
-    assert "greater than or equal to 0" in p.message
+    assert "greater than or equal to 1" in p.message
     q = only(problems_of(path, {"budget": "many"}), node="pick", field="params.k")
     assert "integer" in q.message
 

@@ -53,8 +53,9 @@ def _model_type(spec: str) -> str:
                            f"{_hint()}")
         try:
             return str(json.loads(cfg.read_text(encoding="utf-8"))["model_type"])
-        except (ValueError, KeyError) as exc:
-            raise RunError(f"{cfg} is not a model config (no model_type): {exc}") from None
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            raise RunError(f"{cfg} is not a model config (it must be a JSON object with a model_type; "
+                           f"{type(exc).__name__}: {str(exc)[:200]})") from None
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise RunError(f"model path {spec!r} does not exist; {_hint()}")
     try:
@@ -84,7 +85,17 @@ def load_adapter(model: str = "tiny-llava", dtype: str | torch.dtype = "float32"
         return factory(dtype=dt, device=device)
     mt = _model_type(model)
     cls = adapter_class(mt)
-    return cls.from_pretrained(model, dt, device)
+    try:
+        return cls.from_pretrained(model, dt, device)
+    except RunError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - broken config values, missing or corrupt weights, refused pickles, ...
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        if type(exc).__name__ == "UnpicklingError":
+            first = "pickled weights are refused (they can run code); convert them to model.safetensors"
+        raise RunError(f"model {model!r} could not be loaded ({type(exc).__name__}: {first}); a model folder "
+                       f"needs a valid config.json, model.safetensors weights (pickled .bin weights and remote code "
+                       f"are refused) and its processor files") from None
 
 
 __all__ = ["ADAPTERS", "FAMILY_MODULES", "PRESETS", "RunReport", "VLMAdapter", "adapter_class", "dtype_of", "load_adapter",
