@@ -209,3 +209,25 @@ def test_a_second_start_in_a_used_run_folder_is_refused(tmp_path):
     _quiet(train, _tiny(tmp_path / "run", stop_after=1))
     with pytest.raises(ValueError, match="already holds a run; continue it with --resume"):
         _quiet(train, _tiny(tmp_path / "run"))
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_stops(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from nuwa_graph.embedded import train as T
+
+    real, calls = T.lm_batch, []
+
+    def batch_then_term(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)   # arrives during step 2
+        return real(*a, **kw)
+
+    monkeypatch.setattr(T, "lm_batch", batch_then_term)
+    before = signal.getsignal(signal.SIGTERM)
+    log = _quiet(T.train, _tiny(tmp_path / "run", lm_steps=10))
+    assert log["paused"] == {"at_step": 2, "reason": "SIGTERM"}
+    assert T.load_checkpoint(tmp_path / "run")["state"]["step"] == 2
+    assert signal.getsignal(signal.SIGTERM) == before    # the handler is put back
