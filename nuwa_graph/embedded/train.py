@@ -88,8 +88,9 @@ class TrainConfig:
     threads: int = 0                  # torch threads (0 = torch's default)
     dims: dict = field(default_factory=lambda: {"text_layers": 16})  # model sizes, see build.DEFAULT_DIMS
 
-    def validate(self) -> None:
-        """Clear errors for options that cannot work (the CLI shows them as usage errors)."""
+    def validate(self, fresh: bool = True) -> None:
+        """Clear errors for options that cannot work (the CLI shows them as usage errors);
+        `fresh`: also check what only a new run reads (the tower to reuse)."""
         def bad(opt, val, want):
             raise ValueError(f"--{opt.replace('_', '-')} {val!r}: {want}")
         if not self.out:
@@ -109,15 +110,12 @@ class TrainConfig:
         for name in ("lm_lr", "vision_lr"):
             if not getattr(self, name) > 0:
                 bad(name, getattr(self, name), "must be > 0")
-        if self.minutes < 0 or self.ckpt_minutes < 0:
-            bad("minutes", self.minutes, "must be >= 0 (0 = no cap)")
-        if self.question_weight < 0 or self.weight_decay < 0:
-            bad("question_weight", self.question_weight, "weights must be >= 0")
+        for name in ("minutes", "ckpt_minutes", "question_weight", "weight_decay"):
+            if getattr(self, name) < 0:
+                bad(name, getattr(self, name), "must be >= 0")
         if self.vision_steps and self.vision_from:
             bad("vision_steps", self.vision_steps, "pre-trains a new tower; pass --vision-from '' with it "
                 "(or 0 steps to reuse the tower of --vision-from)")
-        if self.vision_from and not (Path(self.vision_from) / "config.json").is_file():
-            bad("vision_from", self.vision_from, "holds no saved embedded model (config.json)")
         last = 0.0
         for item in self.curriculum:
             if (len(item) != 2 or not W.MIN_OBJECTS <= int(item[0]) <= W.MAX_OBJECTS
@@ -125,6 +123,8 @@ class TrainConfig:
                 bad("curriculum", self.curriculum, f"want MAX:UNTIL pairs with MAX in {W.MIN_OBJECTS}..{W.MAX_OBJECTS} "
                     "and increasing fractions UNTIL in 0..1, e.g. 3:0.1,4:0.2,5:0.3 (or 'none')")
             last = float(item[1])
+        if fresh and self.vision_from and not (Path(self.vision_from) / "config.json").is_file():
+            bad("vision_from", self.vision_from, "holds no saved embedded model (config.json)")
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -483,7 +483,7 @@ def train(cfg: TrainConfig, command: str | None = None, console=None, resume: st
     if resume:
         blob = load_checkpoint(resume)
         cfg = TrainConfig(**{**blob["config"], **(overrides or {}), "out": str(resume)})
-    cfg.validate()
+    cfg.validate(fresh=not resume)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
