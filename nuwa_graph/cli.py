@@ -607,7 +607,7 @@ def train(ctx: typer.Context) -> None:
     """Train the embedded LLaVA on the shapes world; every option is passed on to the trainer
     (list them with `python scripts/train_embedded.py --help`; recipe in docs/embedded.md).
 
-    Example: nuwa-graph train --seed 0 --minutes 150
+    Example: nuwa-graph train --out runs/embedded --seed 0   (then --resume runs/embedded)
     """
     from .embedded.train import main as train_main
 

@@ -9,6 +9,8 @@ that must act at a site earlier than a signal it needs).
 
 from __future__ import annotations
 
+import re
+
 from typing import Any
 
 import networkx as nx
@@ -178,7 +180,7 @@ def build_pipeline(
                                         node=name, field="inputs", line=node_lines.get(name)))
             site = own if own is not None else ready
             sites[name] = site if site is not None else Site("vision")
-        problems += _sites_beyond_model(source, nodes, sites, node_lines, model_vars, model_known)
+        problems += _sites_beyond_model(source, nodes, sites, node_lines, model_vars, model_known, spec, variables)
 
     if problems:
         raise PipelineError(problems)
@@ -194,7 +196,21 @@ def _family_hint(spec: PipelineSpec) -> str:
                             for fam, f in spec.family_files.items())
 
 
-def _sites_beyond_model(source, nodes, sites, node_lines, model_vars, model_known) -> list[Problem]:
+def layer_variable_hint(spec: PipelineSpec, node_names: set[str], variables: dict[str, Any]) -> str:
+    """'change K (now 40), e.g. --set K=...': the variables in the `site`/`layer` params of these nodes."""
+    names: set[str] = set()
+    for ns in spec.nodes:
+        if ns.name in node_names:
+            where = {k: v for k, v in ns.params.items() if k in ("site", "layer")}  # what places a node
+            names |= set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", str(where)))
+    names = {n for n in names if n in variables}
+    if not names:
+        return "lower the layer in the pipeline file"
+    shown = ", ".join(f"{n} (now {variables[n]!r})" for n in sorted(names))
+    return f"change {shown}, e.g. --set {min(names)}=..."
+
+
+def _sites_beyond_model(source, nodes, sites, node_lines, model_vars, model_known, spec, variables) -> list[Problem]:
     """`llm.K` sites past the model's last layer (or, with no model, past any model's)."""
     n_layers = int(model_vars["llm_layers"]) if model_known else MAX_LLM_LAYERS
     what = f"this model has {n_layers} LLM layers" if model_known else \
@@ -203,7 +219,8 @@ def _sites_beyond_model(source, nodes, sites, node_lines, model_vars, model_know
     for name, node in nodes.items():
         used = {node.site()} | {Site(r.site) for r in node.requests()}
         for s in sorted(x for x in used if x is not None and x.layer is not None and x.layer >= n_layers):
-            out.append(Problem(source, f"site {s} is past the last LLM layer ({what}: llm.0 .. llm.{n_layers - 1})",
+            out.append(Problem(source, f"site {s} is past the last LLM layer ({what}: llm.0 .. llm.{n_layers - 1}); "
+                                       f"{layer_variable_hint(spec, {name}, variables)}",
                                node=name, field="params", line=node_lines.get(name)))
     return out
 

@@ -2,7 +2,9 @@
 """Train the embedded LLaVA on the shapes world (docs/embedded.md has the recipe and the full command).
 
     python scripts/train_embedded.py --help
-    python scripts/train_embedded.py --out /tmp/embedded-smoke --vision-steps 60 --lm-steps 120 --minutes 6
+    python scripts/train_embedded.py --out runs/embedded --seed 0      # the full run (resumable)
+    python scripts/train_embedded.py --resume runs/embedded            # continue it after a stop
+    python scripts/train_embedded.py --out /tmp/smoke --lm-steps 40 --warmup 8 --eval-every 20 --eval-n 16 --final-eval-n 64
 
 The same entry point is `nuwa_graph.embedded.train.main(argv)`.
 """

@@ -1022,16 +1022,9 @@ class VLMAdapter:
 
 def layer_variable_hint(pipe: Pipeline, site: Site) -> str:
     """'change K (now 40), e.g. --set K=...': the pipeline variables that put a node at `site`."""
-    names: set[str] = set()
-    for ns in pipe.spec.nodes:
-        if pipe.sites.get(ns.name) == site:
-            where = {k: v for k, v in ns.params.items() if k in ("site", "layer")}  # what places a node
-            names |= set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", str(where)))
-    names = {n for n in names if n in pipe.variables}
-    if not names:
-        return "lower the layer in the pipeline file"
-    shown = ", ".join(f"{n} (now {pipe.variables[n]!r})" for n in sorted(names))
-    return f"change {shown}, e.g. --set {min(names)}=..."
+    from ..validation import layer_variable_hint as hint
+
+    return hint(pipe.spec, {n for n, s in pipe.sites.items() if s == site}, pipe.variables)
 
 
 def dtype_of(name: str | torch.dtype) -> torch.dtype:

@@ -1,33 +1,40 @@
 """Train the embedded LLaVA on the shapes world (the project command; see docs/embedded.md).
 
-Recipe (the prototype's lessons):
+Recipe (issue 14: "trained as LLaVA is"):
 
-1. Vision pre-training (`--vision-steps`): the CLIP tower alone, on patch-level object
-   labels (colour x shape x size or background, from hidden_states[-2], the layer LLaVA
-   feeds the projector), the patch's own row and column (CLIP features carry their
-   position), and a CLS attribute head on the pooled CLS output (which colours, shapes and
-   colour-shape pairs are present, how many objects) so that the CLS token, and with it CLS
-   attention, means something, as in a real CLIP.
-2. LM training (`--lm-steps`): vision tower frozen (as in LLaVA); projector + Llama trained
-   on multi-turn conversations about each image (grounding and VQA turns), with the LM loss
-   on the answers AND on the question tokens (`--question-weight`), lr 2e-3, and an
-   auxiliary loss that makes ONE head (`--att-layer`, `--att-head`: layer 1, head 0) look
-   from the end of each question (its '?', 'assistant', ':' and answer positions) at the
-   patches of the objects the question is about. Its weight decays linearly to zero at
-   `--att-anneal-end` (0.8) of the LM phase; the rest trains without it.
+- The vision tower is a CLIP-style ViT, pre-trained and then frozen, as LLaVA-1.5 freezes its
+  pre-trained CLIP ViT-L/14. By default (`--vision-from`) it is the tower of the shipped model,
+  which was pre-trained on patch-level labels and CLS attributes (`--vision-steps` reruns that
+  pre-training from scratch instead).
+- The projector (LLaVA's 2-layer GELU MLP) and a deep Llama (`dims`, default 16 layers x 128)
+  are trained on multi-turn conversations about each image (grounding, VQA and pointing turns)
+  with the next-token loss on the answers (weight 1) and the question tokens
+  (`--question-weight`). There is NO loss on any attention map: the model learns from text only.
+- Grounding is helped through data only: a curriculum from simple to crowded scenes
+  (`--curriculum`, the most objects a training scene may have until a fraction of the run) and
+  pointing questions (`what is in <x3> <y5> ?` -> `large red circle`, `--point-turns`).
 
-Everything is a function of `--seed`: the model init, the training images (scene indices
-of world `seed`), the held-out images (world `seed + 1000003`). `--minutes` is a safety
-cap only: the schedules are defined by the step counts, so a run that is not cut short is
-reproducible (bit-exact for the same torch build and thread count).
+Resumable: the run folder (`--out`) holds `checkpoint/state.pt` (model, optimizer, step,
+data position, RNG state, config, log), written every `--ckpt-every` steps, at the session's
+time cap (`--minutes`), after `--stop-after` steps and on SIGTERM/SIGINT; `--resume DIR`
+continues bit-for-bit (same torch build and thread count). The finished model is saved to
+`DIR/model/` (reloaded and evaluated there); the shipped weights folder is written only with
+`--out-package`.
+
+Everything is a function of `--seed`: the model init, the training images (scene indices of
+world `seed`), the held-out images (world `seed + 1000003`).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import os
 import platform
+import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -43,35 +50,81 @@ from ..world.boxes import box_to_tokens, iou, parse_box
 from .build import WEIGHTS_DIR, build_model, load_embedded, pixel_values, save_embedded
 
 EVAL_WORLD_OFFSET = 1_000_003
+CHECKPOINT = "checkpoint"
+STATE_FILE = "state.pt"
+MODEL_DIR = "model"
+LOG_FILE = "training_log.json"
+RECIPE = "issue14: frozen pre-trained CLIP tower, projector + deep Llama on answers and questions, no attention loss"
 
 
 @dataclass
 class TrainConfig:
-    out: str = str(WEIGHTS_DIR)
+    out: str = ""                     # run folder: checkpoint/, model/, training_log.json (required)
+    out_package: bool = False         # also copy the finished model into the shipped weights folder
     seed: int = 0
-    minutes: float = 150.0            # hard cap on the whole run (both phases, evals, save)
-    vision_steps: int = 1200
-    lm_steps: int = 6000
+    minutes: float = 0.0              # time cap of this session (0 = none): checkpoint and stop
+    stop_after: int = 0               # checkpoint and stop after this many LM steps this session (0 = none)
+    vision_from: str = str(WEIGHTS_DIR)  # saved embedded model whose CLIP tower is reused ('' = none)
+    vision_steps: int = 0             # pre-train the tower from scratch for this many steps instead
+    lm_steps: int = 5000
     batch: int = 32                   # images per step (both phases)
     vision_lr: float = 1e-3
     lm_lr: float = 2e-3
     weight_decay: float = 0.01
-    warmup: int = 100
-    grounding_turns: int = 2          # grounding questions per image in the LM phase
+    warmup: int = 200
+    grounding_turns: int = 2          # grounding questions per image
     vqa_turns: int = 2                # VQA questions per image
+    point_turns: int = 1              # pointing questions per image ('what is in <x3> <y5> ?')
     question_weight: float = 0.5      # LM loss weight of question tokens (answers: 1)
-    att_weight: float = 1.0           # auxiliary attention loss weight at the start of the LM phase
-    att_layer: int = 1
-    att_head: int = 0
-    att_anneal_end: float = 0.8       # fraction of the LM phase where that weight reaches 0
-    position_weight: float = 0.5      # vision phase: patch row/col prediction loss weight
-    tune_vision: bool = False         # also train the vision tower in the LM phase
-    eval_every: int = 500             # LM steps between held-out evals
-    eval_n: int = 128                 # held-out grounding and VQA samples per periodic eval
+    curriculum: list = field(default_factory=lambda: [[3, 0.1], [4, 0.2], [5, 0.3]])  # [max objects, until fraction]
+    position_weight: float = 0.5      # vision pre-training: patch row/col loss weight
+    tune_vision: bool = False         # also train the vision tower in the LM phase (LLaVA does not)
+    eval_every: int = 250             # LM steps between short held-out evals (0 = none)
+    eval_n: int = 64                  # held-out grounding and VQA samples per periodic eval
     final_eval_n: int = 1000          # ... for the final eval (after the save -> load round trip)
+    ckpt_every: int = 100             # LM steps between checkpoints
+    ckpt_minutes: float = 10.0        # ... and at least this often in wall-clock minutes (0 = steps only)
     save_dtype: str = "float16"
     threads: int = 0                  # torch threads (0 = torch's default)
-    dims: dict = field(default_factory=dict)   # model sizes, see build.DEFAULT_DIMS
+    dims: dict = field(default_factory=lambda: {"text_layers": 16})  # model sizes, see build.DEFAULT_DIMS
+
+    def validate(self, fresh: bool = True) -> None:
+        """Clear errors for options that cannot work (the CLI shows them as usage errors);
+        `fresh`: also check what only a new run reads (the tower to reuse)."""
+        def bad(opt, val, want):
+            raise ValueError(f"--{opt.replace('_', '-')} {val!r}: {want}")
+        if not self.out:
+            bad("out", self.out, "the run folder is required (checkpoints, final model and log go there); "
+                "the shipped weights folder is written only with --out-package")
+        out = Path(self.out).resolve()
+        if (out == WEIGHTS_DIR.resolve() or WEIGHTS_DIR.resolve() in out.parents) and not self.out_package:
+            bad("out", self.out, f"is inside the shipped weights folder {WEIGHTS_DIR}; use another folder "
+                "(add --out-package to copy the finished model there)")
+        for name in ("batch", "lm_steps", "ckpt_every", "grounding_turns"):
+            if getattr(self, name) <= 0:
+                bad(name, getattr(self, name), "must be a positive integer")
+        for name in ("vision_steps", "vqa_turns", "point_turns", "eval_every", "eval_n", "final_eval_n", "warmup",
+                     "stop_after", "threads"):
+            if getattr(self, name) < 0:
+                bad(name, getattr(self, name), "must be >= 0")
+        for name in ("lm_lr", "vision_lr"):
+            if not getattr(self, name) > 0:
+                bad(name, getattr(self, name), "must be > 0")
+        for name in ("minutes", "ckpt_minutes", "question_weight", "weight_decay"):
+            if getattr(self, name) < 0:
+                bad(name, getattr(self, name), "must be >= 0")
+        if self.vision_steps and self.vision_from:
+            bad("vision_steps", self.vision_steps, "pre-trains a new tower; pass --vision-from '' with it "
+                "(or 0 steps to reuse the tower of --vision-from)")
+        last = 0.0
+        for item in self.curriculum:
+            if (len(item) != 2 or not W.MIN_OBJECTS <= int(item[0]) <= W.MAX_OBJECTS
+                    or not last <= float(item[1]) <= 1.0):
+                bad("curriculum", self.curriculum, f"want MAX:UNTIL pairs with MAX in {W.MIN_OBJECTS}..{W.MAX_OBJECTS} "
+                    "and increasing fractions UNTIL in 0..1, e.g. 3:0.1,4:0.2,5:0.3 (or 'none')")
+            last = float(item[1])
+        if fresh and self.vision_from and not (Path(self.vision_from) / "config.json").is_file():
+            bad("vision_from", self.vision_from, "holds no saved embedded model (config.json)")
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -89,44 +142,55 @@ class Vocab:
 
 
 def _turns(seed: int, index: int, cfg: TrainConfig):
+    """(scene, [(question, answer)]) for training scene `index`, turns in a seeded random order."""
     scene, g_items, v_items = W.samples(seed, index, cfg.grounding_turns, cfg.vqa_turns)
-    turns = [(g.question, box_to_tokens(g.box, scene.size, scene.size), [g.target]) for g in g_items]
-    turns += [(v.question, v.answer, v.targets) for v in v_items]
+    turns = [(g.question, box_to_tokens(g.box, scene.size, scene.size)) for g in g_items]
+    turns += [(v.question, v.answer) for v in v_items]
+    rng = np.random.default_rng([seed, index, 3])
+    for _ in range(cfg.point_turns):
+        p = W.point_item(scene, rng)
+        if p is not None:
+            turns.append((p.question, p.answer))
     order = np.random.default_rng([seed, index, 2]).permutation(len(turns))
     return scene, [turns[int(k)] for k in order]
 
 
+def max_objects_at(step: int, cfg: TrainConfig) -> int:
+    """The curriculum: the most objects a training scene of LM step `step` may have."""
+    frac = step / cfg.lm_steps
+    for cap, until in cfg.curriculum:
+        if frac < float(until):
+            return int(cap)
+    return W.MAX_OBJECTS
+
+
+def next_indices(seed: int, start: int, n: int, max_objects: int) -> tuple[list[int], int]:
+    """The next n training scene indices from `start` with at most `max_objects` objects; new start."""
+    out, i = [], start
+    while len(out) < n:
+        if max_objects >= W.MAX_OBJECTS or len(W.make_scene(seed, i).objects) <= max_objects:
+            out.append(i)
+        i += 1
+    return out, i
+
+
 def lm_batch(seed: int, indices: list[int], cfg: TrainConfig, vocab: Vocab, grid: int):
-    """Token ids, loss weights, attention-supervision rows/targets, pixel values for scenes `indices`."""
+    """Token ids, loss weights (answers 1, questions cfg.question_weight, rest 0), pixel values."""
     n_img = grid * grid
-    seqs, wts, att = [], [], []   # att: (batch row, query position, target distribution over patches)
-    images = []
-    for b, idx in enumerate(indices):
+    seqs, wts, images = [], [], []
+    for idx in indices:
         scene, turns = _turns(seed, idx, cfg)
         images.append(scene.render()[0])
-        cov = scene.patch_coverage()
         ids = [vocab.bos] + vocab.ids("user :") + [vocab.image] * n_img
         w = [0.0] * len(ids)
-        first = True
-        for q, a, targets in turns:
-            if not first:
+        for k, (q, a) in enumerate(turns):
+            if k:
                 ids += vocab.ids("user :")
                 w += [0.0, 0.0]
-            first = False
             q_ids = vocab.ids(q) + vocab.ids("assistant :")
             a_ids = vocab.ids(a) + [vocab.eos]
-            q_start = len(ids)
-            ids += q_ids
-            w += [cfg.question_weight] * len(q_ids)
-            ids += a_ids
-            w += [1.0] * len(a_ids)
-            if targets:
-                t = cov[targets].sum(0).reshape(-1)
-                if t.sum() > 0:
-                    t = t / t.sum()
-                    qmark = q_start + len(q_ids) - 3          # position of '?'
-                    for pos in range(qmark, len(ids) - 1):     # '?' .. last answer token
-                        att.append((b, pos, t))
+            ids += q_ids + a_ids
+            w += [cfg.question_weight] * len(q_ids) + [1.0] * len(a_ids)
         seqs.append(ids)
         wts.append(w)
     L = max(len(s) for s in seqs)
@@ -138,14 +202,7 @@ def lm_batch(seed: int, indices: list[int], cfg: TrainConfig, vocab: Vocab, grid
         input_ids[b, : len(s)] = torch.tensor(s)
         mask[b, : len(s)] = 1
         weights[b, : len(w)] = torch.tensor(w)
-    image_start = 1 + len(vocab.ids("user :"))
-    if att:
-        att_rows = torch.tensor([(b, p) for b, p, _ in att], dtype=torch.long)
-        att_tgt = torch.from_numpy(np.stack([t for _, _, t in att]).astype(np.float32))
-    else:
-        att_rows, att_tgt = torch.zeros((0, 2), dtype=torch.long), torch.zeros((0, n_img))
-    return dict(input_ids=input_ids, attention_mask=mask, weights=weights, att_rows=att_rows, att_tgt=att_tgt,
-                image_start=image_start, pixel_values=pixel_values(images))
+    return {"input_ids": input_ids, "attention_mask": mask, "weights": weights, "pixel_values": pixel_values(images)}
 
 
 N_CLS_OUT = len(W.COLOR_NAMES) + len(W.SHAPES) + len(W.COLOR_NAMES) * len(W.SHAPES) + (W.MAX_OBJECTS + 1)
@@ -170,7 +227,7 @@ def vision_batch(seed: int, indices: list[int], grid: int):
 
 
 class VisionHeads(torch.nn.Module):
-    """Pre-training heads (discarded after phase 1): patch labels, patch row/col, CLS attributes."""
+    """Pre-training heads (discarded after the vision phase): patch labels, patch row/col, CLS attributes."""
 
     def __init__(self, d: int, grid: int):
         super().__init__()
@@ -181,6 +238,7 @@ class VisionHeads(torch.nn.Module):
 
 
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    """Linear warm-up, then cosine from base down to base / 10 at `total`."""
     if step < warmup:
         return base * (step + 1) / warmup
     p = (step - warmup) / max(1, total - warmup)
@@ -234,6 +292,7 @@ def _expand_image(ids: torch.Tensor, tok, n: int) -> torch.Tensor:
 
 def evaluate(model, tok, g_items, v_items) -> dict:
     """Grounding Acc@0.5 (+ mean IoU, parse rate) and VQA exact match, overall and per kind."""
+    was_training = model.training
     model.eval()
     res: dict = {}
     if g_items:
@@ -251,6 +310,7 @@ def evaluate(model, tok, g_items, v_items) -> dict:
         res["vqa_em"] = float(np.mean(ok))
         res["vqa_by_kind"] = _by_kind(ok, [k for *_, k in v_items])
         res["vqa_examples"] = [(q, p) for (_, q, _, _), p in list(zip(v_items, preds))[:3]]
+    model.train(was_training)
     return res
 
 
@@ -273,232 +333,302 @@ def _by_kind(ok, kinds) -> dict:
     return {k: round(float(np.mean(v)), 4) for k, v in sorted(out.items())}
 
 
-# --- training -----------------------------------------------------------------------------------
-class _Clock:
-    def __init__(self, minutes: float):
-        self.t0 = time.time()
-        self.limit = minutes * 60
-
-    @property
-    def elapsed(self) -> float:
-        return time.time() - self.t0
-
-    def over(self, reserve: float = 0.0) -> bool:
-        return self.elapsed + reserve > self.limit
-
-
-# --- one supervised head without eager attention everywhere ------------------------------------
-_ATT: dict = {"layer": 1, "head": 0, "on": False, "w": None}
-ATTN_NAME = "nuwa_train_attention"
+# --- checkpoints --------------------------------------------------------------------------------
+def save_checkpoint(run_dir: Path, model, opt, state: dict, cfg: TrainConfig, log: dict) -> Path:
+    """Atomically write run_dir/checkpoint/state.pt (and the running training_log.json)."""
+    ck = run_dir / CHECKPOINT
+    ck.mkdir(parents=True, exist_ok=True)
+    blob = {"model": model.state_dict(), "optimizer": opt.state_dict(), "state": dict(state),
+            "config": asdict(cfg), "log": log, "torch_rng": torch.get_rng_state(), "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
+    tmp = ck / (STATE_FILE + ".tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, ck / STATE_FILE)
+    _write_json(run_dir / LOG_FILE, log)
+    return ck / STATE_FILE
 
 
-def _train_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Stock sdpa output; at the supervised layer also the post-softmax rows of the supervised head."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                    **kwargs)
-    if _ATT["on"] and getattr(module, "layer_idx", None) == _ATT["layer"]:
-        h = _ATT["head"]
-        q, k = query[:, h], key[:, h // getattr(module, "num_key_value_groups", 1)]
-        s = (q @ k.transpose(-1, -2)) * (scaling if scaling is not None else q.shape[-1] ** -0.5)
-        L, S = s.shape[-2:]
-        if attention_mask is None:
-            allowed = torch.ones(L, S, dtype=torch.bool).tril(S - L)
-            s = s.masked_fill(~allowed, float("-inf"))
-        elif attention_mask.dtype == torch.bool:
-            s = s.masked_fill(~attention_mask[:, 0, :, :S], float("-inf"))
-        else:
-            s = s + attention_mask[:, 0, :, :S]
-        _ATT["w"] = s.softmax(-1)
-    return out, None
+def load_checkpoint(run_dir: str | Path) -> dict:
+    p = Path(run_dir) / CHECKPOINT / STATE_FILE
+    if not p.is_file():
+        raise FileNotFoundError(f"--resume {run_dir}: no checkpoint at {p}")
+    return torch.load(p, map_location="cpu", weights_only=False)
 
 
-def _register_train_attention():
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    AttentionInterface.register(ATTN_NAME, _train_attention)
-    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=_json_default) + "\n")
+    os.replace(tmp, path)
 
 
-def _plain(console, step: int, every: int, text: str):
-    """A plain status line every `every` steps when the output is not a terminal (background runs)."""
-    if not console.is_terminal and step % every == 0:
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class _Stop:
+    """SIGTERM / SIGINT -> finish the current step, checkpoint, exit cleanly."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        self._old: dict = {}
+
+    def __enter__(self):
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _say(console, text: str) -> None:
+    if console is None:
+        print(text, flush=True)
+    else:
         console.print(text, soft_wrap=True, highlight=False, markup=False)
 
 
-def _progress(console=None):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console, refresh_per_second=2)
-
-
-def train(cfg: TrainConfig, command: str | None = None, console=None) -> dict:
-    """Run both phases, save to cfg.out, reload, evaluate; returns (and writes) the training log."""
-    from rich.console import Console
-    console = console or Console()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    clock = _Clock(cfg.minutes)
-    model, processor = build_model(cfg.seed, **cfg.dims)
-    tok = processor.tokenizer
-    vocab = Vocab(tok)
-    _check_vocab(vocab, cfg)
-    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
-    d_v = model.config.vision_config.hidden_size
-    log: dict = {"command": command, "config": asdict(cfg), "seed": cfg.seed, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                 "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-                 "params": sum(p.numel() for p in model.parameters()), "history": [], "evals": [],
-                 "supervised_attention_head": {"layer": cfg.att_layer, "head": cfg.att_head,
-                                               "weight_start": cfg.att_weight, "zero_from_lm_step":
-                                               int(cfg.att_anneal_end * cfg.lm_steps)}}
-    g_eval, v_eval = eval_set(cfg.seed, cfg.eval_n)
-    images_seen = {"vision": 0, "lm": 0}
-    stopped_early = False
-    next_index = 0
-
-    # ---- phase 1: vision pre-training ----
+# --- training -----------------------------------------------------------------------------------
+def _pretrain_vision(model, cfg: TrainConfig, grid: int, log: dict, console) -> int:
+    """The tower alone on patch labels, patch row/col and CLS attributes; returns the next scene index."""
     vt = model.model.vision_tower
-    heads = VisionHeads(d_v, grid)
+    heads = VisionHeads(model.config.vision_config.hidden_size, grid)
     params = list(vt.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=cfg.weight_decay)
     rows = torch.arange(grid).repeat_interleave(grid)
     cols = torch.arange(grid).repeat(grid)
-    t_phase = time.time()
-    with _progress(console) as prog:
-        task = prog.add_task("vision", total=cfg.vision_steps, info="")
-        vt.train()
-        for step in range(cfg.vision_steps):
-            if clock.over(reserve=60 + 0.02 * cfg.minutes * 60):
-                stopped_early = True
+    n_attr = N_CLS_OUT - (W.MAX_OBJECTS + 1)
+    t0 = time.time()
+    vt.train()
+    for step in range(cfg.vision_steps):
+        idx = list(range(step * cfg.batch, (step + 1) * cfg.batch))
+        px, labels, attrs, counts = vision_batch(cfg.seed, idx, grid)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg.vision_steps, cfg.vision_lr, min(cfg.warmup, cfg.vision_steps))
+        out = vt(pixel_values=px, output_hidden_states=True)
+        h = heads.norm(out.hidden_states[-2][:, 1:])
+        l_patch = F.cross_entropy(heads.patch(h).flatten(0, 1), labels.flatten())
+        pos = heads.pos(h)
+        l_pos = (F.cross_entropy(pos[..., :grid].flatten(0, 1), rows.repeat(len(idx)))
+                 + F.cross_entropy(pos[..., grid:].flatten(0, 1), cols.repeat(len(idx))))
+        c = heads.cls(out.pooler_output)
+        l_cls = F.binary_cross_entropy_with_logits(c[:, :n_attr], attrs) + F.cross_entropy(c[:, n_attr:], counts)
+        loss = l_patch + l_cls + cfg.position_weight * l_pos
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 20 == 0 or step == cfg.vision_steps - 1:
+            rec = {"phase": "vision", "step": step, "loss": round(loss.item(), 4), "patch": round(l_patch.item(), 4),
+                   "cls": round(l_cls.item(), 4), "pos": round(l_pos.item(), 4)}
+            log["history"].append(rec)
+            if step % 200 == 0:
+                _say(console, f"vision {step}/{cfg.vision_steps} {rec}")
+    log["vision_images_per_s"] = round(cfg.vision_steps * cfg.batch / max(1e-6, time.time() - t0), 2)
+    vt.eval()
+    return cfg.vision_steps * cfg.batch
+
+
+def _new_run(cfg: TrainConfig, command: str | None, console):
+    """Model with its vision tower in place, optimizer, start state and log for a fresh run."""
+    model, processor = build_model(cfg.seed, **cfg.dims)
+    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    log: dict = {"recipe": RECIPE, "command": command, "config": asdict(cfg), "seed": cfg.seed,
+                 "started": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
+                 "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+                 "params": sum(p.numel() for p in model.parameters()), "attention_loss": None,
+                 "history": [], "evals": [], "sessions": []}
+    start = 0
+    if cfg.vision_from:
+        src, _ = load_embedded(cfg.vision_from)
+        try:
+            model.model.vision_tower.load_state_dict(src.model.vision_tower.state_dict(), strict=True)
+        except RuntimeError as exc:
+            raise ValueError(f"--vision-from {cfg.vision_from}: its vision tower does not fit the configured "
+                             f"dims {cfg.dims} ({str(exc).splitlines()[0]})") from None
+        wfile = Path(cfg.vision_from) / "model.safetensors"
+        log["vision_tower"] = {"from": str(cfg.vision_from), "sha256": _sha256(wfile) if wfile.is_file() else None}
+        del src
+    elif cfg.vision_steps:
+        start = _pretrain_vision(model, cfg, grid, log, console)
+        log["vision_tower"] = {"pretrained_steps": cfg.vision_steps}
+    else:
+        log["vision_tower"] = {"random": True}   # tests only: a frozen random tower
+    if not cfg.tune_vision:
+        for p in model.model.vision_tower.parameters():
+            p.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lm_lr,
+                            weight_decay=cfg.weight_decay)
+    state = {"step": 0, "next_index": start, "images": 0, "train_seconds": 0.0}
+    return model, processor, opt, state, log
+
+
+def train(cfg: TrainConfig, command: str | None = None, console=None, resume: str | None = None,
+          overrides: dict | None = None) -> dict:
+    """Train (or continue `resume`) until the LM schedule ends or this session stops; returns the log.
+
+    A stopped session leaves a checkpoint and `log["paused"]`; a finished one saves the model to
+    `out/model`, reloads it, evaluates it there and sets `log["final"]`.
+    """
+    if resume:
+        blob = load_checkpoint(resume)
+        cfg = TrainConfig(**{**blob["config"], **(overrides or {}), "out": str(resume)})
+    cfg.validate(fresh=not resume)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    run_dir = Path(cfg.out)
+    if not resume and (run_dir / CHECKPOINT / STATE_FILE).exists():
+        raise ValueError(f"--out {run_dir}: already holds a run; continue it with --resume {run_dir} "
+                         "or choose another folder")
+    session_t0 = time.time()
+    if resume:
+        model, processor = build_model(cfg.seed, **cfg.dims)
+        model.load_state_dict(blob["model"])
+        if not cfg.tune_vision:
+            for p in model.model.vision_tower.parameters():
+                p.requires_grad_(False)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lm_lr,
+                                weight_decay=cfg.weight_decay)
+        opt.load_state_dict(blob["optimizer"])
+        state, log = dict(blob["state"]), blob["log"]
+        torch.set_rng_state(blob["torch_rng"])
+        if blob.get("threads") != torch.get_num_threads() or blob.get("torch") != torch.__version__:
+            _say(console, f"warning: checkpoint written with torch {blob.get('torch')} / {blob.get('threads')} "
+                          f"threads, resuming with {torch.__version__} / {torch.get_num_threads()}: "
+                          "not bit-identical to an uninterrupted run")
+        del blob
+    else:
+        torch.manual_seed(cfg.seed)
+        model, processor, opt, state, log = _new_run(cfg, command, console)
+    tok = processor.tokenizer
+    vocab = Vocab(tok)
+    _check_vocab(vocab, cfg)
+    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    vt = model.model.vision_tower
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    g_eval, v_eval = eval_set(cfg.seed, cfg.eval_n)
+    session = {"command": command, "resumed_from_step": state["step"] if resume else None,
+               "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    log["sessions"].append(session)
+    if not resume:
+        save_checkpoint(run_dir, model, opt, state, cfg, log)
+    _say(console, f"{'resuming' if resume else 'starting'} at LM step {state['step']}/{cfg.lm_steps} "
+                  f"({log['params']:,} parameters, {len(trainable)} trainable tensors) -> {run_dir}")
+    steps_this_session, t_steps, last_save = 0, 0.0, time.time()
+    stopped = None
+    with _Stop() as stop:
+        while state["step"] < cfg.lm_steps:
+            if stop.signal:
+                stopped = stop.signal
+            elif cfg.minutes and time.time() - session_t0 > cfg.minutes * 60:
+                stopped = "time cap"
+            elif cfg.stop_after and steps_this_session >= cfg.stop_after:
+                stopped = "stop-after"
+            if stopped:
                 break
-            idx = list(range(next_index, next_index + cfg.batch))
-            next_index += cfg.batch
-            px, labels, attrs, counts = vision_batch(cfg.seed, idx, grid)
+            t0 = time.time()
+            step = state["step"]
+            idx, state["next_index"] = next_indices(cfg.seed, state["next_index"], cfg.batch,
+                                                    max_objects_at(step, cfg))
+            b = lm_batch(cfg.seed, idx, cfg, vocab, grid)
+            model.train()
+            if not cfg.tune_vision:
+                vt.eval()
+            lr = lr_at(step, cfg.lm_steps, cfg.lm_lr, cfg.warmup)
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, cfg.vision_steps, cfg.vision_lr, cfg.warmup)
-            out = vt(pixel_values=px, output_hidden_states=True)
-            h = heads.norm(out.hidden_states[-2][:, 1:])
-            l_patch = F.cross_entropy(heads.patch(h).flatten(0, 1), labels.flatten())
-            pos = heads.pos(h)
-            l_pos = (F.cross_entropy(pos[..., :grid].flatten(0, 1), rows.repeat(len(idx)))
-                     + F.cross_entropy(pos[..., grid:].flatten(0, 1), cols.repeat(len(idx))))
-            c = heads.cls(out.pooler_output)
-            n_attr = N_CLS_OUT - (W.MAX_OBJECTS + 1)
-            l_cls = (F.binary_cross_entropy_with_logits(c[:, :n_attr], attrs)
-                     + F.cross_entropy(c[:, n_attr:], counts))
-            loss = l_patch + l_cls + cfg.position_weight * l_pos
+                g["lr"] = lr
+            out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                        pixel_values=b["pixel_values"], use_cache=False)
+            logits = out.logits[:, :-1].float()
+            tgt = b["input_ids"][:, 1:]
+            wt = b["weights"][:, 1:]
+            ce = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), reduction="none").view_as(wt)
+            loss = (ce * wt).sum() / wt.sum()
+            ans = wt == 1.0
+            l_ans = (ce * ans).sum() / ans.sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             opt.step()
-            images_seen["vision"] += len(idx)
-            if step % 20 == 0 or step == cfg.vision_steps - 1:
-                rec = {"phase": "vision", "step": step, "t": round(clock.elapsed, 1), "loss": round(loss.item(), 4),
-                       "patch": round(l_patch.item(), 4), "cls": round(l_cls.item(), 4), "pos": round(l_pos.item(), 4)}
+            state["step"] = step + 1
+            state["images"] += len(idx)
+            steps_this_session += 1
+            dt = time.time() - t0
+            t_steps += dt
+            state["train_seconds"] = round(state["train_seconds"] + dt, 2)
+            if step % 20 == 0 or step == cfg.lm_steps - 1:
+                rec = {"phase": "lm", "step": step, "loss": round(loss.item(), 4), "answer": round(l_ans.item(), 4),
+                       "lr": round(lr, 6), "max_objects": max_objects_at(step, cfg), "s_per_step": round(dt, 2),
+                       "time": time.strftime("%H:%M:%S")}
                 log["history"].append(rec)
-                ips = images_seen["vision"] / (time.time() - t_phase)
-                prog.update(task, info=f"loss {rec['loss']:.3f} patch {rec['patch']:.3f} cls {rec['cls']:.3f} "
-                                       f"pos {rec['pos']:.3f} | {ips:.0f} img/s")
-                _plain(console, step, 200, f"vision {step}/{cfg.vision_steps} {rec} {ips:.1f} img/s")
-            prog.advance(task)
-    log["vision_images_per_s"] = round(images_seen["vision"] / max(1e-6, time.time() - t_phase), 2)
-    del heads, opt
+                _say(console, f"lm {step}/{cfg.lm_steps} loss {rec['loss']:.4f} answer {rec['answer']:.4f} "
+                              f"lr {lr:.2e} max_objects {rec['max_objects']} | {t_steps / steps_this_session:.2f} "
+                              "s/step this session")
+            if cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["step"] < cfg.lm_steps:
+                t_ev = time.time()
+                ev = evaluate(model, tok, g_eval, v_eval)
+                ev.update(step=state["step"], images=state["images"], seconds=round(time.time() - t_ev, 1),
+                          time=time.strftime("%Y-%m-%d %H:%M:%S"))
+                log["evals"].append(ev)
+                _say(console, f"eval @ lm step {state['step']} (n={cfg.eval_n}): grounding Acc@0.5 "
+                              f"{ev['grounding_acc50']:.3f} (mIoU {ev['grounding_miou']:.3f}) "
+                              f"{ev['grounding_by_kind']}, VQA EM {ev['vqa_em']:.3f} {ev['vqa_by_kind']}")
+            if (state["step"] % cfg.ckpt_every == 0 or state["step"] == cfg.lm_steps
+                    or (cfg.ckpt_minutes and time.time() - last_save > cfg.ckpt_minutes * 60)):
+                session.update(steps=steps_this_session, s_per_step=round(t_steps / steps_this_session, 3))
+                save_checkpoint(run_dir, model, opt, state, cfg, log)
+                last_save = time.time()
+    session.update(steps=steps_this_session, ended=time.strftime("%Y-%m-%d %H:%M:%S"), stopped=stopped,
+                   s_per_step=round(t_steps / max(1, steps_this_session), 3))
+    log["images_seen"] = {"lm": state["images"]}
+    log["train_seconds"] = state["train_seconds"]
+    if state["step"] < cfg.lm_steps:
+        log["paused"] = {"at_step": state["step"], "reason": stopped}
+        save_checkpoint(run_dir, model, opt, state, cfg, log)
+        _say(console, f"stopped ({stopped}) at LM step {state['step']}/{cfg.lm_steps}; checkpoint in "
+                      f"{run_dir / CHECKPOINT}; continue with: python scripts/train_embedded.py --resume {run_dir}")
+        return log
+    log.pop("paused", None)
+    save_checkpoint(run_dir, model, opt, state, cfg, log)
+    return _finish(model, processor, cfg, log, run_dir, console)
 
-    # ---- phase 2: LM training ----
-    if not cfg.tune_vision:
-        for p in vt.parameters():
-            p.requires_grad_(False)
-    vt.eval()
-    _register_train_attention()  # sdpa, plus the rows of the supervised head for the aux loss
-    model.set_attn_implementation({"text_config": ATTN_NAME})
-    _ATT.update(layer=cfg.att_layer, head=cfg.att_head, on=False, w=None)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=cfg.lm_lr, weight_decay=cfg.weight_decay)
-    n_img = grid * grid
-    t_phase = time.time()
-    try:
-        with _progress(console) as prog:
-            task = prog.add_task("lm", total=cfg.lm_steps, info="")
-            for step in range(cfg.lm_steps if not stopped_early else 0):
-                if clock.over(reserve=60 + 0.02 * cfg.minutes * 60):
-                    stopped_early = True
-                    break
-                model.train()
-                if not cfg.tune_vision:
-                    vt.eval()
-                idx = list(range(next_index, next_index + cfg.batch))
-                next_index += cfg.batch
-                b = lm_batch(cfg.seed, idx, cfg, vocab, grid)
-                for g in opt.param_groups:
-                    g["lr"] = lr_at(step, cfg.lm_steps, cfg.lm_lr, cfg.warmup)
-                w_att = cfg.att_weight * max(0.0, 1.0 - step / max(1.0, cfg.att_anneal_end * cfg.lm_steps))
-                _ATT["on"] = w_att > 0
-                out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                            pixel_values=b["pixel_values"], use_cache=False)
-                logits = out.logits[:, :-1].float()
-                tgt = b["input_ids"][:, 1:]
-                wt = b["weights"][:, 1:]
-                ce = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), reduction="none").view_as(wt)
-                l_lm = (ce * wt).sum() / wt.sum()
-                ans = (wt == 1.0)
-                l_ans = (ce * ans).sum() / ans.sum()
-                loss = l_lm
-                l_att = torch.zeros(())
-                if w_att > 0 and len(b["att_rows"]):
-                    a = _ATT["w"][b["att_rows"][:, 0], b["att_rows"][:, 1]]     # (R, L) rows over keys
-                    s = b["image_start"]
-                    a_img = a[:, s: s + n_img]
-                    l_att = -(b["att_tgt"] * torch.log(a_img + 1e-8)).sum(-1).mean()
-                    loss = loss + w_att * l_att
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-                opt.step()
-                _ATT.update(on=False, w=None)
-                images_seen["lm"] += len(idx)
-                if step % 20 == 0 or step == cfg.lm_steps - 1:
-                    rec = {"phase": "lm", "step": step, "t": round(clock.elapsed, 1), "loss": round(loss.item(), 4),
-                           "lm": round(l_lm.item(), 4), "answer": round(l_ans.item(), 4),
-                           "att": round(l_att.item(), 4), "att_w": round(w_att, 4)}
-                    log["history"].append(rec)
-                    ips = images_seen["lm"] / (time.time() - t_phase)
-                    prog.update(task, info=f"lm {rec['lm']:.3f} ans {rec['answer']:.3f} att {rec['att']:.3f}"
-                                           f"(w {w_att:.2f}) | {ips:.0f} img/s")
-                    _plain(console, step, 200, f"lm {step}/{cfg.lm_steps} {rec} {ips:.1f} img/s")
-                if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.lm_steps:
-                    ev = evaluate(model, tok, g_eval, v_eval)
-                    ev.update(step=step + 1, t=round(clock.elapsed, 1), images=images_seen["lm"])
-                    log["evals"].append(ev)
-                    console.print(f"[cyan]eval @ lm step {step + 1}[/]: grounding Acc@0.5 "
-                                  f"{ev['grounding_acc50']:.3f} (mIoU {ev['grounding_miou']:.3f}), "
-                                  f"VQA EM {ev['vqa_em']:.3f}")
-                prog.advance(task)
-    finally:
-        _ATT.update(on=False, w=None)
-    log["lm_images_per_s"] = round(images_seen["lm"] / max(1e-6, time.time() - t_phase), 2)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    model.set_attn_implementation({"text_config": "sdpa"})
 
-    # ---- save, reload, final eval on the saved weights ----
-    out_dir = Path(cfg.out)
-    log.update(images_seen=images_seen, stopped_early=stopped_early, train_seconds=round(clock.elapsed, 1))
+def _finish(model, processor, cfg: TrainConfig, log: dict, run_dir: Path, console) -> dict:
+    """Save the model to run_dir/model, reload it, evaluate the saved weights, write the log."""
+    out_dir = run_dir / MODEL_DIR
+    log.update(stopped_early=False, minutes=round(log["train_seconds"] / 60, 2),
+               lm_images_per_s=round(log["images_seen"]["lm"] / max(1e-6, log["train_seconds"]), 2))
     save_embedded(model, processor, out_dir, dtype=getattr(torch, cfg.save_dtype),
-                  extra={"seed": cfg.seed, "supervised_attention_head": log["supervised_attention_head"]})
+                  extra={"seed": cfg.seed, "recipe": RECIPE, "attention_loss": None, "text_layers":
+                         model.config.text_config.num_hidden_layers})
     model2, proc2 = load_embedded(out_dir)
     g_fin, v_fin = eval_set(cfg.seed, cfg.final_eval_n)
     t_ev = time.time()
     final = evaluate(model2, proc2.tokenizer, g_fin, v_fin)
-    final["n"] = cfg.final_eval_n
-    final["seconds"] = round(time.time() - t_ev, 1)
+    final.update(n=cfg.final_eval_n, seconds=round(time.time() - t_ev, 1))
     log["final"] = final
-    log["minutes"] = round(clock.elapsed / 60, 2)
     log["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    (out_dir / "training_log.json").write_text(json.dumps(log, indent=1, default=_json_default) + "\n")
-    console.print(f"[bold green]done[/] in {log['minutes']:.1f} min: grounding Acc@0.5 {final['grounding_acc50']:.3f}, "
-                  f"VQA EM {final['vqa_em']:.3f} (n={cfg.final_eval_n}, saved weights) -> {out_dir}")
+    _write_json(out_dir / LOG_FILE, log)
+    _write_json(run_dir / LOG_FILE, log)
+    if cfg.out_package:
+        WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)
+        for f in out_dir.iterdir():
+            if f.is_file():
+                shutil.copy2(f, WEIGHTS_DIR / f.name)
+    _say(console, f"done: grounding Acc@0.5 {final['grounding_acc50']:.3f}, VQA EM {final['vqa_em']:.3f} "
+                  f"(n={cfg.final_eval_n}, saved weights) -> {out_dir}"
+                  + (f" (copied to {WEIGHTS_DIR})" if cfg.out_package else ""))
     return log
 
 
@@ -513,45 +643,99 @@ def _check_vocab(vocab: Vocab, cfg: TrainConfig):
     from .build import prompt
     for i in range(20):
         _, turns = _turns(cfg.seed, 10_000_000 + i, cfg)
-        q, a, _ = turns[0]
-        want = vocab.tok(prompt(q) + " " + a + "</s>").input_ids
-        got = [vocab.bos] + vocab.ids("user :") + [vocab.image] + vocab.ids(q) + vocab.ids("assistant :") + vocab.ids(a) + [vocab.eos]
-        if want != got:
-            raise RuntimeError(f"fast tokenisation differs from the tokenizer for {q!r} -> {a!r}")
+        for q, a in turns:
+            want = vocab.tok(prompt(q) + " " + a + "</s>").input_ids
+            got = ([vocab.bos] + vocab.ids("user :") + [vocab.image] + vocab.ids(q) + vocab.ids("assistant :")
+                   + vocab.ids(a) + [vocab.eos])
+            if want != got:
+                raise RuntimeError(f"fast tokenisation differs from the tokenizer for {q!r} -> {a!r}")
 
 
 # --- command line -------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
+RESUME_OVERRIDES = ("minutes", "stop_after", "threads", "ckpt_minutes")   # what --resume may change (not the schedule)
+
+
+def _curriculum(text: str) -> list:
+    if text.strip().lower() in ("none", ""):
+        return []
+    try:
+        return [[int(a), float(b)] for a, b in (part.split(":") for part in text.split(","))]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: want MAX:UNTIL pairs, e.g. 3:0.1,4:0.2,5:0.3, or 'none'") from None
+
+
+def _dims(text: str) -> dict:
+    from .build import DEFAULT_DIMS
+    out = {}
+    for part in filter(None, text.split(",")):
+        k, _, v = part.partition("=")
+        if k not in DEFAULT_DIMS or not v.isdigit() or int(v) <= 0:
+            raise argparse.ArgumentTypeError(f"{part!r}: want NAME=POSITIVE_INT with NAME in {sorted(DEFAULT_DIMS)}")
+        out[k] = int(v)
+    return out
+
+
+def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = argparse.ArgumentParser(prog="train_embedded", description="Train the embedded LLaVA on the shapes world.")
-    p.add_argument("--out", default=d.out, help="output folder (default: the shipped weights folder)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--minutes", type=float, default=d.minutes, help="hard time cap for the whole run")
-    p.add_argument("--vision-steps", type=int, default=d.vision_steps)
-    p.add_argument("--lm-steps", type=int, default=d.lm_steps)
-    p.add_argument("--batch", type=int, default=d.batch)
-    p.add_argument("--vision-lr", type=float, default=d.vision_lr)
-    p.add_argument("--lm-lr", type=float, default=d.lm_lr)
-    p.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps of each phase")
-    p.add_argument("--grounding-turns", type=int, default=d.grounding_turns)
-    p.add_argument("--vqa-turns", type=int, default=d.vqa_turns)
-    p.add_argument("--question-weight", type=float, default=d.question_weight)
-    p.add_argument("--att-weight", type=float, default=d.att_weight)
-    p.add_argument("--att-layer", type=int, default=d.att_layer)
-    p.add_argument("--att-head", type=int, default=d.att_head)
-    p.add_argument("--att-anneal-end", type=float, default=d.att_anneal_end)
-    p.add_argument("--position-weight", type=float, default=d.position_weight)
-    p.add_argument("--tune-vision", action="store_true")
-    p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--eval-n", type=int, default=d.eval_n)
-    p.add_argument("--final-eval-n", type=int, default=d.final_eval_n)
-    p.add_argument("--save-dtype", default=d.save_dtype, choices=["float16", "bfloat16", "float32"])
-    p.add_argument("--threads", type=int, default=d.threads)
+    kw = {"argument_default": argparse.SUPPRESS} if suppress else {}
+    p = argparse.ArgumentParser(prog="train_embedded", description="Train the embedded LLaVA on the shapes world "
+                                "(recipe in docs/embedded.md).", **kw)
+    dflt = (lambda v: {}) if suppress else (lambda v: {"default": v})
+    p.add_argument("--out", **dflt(d.out), help="run folder (required): checkpoint/, model/, training_log.json")
+    p.add_argument("--out-package", action="store_true", **dflt(False),
+                   help=f"also copy the finished model into the shipped weights folder {WEIGHTS_DIR}")
+    p.add_argument("--resume", metavar="DIR", **dflt(None),
+                   help="continue the run in DIR from its checkpoint (only --minutes, --stop-after, --threads may change)")
+    p.add_argument("--seed", type=int, **dflt(d.seed))
+    p.add_argument("--minutes", type=float, **dflt(d.minutes), help="time cap of this session (0 = none); "
+                   "the run checkpoints and stops, --resume continues it")
+    p.add_argument("--stop-after", type=int, **dflt(d.stop_after), help="checkpoint and stop after N LM steps")
+    p.add_argument("--vision-from", **dflt(d.vision_from),
+                   help="saved embedded model whose (frozen) CLIP tower is reused; '' to pre-train one")
+    p.add_argument("--vision-steps", type=int, **dflt(d.vision_steps), help="pre-train the tower (with --vision-from '')")
+    p.add_argument("--lm-steps", type=int, **dflt(d.lm_steps))
+    p.add_argument("--batch", type=int, **dflt(d.batch))
+    p.add_argument("--vision-lr", type=float, **dflt(d.vision_lr))
+    p.add_argument("--lm-lr", type=float, **dflt(d.lm_lr))
+    p.add_argument("--weight-decay", type=float, **dflt(d.weight_decay))
+    p.add_argument("--warmup", type=int, **dflt(d.warmup), help="linear warm-up steps")
+    p.add_argument("--grounding-turns", type=int, **dflt(d.grounding_turns))
+    p.add_argument("--vqa-turns", type=int, **dflt(d.vqa_turns))
+    p.add_argument("--point-turns", type=int, **dflt(d.point_turns))
+    p.add_argument("--question-weight", type=float, **dflt(d.question_weight))
+    p.add_argument("--curriculum", type=_curriculum, **dflt(d.curriculum),
+                   help="MAX:UNTIL,...: at most MAX objects per training scene until fraction UNTIL of the run")
+    p.add_argument("--dims", type=_dims, **dflt(d.dims), help="model sizes, e.g. text_layers=16,text_hidden=128")
+    p.add_argument("--position-weight", type=float, **dflt(d.position_weight))
+    p.add_argument("--tune-vision", action="store_true", **dflt(False))
+    p.add_argument("--eval-every", type=int, **dflt(d.eval_every))
+    p.add_argument("--eval-n", type=int, **dflt(d.eval_n))
+    p.add_argument("--final-eval-n", type=int, **dflt(d.final_eval_n))
+    p.add_argument("--ckpt-every", type=int, **dflt(d.ckpt_every), help="LM steps between checkpoints")
+    p.add_argument("--ckpt-minutes", type=float, **dflt(d.ckpt_minutes),
+                   help="also checkpoint after this many minutes since the last one (0 = steps only)")
+    p.add_argument("--save-dtype", choices=["float16", "bfloat16", "float32"], **dflt(d.save_dtype))
+    p.add_argument("--threads", type=int, **dflt(d.threads))
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = vars(build_parser().parse_args(argv))
-    cfg = TrainConfig(**args)
-    return train(cfg, command="python scripts/train_embedded.py " + " ".join(argv))
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    given = vars(build_parser(suppress=True).parse_args(argv))
+    resume = args.pop("resume")
+    command = "python scripts/train_embedded.py " + " ".join(argv)
+    try:
+        if resume:
+            extra = sorted(k for k in given if k not in RESUME_OVERRIDES + ("resume",))
+            if extra:
+                parser.error(f"--resume continues the run with its own settings; only "
+                             f"{', '.join('--' + k.replace('_', '-') for k in RESUME_OVERRIDES)} may be given "
+                             f"(got {', '.join('--' + k.replace('_', '-') for k in extra)})")
+            overrides = {"minutes": args["minutes"], "stop_after": args["stop_after"]}   # per session
+            overrides.update({k: args[k] for k in ("threads", "ckpt_minutes") if k in given})
+            return train(TrainConfig(out=resume), command=command, resume=resume, overrides=overrides)
+        return train(TrainConfig(**args), command=command)
+    except (ValueError, FileNotFoundError) as exc:
+        parser.error(str(exc))

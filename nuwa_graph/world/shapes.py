@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .boxes import BINS
+
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (215, 40, 40),
     "green": (40, 165, 60),
@@ -451,6 +453,44 @@ def vqa_items(scene: Scene, n: int, rng: np.random.Generator) -> list[VQAItem]:
         if it is not None:
             items.append(it)
     return items
+
+
+POINT_TEMPLATE = "what is in {cell} ?"
+
+
+@dataclass
+class PointItem:
+    """A training-only pointing question: which object lies under one coordinate-token cell."""
+
+    question: str
+    answer: str          # '{size} {color} {shape}' of the object under the cell
+    target: int
+    cell: tuple[int, int]   # (column bin, row bin) of the <xA> <yB> tokens
+
+
+def point_item(scene: Scene, rng: np.random.Generator, bins: int = BINS) -> PointItem | None:
+    """'what is in <xA> <yB> ?' -> 'large red circle', or None if no object has a clean cell.
+
+    Only cells lying wholly inside one object's box, whose centre pixel is on that object,
+    are asked about, so the answer is unique. Not used by `samples()` (held-out sets are
+    unchanged); the embedded model's trainer mixes it in to help grounding through data.
+    """
+    _, omap = scene.render()
+    step = scene.size / bins
+    cands = []
+    for k, o in enumerate(scene.objects):
+        x0, y0, x1, y1 = o.box
+        for cy in range(bins):
+            for cx in range(bins):
+                if not (x0 <= cx * step and (cx + 1) * step <= x1 and y0 <= cy * step and (cy + 1) * step <= y1):
+                    continue
+                if omap[int((cy + 0.5) * step), int((cx + 0.5) * step)] == k + 1:
+                    cands.append((k, cx, cy))
+    if not cands:
+        return None
+    k, cx, cy = cands[int(rng.integers(len(cands)))]
+    o = scene.objects[k]
+    return PointItem(POINT_TEMPLATE.format(cell=f"<x{cx}> <y{cy}>"), f"{o.size} {o.color} {o.shape}", k, (cx, cy))
 
 
 def samples(seed: int, index: int, n_grounding: int = 1, n_vqa: int = 1, size: int = IMAGE_SIZE):
