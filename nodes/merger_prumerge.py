@@ -56,11 +56,11 @@ class PruMergePlusMerger(Node):
         qk = ctx.signal(self.requests()[1])  # (2, n + 1, d)
         n = hidden.shape[0]
         keys = qk[1][qk.shape[1] - n:]
-        attn = scores.values[gather_scores(scores, torch.arange(n))]
+        attn = scores.values[gather_scores(scores, torch.arange(n, device=hidden.device))]
         kept = selection.ids
         if torch.unique(kept).numel() != kept.numel():
             raise ValueError("PruMerge: the selection names a token twice")
-        mask = torch.zeros(n, dtype=torch.bool)
+        mask = torch.zeros(n, dtype=torch.bool, device=hidden.device)
         mask[kept] = True
         dropped = torch.nonzero(~mask).reshape(-1)  # ascending, as complement_idx
         L = kept.numel()
@@ -83,5 +83,5 @@ class PruMergePlusMerger(Node):
         if p.extra_token:
             extra = torch.sum(x_drop * a_drop.unsqueeze(-1), dim=0, keepdim=True)
             out = torch.cat([out, extra])
-            ids = torch.cat([ids, torch.tensor([POOLED_ID])])
+            ids = torch.cat([ids, torch.tensor([POOLED_ID], device=ids.device)])
         return {"tokens": Tokens(out, ids, "vision"), "selection": Selection(ids)}

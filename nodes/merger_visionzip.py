@@ -60,7 +60,7 @@ class VisionZipMerger(Node):
             raise ValueError(f"vision.keys must be (heads, n + cls, head_dim), got {tuple(keys.shape)}")
         metric = keys.mean(dim=0)
         metric = metric[metric.shape[0] - n:]  # drop CLS where present
-        keep = torch.zeros(n, dtype=torch.bool)
+        keep = torch.zeros(n, dtype=torch.bool, device=hidden.device)
         keep[dominant.ids] = True
         dom_ids = torch.nonzero(keep).reshape(-1)  # ascending, as masked_select
         rest = torch.nonzero(~keep).reshape(-1)
@@ -72,11 +72,11 @@ class VisionZipMerger(Node):
         m = metric[rest]
         m = m / m.norm(dim=-1, keepdim=True)
         step = max(1, r // c)
-        target_pos = torch.arange(0, r, step)[:c]
-        is_target = torch.zeros(r, dtype=torch.bool)
+        target_pos = torch.arange(0, r, step, device=hidden.device)[:c]
+        is_target = torch.zeros(r, dtype=torch.bool, device=hidden.device)
         is_target[target_pos] = True
         sim = m[~is_target] @ m[target_pos].transpose(0, 1)
-        assign = torch.zeros(sim.shape[0], c, dtype=hidden.dtype)
+        assign = torch.zeros(sim.shape[0], c, dtype=hidden.dtype, device=hidden.device)
         if sim.shape[0]:
             assign.scatter_(1, sim.argmax(dim=1, keepdim=True), 1)
         counts = assign.sum(dim=0).clamp(min=1).unsqueeze(-1)
@@ -87,6 +87,6 @@ class VisionZipMerger(Node):
         if p.keep_cls:
             cls = ctx.signal(reqs[2]).reshape(1, -1)
             parts.insert(0, cls.to(hidden.dtype))
-            ids.insert(0, torch.tensor([CLS_ID]))
+            ids.insert(0, torch.tensor([CLS_ID], device=hidden.device))
         ids_t = torch.cat(ids).long()
         return {"tokens": Tokens(torch.cat(parts), ids_t, "vision"), "selection": Selection(ids_t)}

@@ -56,8 +56,8 @@ def gather_scores(scores: Scores, ids: torch.Tensor) -> torch.Tensor:
     if (ids < 0).any():
         raise ValueError("a selected token has a negative id (CLS or pooled) and no score")
     size = max(int(scores.ids.max()) if scores.ids.numel() else 0, int(ids.max())) + 1
-    lookup = torch.full((size,), -1, dtype=torch.long)
-    lookup[scores.ids] = torch.arange(scores.ids.numel())
+    lookup = torch.full((size,), -1, dtype=torch.long, device=scores.ids.device)
+    lookup[scores.ids] = torch.arange(scores.ids.numel(), device=scores.ids.device)
     pos = lookup[ids]
     if (pos < 0).any():
         missing = ids[pos < 0][:5].tolist()
@@ -128,8 +128,9 @@ class TopKPerRegion(Node):
         reg_grouped = reg_sorted[by_region]
         starts = torch.ones_like(reg_grouped, dtype=torch.bool)
         starts[1:] = reg_grouped[1:] != reg_grouped[:-1]
-        group_start = torch.cummax(torch.where(starts, torch.arange(len(reg_grouped)), 0), 0).values
-        rank_grouped = torch.arange(len(reg_grouped)) - group_start
+        slot = torch.arange(len(reg_grouped), device=reg_grouped.device)
+        group_start = torch.cummax(torch.where(starts, slot, 0), 0).values
+        rank_grouped = slot - group_start
         rank = torch.empty_like(rank_grouped)
         rank[order[by_region]] = rank_grouped
         keep = rank < n
@@ -164,7 +165,7 @@ class Union(Node):
             if i not in seen:
                 seen.add(i)
                 out.append(i)
-        return {"selection": Selection(torch.tensor(out, dtype=torch.long))}
+        return {"selection": Selection(torch.tensor(out, dtype=torch.long, device=ids.device))}
 
 
 class GridParams(NodeParams):
@@ -186,7 +187,7 @@ class UniformGrid(Node):
         h, w = ctx.geometry.grid
         if self.params.offset >= min(h, w):
             raise ValueError(f"offset={self.params.offset} is outside the {h}x{w} token grid (at most {min(h, w) - 1})")
-        rows = torch.arange(self.params.offset, h, self.params.stride)
-        cols = torch.arange(self.params.offset, w, self.params.stride)
+        rows = torch.arange(self.params.offset, h, self.params.stride, device=ctx.device)
+        cols = torch.arange(self.params.offset, w, self.params.stride, device=ctx.device)
         ids = (rows[:, None] * w + cols[None, :]).reshape(-1)
         return {"selection": Selection(ids)}

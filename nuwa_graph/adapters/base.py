@@ -53,7 +53,7 @@ import time
 import tracemalloc
 import uuid
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
@@ -239,6 +239,30 @@ class _Run:
             if s.start <= layer:
                 seg = s
         return seg
+
+
+def _columns(ids: torch.Tensor, present: torch.Tensor) -> torch.Tensor | None:
+    """Index into `ids` of each token of `present` (same device; no Python lists), or None
+    when a token of `present` is not in `ids`."""
+    if ids.numel() == 0:
+        return None if present.numel() else present.long()
+    order = torch.argsort(ids)
+    at = torch.searchsorted(ids[order], present).clamp(max=ids.numel() - 1)
+    cols = order[at]
+    return cols if bool((ids[cols] == present).all()) else None
+
+
+def _host_keeps(acts: list[list[Keep]]) -> list[list[Keep]]:
+    """The Keep actions of one site with their ids and position plans on the CPU: the
+    adapter's layout bookkeeping is host-side and small; this is the one copy per site
+    (merged token values stay on the device)."""
+    def host(a: Keep) -> Keep:
+        pos = a.positions
+        if pos is not None:
+            pos = replace(pos, ids=pos.ids.cpu(), offsets=pos.offsets.cpu())
+        return replace(a, ids=a.ids.cpu(), positions=pos)
+
+    return [[host(a) for a in ab] for ab in acts]
 
 
 def _sync(device: torch.device) -> None:
@@ -525,18 +549,18 @@ class VLMAdapter:
         if r.phase == "prefill":
             seg = r.segment_of(layer)
             first = seg is r.segments[0]
-            cos, sin = kwargs["position_embeddings"] if first else self.rotary(h, self.llm_position_ids(seg.pos).to(h.device))
+            cos, sin = kwargs["position_embeddings"] if first else self._segment_inputs(seg, h)[1]
             if layer in r.llm_sites:
                 self._capture_pre(r, layer, module, h, cos, sin, seg)
                 site = Site.llm(layer)
-                acts = r.ex.run_site(r.state, site, self._reader(r), r.seed)
+                acts = _host_keeps(r.ex.run_site(r.state, site, self._reader(r), r.seed))
                 if any(acts):
                     new = self._apply_llm_keep(r, layer, seg, h, acts)
                     if new is not None:
                         h = self._gather_hidden(h, new, seg, acts, r)
                         r.segments.append(new)
                         seg, first = new, False
-                        cos, sin = self.rotary(h, self.llm_position_ids(seg.pos).to(h.device))
+                        cos, sin = self._segment_inputs(seg, h)[1]
             elif layer in r.rows_pre or layer in r.hidden_at:
                 self._capture_pre(r, layer, module, h, cos, sin, seg)
             if h.shape[1] != seg.valid.shape[1]:
@@ -545,18 +569,36 @@ class VLMAdapter:
                 r.counts[b].append(int(seg.valid[b].sum()) - seg.n_text[b])
             if first:
                 return None
-            mask = self._prefill_mask(seg.valid)
-            return self._substitute(args, kwargs, h, mask, (cos, sin), self.llm_position_ids(seg.pos).to(h.device))
+            mask, pe, pos_ids = self._segment_inputs(seg, h)
+            return self._substitute(args, kwargs, h, mask, pe, pos_ids)
         # decode
         seg = r.segment_of(layer)
         if seg is r.segments[0]:
             return None
-        q = h.shape[1]
-        pos = seg.last_pos[:, :, None] + 1 + torch.arange(q, device=seg.last_pos.device)
-        pos_ids = self.llm_position_ids(pos).to(h.device)
-        cos, sin = self.rotary(h, pos_ids)
-        mask = self._decode_mask(seg.key_valid, q)
-        return self._substitute(args, kwargs, h, mask, (cos, sin), pos_ids)
+        mask, pe, pos_ids = self._step_inputs(r, seg, h)
+        return self._substitute(args, kwargs, h, mask, pe, pos_ids)
+
+    def _segment_inputs(self, seg: Segment, h: torch.Tensor):
+        """(4-D mask, (cos, sin), position_ids) of a segment at prefill, on h's device: built
+        once per segment (and device, under a device_map), not per layer."""
+        cache = seg.__dict__.setdefault("_on_device", {})
+        if h.device not in cache:
+            pos_ids = self.llm_position_ids(seg.pos.to(h.device))
+            cache[h.device] = (self._prefill_mask(seg.valid.to(h.device)), self.rotary(h, pos_ids), pos_ids)
+        return cache[h.device]
+
+    def _step_inputs(self, r: _Run, seg: Segment, h: torch.Tensor):
+        """Like `_segment_inputs` for one decode step: built once per step and segment from
+        `key_valid` / `last_pos`, which live on the model's device during decoding."""
+        key = (getattr(r, "step", 0), h.device)
+        cached = seg.__dict__.get("_step_cache")
+        if cached is None or cached[0] != key:
+            q = h.shape[1]
+            pos = seg.last_pos.to(h.device)[:, :, None] + 1 + torch.arange(q, device=h.device)
+            pos_ids = self.llm_position_ids(pos)
+            cached = (key, self._decode_mask(seg.key_valid.to(h.device), q), self.rotary(h, pos_ids), pos_ids)
+            seg.__dict__["_step_cache"] = cached
+        return cached[1:]
 
     @staticmethod
     def _substitute(args, kwargs, h, mask, pe, pos_ids):
@@ -576,14 +618,14 @@ class VLMAdapter:
         causal = torch.ones(L, L, dtype=torch.bool, device=valid.device).tril()
         m = causal[None] & valid[:, None, :]
         m = m | torch.eye(L, dtype=torch.bool, device=valid.device)[None]  # padded rows see themselves (no NaN)
-        return m[:, None].to(self.device)
+        return m[:, None]
 
     def _decode_mask(self, key_valid: torch.Tensor, q: int) -> torch.Tensor:
         B, kv = key_valid.shape
         qi = torch.arange(q, device=key_valid.device)[:, None] + (kv - q)
         kj = torch.arange(kv, device=key_valid.device)[None]
         m = (kj <= qi)[None] & key_valid[:, None, :]
-        return m[:, None].to(self.device)
+        return m[:, None]
 
     # signals inside the LLM ---------------------------------------------------------------
     @staticmethod
@@ -626,12 +668,12 @@ class VLMAdapter:
                 k = key[b].repeat_interleave(groups, dim=0)
                 rows = self._rows(query[b][:, qidx.to(query.device)], k, seg, b, qidx, module.scaling,
                                   req.arg("softmax_over", "all"))
-                vals.append((rows.cpu(), seg.img_ids[b]))
+                vals.append((rows, seg.img_ids[b]))
             r.captured[req.key] = vals
 
     def _capture_pre(self, r: _Run, layer: int, module: nn.Module, h: torch.Tensor, cos, sin, seg: Segment):
         for req in r.hidden_at.get(layer, []):
-            r.captured[req.key] = [(h[b, seg.img_idx[b].to(h.device)].cpu(), seg.img_ids[b]) for b in range(r.B)]
+            r.captured[req.key] = [(h[b, seg.img_idx[b].to(h.device)], seg.img_ids[b]) for b in range(r.B)]
         reqs = r.rows_pre.get(layer, [])
         if not reqs:
             return
@@ -650,7 +692,7 @@ class VLMAdapter:
                     k = apply_rope(k, cos[b], sin[b])
                 k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
                 rows = self._rows(q, k, seg, b, qidx, attn.scaling, req.arg("softmax_over", "all"))
-                vals.append((rows.cpu(), seg.img_ids[b]))
+                vals.append((rows, seg.img_ids[b]))
             r.captured[req.key] = vals
 
     # applying a Keep at llm.K ---------------------------------------------------------------
@@ -765,12 +807,9 @@ class VLMAdapter:
                 if req.key not in r.captured:
                     raise RunError(f"internal: signal {req.key} was not captured")
                 val, ids = r.captured[req.key][b]
-                present = r.state.present[b]
-                where = {int(t): j for j, t in enumerate(ids.tolist())}
-                try:
-                    cols = torch.tensor([where[int(t)] for t in present.tolist()], dtype=torch.long)
-                except KeyError as exc:
-                    raise RunError(f"signal {req.key}: token {exc.args[0]} was not present at layer {req.arg('layer')}")
+                cols = _columns(ids.to(val.device), r.state.present[b].to(val.device))
+                if cols is None:
+                    raise RunError(f"signal {req.key}: a token present now was not present at layer {req.arg('layer')}")
                 return val[..., cols, :] if kind == "llm.hidden" else val[..., cols]
             if kind.startswith("vision."):
                 return self.read_vision_signal(r, req, b)
@@ -791,7 +830,7 @@ class VLMAdapter:
         for site in (vis_site, pre_site):
             if site not in r.sites:
                 continue
-            acts = r.ex.run_site(r.state, site, reader, r.seed)
+            acts = _host_keeps(r.ex.run_site(r.state, site, reader, r.seed))
             for b in range(r.B):
                 for act in acts[b]:
                     r.blocks[b] = self._apply_pre_keep(r, b, act, vis, r.blocks[b])
@@ -890,7 +929,7 @@ class VLMAdapter:
 
         r.phase = "vision"
         vis = self.vision_forward(r)
-        r.state = r.ex.start([self.geometry(r, b) for b in range(r.B)])
+        r.state = r.ex.start([self.geometry(r, b) for b in range(r.B)], device=self.device)
         self._pre_llm(r, vis)
         x, am, seg0 = self._assemble(r)
         r.segments = [seg0]
@@ -933,15 +972,16 @@ class VLMAdapter:
             _sync(self.device)
             prefill_s = time.perf_counter() - t0
             r.phase = "decode"
-            for seg in r.segments:
-                seg.key_valid = seg.valid.clone()
-                last = seg.pos[:, :, -1]
-                seg.last_pos = last.clone()
+            for seg in r.segments:  # decoding state lives on the device: no per-step copies
+                seg.key_valid = seg.valid.to(self.device, copy=True)
+                seg.last_pos = seg.pos[:, :, -1].to(self.device, copy=True)
+            grow = torch.ones(r.B, 1, dtype=torch.bool, device=self.device)
             last_logits = logits[:, -1].float()
             for step in range(max_new_tokens):
                 if return_logits:
                     step_logits.append(last_logits.cpu())
-                nxt = last_logits.argmax(-1).cpu()
+                nxt_dev = last_logits.argmax(-1)
+                nxt = nxt_dev.cpu()  # the one host copy per step: the token ids
                 for b in range(r.B):
                     if not finished[b]:
                         new_tokens[b].append(int(nxt[b]))
@@ -951,11 +991,12 @@ class VLMAdapter:
                     break
                 t1 = time.perf_counter()
                 for seg in r.segments:
-                    seg.key_valid = torch.cat([seg.key_valid, torch.ones(r.B, 1, dtype=torch.bool)], dim=1)
+                    seg.key_valid = torch.cat([seg.key_valid, grow], dim=1)
                 seg0 = r.segments[0]
                 pos0 = seg0.last_pos[:, :, None] + 1
-                out = self.text_model()(inputs_embeds=self.embed(nxt[:, None]), attention_mask=seg0.key_valid.long().to(self.device),
-                                        position_ids=self.llm_position_ids(pos0).to(self.device), cache=cache, use_cache=True)
+                r.step = step  # type: ignore[attr-defined]
+                out = self.text_model()(inputs_embeds=self.embed(nxt_dev[:, None]), attention_mask=seg0.key_valid.long(),
+                                        position_ids=self.llm_position_ids(pos0), cache=cache, use_cache=True)
                 for seg in r.segments:
                     seg.last_pos = seg.last_pos + 1
                 last_logits = self.lm_head()(out.last_hidden_state[:, -1]).float()

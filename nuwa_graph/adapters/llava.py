@@ -146,14 +146,14 @@ class LlavaAdapter(VLMAdapter):
         scaling = kwargs.get("scaling", getattr(module, "scale", query.shape[-1] ** -0.5))
         if "vision.cls_attention" in wants:
             row = torch.einsum("bhd,bhkd->bhk", query[:, :, 0].float(), key.float()) * scaling
-            store[("cls_attention", layer)] = torch.softmax(row, dim=-1)[:, :, 1:].cpu()
+            store[("cls_attention", layer)] = torch.softmax(row, dim=-1)[:, :, 1:]
         if "vision.keys" in wants:
-            store[("keys", layer)] = key.detach().cpu()
+            store[("keys", layer)] = key.detach()
         if "vision.qk_single_head" in wants:
             B, H, N, hd = query.shape
             q = query.transpose(1, 2).reshape(B, N, H * hd)
             k = key.transpose(1, 2).reshape(B, N, H * hd)
-            store[("qk", layer)] = torch.stack([q, k], dim=1).cpu()
+            store[("qk", layer)] = torch.stack([q, k], dim=1)
 
     def read_vision_signal(self, run: _Run, req: SignalRequest, b: int) -> torch.Tensor:
         hs = run.vision["hidden_states"]

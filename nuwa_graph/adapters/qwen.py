@@ -442,7 +442,7 @@ class QwenAdapter(VLMAdapter):
         # one call per attention segment (window, or whole image), in sequence order
         n = query.shape[2]
         cu = torch.tensor([0, n])
-        run.vision["recv"][layer].append(attention_received(query[0], key[0], cu, module.scaling).cpu())
+        run.vision["recv"][layer].append(attention_received(query[0], key[0], cu, module.scaling))
 
     def _hidden_hooks(self, run: _Run) -> list:
         wanted = sorted({i for k in run.vision["sums"] for i in k})
@@ -514,12 +514,12 @@ class QwenAdapter(VLMAdapter):
         mean = total / len(idx)
         if req.kind == "vision.merged_hidden_mean" or bool(req.arg("merger", False)):
             with torch.no_grad():
-                rows = self.visual.merger(mean.to(self.visual.merger.ln_q.weight.dtype)).float()
+                rows = self.visual.merger(mean.to(self.visual.merger.ln_q.weight.dtype))
         else:
             u = vg.merge * vg.merge
             rows = mean.reshape(mean.shape[0] // u, -1)
         rows = rows if window else vg.to_raster(rows)
-        return vg.split(rows)[b].cpu()
+        return vg.split(rows)[b].to(self.dtype)  # features: the model dtype (docs/CONTRACTS.md)
 
 
 # --- the tiny preset ------------------------------------------------------------------------
