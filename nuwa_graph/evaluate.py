@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable
 
 from .data import DataFormatError, GroundingSample, exact_match, load_grounding, load_vqa, read_records
 from .errors import PipelineError, RunError
+from .flops import mean_flops
 from .pipeline import Pipeline, load
 from .world.boxes import iou, parse_box
 from .world.shapes import GROUNDING_TEMPLATE
@@ -289,6 +290,7 @@ def evaluate(adapter, runs: list[EvalRun], tasks: list[Task], batch: int = 8, ma
         n_counted = 0
         avg_sum = 0.0
         prefill: list[float] = []
+        flops: list[dict[str, Any]] = []
         full = 0
         for task in tasks:
             scores = []
@@ -298,6 +300,7 @@ def evaluate(adapter, runs: list[EvalRun], tasks: list[Task], batch: int = 8, ma
                 prompts = [_prompt(task, s, grounding_prompt, vqa_prompt) for s in chunk]
                 rep = adapter.generate(run.pipeline, images, prompts, max_new_tokens=max_new_tokens, seed=seed)
                 prefill.append(rep.prefill_ms)
+                flops.extend(rep.flops)
                 full = rep.visual_tokens_full
                 for b, s in enumerate(chunk):
                     sc = _score(s, rep.answers[b], images[b])
@@ -331,6 +334,7 @@ def evaluate(adapter, runs: list[EvalRun], tasks: list[Task], batch: int = 8, ma
         res["visual_tokens_avg"] = round(avg_sum / n_counted, 3) if n_counted else 0.0
         res["visual_tokens_full"] = full
         res["prefill_ms_median"] = round(statistics.median(prefill), 3) if prefill else 0.0
+        res["flops"] = mean_flops(flops)  # per sample, mean over the data (nuwa_graph/flops.py)
         results.append(res)
     add_relative(results)
     model = getattr(adapter, "name", "model")
@@ -381,6 +385,11 @@ def rows(result: dict[str, Any]) -> list[dict[str, Any]]:
         row["visual_tokens_avg"] = r["visual_tokens_avg"]
         row["visual_tokens_full"] = r["visual_tokens_full"]
         row["prefill_ms_median"] = r["prefill_ms_median"]
+        fl = r.get("flops", {})
+        if "prefill" in fl:
+            row["prefill_gflops"] = round(fl["prefill"] / 1e9, 4)
+            row["prefill_flops_ratio"] = round(fl["prefill_ratio"], 4)
+            row["decode_step_gflops"] = round(fl["decode_step"] / 1e9, 6)
         row["visual_tokens_per_layer"] = r["visual_tokens_per_layer"]
         out.append(row)
     return out

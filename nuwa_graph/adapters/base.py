@@ -192,6 +192,7 @@ class RunReport:
     actions: list[list[dict[str, Any]]]  # per sample: every Keep (site, node, count, positions)
     device: str = "cpu"
     dtype: str = "float32"
+    flops: list[dict[str, Any]] = field(default_factory=list)  # per sample: nuwa_graph.flops.run_flops
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -1043,6 +1044,7 @@ class VLMAdapter:
             kept.append(kb)
             actions.append(ab)
         counts = [c[: self.n_layers] for c in r.counts]
+        flops = [self._flops(r, b, counts[b]) for b in range(r.B)]
         return RunReport(
             model=self.name, pipeline=r.ex.pipeline.name,
             answers=[self.decode_text(t) for t in new_tokens], new_tokens=new_tokens,
@@ -1052,8 +1054,18 @@ class VLMAdapter:
             prefill_ms=prefill_s * 1e3, decode_ms_per_token=(decode_s / steps * 1e3) if steps else 0.0,
             decode_steps=steps, peak_memory_bytes=mem.peak, peak_memory_source=mem.source, kv_cache_bytes=kv,
             node_ms={k: v * 1e3 for k, v in r.state.timings.items()}, kept=kept, actions=actions,
-            device=str(self.device), dtype=str(self.dtype).replace("torch.", ""),
+            device=str(self.device), dtype=str(self.dtype).replace("torch.", ""), flops=flops,
         )
+
+    def _flops(self, r: _Run, b: int, counts: list[int]) -> dict[str, Any]:
+        """FLOPs of sample b (nuwa_graph/flops.py); a model whose config lacks a field says so."""
+        from ..flops import run_flops
+
+        try:
+            return run_flops(self.model.config, int(r.segments[0].n_text[b]), counts, r.layouts[b].n_image,
+                             r.state.geometries[b].grid)
+        except (AttributeError, TypeError, ValueError) as exc:
+            return {"unavailable": f"FLOPs cannot be counted for this config: {exc}"}
 
 
 def dtype_of(name: str | torch.dtype) -> torch.dtype:
