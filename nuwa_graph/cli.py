@@ -261,7 +261,14 @@ def run(
                                                  help="Tokens to generate (default 32; 6 in the comparison)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    attn_implementation: str = typer.Option("sdpa", "--attn-implementation",
+                                            help="Attention the model's layers run: sdpa, flash_attention_2 or eager."),
+    device_map: Optional[str] = typer.Option(None, "--device-map",
+                                             help="Spread a checkpoint over devices (e.g. auto; needs accelerate)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default: the pipeline's seed)."),
+    batch: int = typer.Option(1, "--batch", "-b", min=1,
+                              help="Samples per generate call (the image and prompt repeated; the comparison's "
+                                   "batch size, default 20 there)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     output: Path = typer.Option(Path("runs/run"), "--output", "-o",
                                 help="Folder for the comparison's sample set and kept-token picture."),
@@ -289,11 +296,14 @@ def run(
 
             dev = resolve_device(device)
             code = run_demo(pipeline, out=output, max_new_tokens=max_new_tokens or 6, seed=seed,
-                            dtype=resolve_dtype(dtype, dev), device=dev, as_json=as_json)
+                            dtype=resolve_dtype(dtype, dev), device=dev, as_json=as_json,
+                            attn_implementation=attn_implementation, device_map=device_map,
+                            **({"batch": batch} if batch > 1 else {}))
             raise typer.Exit(code)
         code = run_command(pipeline=pipeline, model=model, image=image, prompt=prompt,
                            max_new_tokens=max_new_tokens or 32, dtype=dtype, device=device, seed=seed,
-                           as_json=as_json)
+                           as_json=as_json, attn_implementation=attn_implementation, device_map=device_map,
+                           batch=batch)
     except (RunError, PipelineError) as exc:
         if isinstance(exc, PipelineError):
             _print_problems(exc)
@@ -316,7 +326,13 @@ def sweep(
     max_new_tokens: int = typer.Option(8, "--max-new-tokens", min=1, help="Tokens to generate per run."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    attn_implementation: str = typer.Option("sdpa", "--attn-implementation",
+                                            help="Attention the model's layers run: sdpa, flash_attention_2 or eager."),
+    device_map: Optional[str] = typer.Option(None, "--device-map",
+                                             help="Spread a checkpoint over devices (e.g. auto; needs accelerate)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default: the pipeline's seed)."),
+    batch: int = typer.Option(1, "--batch", "-b", min=1,
+                              help="Samples per generate call (the image and prompt repeated; timings per call)."),
     output: Path = typer.Option(Path("runs/sweep"), "--output", "-o",
                                 help="Results written as OUTPUT.json and OUTPUT.csv."),
 ) -> None:
@@ -341,16 +357,21 @@ def sweep(
     rows = []
     try:
         dev = resolve_device(device)
-        adapter = load_adapter(model or default_model(), resolve_dtype(dtype, dev), dev)
+        adapter = load_adapter(model or default_model(), resolve_dtype(dtype, dev), dev,
+                               attn_implementation=attn_implementation, device_map=device_map)
         img = load_image(image)
         with Progress(console=err, transient=True) as bar:
             task = bar.add_task("sweep", total=len(loaded))
             for combo, pipe in loaded:
                 bar.update(task, description=", ".join(f"{k}={v}" for k, v in combo.items()))
-                rep = adapter.generate(pipe, [img], [prompt or DEFAULT_PROMPT], max_new_tokens=max_new_tokens, seed=seed)
+                rep = adapter.generate(pipe, [img] * batch, [prompt or DEFAULT_PROMPT] * batch,
+                                       max_new_tokens=max_new_tokens, seed=seed)
+                fl = rep.flops[0]
                 rows.append({**combo, "avg_visual_tokens": round(rep.visual_tokens_avg[0], 3),
                              "tokens_per_layer": rep.visual_tokens_per_layer[0], "prefill_ms": round(rep.prefill_ms, 2),
-                             "decode_ms_per_token": round(rep.decode_ms_per_token, 2), "answer": rep.answers[0]})
+                             "decode_ms_per_token": round(rep.decode_ms_per_token, 2),
+                             "prefill_gflops": round(fl["prefill"] / 1e9, 4) if "prefill" in fl else None,
+                             "batch": batch, "answer": rep.answers[0]})
                 bar.advance(task)
     except RunError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}")
@@ -387,6 +408,10 @@ def eval_(
     max_new_tokens: int = typer.Option(16, "--max-new-tokens", min=1, help="Tokens to generate per answer."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    attn_implementation: str = typer.Option("sdpa", "--attn-implementation",
+                                            help="Attention the model's layers run: sdpa, flash_attention_2 or eager."),
+    device_map: Optional[str] = typer.Option(None, "--device-map",
+                                             help="Spread a checkpoint over devices (e.g. auto; needs accelerate)."),
     grounding_prompt: Optional[str] = typer.Option(None, "--grounding-prompt",
                                                    help="Prompt for grounding, with {expression} "
                                                         "(default: 'where is {expression} ?')."),
@@ -417,7 +442,8 @@ def eval_(
     try:
         tasks = load_data(data if data else [str(p) for p in sample_data(output / "sample_data")], limit=limit)
         dev = resolve_device(device)
-        adapter = load_adapter(model or default_model(), resolve_dtype(dtype, dev), dev)
+        adapter = load_adapter(model or default_model(), resolve_dtype(dtype, dev), dev,
+                               attn_implementation=attn_implementation, device_map=device_map)
         total = len(runs) * sum(len(t.samples) for t in tasks)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                       console=err, transient=True) as bar:

@@ -80,6 +80,21 @@ def register_adapter(cls: type["VLMAdapter"]) -> type["VLMAdapter"]:
     return cls
 
 
+ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
+
+
+def check_attn_implementation(name: str) -> str:
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise RunError(f"unknown attention implementation {name!r}; use one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    if name.startswith("flash"):
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None:
+            raise RunError("attn_implementation='flash_attention_2' needs the flash-attn package (pip install "
+                           "flash-attn, CUDA only); use sdpa")
+    return name
+
+
 LLM_SIGNALS = frozenset({"external", "pre_llm.visual", "pre_llm.text", "llm.attention", "llm.hidden"})
 _QUERIES = re.compile(r"^(last|text|last:(\d+))$")
 
@@ -193,6 +208,8 @@ class RunReport:
     device: str = "cpu"
     dtype: str = "float32"
     flops: list[dict[str, Any]] = field(default_factory=list)  # per sample: nuwa_graph.flops.run_flops
+    attn_implementation: str = "sdpa"
+    peak_memory_above_start_bytes: int | None = None  # CUDA: peak minus what was allocated before (the weights)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -279,6 +296,7 @@ class _PeakMemory:
         self.device = device
         self.source = ""
         self.peak = 0
+        self.start = 0
         self._tm = False
 
     @staticmethod
@@ -293,6 +311,7 @@ class _PeakMemory:
     def __enter__(self):
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = int(torch.cuda.memory_allocated(self.device))
             self.source = "torch.cuda.max_memory_allocated"
             return self
         try:
@@ -346,20 +365,29 @@ class VLMAdapter:
     supported_signals: ClassVar[frozenset[str]] = LLM_SIGNALS
 
     def __init__(self, model: nn.Module, processor: Any, name: str = "", dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", attn_implementation: str = "sdpa"):
         self.model = model.eval()
         self.processor = processor
         self.name = name or self.family
         self.dtype = dtype
         self.device = torch.device(device)
+        # layers no scorer reads run this implementation (sdpa | flash_attention_2 | eager)
+        self.attn_implementation = check_attn_implementation(attn_implementation)
         self.attn_name = f"nuwa_rows_{self.family}_{next(_counter)}_{uuid.uuid4().hex[:6]}"
         self._run: _Run | None = None
         self._attn_index: dict[int, tuple[str, int]] = {}
 
     # ---- family hooks (override) -------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, id_or_path: str, dtype: torch.dtype, device: str) -> "VLMAdapter":
+    def from_pretrained(cls, id_or_path: str, dtype: torch.dtype, device: str, attn_implementation: str = "sdpa",
+                        device_map: str | dict | None = None) -> "VLMAdapter":
         raise NotImplementedError
+
+    def set_attn_implementation(self, name: str) -> "VLMAdapter":
+        """Run the model's own attention with `name` (sdpa | flash_attention_2 | eager)."""
+        self.attn_implementation = check_attn_implementation(name)
+        self.model.set_attn_implementation(name)
+        return self
 
     def text_model(self) -> nn.Module:
         raise NotImplementedError
@@ -492,14 +520,29 @@ class VLMAdapter:
         """Install the attention function and layer hooks; always restore on exit."""
         from transformers import AttentionInterface
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         saved = self._attn_impls()
         handles = []
         adapter = self
+        impl = self.attn_implementation
+        own: dict[type, Any] = {}  # module class -> its modeling file's eager_attention_forward
+
+        def forward_of(module):
+            if impl == "sdpa":
+                return sdpa_attention_forward
+            if impl == "eager":
+                cls = type(module)
+                if cls not in own:
+                    import sys
+
+                    own[cls] = sys.modules[cls.__module__].eager_attention_forward
+                return own[cls]
+            return ALL_ATTENTION_FUNCTIONS[impl]
 
         def attention(module, query, key, value, attention_mask, **kwargs):
-            out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+            out = forward_of(module)(module, query, key, value, attention_mask, **kwargs)
             r = adapter._run
             if r is not None and r.phase in ("prefill", "vision"):
                 where = adapter._attn_index.get(id(module))
@@ -511,7 +554,7 @@ class VLMAdapter:
             return out
 
         AttentionInterface.register(self.attn_name, attention)
-        AttentionMaskInterface.register(self.attn_name, sdpa_mask)
+        AttentionMaskInterface.register(self.attn_name, sdpa_mask if impl == "sdpa" else ALL_MASK_ATTENTION_FUNCTIONS[impl])
         self._attn_index = {id(m): ("vision", i) for i, m in enumerate(self.vision_attention_modules())}
         for i, layer in enumerate(self.decoder_layers()):
             self._attn_index[id(layer.self_attn)] = ("llm", i)
@@ -585,7 +628,9 @@ class VLMAdapter:
         cache = seg.__dict__.setdefault("_on_device", {})
         if h.device not in cache:
             pos_ids = self.llm_position_ids(seg.pos.to(h.device))
-            cache[h.device] = (self._prefill_mask(seg.valid.to(h.device)), self.rotary(h, pos_ids), pos_ids)
+            valid = seg.valid.to(h.device)
+            cache[h.device] = (self._impl_mask(self._prefill_mask(valid), valid, h.dtype), self.rotary(h, pos_ids),
+                               pos_ids)
         return cache[h.device]
 
     def _step_inputs(self, r: _Run, seg: Segment, h: torch.Tensor):
@@ -597,7 +642,8 @@ class VLMAdapter:
             q = h.shape[1]
             pos = seg.last_pos.to(h.device)[:, :, None] + 1 + torch.arange(q, device=h.device)
             pos_ids = self.llm_position_ids(pos)
-            cached = (key, self._decode_mask(seg.key_valid.to(h.device), q), self.rotary(h, pos_ids), pos_ids)
+            kv = seg.key_valid.to(h.device)
+            cached = (key, self._impl_mask(self._decode_mask(kv, q), kv, h.dtype), self.rotary(h, pos_ids), pos_ids)
             seg.__dict__["_step_cache"] = cached
         return cached[1:]
 
@@ -613,6 +659,17 @@ class VLMAdapter:
         if "position_ids" in kwargs:
             kwargs["position_ids"] = pos_ids
         return args, kwargs
+
+    def _impl_mask(self, allowed: torch.Tensor, key_valid: torch.Tensor, dtype: torch.dtype):
+        """The (B, 1, q, kv) bool mask in the form the attention implementation takes: sdpa the
+        bool mask; eager an additive float mask; flash attention the 2-D key padding mask
+        (None when nothing is padded), with causality from the kernel itself."""
+        if self.attn_implementation == "eager":
+            return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+                ~allowed, torch.finfo(dtype).min)
+        if self.attn_implementation.startswith("flash"):
+            return None if bool(key_valid.all()) else key_valid.long()
+        return allowed
 
     def _prefill_mask(self, valid: torch.Tensor) -> torch.Tensor:
         B, L = valid.shape
@@ -811,7 +868,8 @@ class VLMAdapter:
                 cols = _columns(ids.to(val.device), r.state.present[b].to(val.device))
                 if cols is None:
                     raise RunError(f"signal {req.key}: a token present now was not present at layer {req.arg('layer')}")
-                return val[..., cols, :] if kind == "llm.hidden" else val[..., cols]
+                out = val[..., cols, :] if kind == "llm.hidden" else val[..., cols]
+                return out.to(self.device)  # a no-op unless a device_map put layer L elsewhere
             if kind.startswith("vision."):
                 return self.read_vision_signal(r, req, b)
             raise RunError(f"{self.family} adapter cannot give signal {kind}")
@@ -1055,6 +1113,8 @@ class VLMAdapter:
             decode_steps=steps, peak_memory_bytes=mem.peak, peak_memory_source=mem.source, kv_cache_bytes=kv,
             node_ms={k: v * 1e3 for k, v in r.state.timings.items()}, kept=kept, actions=actions,
             device=str(self.device), dtype=str(self.dtype).replace("torch.", ""), flops=flops,
+            attn_implementation=self.attn_implementation,
+            peak_memory_above_start_bytes=(mem.peak - mem.start) if self.device.type == "cuda" else None,
         )
 
     def _flops(self, r: _Run, b: int, counts: list[int]) -> dict[str, Any]:
@@ -1079,5 +1139,31 @@ def dtype_of(name: str | torch.dtype) -> torch.dtype:
     return table[str(name).lower()]
 
 
-__all__ = ["ADAPTERS", "Block", "Encoded", "LLM_SIGNALS", "RunReport", "SampleLayout", "Segment", "VLMAdapter",
-           "VisionOut", "apply_rope", "dtype_of", "register_adapter"]
+def load_kwargs(device: str, device_map: str | dict | None, attn_implementation: str) -> dict[str, Any]:
+    """from_pretrained keyword arguments: the attention implementation, and the weights loaded
+    straight onto `device` (or spread by `device_map`, e.g. 'auto') where accelerate is
+    installed; without it the model loads to CPU RAM and is moved (device_map needs it)."""
+    import importlib.util
+
+    kw: dict[str, Any] = {"attn_implementation": check_attn_implementation(attn_implementation)}
+    has_accelerate = importlib.util.find_spec("accelerate") is not None
+    if device_map is not None:
+        if not has_accelerate:
+            raise RunError(f"device_map={device_map!r} needs the accelerate package (pip install accelerate)")
+        kw["device_map"] = device_map
+    elif has_accelerate:
+        kw["device_map"] = str(device)
+    return kw
+
+
+def input_device(model: nn.Module, fallback: str | torch.device) -> torch.device:
+    """The device of the model's input embeddings (where a device_map puts the first layer)."""
+    try:
+        return model.get_input_embeddings().weight.device
+    except (AttributeError, NotImplementedError):
+        return torch.device(fallback)
+
+
+__all__ = ["ADAPTERS", "ATTN_IMPLEMENTATIONS", "Block", "Encoded", "LLM_SIGNALS", "RunReport", "SampleLayout", "Segment", "VLMAdapter",
+           "VisionOut", "apply_rope", "check_attn_implementation", "dtype_of", "input_device", "load_kwargs",
+           "register_adapter"]
