@@ -31,9 +31,7 @@ class CountCopies(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if name in _METHODS:
-            self.n += 1
-        elif name == "to" and ("device" in kwargs or any(isinstance(a, (torch.device, str)) for a in args[1:])):
+        if name in _METHODS or name == "to" and ("device" in kwargs or any(isinstance(a, (torch.device, str)) for a in args[1:])):
             self.n += 1
         return func(*args, **kwargs)
 
