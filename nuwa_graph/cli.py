@@ -266,9 +266,9 @@ def run(
     device_map: Optional[str] = typer.Option(None, "--device-map",
                                              help="Spread a checkpoint over devices (e.g. auto; needs accelerate)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default: the pipeline's seed)."),
-    batch: int = typer.Option(1, "--batch", "-b", min=1,
-                              help="Samples per generate call (the image and prompt repeated; the comparison's "
-                                   "batch size, default 20 there)."),
+    batch: Optional[int] = typer.Option(None, "--batch", "-b", min=1,
+                                        help="Samples per generate call: the image and prompt repeated (default 1); "
+                                             "the comparison's batch size (default 20)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     output: Path = typer.Option(Path("runs/run"), "--output", "-o",
                                 help="Folder for the comparison's sample set and kept-token picture."),
@@ -298,12 +298,12 @@ def run(
             code = run_demo(pipeline, out=output, max_new_tokens=max_new_tokens or 6, seed=seed,
                             dtype=resolve_dtype(dtype, dev), device=dev, as_json=as_json,
                             attn_implementation=attn_implementation, device_map=device_map,
-                            **({"batch": batch} if batch > 1 else {}))
+                            **({"batch": batch} if batch else {}))
             raise typer.Exit(code)
         code = run_command(pipeline=pipeline, model=model, image=image, prompt=prompt,
                            max_new_tokens=max_new_tokens or 32, dtype=dtype, device=device, seed=seed,
                            as_json=as_json, attn_implementation=attn_implementation, device_map=device_map,
-                           batch=batch)
+                           batch=batch or 1)
     except (RunError, PipelineError) as exc:
         if isinstance(exc, PipelineError):
             _print_problems(exc)
