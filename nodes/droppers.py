@@ -43,7 +43,8 @@ class RandomDropper(Node):
         k = self.params.keep if self.params.keep is not None else int(n * self.params.ratio)
         if k > n:
             raise ValueError(f"keep={k} is larger than the {n} candidates")
-        pick = torch.randperm(n, generator=ctx.generator())[:k]
+        # drawn on the CPU so a seed picks the same tokens on every device; k ids cross once per site
+        pick = torch.randperm(n, generator=ctx.generator(), device="cpu")[:k].to(ids.device)
         pick = torch.sort(pick).values
         out = ids[pick]
         if self.params.order == "index":

@@ -62,7 +62,7 @@ class VisionZipMerger(Node):
         # the same layout gives the same bits (a strided view could sum the heads in another order)
         metric = keys.contiguous()[None].mean(dim=1)[0]
         metric = metric[metric.shape[0] - n:]  # drop CLS where present
-        keep = torch.zeros(n, dtype=torch.bool)
+        keep = torch.zeros(n, dtype=torch.bool, device=hidden.device)
         keep[dominant.ids] = True
         dom_ids = torch.nonzero(keep).reshape(-1)  # ascending, as masked_select
         rest = torch.nonzero(~keep).reshape(-1)
@@ -74,8 +74,8 @@ class VisionZipMerger(Node):
         m = metric[rest]
         m = m / m.norm(dim=-1, keepdim=True)
         step = max(1, r // c)
-        target_pos = torch.arange(0, r, step)[:c]
-        is_target = torch.zeros(r, dtype=torch.bool)
+        target_pos = torch.arange(0, r, step, device=hidden.device)[:c]
+        is_target = torch.zeros(r, dtype=torch.bool, device=hidden.device)
         is_target[target_pos] = True
         # (1, r - c, d) x (1, d, c) as the official bmm: near-equal similarities resolve alike
         sim = torch.bmm(m[~is_target][None], m[target_pos][None].transpose(1, 2))[0]
@@ -90,6 +90,6 @@ class VisionZipMerger(Node):
         if p.keep_cls:
             cls = ctx.signal(reqs[2]).reshape(1, -1)
             parts.insert(0, cls.to(hidden.dtype))
-            ids.insert(0, torch.tensor([CLS_ID]))
+            ids.insert(0, torch.tensor([CLS_ID], device=hidden.device))
         ids_t = torch.cat(ids).long()
         return {"tokens": Tokens(torch.cat(parts), ids_t, "vision"), "selection": Selection(ids_t)}

@@ -30,8 +30,8 @@ class QuantileSplit(Node):
     Params = QuantileParams
 
     def run(self, ctx, selection: Selection, scores: Scores):
-        lookup = torch.full((int(scores.ids.max()) + 2,), -1, dtype=torch.long)
-        lookup[scores.ids] = torch.arange(scores.ids.numel())
+        lookup = torch.full((int(scores.ids.max()) + 2,), -1, dtype=torch.long, device=scores.ids.device)
+        lookup[scores.ids] = torch.arange(scores.ids.numel(), device=scores.ids.device)
         pos = lookup[selection.ids]
         if (pos < 0).any():
             raise ValueError("some selected tokens have no score")

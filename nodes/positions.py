@@ -25,7 +25,7 @@ from nuwa_graph.types import PositionPlan, Selection
 def rpme_offsets(sorted_index: torch.Tensor, span: int) -> torch.Tensor:
     """RPME offsets (relative to s) for ascending indices I; span = e - s. Exact integer ceil."""
     k = sorted_index.numel()
-    out = torch.zeros(k, dtype=torch.long)
+    out = torch.zeros(k, dtype=torch.long, device=sorted_index.device)
     if k <= 1:
         return out
     last = int(sorted_index[-1])
@@ -42,7 +42,7 @@ def plan_positions(ids: torch.Tensor, policy: str, n_image: int) -> PositionPlan
     if policy == "pesp":
         return PositionPlan(ids, index.clone(), "pesp", "original")
     if policy == "perc":
-        return PositionPlan(ids, torch.arange(ids.numel()), "perc", "compact")
+        return PositionPlan(ids, torch.arange(ids.numel(), device=ids.device), "perc", "compact")
     if policy == "rpme":
         order = torch.argsort(index, stable=True)
         offs = torch.empty_like(index)

@@ -51,9 +51,12 @@ def cohesion_radius(grid: tuple[int, int], distance: float | None, distance_grid
 
 
 def distance_penalty(rows: torch.Tensor, grid: tuple[int, int], radius: float) -> torch.Tensor:
-    """P[i, j] = 1 - min(1, ||p_rows[i] - p_j|| / radius) over all grid tokens j (float32)."""
+    """P[i, j] = 1 - min(1, ||p_rows[i] - p_j|| / radius) over all grid tokens j (float32),
+    on the device of `rows`."""
     h, w = grid
-    coords = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), dim=-1).float().view(-1, 2)
+    dev = rows.device
+    coords = torch.stack(torch.meshgrid(torch.arange(h, device=dev), torch.arange(w, device=dev), indexing="ij"),
+                         dim=-1).float().view(-1, 2)
     d = torch.cdist(coords[rows], coords, p=2.0)
     if radius <= 0:
         return (d == 0).to(torch.float32)
@@ -108,12 +111,12 @@ class RegionCohesion(Node):
         grid = ctx.geometry.grid
         n = ctx.geometry.n_tokens
         for name, t in (("features", features), ("similarity", similarity)):
-            if t.values.shape[0] != n or not torch.equal(t.ids, torch.arange(n)):
+            if t.values.shape[0] != n or not torch.equal(t.ids, torch.arange(n, device=t.ids.device)):
                 raise ValueError(f"{name} must cover the whole {grid[0]}x{grid[1]} grid in raster order")
         ids = selection.ids
         if (ids < 0).any() or (ids >= n).any():
             raise ValueError("the selection names tokens outside the grid")
-        pillar = torch.zeros(ids.numel(), dtype=torch.bool)
+        pillar = torch.zeros(ids.numel(), dtype=torch.bool, device=ids.device)
         if roles is not None:
             if not torch.equal(roles.ids, ids):
                 raise ValueError("roles were made for a different kept set (or order) than the selection")
@@ -124,7 +127,7 @@ class RegionCohesion(Node):
         if p.relu:
             sim = F.relu(sim)
         w = sim * distance_penalty(ids, grid, radius)
-        rows = torch.arange(ids.numel())
+        rows = torch.arange(ids.numel(), device=ids.device)
         own = w[rows, ids].clone()
         w[pillar] = 0.0
         w[rows[pillar], ids[pillar]] = own[pillar]

@@ -33,7 +33,7 @@ class GridCells(Node):
     def run(self, ctx):
         h, w = ctx.geometry.grid
         c = self.params.cell
-        rows = torch.arange(h)[:, None] // c
-        cols = torch.arange(w)[None, :] // c
+        rows = torch.arange(h, device=ctx.device)[:, None] // c
+        cols = torch.arange(w, device=ctx.device)[None, :] // c
         per_row = -(-w // c)
         return {"regions": Regions((rows * per_row + cols).reshape(-1), (h, w))}

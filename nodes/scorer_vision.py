@@ -25,7 +25,7 @@ def _grid_scores(ctx, values: torch.Tensor, what: str) -> Scores:
     if values.numel() != n:
         raise ValueError(f"{what}: {values.numel()} scores for a {ctx.geometry.grid[0]}x{ctx.geometry.grid[1]} grid "
                          f"({n} tokens)")
-    return Scores(values, torch.arange(n))
+    return Scores(values, torch.arange(n, device=values.device))
 
 
 class ClsAttentionParams(NodeParams):

@@ -71,8 +71,9 @@ class IqrOutliers(Node):
                 raise ValueError(
                     f"PruMerge+: outlier ratio {ratio:.3f} > 1/3 gives a zero stride for the spatial supplement "
                     "(the official arange fails here); use supplement: none or a fixed count with selector.top-k")
-            grid = torch.arange(0, n - 1, stride)
+            grid = torch.arange(0, n - 1, stride, device="cpu")  # a small Python list, once per site
             chosen = set(idx.tolist())
-            extra = torch.tensor([int(x) for x in grid.tolist() if x not in chosen], dtype=torch.long)
+            extra = torch.tensor([int(x) for x in grid.tolist() if x not in chosen], dtype=torch.long,
+                                 device=scores.ids.device)
             ids = torch.cat([ids, scores.ids[extra]])
         return {"selection": Selection(ids)}

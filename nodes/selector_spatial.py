@@ -19,13 +19,13 @@ from nuwa_graph.registry import register
 from nuwa_graph.types import Selection
 
 
-def spread_ids(grid: tuple[int, int], k: int) -> torch.Tensor:
-    """Exactly k ids spread evenly over an h x w grid (raster order, ascending)."""
+def spread_ids(grid: tuple[int, int], k: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Exactly k ids spread evenly over an h x w grid (raster order, ascending), on `device`."""
     h, w = grid
     if k > h * w:
         raise ValueError(f"k={k} is larger than the {h * w} tokens of the grid; lower the budget")
     if k == 0:
-        return torch.zeros(0, dtype=torch.long)
+        return torch.zeros(0, dtype=torch.long, device=device)
     r = max(1, min(h, round(math.sqrt(k * h / w))))
     while math.ceil(k / r) > w:  # too few rows to hold k
         r += 1
@@ -38,7 +38,7 @@ def spread_ids(grid: tuple[int, int], k: int) -> torch.Tensor:
         c = base + (1 if i in more else 0)
         cols = [int((j + 0.5) * w / c) for j in range(c)]
         ids.extend(row * w + col for col in cols)
-    return torch.tensor(sorted(ids), dtype=torch.long)
+    return torch.tensor(sorted(ids), dtype=torch.long, device=device)
 
 
 class CountParams(NodeParams):
@@ -56,4 +56,4 @@ class UniformCount(Node):
     Params = CountParams
 
     def run(self, ctx):
-        return {"selection": Selection(spread_ids(ctx.geometry.grid, self.params.k))}
+        return {"selection": Selection(spread_ids(ctx.geometry.grid, self.params.k, ctx.device))}

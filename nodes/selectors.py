@@ -230,7 +230,7 @@ class Union(Node):
             if i not in seen:
                 seen.add(i)
                 out.append(i)
-        return {"selection": Selection(torch.tensor(out, dtype=torch.long))}
+        return {"selection": Selection(torch.tensor(out, dtype=torch.long, device=ids.device))}
 
 
 class GridParams(NodeParams):
@@ -252,7 +252,7 @@ class UniformGrid(Node):
         h, w = ctx.geometry.grid
         if self.params.offset >= min(h, w):
             raise ValueError(f"offset={self.params.offset} is outside the {h}x{w} token grid (at most {min(h, w) - 1})")
-        rows = torch.arange(self.params.offset, h, self.params.stride)
-        cols = torch.arange(self.params.offset, w, self.params.stride)
+        rows = torch.arange(self.params.offset, h, self.params.stride, device=ctx.device)
+        cols = torch.arange(self.params.offset, w, self.params.stride, device=ctx.device)
         ids = (rows[:, None] * w + cols[None, :]).reshape(-1)
         return {"selection": Selection(ids)}

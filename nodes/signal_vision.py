@@ -21,7 +21,7 @@ def _grid_tokens(ctx, values: torch.Tensor, space: str, what: str) -> Tokens:
     if values.dim() != 2 or values.shape[0] != n:
         raise ValueError(f"{what}: expected ({n}, d) for a {ctx.geometry.grid[0]}x{ctx.geometry.grid[1]} grid, "
                          f"got {tuple(values.shape)}")
-    return Tokens(values, torch.arange(n), space)
+    return Tokens(values, torch.arange(n, device=values.device), space)
 
 
 class HiddenParams(NodeParams):

@@ -62,7 +62,7 @@ def rope_ones_pattern(q_pos: torch.Tensor, k_pos: torch.Tensor, head_dim: int, b
     """(q, k) matrix of RoPE(ones, q_pos) . RoPE(ones, k_pos) / sqrt(head_dim).
 
     With q = k = ones, LLaMA's rotate-half RoPE gives sum_f 2 cos((p_q - p_k) theta_f)."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=q_pos.device) / head_dim))
     delta = (q_pos.double()[:, None] - k_pos.double()[None, :])[..., None] * inv_freq
     return (2.0 * torch.cos(delta)).sum(-1) / math.sqrt(head_dim)
 
@@ -130,7 +130,7 @@ class SparseVLMRaters(Node):
         if self.params.rope_correction is not None:
             rc = self.params.rope_correction
             s, n_img, t = ctx.geometry.image_start, ctx.geometry.n_tokens, rows.shape[1]
-            q_pos = torch.arange(t) + s + n_img
+            q_pos = torch.arange(t, device=rows.device) + s + n_img
             k_pos = ctx.present.clamp(min=0) + s
             rows = rows / rope_ones_pattern(q_pos, k_pos, rc.head_dim, rc.base).to(rows.dtype)
         rows = rows[:, raters, :]
@@ -150,7 +150,7 @@ class SparseVLMRaters(Node):
 # --------------------------------------------------------------------------------------
 def _pairwise_dist(x: torch.Tensor, chunk: int = 64) -> torch.Tensor:
     """||x_i - x_j||_2 computed as the official code does (difference, then norm), in row chunks."""
-    out = torch.empty(x.shape[0], x.shape[0], dtype=x.dtype)
+    out = torch.empty(x.shape[0], x.shape[0], dtype=x.dtype, device=x.device)
     for i in range(0, x.shape[0], chunk):
         out[i:i + chunk] = (x[i:i + chunk, None, :] - x[None, :, :]).norm(dim=-1, p=2)
     return out
@@ -171,16 +171,17 @@ def dpc_knn_merge(x: torch.Tensor, n_clusters: int, noise: torch.Tensor | None =
         density = density + noise.to(density.dtype) * 1e-6
     higher = density[None, :] > density[:, None]  # higher[i, j]: j is denser than i
     if tie_break == "index":
-        idx = torch.arange(n)
+        idx = torch.arange(n, device=x.device)
         higher = higher | ((density[None, :] == density[:, None]) & (idx[None, :] < idx[:, None]))
     mask = higher.to(x.dtype)
     dist_max = dist.max()
     delta = (dist * mask + dist_max * (1 - mask)).min(dim=-1).values
     centres = torch.topk(delta * density, k=n_clusters).indices
     assign = dist[centres].argmin(dim=0)
-    assign[centres] = torch.arange(n_clusters)
-    counts = torch.zeros(n_clusters, 1, dtype=x.dtype).index_add_(0, assign, torch.ones(n, 1, dtype=x.dtype)) + 1e-6
-    merged = torch.zeros(n_clusters, c, dtype=x.dtype).index_add_(0, assign, x * (1.0 / counts[assign]))
+    assign[centres] = torch.arange(n_clusters, device=x.device)
+    ones = torch.ones(n, 1, dtype=x.dtype, device=x.device)
+    counts = torch.zeros(n_clusters, 1, dtype=x.dtype, device=x.device).index_add_(0, assign, ones) + 1e-6
+    merged = torch.zeros(n_clusters, c, dtype=x.dtype, device=x.device).index_add_(0, assign, x * (1.0 / counts[assign]))
     return merged, centres
 
 
@@ -249,7 +250,8 @@ class SparseVLMRecycle(Node):
             n_clusters = min(n_clusters, n_rec)
             noise = None
             if self.params.tie_break == "seeded-noise":
-                noise = torch.rand(n_rec, generator=ctx.generator())
+                # drawn on the CPU (same noise on every device for a seed), moved once per site
+                noise = torch.rand(n_rec, generator=ctx.generator(), device="cpu").to(hidden.device)
             elif self.params.tie_break == "signal":
                 noise = ctx.signal(self._noise()).reshape(-1)
                 if noise.numel() != n_rec:

@@ -334,7 +334,14 @@ def run(
                                                  help="Tokens to generate (default 32; 6 in the comparison)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    attn_implementation: str = typer.Option("sdpa", "--attn-implementation",
+                                            help="Attention the model's layers run: sdpa, flash_attention_2 or eager."),
+    device_map: Optional[str] = typer.Option(None, "--device-map",
+                                             help="Spread a checkpoint over devices (e.g. auto; needs accelerate)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default: the pipeline's seed)."),
+    batch: Optional[int] = typer.Option(None, "--batch", "-b", min=1,
+                                        help="Samples per generate call: the image and prompt repeated (default 1); "
+                                             "the comparison's batch size (default 20)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     output: Path = typer.Option(Path("runs/run"), "--output", "-o",
                                 help="Folder for the comparison's sample set and kept-token picture."),
@@ -367,11 +374,14 @@ def run(
 
             dev = resolve_device(device)
             code = run_demo(pipeline, out=output, max_new_tokens=max_new_tokens or 6, seed=seed,
-                            dtype=resolve_dtype(dtype, dev), device=dev, as_json=as_json)
+                            dtype=resolve_dtype(dtype, dev), device=dev, as_json=as_json,
+                            attn_implementation=attn_implementation, device_map=device_map,
+                            **({"batch": batch} if batch else {}))
             raise typer.Exit(code)
         code = run_command(pipeline=pipeline, model=model, image=image, prompt=prompt,
                            max_new_tokens=max_new_tokens or 32, dtype=dtype, device=device, seed=seed,
-                           as_json=as_json)
+                           as_json=as_json, attn_implementation=attn_implementation, device_map=device_map,
+                           batch=batch or 1)
     except (RunError, PipelineError) as exc:
         if isinstance(exc, PipelineError):
             _print_problems(exc)
@@ -394,7 +404,13 @@ def sweep(
     max_new_tokens: int = typer.Option(8, "--max-new-tokens", min=1, help="Tokens to generate per run."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    attn_implementation: str = typer.Option("sdpa", "--attn-implementation",
+                                            help="Attention the model's layers run: sdpa, flash_attention_2 or eager."),
+    device_map: Optional[str] = typer.Option(None, "--device-map",
+                                             help="Spread a checkpoint over devices (e.g. auto; needs accelerate)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default: the pipeline's seed)."),
+    batch: int = typer.Option(1, "--batch", "-b", min=1,
+                              help="Samples per generate call (the image and prompt repeated; timings per call)."),
     output: Path = typer.Option(Path("runs/sweep"), "--output", "-o",
                                 help="Results written as OUTPUT.json and OUTPUT.csv."),
 ) -> None:
@@ -425,16 +441,20 @@ def sweep(
     try:
         img = load_image(image)
         dev = resolve_device(device)
-        adapter = load_adapter(model or default_model(), resolve_dtype(dtype, dev), dev)
+        adapter = load_adapter(model or default_model(), resolve_dtype(dtype, dev), dev,
+                               attn_implementation=attn_implementation, device_map=device_map)
         check_context(adapter, img, text, max_new_tokens)
         with Progress(console=err, transient=True) as bar:
             task = bar.add_task("sweep", total=len(loaded))
             for combo, pipe in loaded:
                 bar.update(task, description=", ".join(f"{k}={v}" for k, v in combo.items()))
-                rep = adapter.generate(pipe, [img], [text], max_new_tokens=max_new_tokens, seed=seed)
+                rep = adapter.generate(pipe, [img] * batch, [text] * batch, max_new_tokens=max_new_tokens, seed=seed)
+                fl = rep.flops[0]
                 rows.append({**combo, "avg_visual_tokens": round(rep.visual_tokens_avg[0], 3),
                              "tokens_per_layer": rep.visual_tokens_per_layer[0], "prefill_ms": round(rep.prefill_ms, 2),
-                             "decode_ms_per_token": round(rep.decode_ms_per_token, 2), "answer": rep.answers[0]})
+                             "decode_ms_per_token": round(rep.decode_ms_per_token, 2),
+                             "prefill_gflops": round(fl["prefill"] / 1e9, 4) if "prefill" in fl else None,
+                             "batch": batch, "answer": rep.answers[0]})
                 bar.advance(task)
     except RunError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}")
@@ -471,6 +491,10 @@ def eval_(
     max_new_tokens: int = typer.Option(16, "--max-new-tokens", min=1, help="Tokens to generate per answer."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    attn_implementation: str = typer.Option("sdpa", "--attn-implementation",
+                                            help="Attention the model's layers run: sdpa, flash_attention_2 or eager."),
+    device_map: Optional[str] = typer.Option(None, "--device-map",
+                                             help="Spread a checkpoint over devices (e.g. auto; needs accelerate)."),
     grounding_prompt: Optional[str] = typer.Option(None, "--grounding-prompt",
                                                    help="Prompt for grounding, with {expression} "
                                                         "(default: 'where is {expression} ?')."),
@@ -544,7 +568,8 @@ def eval_(
         if fresh and partial.exists():
             partial.unlink()
         dev = resolve_device(device)
-        adapter = load_adapter(model or default_model(), resolve_dtype(dtype, dev), dev)
+        adapter = load_adapter(model or default_model(), resolve_dtype(dtype, dev), dev,
+                               attn_implementation=attn_implementation, device_map=device_map)
         total = len(runs) * sum(len(t.samples) for t in tasks)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                       console=err, transient=True) as bar:

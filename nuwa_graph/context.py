@@ -53,6 +53,12 @@ class SampleContext:
     reader: Callable[[SignalRequest, int], torch.Tensor] | None = None
     actions: list[Keep] = field(default_factory=list)
 
+    @property
+    def device(self) -> torch.device:
+        """Where this sample's tensors live (the model's device in a model run): a node makes
+        its own tensors here (docs/CONTRACTS.md)."""
+        return self.present.device
+
     def signal(self, request: SignalRequest) -> torch.Tensor:
         if self.reader is None:
             raise RuntimeError(f"node {self.node_name!r} asked for signal {request.key} but this run has no model or tensors")

@@ -57,7 +57,7 @@ def demo_runs(pipeline: Pipeline) -> list[EvalRun]:
 
 def run_demo(pipeline: Pipeline, out: str | Path = "runs/run", samples: int = DEMO_SAMPLES, max_new_tokens: int = 6,
              seed: int | None = None, dtype: str = "float32", device: str = "cpu", as_json: bool = False,
-             console=None) -> int:
+             console=None, attn_implementation: str = "sdpa", device_map: str | None = None, batch: int = 20) -> int:
     """Evaluate vanilla, `pipeline` and the baselines on the sample set; print the comparison; 0 on success."""
     from rich.console import Console
     from rich.markup import escape
@@ -73,14 +73,14 @@ def run_demo(pipeline: Pipeline, out: str | Path = "runs/run", samples: int = DE
     out = Path(out)
     try:
         model = default_model()
-        adapter = load_adapter(model, dtype, device)
+        adapter = load_adapter(model, dtype, device, attn_implementation=attn_implementation, device_map=device_map)
         tasks = load_data(sample_data(out / "sample_data"), limit=samples)
         runs = demo_runs(pipeline)
         total = len(runs) * sum(len(t.samples) for t in tasks)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                       console=err, transient=True) as bar:
             job = bar.add_task("run", total=total)
-            result = evaluate(adapter, runs, tasks, batch=20, max_new_tokens=max_new_tokens, seed=seed,
+            result = evaluate(adapter, runs, tasks, batch=batch, max_new_tokens=max_new_tokens, seed=seed,
                               progress=lambda d, k: bar.update(job, description=escape(d), advance=k))
     except (EvalError, RunError, PipelineError) as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}")

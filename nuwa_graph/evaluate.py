@@ -39,6 +39,7 @@ from .data import (
     read_records,
 )
 from .errors import PipelineError, RunError
+from .flops import mean_flops
 from .pipeline import Pipeline, load
 from .safe_io import atomic_write, probe_image
 from .world.boxes import iou, parse_box
@@ -379,7 +380,7 @@ def _batch_record(key: str, rep, prompts: list[str]) -> dict[str, Any]:
     return {"key": key, "answers": list(rep.answers), "prompts": prompts,
             "counts": [list(c) for c in rep.visual_tokens_per_layer], "avg": list(rep.visual_tokens_avg),
             "full": rep.visual_tokens_full, "prefill_ms": rep.prefill_ms, "kept": rep.kept[0] if rep.kept else {},
-            "schedule": rep.schedule, "signals": list(rep.signals)}
+            "schedule": rep.schedule, "signals": list(rep.signals), "flops": list(rep.flops)}
 
 
 def evaluate(adapter, runs: list[EvalRun], tasks: list[Task], batch: int = 8, max_new_tokens: int = 16,
@@ -446,6 +447,7 @@ def _evaluate_run(adapter, run: EvalRun, tasks: list[Task], batch: int, max_new_
     n_counted = 0
     avg_sum = 0.0
     prefill: list[float] = []
+    flops: list[dict[str, Any]] = []
     full = 0
     for task in tasks:
         scores = []
@@ -461,6 +463,7 @@ def _evaluate_run(adapter, run: EvalRun, tasks: list[Task], batch: int, max_new_
                 rec = _batch_record(key, rep, prompts)
                 ckpt.add(rec)
             prefill.append(rec["prefill_ms"])
+            flops.extend(rec.get("flops", []))
             full = rec["full"]
             for b, s in enumerate(chunk):
                 answer = rec["answers"][b]
@@ -497,6 +500,7 @@ def _evaluate_run(adapter, run: EvalRun, tasks: list[Task], batch: int, max_new_
     res["visual_tokens_avg"] = round(avg_sum / n_counted, 3) if n_counted else 0.0
     res["visual_tokens_full"] = full
     res["prefill_ms_median"] = round(statistics.median(prefill), 3) if prefill else 0.0
+    res["flops"] = mean_flops(flops)  # per sample, mean over the data (nuwa_graph/flops.py)
     return res
 
 
@@ -537,6 +541,11 @@ def rows(result: dict[str, Any]) -> list[dict[str, Any]]:
         row["visual_tokens_avg"] = r["visual_tokens_avg"]
         row["visual_tokens_full"] = r["visual_tokens_full"]
         row["prefill_ms_median"] = r["prefill_ms_median"]
+        fl = r.get("flops", {})
+        if "prefill" in fl:
+            row["prefill_gflops"] = round(fl["prefill"] / 1e9, 4)
+            row["prefill_flops_ratio"] = round(fl["prefill_ratio"], 4)
+            row["decode_step_gflops"] = round(fl["decode_step"] / 1e9, 6)
         row["visual_tokens_per_layer"] = r["visual_tokens_per_layer"]
         out.append(row)
     return out

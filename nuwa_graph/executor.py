@@ -63,9 +63,11 @@ class Executor:
                 seen.setdefault(r.key + "@" + r.site, r)
         return list(seen.values())
 
-    def start(self, geometries: list[Geometry], present: list[torch.Tensor] | None = None) -> RunState:
+    def start(self, geometries: list[Geometry], present: list[torch.Tensor] | None = None,
+              device: torch.device | str = "cpu") -> RunState:
+        """`device`: where the stream's ids live (the model's device); nodes make tensors there."""
         if present is None:
-            present = [torch.arange(g.n_tokens) for g in geometries]
+            present = [torch.arange(g.n_tokens, device=device) for g in geometries]
         return RunState(batch=len(geometries), geometries=geometries, present=list(present),
                         actions=[[] for _ in geometries])
 

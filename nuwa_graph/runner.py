@@ -110,6 +110,14 @@ def print_report(rep, console=None) -> None:
     t.add_row("prefill", f"{rep.prefill_ms:.1f} ms")
     t.add_row("decode", f"{rep.decode_ms_per_token:.1f} ms/token ({rep.decode_steps} steps)")
     t.add_row("peak memory", f"{_fmt_bytes(rep.peak_memory_bytes)} ({rep.peak_memory_source})")
+    if rep.peak_memory_above_start_bytes is not None:
+        t.add_row("peak memory above the weights", _fmt_bytes(rep.peak_memory_above_start_bytes))
+    for b, fl in enumerate(rep.flops[:1]):
+        if "prefill" in fl:
+            t.add_row("FLOPs (prefill)", f"{fl['prefill'] / 1e9:.3f} G ({100 * fl['prefill_ratio']:.1f} % of vanilla; "
+                                         f"vision {fl['vision'] / 1e9:.3f} G, LLM {fl['llm_prefill'] / 1e9:.3f} G)")
+            t.add_row("FLOPs (decode step)", f"{fl['decode_step'] / 1e9:.4f} G (vanilla "
+                                             f"{fl['vanilla_decode_step'] / 1e9:.4f} G)")
     t.add_row("KV cache", _fmt_bytes(rep.kv_cache_bytes))
     if rep.node_ms:
         t.add_row("node time", ", ".join(f"{k} {v:.2f} ms" for k, v in rep.node_ms.items()))
@@ -128,9 +136,11 @@ def print_report(rep, console=None) -> None:
 
 def run_command(pipeline: Pipeline | str | Path, model: str | None = None, image: Any = None, prompt: str | None = None,
                 max_new_tokens: int = 16, dtype: str = "float32", device: str = "cpu", seed: int | None = None,
-                as_json: bool = False) -> int:
+                as_json: bool = False, attn_implementation: str = "sdpa", device_map: str | None = None,
+                batch: int = 1) -> int:
     """Run `pipeline` on `model` (default: the embedded model) with one image and prompt; print the report.
 
+    `batch` repeats the image and prompt in one generate call (batched timings on a GPU).
     Returns 0 on success, 1 for a run error (bad model, image, budget, unsupported signal),
     2 for an invalid pipeline file.
     """
@@ -145,15 +155,18 @@ def run_command(pipeline: Pipeline | str | Path, model: str | None = None, image
             raise RunError(f"max_new_tokens={max_new_tokens}; it must be at least 1")
         check_prompt_text(prompt)
         prompt = DEFAULT_PROMPT if prompt is None else prompt
+        if batch < 1:
+            raise RunError(f"--batch {batch}: it must be at least 1")
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         img = load_image(image)
         from .adapters import load_adapter
         from .evaluate import default_model
 
-        adapter = load_adapter(model or default_model(), dt, dev)
+        adapter = load_adapter(model or default_model(), dt, dev, attn_implementation=attn_implementation,
+                               device_map=device_map)
         check_context(adapter, img, prompt, max_new_tokens)
-        rep = adapter.generate(pipe, [img], [prompt], max_new_tokens=max_new_tokens, seed=seed)
+        rep = adapter.generate(pipe, [img] * batch, [prompt] * batch, max_new_tokens=max_new_tokens, seed=seed)
     except PipelineError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}")
         return 2

@@ -139,7 +139,9 @@ def test_run_passes_options(sample_path, monkeypatch):
     assert seen["pipeline"].nodes["best"].params.k == 4
     assert seen["prompt"] == "hi" and seen["max_new_tokens"] == 3 and seen["seed"] == 7 and seen["as_json"] is True
     assert seen["model"] is None and seen["image"] is None
-    assert set(seen) == {"pipeline", "model", "image", "prompt", "max_new_tokens", "dtype", "device", "seed", "as_json"}
+    assert set(seen) == {"pipeline", "model", "image", "prompt", "max_new_tokens", "dtype", "device", "seed", "as_json",
+                         "attn_implementation", "device_map", "batch"}
+    assert seen["attn_implementation"] == "sdpa" and seen["device_map"] is None and seen["batch"] == 1
 
 
 @pytest.mark.parametrize("command", ["validate", "nodes", "draw", "run"])

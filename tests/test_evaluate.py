@@ -124,6 +124,11 @@ def test_eval_result_structure_and_counts(evaluated):
     assert by["random budget=64"]["visual_tokens_avg"] == 16 and by["vanilla"]["visual_tokens_avg"] == 144
     assert len(by["random budget=64"]["sample_kept"]["vision"]) == 16
     assert by["random budget=32"]["visual_tokens_avg"] == 8
+    # FLOPs (nuwa_graph/flops.py): pruning before the LLM keeps the tower, cuts the LLM
+    fl, fv = by["random budget=32"]["flops"], by["vanilla"]["flops"]
+    assert fv["prefill_ratio"] == 1.0 and fl["prefill_ratio"] < 1.0
+    assert fl["vision"] == fv["vision"] and fl["llm_prefill"] < fv["llm_prefill"]
+    assert fl["vanilla_prefill"] == pytest.approx(fv["prefill"])
     ref = by["vanilla"]
     for r in result["results"]:
         want = None if not ref["accuracy"] else 100 * r["accuracy"] / ref["accuracy"]
@@ -136,6 +141,7 @@ def test_eval_files_and_pictures(evaluated):
     assert data["reference"] == "vanilla" and "predictions" not in data["results"][0]
     lines = files["csv"].read_text().splitlines()
     assert len(lines) == 4 and "grounding_parse_failures" in lines[0] and "relative_pct" in lines[0]
+    assert "prefill_gflops" in lines[0] and "prefill_flops_ratio" in lines[0]
     assert len(files["predictions"].read_text().splitlines()) == 3 * 8
     names = sorted(p.name for p in pics)
     assert "accuracy_vs_budget.png" in names

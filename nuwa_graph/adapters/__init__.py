@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from ..errors import RunError
-from .base import ADAPTERS, RunReport, VLMAdapter, dtype_of, register_adapter
+from .base import (ADAPTERS, ATTN_IMPLEMENTATIONS, RunReport, VLMAdapter, check_attn_implementation, dtype_of,
+                   register_adapter)
 
 # model_type -> module that defines (and @register_adapter-s) its adapter
 FAMILY_MODULES = {
@@ -31,9 +32,34 @@ PRESETS = {
 }
 
 
-def _hint() -> str:
-    return (f"use a preset ({', '.join(PRESETS)}), a local directory with a config.json, or a hub id that is "
-            f"already in the local Hugging Face cache (this machine has no hub access: HF_HUB_OFFLINE=1)")
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub is switched off here (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
+    import os
+
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    return any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags)
+
+
+def _unreachable(exc: BaseException | None) -> bool:
+    """Whether an exception (or its cause) says the hub could not be reached."""
+    seen = 0
+    while exc is not None and seen < 8:
+        name = type(exc).__name__
+        if name in ("ConnectionError", "ConnectError", "ConnectTimeout", "Timeout", "ReadTimeout",
+                    "LocalEntryNotFoundError", "OfflineModeIsEnabled"):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def _hint(exc: BaseException | None = None) -> str:
+    where = (f"use a preset ({', '.join(PRESETS)}), a local directory with a config.json, or a hub id")
+    if hub_offline():
+        return (f"{where} that is already in the local Hugging Face cache (HF_HUB_OFFLINE is set, so the hub is not "
+                f"contacted; unset it to download)")
+    if _unreachable(exc):
+        return f"{where}; the Hugging Face hub could not be reached from here (check the network or a proxy)"
+    return f"{where} (check the spelling; gated models need a token: huggingface-cli login)"
 
 
 def adapter_class(model_type: str) -> type[VLMAdapter]:
@@ -63,13 +89,20 @@ def _model_type(spec: str) -> str:
 
         return str(AutoConfig.from_pretrained(spec).model_type)
     except Exception as exc:  # OSError, ValueError, hub errors
-        raise RunError(f"cannot load model {spec!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                       f"{_hint()}") from None
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise RunError(f"cannot load model {spec!r} ({type(exc).__name__}: {first}); {_hint(exc)}") from None
 
 
-def load_adapter(model: str = "tiny-llava", dtype: str | torch.dtype = "float32", device: str = "cpu") -> VLMAdapter:
-    """An adapter for a preset name, local model directory or hub id (family from model_type)."""
+def load_adapter(model: str = "tiny-llava", dtype: str | torch.dtype = "float32", device: str = "cpu",
+                 attn_implementation: str = "sdpa", device_map: str | dict | None = None) -> VLMAdapter:
+    """An adapter for a preset name, local model directory or hub id (family from model_type).
+
+    `attn_implementation` (sdpa | flash_attention_2 | eager): what the model's layers run
+    (the rows a scorer reads are computed from q and k either way). `device_map` (e.g.
+    'auto', needs accelerate) spreads a checkpoint over devices; checkpoints load straight
+    onto `device` when accelerate is installed."""
     dt = dtype_of(dtype)
+    check_attn_implementation(attn_implementation)
     try:
         torch.device(device)
     except RuntimeError as exc:
@@ -82,11 +115,13 @@ def load_adapter(model: str = "tiny-llava", dtype: str | torch.dtype = "float32"
             factory = getattr(importlib.import_module(mod), fn)
         except (ImportError, AttributeError) as exc:
             raise RunError(f"preset {model!r} is not available ({exc})") from None
-        return factory(dtype=dt, device=device)
+        if device_map is not None:
+            raise RunError(f"device_map applies to checkpoints; preset {model!r} is built on --device {device}")
+        return factory(dtype=dt, device=device).set_attn_implementation(attn_implementation)
     mt = _model_type(model)
     cls = adapter_class(mt)
     try:
-        return cls.from_pretrained(model, dt, device)
+        return cls.from_pretrained(model, dt, device, attn_implementation=attn_implementation, device_map=device_map)
     except RunError:
         raise
     except Exception as exc:  # noqa: BLE001 - broken config values, missing or corrupt weights, refused pickles, ...
@@ -98,5 +133,5 @@ def load_adapter(model: str = "tiny-llava", dtype: str | torch.dtype = "float32"
                        f"are refused) and its processor files") from None
 
 
-__all__ = ["ADAPTERS", "FAMILY_MODULES", "PRESETS", "RunReport", "VLMAdapter", "adapter_class", "dtype_of", "load_adapter",
-           "register_adapter"]
+__all__ = ["ADAPTERS", "ATTN_IMPLEMENTATIONS", "FAMILY_MODULES", "PRESETS", "RunReport", "VLMAdapter", "adapter_class",
+           "dtype_of", "load_adapter", "register_adapter"]

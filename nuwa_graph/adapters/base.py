@@ -53,7 +53,7 @@ import time
 import tracemalloc
 import uuid
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
@@ -78,6 +78,21 @@ def register_adapter(cls: type["VLMAdapter"]) -> type["VLMAdapter"]:
     for mt in cls.model_types:
         ADAPTERS[mt] = cls
     return cls
+
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
+
+
+def check_attn_implementation(name: str) -> str:
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise RunError(f"unknown attention implementation {name!r}; use one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    if name.startswith("flash"):
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None:
+            raise RunError("attn_implementation='flash_attention_2' needs the flash-attn package (pip install "
+                           "flash-attn, CUDA only); use sdpa")
+    return name
 
 
 LLM_SIGNALS = frozenset({"external", "pre_llm.visual", "pre_llm.text", "llm.attention", "llm.hidden"})
@@ -194,6 +209,9 @@ class RunReport:
     dtype: str = "float32"
     schedule: dict[str, Any] = field(default_factory=dict)  # file run, variable values and their origin, sites
     signals: list[str] = field(default_factory=list)  # every model signal read: "kind(args) at site"
+    flops: list[dict[str, Any]] = field(default_factory=list)  # per sample: nuwa_graph.flops.run_flops
+    attn_implementation: str = "sdpa"
+    peak_memory_above_start_bytes: int | None = None  # CUDA: peak minus what was allocated before (the weights)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -243,6 +261,30 @@ class _Run:
         return seg
 
 
+def _columns(ids: torch.Tensor, present: torch.Tensor) -> torch.Tensor | None:
+    """Index into `ids` of each token of `present` (same device; no Python lists), or None
+    when a token of `present` is not in `ids`."""
+    if ids.numel() == 0:
+        return None if present.numel() else present.long()
+    order = torch.argsort(ids)
+    at = torch.searchsorted(ids[order], present).clamp(max=ids.numel() - 1)
+    cols = order[at]
+    return cols if bool((ids[cols] == present).all()) else None
+
+
+def _host_keeps(acts: list[list[Keep]]) -> list[list[Keep]]:
+    """The Keep actions of one site with their ids and position plans on the CPU: the
+    adapter's layout bookkeeping is host-side and small; this is the one copy per site
+    (merged token values stay on the device)."""
+    def host(a: Keep) -> Keep:
+        pos = a.positions
+        if pos is not None:
+            pos = replace(pos, ids=pos.ids.cpu(), offsets=pos.offsets.cpu())
+        return replace(a, ids=a.ids.cpu(), positions=pos)
+
+    return [[host(a) for a in ab] for ab in acts]
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -256,6 +298,7 @@ class _PeakMemory:
         self.device = device
         self.source = ""
         self.peak = 0
+        self.start = 0
         self._tm = False
 
     @staticmethod
@@ -270,6 +313,7 @@ class _PeakMemory:
     def __enter__(self):
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = int(torch.cuda.memory_allocated(self.device))
             self.source = "torch.cuda.max_memory_allocated"
             return self
         try:
@@ -323,20 +367,29 @@ class VLMAdapter:
     supported_signals: ClassVar[frozenset[str]] = LLM_SIGNALS
 
     def __init__(self, model: nn.Module, processor: Any, name: str = "", dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", attn_implementation: str = "sdpa"):
         self.model = model.eval()
         self.processor = processor
         self.name = name or self.family
         self.dtype = dtype
         self.device = torch.device(device)
+        # layers no scorer reads run this implementation (sdpa | flash_attention_2 | eager)
+        self.attn_implementation = check_attn_implementation(attn_implementation)
         self.attn_name = f"nuwa_rows_{self.family}_{next(_counter)}_{uuid.uuid4().hex[:6]}"
         self._run: _Run | None = None
         self._attn_index: dict[int, tuple[str, int]] = {}
 
     # ---- family hooks (override) -------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, id_or_path: str, dtype: torch.dtype, device: str) -> "VLMAdapter":
+    def from_pretrained(cls, id_or_path: str, dtype: torch.dtype, device: str, attn_implementation: str = "sdpa",
+                        device_map: str | dict | None = None) -> "VLMAdapter":
         raise NotImplementedError
+
+    def set_attn_implementation(self, name: str) -> "VLMAdapter":
+        """Run the model's own attention with `name` (sdpa | flash_attention_2 | eager)."""
+        self.attn_implementation = check_attn_implementation(name)
+        self.model.set_attn_implementation(name)
+        return self
 
     def text_model(self) -> nn.Module:
         raise NotImplementedError
@@ -470,14 +523,29 @@ class VLMAdapter:
         """Install the attention function and layer hooks; always restore on exit."""
         from transformers import AttentionInterface
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         saved = self._attn_impls()
         handles = []
         adapter = self
+        impl = self.attn_implementation
+        own: dict[type, Any] = {}  # module class -> its modeling file's eager_attention_forward
+
+        def forward_of(module):
+            if impl == "sdpa":
+                return sdpa_attention_forward
+            if impl == "eager":
+                cls = type(module)
+                if cls not in own:
+                    import sys
+
+                    own[cls] = sys.modules[cls.__module__].eager_attention_forward
+                return own[cls]
+            return ALL_ATTENTION_FUNCTIONS[impl]
 
         def attention(module, query, key, value, attention_mask, **kwargs):
-            out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+            out = forward_of(module)(module, query, key, value, attention_mask, **kwargs)
             r = adapter._run
             if r is not None and r.phase in ("prefill", "vision"):
                 where = adapter._attn_index.get(id(module))
@@ -489,7 +557,7 @@ class VLMAdapter:
             return out
 
         AttentionInterface.register(self.attn_name, attention)
-        AttentionMaskInterface.register(self.attn_name, sdpa_mask)
+        AttentionMaskInterface.register(self.attn_name, sdpa_mask if impl == "sdpa" else ALL_MASK_ATTENTION_FUNCTIONS[impl])
         self._attn_index = {id(m): ("vision", i) for i, m in enumerate(self.vision_attention_modules())}
         for i, layer in enumerate(self.decoder_layers()):
             self._attn_index[id(layer.self_attn)] = ("llm", i)
@@ -528,18 +596,18 @@ class VLMAdapter:
         if r.phase == "prefill":
             seg = r.segment_of(layer)
             first = seg is r.segments[0]
-            cos, sin = kwargs["position_embeddings"] if first else self.rotary(h, self.llm_position_ids(seg.pos).to(h.device))
+            cos, sin = kwargs["position_embeddings"] if first else self._segment_inputs(seg, h)[1]
             if layer in r.llm_sites:
                 self._capture_pre(r, layer, module, h, cos, sin, seg)
                 site = Site.llm(layer)
-                acts = r.ex.run_site(r.state, site, self._reader(r), r.seed)
+                acts = _host_keeps(r.ex.run_site(r.state, site, self._reader(r), r.seed))
                 if any(acts):
                     new = self._apply_llm_keep(r, layer, seg, h, acts)
                     if new is not None:
                         h = self._gather_hidden(h, new, seg, acts, r)
                         r.segments.append(new)
                         seg, first = new, False
-                        cos, sin = self.rotary(h, self.llm_position_ids(seg.pos).to(h.device))
+                        cos, sin = self._segment_inputs(seg, h)[1]
             elif layer in r.rows_pre or layer in r.hidden_at:
                 self._capture_pre(r, layer, module, h, cos, sin, seg)
             if h.shape[1] != seg.valid.shape[1]:
@@ -548,18 +616,39 @@ class VLMAdapter:
                 r.counts[b].append(int(seg.valid[b].sum()) - seg.n_text[b])
             if first:
                 return None
-            mask = self._prefill_mask(seg.valid)
-            return self._substitute(args, kwargs, h, mask, (cos, sin), self.llm_position_ids(seg.pos).to(h.device))
+            mask, pe, pos_ids = self._segment_inputs(seg, h)
+            return self._substitute(args, kwargs, h, mask, pe, pos_ids)
         # decode
         seg = r.segment_of(layer)
         if seg is r.segments[0]:
             return None
-        q = h.shape[1]
-        pos = seg.last_pos[:, :, None] + 1 + torch.arange(q, device=seg.last_pos.device)
-        pos_ids = self.llm_position_ids(pos).to(h.device)
-        cos, sin = self.rotary(h, pos_ids)
-        mask = self._decode_mask(seg.key_valid, q)
-        return self._substitute(args, kwargs, h, mask, (cos, sin), pos_ids)
+        mask, pe, pos_ids = self._step_inputs(r, seg, h)
+        return self._substitute(args, kwargs, h, mask, pe, pos_ids)
+
+    def _segment_inputs(self, seg: Segment, h: torch.Tensor):
+        """(4-D mask, (cos, sin), position_ids) of a segment at prefill, on h's device: built
+        once per segment (and device, under a device_map), not per layer."""
+        cache = seg.__dict__.setdefault("_on_device", {})
+        if h.device not in cache:
+            pos_ids = self.llm_position_ids(seg.pos.to(h.device))
+            valid = seg.valid.to(h.device)
+            cache[h.device] = (self._impl_mask(self._prefill_mask(valid), valid, h.dtype), self.rotary(h, pos_ids),
+                               pos_ids)
+        return cache[h.device]
+
+    def _step_inputs(self, r: _Run, seg: Segment, h: torch.Tensor):
+        """Like `_segment_inputs` for one decode step: built once per step and segment from
+        `key_valid` / `last_pos`, which live on the model's device during decoding."""
+        key = (getattr(r, "step", 0), h.device)
+        cached = seg.__dict__.get("_step_cache")
+        if cached is None or cached[0] != key:
+            q = h.shape[1]
+            pos = seg.last_pos.to(h.device)[:, :, None] + 1 + torch.arange(q, device=h.device)
+            pos_ids = self.llm_position_ids(pos)
+            kv = seg.key_valid.to(h.device)
+            cached = (key, self._impl_mask(self._decode_mask(kv, q), kv, h.dtype), self.rotary(h, pos_ids), pos_ids)
+            seg.__dict__["_step_cache"] = cached
+        return cached[1:]
 
     @staticmethod
     def _substitute(args, kwargs, h, mask, pe, pos_ids):
@@ -574,19 +663,30 @@ class VLMAdapter:
             kwargs["position_ids"] = pos_ids
         return args, kwargs
 
+    def _impl_mask(self, allowed: torch.Tensor, key_valid: torch.Tensor, dtype: torch.dtype):
+        """The (B, 1, q, kv) bool mask in the form the attention implementation takes: sdpa the
+        bool mask; eager an additive float mask; flash attention the 2-D key padding mask
+        (None when nothing is padded), with causality from the kernel itself."""
+        if self.attn_implementation == "eager":
+            return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+                ~allowed, torch.finfo(dtype).min)
+        if self.attn_implementation.startswith("flash"):
+            return None if bool(key_valid.all()) else key_valid.long()
+        return allowed
+
     def _prefill_mask(self, valid: torch.Tensor) -> torch.Tensor:
         B, L = valid.shape
         causal = torch.ones(L, L, dtype=torch.bool, device=valid.device).tril()
         m = causal[None] & valid[:, None, :]
         m = m | torch.eye(L, dtype=torch.bool, device=valid.device)[None]  # padded rows see themselves (no NaN)
-        return m[:, None].to(self.device)
+        return m[:, None]
 
     def _decode_mask(self, key_valid: torch.Tensor, q: int) -> torch.Tensor:
         B, kv = key_valid.shape
         qi = torch.arange(q, device=key_valid.device)[:, None] + (kv - q)
         kj = torch.arange(kv, device=key_valid.device)[None]
         m = (kj <= qi)[None] & key_valid[:, None, :]
-        return m[:, None].to(self.device)
+        return m[:, None]
 
     # signals inside the LLM ---------------------------------------------------------------
     @staticmethod
@@ -629,12 +729,12 @@ class VLMAdapter:
                 k = key[b].repeat_interleave(groups, dim=0)
                 rows = self._rows(query[b][:, qidx.to(query.device)], k, seg, b, qidx, module.scaling,
                                   req.arg("softmax_over", "all"))
-                vals.append((rows.cpu(), seg.img_ids[b]))
+                vals.append((rows, seg.img_ids[b]))
             r.captured[req.key] = vals
 
     def _capture_pre(self, r: _Run, layer: int, module: nn.Module, h: torch.Tensor, cos, sin, seg: Segment):
         for req in r.hidden_at.get(layer, []):
-            r.captured[req.key] = [(h[b, seg.img_idx[b].to(h.device)].cpu(), seg.img_ids[b]) for b in range(r.B)]
+            r.captured[req.key] = [(h[b, seg.img_idx[b].to(h.device)], seg.img_ids[b]) for b in range(r.B)]
         reqs = r.rows_pre.get(layer, [])
         if not reqs:
             return
@@ -653,7 +753,7 @@ class VLMAdapter:
                     k = apply_rope(k, cos[b], sin[b])
                 k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
                 rows = self._rows(q, k, seg, b, qidx, attn.scaling, req.arg("softmax_over", "all"))
-                vals.append((rows.cpu(), seg.img_ids[b]))
+                vals.append((rows, seg.img_ids[b]))
             r.captured[req.key] = vals
 
     # applying a Keep at llm.K ---------------------------------------------------------------
@@ -768,13 +868,11 @@ class VLMAdapter:
                 if req.key not in r.captured:
                     raise RunError(f"internal: signal {req.key} was not captured")
                 val, ids = r.captured[req.key][b]
-                present = r.state.present[b]
-                where = {int(t): j for j, t in enumerate(ids.tolist())}
-                try:
-                    cols = torch.tensor([where[int(t)] for t in present.tolist()], dtype=torch.long)
-                except KeyError as exc:
-                    raise RunError(f"signal {req.key}: token {exc.args[0]} was not present at layer {req.arg('layer')}")
-                return val[..., cols, :] if kind == "llm.hidden" else val[..., cols]
+                cols = _columns(ids.to(val.device), r.state.present[b].to(val.device))
+                if cols is None:
+                    raise RunError(f"signal {req.key}: a token present now was not present at layer {req.arg('layer')}")
+                out = val[..., cols, :] if kind == "llm.hidden" else val[..., cols]
+                return out.to(self.device)  # a no-op unless a device_map put layer L elsewhere
             if kind.startswith("vision."):
                 return self.read_vision_signal(r, req, b)
             raise RunError(f"{self.family} adapter cannot give signal {kind}")
@@ -794,7 +892,7 @@ class VLMAdapter:
         for site in (vis_site, pre_site):
             if site not in r.sites:
                 continue
-            acts = r.ex.run_site(r.state, site, reader, r.seed)
+            acts = _host_keeps(r.ex.run_site(r.state, site, reader, r.seed))
             for b in range(r.B):
                 for act in acts[b]:
                     r.blocks[b] = self._apply_pre_keep(r, b, act, vis, r.blocks[b])
@@ -893,7 +991,7 @@ class VLMAdapter:
 
         r.phase = "vision"
         vis = self.vision_forward(r)
-        r.state = r.ex.start([self.geometry(r, b) for b in range(r.B)])
+        r.state = r.ex.start([self.geometry(r, b) for b in range(r.B)], device=self.device)
         self._pre_llm(r, vis)
         x, am, seg0 = self._assemble(r)
         r.segments = [seg0]
@@ -936,15 +1034,16 @@ class VLMAdapter:
             _sync(self.device)
             prefill_s = time.perf_counter() - t0
             r.phase = "decode"
-            for seg in r.segments:
-                seg.key_valid = seg.valid.clone()
-                last = seg.pos[:, :, -1]
-                seg.last_pos = last.clone()
+            for seg in r.segments:  # decoding state lives on the device: no per-step copies
+                seg.key_valid = seg.valid.to(self.device, copy=True)
+                seg.last_pos = seg.pos[:, :, -1].to(self.device, copy=True)
+            grow = torch.ones(r.B, 1, dtype=torch.bool, device=self.device)
             last_logits = logits[:, -1].float()
             for step in range(max_new_tokens):
                 if return_logits:
                     step_logits.append(last_logits.cpu())
-                nxt = last_logits.argmax(-1).cpu()
+                nxt_dev = last_logits.argmax(-1)
+                nxt = nxt_dev.cpu()  # the one host copy per step: the token ids
                 for b in range(r.B):
                     if not finished[b]:
                         new_tokens[b].append(int(nxt[b]))
@@ -954,11 +1053,12 @@ class VLMAdapter:
                     break
                 t1 = time.perf_counter()
                 for seg in r.segments:
-                    seg.key_valid = torch.cat([seg.key_valid, torch.ones(r.B, 1, dtype=torch.bool)], dim=1)
+                    seg.key_valid = torch.cat([seg.key_valid, grow], dim=1)
                 seg0 = r.segments[0]
                 pos0 = seg0.last_pos[:, :, None] + 1
-                out = self.text_model()(inputs_embeds=self.embed(nxt[:, None]), attention_mask=seg0.key_valid.long().to(self.device),
-                                        position_ids=self.llm_position_ids(pos0).to(self.device), cache=cache, use_cache=True)
+                r.step = step  # type: ignore[attr-defined]
+                out = self.text_model()(inputs_embeds=self.embed(nxt_dev[:, None]), attention_mask=seg0.key_valid.long(),
+                                        position_ids=self.llm_position_ids(pos0), cache=cache, use_cache=True)
                 for seg in r.segments:
                     seg.last_pos = seg.last_pos + 1
                 last_logits = self.lm_head()(out.last_hidden_state[:, -1]).float()
@@ -1007,6 +1107,7 @@ class VLMAdapter:
             kept.append(kb)
             actions.append(ab)
         counts = [c[: self.n_layers] for c in r.counts]
+        flops = [self._flops(r, b, counts[b]) for b in range(r.B)]
         return RunReport(
             model=self.name, pipeline=r.ex.pipeline.name,
             answers=[self.decode_text(t) for t in new_tokens], new_tokens=new_tokens,
@@ -1016,8 +1117,20 @@ class VLMAdapter:
             prefill_ms=prefill_s * 1e3, decode_ms_per_token=(decode_s / steps * 1e3) if steps else 0.0,
             decode_steps=steps, peak_memory_bytes=mem.peak, peak_memory_source=mem.source, kv_cache_bytes=kv,
             node_ms={k: v * 1e3 for k, v in r.state.timings.items()}, kept=kept, actions=actions,
-            device=str(self.device), dtype=str(self.dtype).replace("torch.", ""),
+            device=str(self.device), dtype=str(self.dtype).replace("torch.", ""), flops=flops,
+            attn_implementation=self.attn_implementation,
+            peak_memory_above_start_bytes=(mem.peak - mem.start) if self.device.type == "cuda" else None,
         )
+
+    def _flops(self, r: _Run, b: int, counts: list[int]) -> dict[str, Any]:
+        """FLOPs of sample b (nuwa_graph/flops.py); a model whose config lacks a field says so."""
+        from ..flops import run_flops
+
+        try:
+            return run_flops(self.model.config, int(r.segments[0].n_text[b]), counts, r.layouts[b].n_image,
+                             r.state.geometries[b].grid)
+        except (AttributeError, TypeError, ValueError) as exc:
+            return {"unavailable": f"FLOPs cannot be counted for this config: {exc}"}
 
 
 def layer_variable_hint(pipe: Pipeline, site: Site) -> str:
@@ -1038,5 +1151,31 @@ def dtype_of(name: str | torch.dtype) -> torch.dtype:
     return table[str(name).lower()]
 
 
-__all__ = ["ADAPTERS", "Block", "Encoded", "LLM_SIGNALS", "RunReport", "SampleLayout", "Segment", "VLMAdapter",
-           "VisionOut", "apply_rope", "dtype_of", "register_adapter"]
+def load_kwargs(device: str, device_map: str | dict | None, attn_implementation: str) -> dict[str, Any]:
+    """from_pretrained keyword arguments: the attention implementation, and the weights loaded
+    straight onto `device` (or spread by `device_map`, e.g. 'auto') where accelerate is
+    installed; without it the model loads to CPU RAM and is moved (device_map needs it)."""
+    import importlib.util
+
+    kw: dict[str, Any] = {"attn_implementation": check_attn_implementation(attn_implementation)}
+    has_accelerate = importlib.util.find_spec("accelerate") is not None
+    if device_map is not None:
+        if not has_accelerate:
+            raise RunError(f"device_map={device_map!r} needs the accelerate package (pip install accelerate)")
+        kw["device_map"] = device_map
+    elif has_accelerate:
+        kw["device_map"] = str(device)
+    return kw
+
+
+def input_device(model: nn.Module, fallback: str | torch.device) -> torch.device:
+    """The device of the model's input embeddings (where a device_map puts the first layer)."""
+    try:
+        return model.get_input_embeddings().weight.device
+    except (AttributeError, NotImplementedError):
+        return torch.device(fallback)
+
+
+__all__ = ["ADAPTERS", "ATTN_IMPLEMENTATIONS", "Block", "Encoded", "LLM_SIGNALS", "RunReport", "SampleLayout", "Segment", "VLMAdapter",
+           "VisionOut", "apply_rope", "check_attn_implementation", "dtype_of", "input_device", "load_kwargs",
+           "register_adapter"]

@@ -32,7 +32,7 @@ from torch import nn
 from ..errors import RunError
 from ..signals import SignalRequest
 from ..types import Geometry
-from .base import LLM_SIGNALS, Encoded, VisionOut, VLMAdapter, _Run, register_adapter
+from .base import LLM_SIGNALS, Encoded, VisionOut, VLMAdapter, _Run, input_device, load_kwargs, register_adapter
 
 _ATTN_KINDS = {"vision.cls_attention", "vision.keys", "vision.qk_single_head"}
 _HIDDEN_KINDS = {"vision.hidden", "vision.cls_hidden", "vision.hidden_mean"}
@@ -52,18 +52,23 @@ class LlavaAdapter(VLMAdapter):
     prompt_template = "USER: <image>\n{prompt} ASSISTANT:"
 
     @classmethod
-    def from_pretrained(cls, id_or_path: str, dtype: torch.dtype, device: str) -> "LlavaAdapter":
+    def from_pretrained(cls, id_or_path: str, dtype: torch.dtype, device: str, attn_implementation: str = "sdpa",
+                        device_map: str | dict | None = None) -> "LlavaAdapter":
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-        model = LlavaForConditionalGeneration.from_pretrained(id_or_path, dtype=dtype, attn_implementation="sdpa")
-        model = model.to(device)
+        kw = load_kwargs(device, device_map, attn_implementation)
+        model = LlavaForConditionalGeneration.from_pretrained(id_or_path, dtype=dtype, **kw)
+        if "device_map" not in kw:
+            model = model.to(device)
+        device = input_device(model, device)
         proc = AutoProcessor.from_pretrained(id_or_path)
         tok = getattr(proc, "tokenizer", None)
         if tok is not None:
             tok.padding_side = "left"
             if tok.pad_token is None:
                 tok.pad_token = tok.unk_token or tok.eos_token
-        return cls(model, proc, name=str(id_or_path), dtype=dtype, device=device)
+        return cls(model, proc, name=str(id_or_path), dtype=dtype, device=device,
+                   attn_implementation=attn_implementation)
 
     # ---- modules -----------------------------------------------------------------------
     def text_model(self) -> nn.Module:
@@ -146,14 +151,14 @@ class LlavaAdapter(VLMAdapter):
         scaling = kwargs.get("scaling", getattr(module, "scale", query.shape[-1] ** -0.5))
         if "vision.cls_attention" in wants:
             row = torch.einsum("bhd,bhkd->bhk", query[:, :, 0].float(), key.float()) * scaling
-            store[("cls_attention", layer)] = torch.softmax(row, dim=-1)[:, :, 1:].cpu()
+            store[("cls_attention", layer)] = torch.softmax(row, dim=-1)[:, :, 1:]
         if "vision.keys" in wants:
-            store[("keys", layer)] = key.detach().cpu()
+            store[("keys", layer)] = key.detach()
         if "vision.qk_single_head" in wants:
             B, H, N, hd = query.shape
             q = query.transpose(1, 2).reshape(B, N, H * hd)
             k = key.transpose(1, 2).reshape(B, N, H * hd)
-            store[("qk", layer)] = torch.stack([q, k], dim=1).cpu()
+            store[("qk", layer)] = torch.stack([q, k], dim=1)
 
     def read_vision_signal(self, run: _Run, req: SignalRequest, b: int) -> torch.Tensor:
         hs = run.vision["hidden_states"]

@@ -59,7 +59,8 @@ from torch import nn
 from ..errors import RunError
 from ..signals import SignalRequest
 from ..types import Geometry, PositionPlan
-from .base import LLM_SIGNALS, Encoded, SampleLayout, VisionOut, VLMAdapter, _Run, register_adapter
+from .base import (LLM_SIGNALS, Encoded, SampleLayout, VisionOut, VLMAdapter, _Run, input_device, load_kwargs,
+                   register_adapter)
 
 #: signals that need a CLS token; Qwen2.5-VL's vision tower has none
 NO_CLS_SIGNALS = ("vision.cls_attention", "vision.cls_hidden", "vision.keys", "vision.qk_single_head")
@@ -301,16 +302,22 @@ class QwenAdapter(VLMAdapter):
 
     # ---- loading -----------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, id_or_path: str, dtype: torch.dtype, device: str) -> "QwenAdapter":
+    def from_pretrained(cls, id_or_path: str, dtype: torch.dtype, device: str, attn_implementation: str = "sdpa",
+                        device_map: str | dict | None = None) -> "QwenAdapter":
         from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(id_or_path, dtype=dtype).to(device)
+        kw = load_kwargs(device, device_map, attn_implementation)
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(id_or_path, dtype=dtype, **kw)
+        if "device_map" not in kw:
+            model = model.to(device)
+        device = input_device(model, device)
         tok = AutoTokenizer.from_pretrained(id_or_path)
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(id_or_path)
         processor = _processor_class()(image_processor=image_processor, tokenizer=tok, video_processor=None,
                                        chat_template=getattr(tok, "chat_template", None))
-        return cls(model, processor, name=str(id_or_path), dtype=dtype, device=device)
+        return cls(model, processor, name=str(id_or_path), dtype=dtype, device=device,
+                   attn_implementation=attn_implementation)
 
     # ---- model parts -------------------------------------------------------------------
     @property
@@ -449,7 +456,7 @@ class QwenAdapter(VLMAdapter):
         # one call per attention segment (window, or whole image), in sequence order
         n = query.shape[2]
         cu = torch.tensor([0, n])
-        run.vision["recv"][layer].append(attention_received(query[0], key[0], cu, module.scaling).cpu())
+        run.vision["recv"][layer].append(attention_received(query[0], key[0], cu, module.scaling))
 
     def _hidden_hooks(self, run: _Run) -> list:
         wanted = sorted({i for k in run.vision["sums"] for i in k})
@@ -521,12 +528,12 @@ class QwenAdapter(VLMAdapter):
         mean = total / len(idx)
         if req.kind == "vision.merged_hidden_mean" or bool(req.arg("merger", False)):
             with torch.no_grad():
-                rows = self.visual.merger(mean.to(self.visual.merger.ln_q.weight.dtype)).float()
+                rows = self.visual.merger(mean.to(self.visual.merger.ln_q.weight.dtype))
         else:
             u = vg.merge * vg.merge
             rows = mean.reshape(mean.shape[0] // u, -1)
         rows = rows if window else vg.to_raster(rows)
-        return vg.split(rows)[b].cpu()
+        return vg.split(rows)[b].to(self.dtype)  # features: the model dtype (docs/CONTRACTS.md)
 
 
 # --- the tiny preset ------------------------------------------------------------------------
@@ -573,7 +580,9 @@ def _processor_class():
 def qwen_processor(tokenizer, patch_size: int = 14, merge_size: int = 2, temporal_patch_size: int = 2,
                    min_pixels: int | None = None, max_pixels: int | None = None):
     """A Qwen2.5-VL processor from a tokenizer and PIL image processing (no torchvision)."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
 
     factor = patch_size * merge_size
     kwargs = dict(patch_size=patch_size, merge_size=merge_size, temporal_patch_size=temporal_patch_size)
