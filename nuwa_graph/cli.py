@@ -391,19 +391,24 @@ def eval_(
                                                    help="Prompt for grounding, with {expression} "
                                                         "(default: 'where is {expression} ?')."),
     vqa_prompt: str = typer.Option("{question}", "--vqa-prompt", help="Prompt for VQA, with {question}."),
+    shard_: Optional[str] = typer.Option(None, "--shard", metavar="I/N",
+                                         help="Evaluate only part I of N (I from 0) and write OUTPUT/shards/; merge the "
+                                              "N parts with `nuwa-graph merge OUTPUT`. Under torchrun/accelerate the "
+                                              "ranks shard and merge by themselves."),
 ) -> None:
     """Accuracy of pipelines over a data set: grounding Acc@0.5, VQA exact match, tokens, prefill time.
 
     Example: nuwa-graph eval pipelines/vanilla.yaml pipelines/fastv.yaml pipelines/nuwa.yaml --set budget=32,64 --limit 100
+    Many GPUs: torchrun --nproc_per_node 8 -m nuwa_graph.cli eval ... (rank 0 writes the merged results)
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from .evaluate import (GROUNDING_PROMPT, EvalError, default_model, evaluate, load_data, plan_runs, sample_data,
-                           sweep_axis, tokens_runs, write_results)
-    from .viz import write_pictures
+    from .evaluate import GROUNDING_PROMPT, EvalError, default_model, evaluate, load_data, plan_runs, sample_data
+    from .shards import Group, Shard, device_for, merge, parse_shard, read_shards, shard_payload, write_shard
 
     grid = _sweep_grid(set_)
     try:
+        shard = parse_shard(shard_) if shard_ else Shard.from_env()
         runs = plan_runs(files, grid)
     except PipelineError as exc:
         _print_problems(exc)
@@ -415,23 +420,81 @@ def eval_(
     from .runner import _explain, resolve_device, resolve_dtype
 
     try:
-        tasks = load_data(data if data else [str(p) for p in sample_data(output / "sample_data")], limit=limit)
-        dev = resolve_device(device)
-        adapter = load_adapter(model or default_model(), resolve_dtype(dtype, dev), dev)
-        total = len(runs) * sum(len(t.samples) for t in tasks)
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=err, transient=True) as bar:
-            job = bar.add_task("eval", total=total)
-            result = evaluate(adapter, runs, tasks, batch=batch, max_new_tokens=max_new_tokens, seed=seed,
-                              grounding_prompt=grounding_prompt or GROUNDING_PROMPT, vqa_prompt=vqa_prompt,
-                              progress=lambda desc, n: bar.update(job, description=escape(desc), advance=n))
+        with Group(shard) as group:
+            if not data and shard and shard.launched and shard.index != 0:
+                group.barrier()  # rank 0 writes the built-in sample set first
+            tasks = load_data(data if data else [str(p) for p in sample_data(output / "sample_data")], limit=limit)
+            if not data and shard and shard.launched and shard.index == 0:
+                group.barrier()
+            part = [t for t in (shard.take(tasks) if shard else tasks) if t.samples]
+            dev = resolve_device(device_for(shard, device))
+            adapter = load_adapter(model or default_model(), resolve_dtype(dtype, dev), dev)
+            total = len(runs) * sum(len(t.samples) for t in part)
+            who = f"[{shard.index}/{shard.count}] " if shard else ""
+            result = None
+            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                          console=err, transient=True) as bar:
+                job = bar.add_task(f"{who}eval", total=total)
+                if part:
+                    result = evaluate(adapter, runs, part, batch=batch, max_new_tokens=max_new_tokens, seed=seed,
+                                      grounding_prompt=grounding_prompt or GROUNDING_PROMPT, vqa_prompt=vqa_prompt,
+                                      progress=lambda desc, n: bar.update(job, description=escape(who + desc),
+                                                                          advance=n),
+                                      raw=shard is not None)
+            if shard is not None:
+                path = write_shard(shard_payload(result, tasks, shard.take(tasks), shard, grid,
+                                                 [r.label for r in runs]), output)
+                err.print(f"{escape(who)}wrote {escape(str(path))}")
+                if not shard.launched:
+                    out.print(f"shard {shard.index}/{shard.count} done; when all {shard.count} are, merge them: "
+                              f"nuwa-graph merge {escape(str(output))}")
+                    return
+                group.barrier()
+                if shard.index != 0:
+                    return
+                result, grid = merge(read_shards([output / "shards" / Shard(i, shard.count).name
+                                                  for i in range(shard.count)]))
     except (RunError, PipelineError) as exc:
         if isinstance(exc, PipelineError):
             _print_problems(exc)
         else:
             err.print(f"[bold red]error:[/] {escape(_explain(exc))}")
         raise typer.Exit(1) from None
-    names = [t.kind for t in tasks]
+    assert result is not None
+    _eval_report(result, output, grid)
+
+
+@app.command("merge")
+def merge_(
+    sources: list[Path] = typer.Argument(..., metavar="DIR_OR_FILE...",
+                                         help="Output folders of `eval --shard I/N` runs (their shards/ files), or "
+                                              "shard files.", show_default=False),
+    output: Optional[Path] = typer.Option(None, "--output", "-o",
+                                          help="Where to write the merged results (default: the first folder)."),
+) -> None:
+    """Merge the shards of `nuwa-graph eval --shard I/N` into the files one process writes.
+
+    Example: nuwa-graph merge runs/eval   (after eval --shard 0/4 ... --shard 3/4 -o runs/eval)
+    """
+    from .evaluate import EvalError
+    from .shards import merge, read_shards
+
+    try:
+        result, grid = merge(read_shards(list(sources)))
+    except EvalError as exc:
+        err.print(f"[bold red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(1) from None
+    first = sources[0]
+    dest = output or (first.parent.parent if first.is_file() else first.parent if first.name == "shards" else first)
+    _eval_report(result, dest, grid)
+
+
+def _eval_report(result: dict[str, Any], output: Path, grid: dict[str, list[Any]]) -> None:
+    """The table of `eval` / `merge` and the files (results.json/csv, predictions, pictures)."""
+    from .evaluate import sweep_axis, tokens_runs, write_results
+    from .viz import write_pictures
+
+    names = [d["task"] for d in result["data"]]
     sizes = ", ".join(f"{d['task']}: {d['n']}" for d in result["data"])
     table = Table(title=f"eval on {escape(result['model'])} ({sizes}; relative to {escape(result['reference'])})")
     table.add_column("run", overflow="fold")

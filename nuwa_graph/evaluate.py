@@ -265,12 +265,19 @@ def _score(s, answer: str, image) -> dict[str, Any]:
 
 def evaluate(adapter, runs: list[EvalRun], tasks: list[Task], batch: int = 8, max_new_tokens: int = 16,
              seed: int | None = None, grounding_prompt: str = GROUNDING_PROMPT, vqa_prompt: str = VQA_PROMPT,
-             progress: Callable[[str, int], None] | None = None, warmup: bool = True) -> dict[str, Any]:
+             progress: Callable[[str, int], None] | None = None, warmup: bool = True,
+             prompt_fn: Callable[[Any, str], str] | None = None,
+             score_fn: Callable[[Any, str, Any], dict[str, Any]] | None = None,
+             raw: bool = False) -> dict[str, Any]:
     """Run every run over every task; returns the result dict (see docs/evaluation.md).
 
     `progress(description, n_done)` is called after each batch. Each run also keeps, for the
     kept-token picture, the first sample of the first task: `sample_kept` (site -> ids),
-    `sample_image` (path) and `grid` (rows, cols)."""
+    `sample_image` (path) and `grid` (rows, cols). `prompt_fn(sample, text)` turns the
+    templated prompt into the text given to the adapter and `score_fn(sample, answer, image)`
+    replaces the default scoring (`prompts.lmms_eval_style`). With `raw`, each run also carries
+    `raw` (unrounded sums and per-task scores) so that shards can be merged exactly
+    (`shards.merge`)."""
     if batch < 1:
         raise EvalError(f"--batch {batch}: it must be at least 1")
     if not runs:
@@ -279,7 +286,8 @@ def evaluate(adapter, runs: list[EvalRun], tasks: list[Task], batch: int = 8, ma
         raise EvalError("no data to evaluate on")
     if warmup:  # first-call costs (allocations, kernels) stay out of the timings
         s0 = tasks[0].samples[0]
-        adapter.generate(runs[0].pipeline, [_load_image(s0)], [_prompt(tasks[0], s0, grounding_prompt, vqa_prompt)],
+        p0 = _prompt(tasks[0], s0, grounding_prompt, vqa_prompt)
+        adapter.generate(runs[0].pipeline, [_load_image(s0)], [prompt_fn(s0, p0) if prompt_fn else p0],
                          max_new_tokens=1, seed=seed)
     results = []
     for run in runs:
@@ -289,18 +297,23 @@ def evaluate(adapter, runs: list[EvalRun], tasks: list[Task], batch: int = 8, ma
         n_counted = 0
         avg_sum = 0.0
         prefill: list[float] = []
-        full = 0
+        full_sum = 0
+        raw_scores: dict[str, list] = {}
         for task in tasks:
             scores = []
             for i in range(0, len(task.samples), batch):
                 chunk = task.samples[i:i + batch]
                 images = [_load_image(s) for s in chunk]
                 prompts = [_prompt(task, s, grounding_prompt, vqa_prompt) for s in chunk]
+                if prompt_fn:
+                    prompts = [prompt_fn(s, p) for s, p in zip(chunk, prompts)]
                 rep = adapter.generate(run.pipeline, images, prompts, max_new_tokens=max_new_tokens, seed=seed)
                 prefill.append(rep.prefill_ms)
-                full = rep.visual_tokens_full
+                # image tokens before pruning, per sample (Qwen2.5-VL's depend on each image's size)
+                fulls = getattr(rep, "visual_tokens_full_per_sample", None) or [rep.visual_tokens_full] * len(chunk)
                 for b, s in enumerate(chunk):
-                    sc = _score(s, rep.answers[b], images[b])
+                    sc = (score_fn or _score)(s, rep.answers[b], images[b])
+                    full_sum += fulls[b]
                     scores.append(sc)
                     pred = {"task": task.kind, "id": s.id, "prompt": prompts[b], "answer": rep.answers[b],
                             "correct": bool(sc["correct"])}
@@ -321,16 +334,20 @@ def evaluate(adapter, runs: list[EvalRun], tasks: list[Task], batch: int = 8, ma
                     res["sample_kept"] = rep.kept[0]
                     res["sample_image"] = chunk[0].image if isinstance(chunk[0].image, str) else None
                     res["sample_prompt"] = prompts[0]
-                    res["grid"] = _grid(adapter, full)
+                    res["grid"] = _grid(adapter, fulls[0])
                 if progress:
                     progress(f"{run.label} [{task.kind}]", len(chunk))
             res["tasks"][task.kind] = summarize(task.kind.split("#")[0], scores)
+            raw_scores[task.kind] = scores
         accs = [t["accuracy"] for t in res["tasks"].values()]
         res["accuracy"] = sum(accs) / len(accs)
         res["visual_tokens_per_layer"] = [round(v / n_counted, 3) for v in per_layer_sum] if n_counted else []
         res["visual_tokens_avg"] = round(avg_sum / n_counted, 3) if n_counted else 0.0
-        res["visual_tokens_full"] = full
+        res["visual_tokens_full"] = full_mean(full_sum, n_counted)
         res["prefill_ms_median"] = round(statistics.median(prefill), 3) if prefill else 0.0
+        if raw:
+            res["raw"] = {"scores": raw_scores, "per_layer_sum": per_layer_sum, "avg_sum": avg_sum,
+                          "full_sum": full_sum, "n": n_counted, "prefill_ms": prefill}
         results.append(res)
     add_relative(results)
     model = getattr(adapter, "name", "model")
@@ -342,6 +359,15 @@ def evaluate(adapter, runs: list[EvalRun], tasks: list[Task], batch: int = 8, ma
                          "vqa_prompt": vqa_prompt, "prefill_ms": "median over batches of one generate call each"},
             "reference": results[reference_index(results)]["label"],
             "results": results}
+
+
+def full_mean(full_sum: float, n: int) -> float | int:
+    """Image tokens of the unpruned prompt, mean over samples: an int when every sample had the
+    same count (LLaVA), else rounded to 3 decimals (Qwen2.5-VL, image-size dependent)."""
+    if not n:
+        return 0
+    v = full_sum / n
+    return int(v) if v == int(v) else round(v, 3)
 
 
 def add_relative(results: list[dict[str, Any]]) -> None:
@@ -424,5 +450,5 @@ def sweep_axis(grid: dict[str, list[Any]]) -> str | None:
 
 
 __all__ = ["EvalError", "EvalRun", "IOU_THRESHOLD", "Task", "add_relative", "default_model", "detect_kind", "evaluate",
-           "grounding_score", "load_data", "plan_runs", "reference_index", "relative_pct", "rows", "sample_data",
+           "full_mean", "grounding_score", "load_data", "plan_runs", "reference_index", "relative_pct", "rows", "sample_data",
            "summarize", "sweep_axis", "tokens_runs", "vqa_score", "write_results"]

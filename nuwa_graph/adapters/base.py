@@ -192,6 +192,7 @@ class RunReport:
     actions: list[list[dict[str, Any]]]  # per sample: every Keep (site, node, count, positions)
     device: str = "cpu"
     dtype: str = "float32"
+    visual_tokens_full_per_sample: list[int] = field(default_factory=list)  # image tokens before pruning
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -1012,6 +1013,7 @@ class VLMAdapter:
             decode_steps=steps, peak_memory_bytes=mem.peak, peak_memory_source=mem.source, kv_cache_bytes=kv,
             node_ms={k: v * 1e3 for k, v in r.state.timings.items()}, kept=kept, actions=actions,
             device=str(self.device), dtype=str(self.dtype).replace("torch.", ""),
+            visual_tokens_full_per_sample=[lay.n_image for lay in r.layouts],
         )
 
 
