@@ -388,9 +388,27 @@ def eval_(
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     grounding_prompt: Optional[str] = typer.Option(None, "--grounding-prompt",
-                                                   help="Prompt for grounding, with {expression} "
-                                                        "(default: 'where is {expression} ?')."),
-    vqa_prompt: str = typer.Option("{question}", "--vqa-prompt", help="Prompt for VQA, with {question}."),
+                                                   help="Prompt for grounding, with {expression}; \\n is a newline "
+                                                        "(default: 'where is {expression} ?'; lmms-eval's RefCOCO "
+                                                        "prompt with --prompt-style lmms-eval)."),
+    vqa_prompt: Optional[str] = typer.Option(None, "--vqa-prompt",
+                                             help="Prompt for VQA, with {question}; \\n is a newline (default: "
+                                                  "'{question}'; with --prompt-style lmms-eval, '{question}\\nAnswer "
+                                                  "the question using a single word or phrase.')."),
+    prompt_style: str = typer.Option("native", "--prompt-style",
+                                     help="native: the adapter's chat format, boxes parsed by parse_box; lmms-eval: "
+                                          "lmms-eval's chat text (llava_hf / qwen2_5_vl), RefCOCO prompt and box "
+                                          "parsing, so numbers compare with lmms-eval's."),
+    image_root: Optional[Path] = typer.Option(None, "--image-root",
+                                              help="Folder relative image paths are read from (default: each data "
+                                                   "file's folder)."),
+    image_template: Optional[str] = typer.Option(None, "--image-template",
+                                                 help="Image file name from record fields where a record has no "
+                                                      "image field, e.g. '{imageId}.jpg' (GQA) or "
+                                                      "'COCO_val2014_{image_id:012d}.jpg' (VQAv2)."),
+    bbox_format: str = typer.Option("xywh", "--bbox-format",
+                                    help="How a grounding record's `bbox` is stored: xywh (COCO, lmms-eval) or xyxy "
+                                         "(e.g. Qwen-VL's refcoco_*.jsonl)."),
     shard_: Optional[str] = typer.Option(None, "--shard", metavar="I/N",
                                          help="Evaluate only part I of N (I from 0) and write OUTPUT/shards/; merge the "
                                               "N parts with `nuwa-graph merge OUTPUT`. Under torchrun/accelerate the "
@@ -403,10 +421,16 @@ def eval_(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from .evaluate import GROUNDING_PROMPT, EvalError, default_model, evaluate, load_data, plan_runs, sample_data
+    from .evaluate import GROUNDING_PROMPT, VQA_PROMPT, EvalError, default_model, evaluate, load_data, plan_runs, sample_data
+    from .prompts import LMMS_REC_PROMPT, LMMS_VQA_PROMPT, STYLES, lmms_eval_style, unescape
     from .shards import Group, Shard, device_for, merge, parse_shard, read_shards, shard_payload, write_shard
 
     grid = _sweep_grid(set_)
+    if prompt_style not in STYLES:
+        raise typer.BadParameter(f"{prompt_style!r}: use one of {', '.join(STYLES)}", param_hint="--prompt-style")
+    lmms = prompt_style == "lmms-eval"
+    grounding_prompt = unescape(grounding_prompt) if grounding_prompt else (LMMS_REC_PROMPT if lmms else GROUNDING_PROMPT)
+    vqa_prompt = unescape(vqa_prompt) if vqa_prompt else (LMMS_VQA_PROMPT if lmms else VQA_PROMPT)
     try:
         shard = parse_shard(shard_) if shard_ else Shard.from_env()
         runs = plan_runs(files, grid)
@@ -423,7 +447,8 @@ def eval_(
         with Group(shard) as group:
             if not data and shard and shard.launched and shard.index != 0:
                 group.barrier()  # rank 0 writes the built-in sample set first
-            tasks = load_data(data if data else [str(p) for p in sample_data(output / "sample_data")], limit=limit)
+            tasks = load_data(data if data else [str(p) for p in sample_data(output / "sample_data")], limit=limit,
+                              bbox_format=bbox_format, image_root=image_root, image_template=image_template)
             if not data and shard and shard.launched and shard.index == 0:
                 group.barrier()
             part = [t for t in (shard.take(tasks) if shard else tasks) if t.samples]
@@ -435,12 +460,14 @@ def eval_(
             with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                           console=err, transient=True) as bar:
                 job = bar.add_task(f"{who}eval", total=total)
+                prompt_fn, score_fn = lmms_eval_style(adapter) if lmms else (None, None)
                 if part:
                     result = evaluate(adapter, runs, part, batch=batch, max_new_tokens=max_new_tokens, seed=seed,
-                                      grounding_prompt=grounding_prompt or GROUNDING_PROMPT, vqa_prompt=vqa_prompt,
+                                      grounding_prompt=grounding_prompt, vqa_prompt=vqa_prompt,
                                       progress=lambda desc, n: bar.update(job, description=escape(who + desc),
                                                                           advance=n),
-                                      raw=shard is not None)
+                                      prompt_fn=prompt_fn, score_fn=score_fn, raw=shard is not None)
+                    result["settings"]["prompt_style"] = prompt_style
             if shard is not None:
                 path = write_shard(shard_payload(result, tasks, shard.take(tasks), shard, grid,
                                                  [r.label for r in runs]), output)

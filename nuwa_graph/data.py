@@ -149,7 +149,7 @@ def _expressions(rec: dict) -> list[str]:
 
 
 def load_grounding(path: str | Path, image_root: str | Path | None = None, bbox_format: str = "xywh",
-                   limit: int | None = None) -> list[GroundingSample]:
+                   limit: int | None = None, image_template: str | None = None) -> list[GroundingSample]:
     """Grounding samples (one per expression) from a RefCOCO-style file; see the module doc."""
     if bbox_format not in ("xywh", "xyxy"):
         raise ValueError("bbox_format must be 'xywh' or 'xyxy'")
@@ -172,7 +172,7 @@ def load_grounding(path: str | Path, image_root: str | Path | None = None, bbox_
         exprs = _expressions(rec)
         if not exprs:
             raise DataFormatError(f"{where}: no referring expression (answer, sentences, expression, ...)")
-        image = _image(rec, root, where)
+        image = _image(rec, root, where, image_template)
         rid = str(_first(rec, ("question_id", "id", "ann_id", "ref_id")) or n)
         w = _first(rec, ("image_width", "width"))
         h = _first(rec, ("image_height", "height"))

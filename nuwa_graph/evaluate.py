@@ -116,9 +116,15 @@ def detect_kind(path: str | Path) -> str:
                     f"no question); prefix the path with grounding: or vqa:")
 
 
-def load_data(specs: Iterable[str | Path], limit: int | None = None, bbox_format: str = "xywh") -> list[Task]:
+def load_data(specs: Iterable[str | Path], limit: int | None = None, bbox_format: str = "xywh",
+              image_root: str | Path | None = None, image_template: str | None = None) -> list[Task]:
     """One Task per data file; `grounding:PATH` / `vqa:PATH` force the kind, else it is detected.
-    Two files of the same kind are two tasks (named kind, kind#2, ...)."""
+    Two files of the same kind are two tasks (named kind, kind#2, ...). `image_root` (else each
+    file's folder) resolves relative image paths; `image_template` names images from record
+    fields (e.g. "{imageId}.jpg") where a record has no image field."""
+    if bbox_format not in ("xywh", "xyxy"):
+        raise EvalError(f"--bbox-format {bbox_format!r}: use xywh ([x, y, w, h], COCO / lmms-eval) or xyxy "
+                        f"([x0, y0, x1, y1])")
     tasks: list[Task] = []
     for spec in specs:
         text = str(spec)
@@ -132,8 +138,9 @@ def load_data(specs: Iterable[str | Path], limit: int | None = None, bbox_format
                             f"or a VQA JSONL file, or leave --data out for the built-in sample set")
         try:
             kind = kind or detect_kind(path)
-            samples = (load_grounding(path, bbox_format=bbox_format, limit=limit) if kind == "grounding"
-                       else load_vqa(path, limit=limit))
+            samples = (load_grounding(path, image_root, bbox_format=bbox_format, limit=limit,
+                                      image_template=image_template) if kind == "grounding"
+                       else load_vqa(path, image_root, image_template, limit=limit))
         except DataFormatError as exc:
             raise EvalError(f"data file {text!r} is not valid {kind or 'grounding/VQA'} data: {exc}") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -142,8 +149,10 @@ def load_data(specs: Iterable[str | Path], limit: int | None = None, bbox_format
             raise EvalError(f"data file {text!r} holds no {kind} samples")
         missing = [s.image for s in samples if isinstance(s.image, str) and not Path(s.image).is_file()]
         if missing:
+            base = f"--image-root {str(image_root)!r}" if image_root else "the data file's folder"
             raise EvalError(f"data file {text!r}: {len(missing)} of {len(samples)} images do not exist, e.g. "
-                            f"{missing[0]!r} (relative paths are read from the data file's folder)")
+                            f"{missing[0]!r} (relative paths are read from {base}; see --image-root and "
+                            f"--image-template)")
         tasks.append(Task(kind, str(path), samples))
     seen: dict[str, int] = {}
     for t in tasks:
