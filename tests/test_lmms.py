@@ -249,3 +249,45 @@ def test_lmms_torchrun_two_processes_equal_one(local, single):
         assert two["results"][task][metric] == single["results"][task][metric]
     assert len(two["stats"]) == 8 and sorted(f.name for f in (d / "stats").iterdir()) == ["rank0-of-2.jsonl",
                                                                                           "rank1-of-2.jsonl"]
+
+
+def _qwen_vl_utils(monkeypatch):
+    """qwen-vl-utils' vision_process; it imports torchvision for videos only, and a CPU-only
+    environment has none (see .ci/run), so a stand-in module serves its imports."""
+    import importlib
+    import types
+
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        tv = types.ModuleType("torchvision")
+        tv.__version__ = "0.28.0"
+        tv.io = types.ModuleType("torchvision.io")
+        tv.transforms = types.ModuleType("torchvision.transforms")
+        tv.transforms.InterpolationMode = type("InterpolationMode", (), {"BICUBIC": "bicubic"})
+        for name, mod in (("torchvision", tv), ("torchvision.io", tv.io), ("torchvision.transforms", tv.transforms)):
+            monkeypatch.setitem(sys.modules, name, mod)
+        for name in [m for m in sys.modules if m.startswith("qwen_vl_utils")]:
+            monkeypatch.delitem(sys.modules, name)
+    return importlib.import_module("qwen_vl_utils.vision_process")
+
+
+def test_qwen_images_are_prepared_as_qwen2_5_vl_does(monkeypatch):
+    """qwen_image_as_lmms against lmms-eval's data URL + qwen-vl-utils' fetch_image."""
+    import numpy as np
+    from lmms_eval.models.model_utils.media_encoder import encode_image_to_data_url
+    from PIL import Image
+
+    from nuwa_graph.integrations.lmms import QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, qwen_image_as_lmms
+
+    fetch_image = _qwen_vl_utils(monkeypatch).fetch_image
+
+    rng = np.random.default_rng(0)
+    for h, w in [(100, 150), (480, 640), (1500, 1100), (333, 901)]:
+        img = Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8))
+        url = encode_image_to_data_url(img, image_format="JPEG", mime_type="image/jpeg", convert_rgb=True, quality=85)
+        theirs = fetch_image({"image": url, "min_pixels": QWEN_MIN_PIXELS, "max_pixels": QWEN_MAX_PIXELS},
+                             image_patch_size=14)
+        ours = qwen_image_as_lmms(img, 28)
+        assert ours.size == theirs.size and ours.size[0] % 28 == 0 and ours.size[1] % 28 == 0
+        assert np.array_equal(np.asarray(ours), np.asarray(theirs)), (h, w)

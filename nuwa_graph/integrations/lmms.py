@@ -10,13 +10,15 @@ Registered through the entry-point group `lmms_eval.models` (pyproject.toml) as 
 model_args: `pretrained` (model id, local folder or preset; default the embedded model),
 `pipeline` (a pipeline YAML; default pipelines/vanilla.yaml), `dtype`, `device`, `seed`,
 `max_new_tokens` (when the task gives none; default 1024 as llava_hf), `chat_template` (LLaVA),
-`system_prompt` (Qwen2.5-VL; default "You are a helpful assistant."), `stats` (the per-sample
-side file, default `nuwa_graph_stats/`), and any variable of the pipeline, its value read as
+`system_prompt` (Qwen2.5-VL; default "You are a helpful assistant."), `min_pixels` /
+`max_pixels` (Qwen2.5-VL; qwen2_5_vl's defaults), `stats` (the per-sample side file, default
+`nuwa_graph_stats/`), and any variable of the pipeline, its value read as
 YAML like `--set` (`layers=[2,6,15]`, `budget=64`). An unknown name is an error naming the
 pipeline's variables.
 
 Prompts are the text lmms-eval's own model builds for the checkpoint (`prompts.chat_text`:
-`llava_hf` for LLaVA, `qwen2_5_vl` for Qwen2.5-VL). Decoding is greedy (the adapter's
+`llava_hf` for LLaVA, `qwen2_5_vl` for Qwen2.5-VL); Qwen2.5-VL images are prepared as
+qwen2_5_vl does (`qwen_image_as_lmms`: JPEG quality 85, then resized into its pixel range). Decoding is greedy (the adapter's
 KV-cached loop); stop strings (`until`) cut the answer at their first occurrence. Sampling
 (`do_sample`, `temperature` > 0), beam search, text-only, multi-image and video documents and
 `loglikelihood` are refused with a clear error.
@@ -42,7 +44,7 @@ from lmms_eval.api.model import lmms
 
 MODEL_ID = "nuwa_graph"
 OWN_ARGS = {"pretrained", "pipeline", "dtype", "device", "seed", "max_new_tokens", "chat_template", "system_prompt",
-            "stats", "batch_size", "max_batch_size"}
+            "stats", "batch_size", "max_batch_size", "min_pixels", "max_pixels"}
 DEFAULT_PIPELINE = Path(__file__).resolve().parent.parent.parent / "pipelines" / "vanilla.yaml"
 
 
@@ -69,6 +71,34 @@ def _yaml_value(name: str, value: Any) -> Any:
         raise PluginError(f"model_args {name}={value!r}: {exc}") from None
 
 
+QWEN_MIN_PIXELS = 256 * 28 * 28     # qwen2_5_vl's defaults in lmms-eval 0.7
+QWEN_MAX_PIXELS = 1605632
+
+
+def qwen_image_as_lmms(image, factor: int, min_pixels: int = QWEN_MIN_PIXELS, max_pixels: int = QWEN_MAX_PIXELS):
+    """The picture lmms-eval's qwen2_5_vl hands the processor: re-encoded as JPEG (quality 85,
+    its data URL), then resized so both sides are multiples of `factor` (patch x merge) with
+    the pixel count inside [min_pixels, max_pixels] (qwen-vl-utils' rule)."""
+    import io
+    import math
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="JPEG", quality=85)
+    buf.seek(0)
+    img = Image.open(buf).convert("RGB")
+    w, h = img.size
+    hb, wb = max(factor, round(h / factor) * factor), max(factor, round(w / factor) * factor)
+    if hb * wb > max_pixels:
+        beta = math.sqrt(h * w / max_pixels)
+        hb, wb = math.floor(h / beta / factor) * factor, math.floor(w / beta / factor) * factor
+    elif hb * wb < min_pixels:
+        beta = math.sqrt(min_pixels / (h * w))
+        hb, wb = math.ceil(h * beta / factor) * factor, math.ceil(w * beta / factor) * factor
+    return img.resize((wb, hb))
+
+
 def _launch() -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -83,7 +113,8 @@ class NuwaGraph(lmms):
     def __init__(self, pretrained: str | None = None, pipeline: str | None = None, dtype: str = "auto",
                  device: str | None = None, batch_size: int | str = 1, max_batch_size: int | None = None,
                  seed: int | None = None, max_new_tokens: int = 1024, chat_template: str | None = None,
-                 system_prompt: str | None = None, stats: str = "nuwa_graph_stats", **variables: Any) -> None:
+                 system_prompt: str | None = None, stats: str = "nuwa_graph_stats",
+                 min_pixels: int = QWEN_MIN_PIXELS, max_pixels: int = QWEN_MAX_PIXELS, **variables: Any) -> None:
         super().__init__()
         import torch
 
@@ -131,6 +162,7 @@ class NuwaGraph(lmms):
         self.chat_template = chat_template
         self.system_prompt = system_prompt
         self.pretrained = str(pretrained) if pretrained else "embedded"
+        self.min_pixels, self.max_pixels = int(min_pixels), int(max_pixels)
         self._rank, self._world_size = rank, world
         if world > 1:
             import torch.distributed as dist
@@ -190,6 +222,10 @@ class NuwaGraph(lmms):
             raise PluginError(f"{where}: {len(visuals)} images; the pipelines handle one image per prompt")
         v = visuals[0]
         if isinstance(v, Image.Image):
+            if self.adapter.family == "qwen2_5_vl":
+                vc = self.adapter.model.config.vision_config
+                return qwen_image_as_lmms(v, int(vc.patch_size) * int(vc.spatial_merge_size), self.min_pixels,
+                                          self.max_pixels)
             return v.convert("RGB")
         raise PluginError(f"{where}: a {type(v).__name__} visual ({'video or audio' if isinstance(v, (str, dict)) else 'unknown'}); "
                           f"only images are served")
