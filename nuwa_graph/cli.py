@@ -459,7 +459,7 @@ def eval_(
             result = None
             with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                           console=err, transient=True) as bar:
-                job = bar.add_task(f"{who}eval", total=total)
+                job = bar.add_task(escape(f"{who}eval"), total=total)
                 prompt_fn, score_fn = lmms_eval_style(adapter) if lmms else (None, None)
                 if part:
                     result = evaluate(adapter, runs, part, batch=batch, max_new_tokens=max_new_tokens, seed=seed,

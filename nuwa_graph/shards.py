@@ -219,13 +219,14 @@ def merge(shards: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, list[
         run["visual_tokens_full"] = full_mean(sum(p["raw"]["full_sum"] for p in parts), n)
         prefill = [ms for p in parts for ms in p["raw"]["prefill_ms"]]
         run["prefill_ms_median"] = round(statistics.median(prefill), 3) if prefill else 0.0
-        merged_runs.append(run)
+        order = [k for k in parts[0] if k != "raw"]   # a single process's key order
+        merged_runs.append({**{k: run[k] for k in order if k in run}, **run})
     add_relative(merged_runs)
-    out = {k: v for k, v in base.items() if k not in ("results", "data", "reference")}
+    out = dict(base)
     out["data"] = first["data"]
+    out["settings"] = {**base["settings"], "shards": len(shards)}
     out["reference"] = merged_runs[reference_index(merged_runs)]["label"]
     out["results"] = merged_runs
-    out["settings"] = {**base["settings"], "shards": len(shards)}
     return out, first["grid"]
 
 

@@ -180,6 +180,8 @@ def test_plugin_arguments_and_refusals(plugin, tmp_path):
     assert plugin._options({"until": ["ASSISTANT:", ""], "max_new_tokens": 5}) == (5, ["ASSISTANT:"])
     with pytest.raises(PluginError, match="its variables: K, budget"):
         NuwaGraph(pipeline=str(PIPELINES / "fastv.yaml"), budgett="32", device="cpu", stats=str(tmp_path))
+    with pytest.raises(PluginError, match="system_prompt"):
+        NuwaGraph(pipeline=str(PIPELINES / "fastv.yaml"), system_prompt="Be brief.", device="cpu", stats=str(tmp_path))
     with pytest.raises(PluginError, match="does not exist"):
         NuwaGraph(pipeline=str(tmp_path / "none.yaml"), device="cpu", stats=str(tmp_path))
 

@@ -156,6 +156,9 @@ class NuwaGraph(lmms):
         if getattr(self.adapter, "family", "") not in ("llava", "qwen2_5_vl"):
             raise PluginError(f"model family {getattr(self.adapter, 'family', '?')!r}: the plugin builds lmms-eval's "
                               f"prompts for llava (llava_hf) and qwen2_5_vl only")
+        if system_prompt is not None and self.adapter.family == "llava":
+            raise PluginError("model_args system_prompt: lmms-eval's llava_hf has none (the checkpoint's chat "
+                              "template decides); leave it out for LLaVA, or pass chat_template")
         self._device = torch.device(dev)
         self.seed = seed
         self.default_max_new_tokens = int(max_new_tokens)
