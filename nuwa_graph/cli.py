@@ -496,9 +496,31 @@ def eval_(
     device_map: Optional[str] = typer.Option(None, "--device-map",
                                              help="Spread a checkpoint over devices (e.g. auto; needs accelerate)."),
     grounding_prompt: Optional[str] = typer.Option(None, "--grounding-prompt",
-                                                   help="Prompt for grounding, with {expression} "
-                                                        "(default: 'where is {expression} ?')."),
-    vqa_prompt: str = typer.Option("{question}", "--vqa-prompt", help="Prompt for VQA, with {question}."),
+                                                   help="Prompt for grounding, with {expression}; \\n is a newline "
+                                                        "(default: 'where is {expression} ?'; lmms-eval's RefCOCO "
+                                                        "prompt with --prompt-style lmms-eval)."),
+    vqa_prompt: Optional[str] = typer.Option(None, "--vqa-prompt",
+                                             help="Prompt for VQA, with {question}; \\n is a newline (default: "
+                                                  "'{question}'; with --prompt-style lmms-eval, '{question}\\nAnswer "
+                                                  "the question using a single word or phrase.')."),
+    prompt_style: str = typer.Option("native", "--prompt-style",
+                                     help="native: the adapter's chat format, boxes parsed by parse_box; lmms-eval: "
+                                          "lmms-eval's chat text (llava_hf / qwen2_5_vl), RefCOCO prompt and box "
+                                          "parsing, so numbers compare with lmms-eval's."),
+    image_root: Optional[Path] = typer.Option(None, "--image-root",
+                                              help="Folder relative image paths are read from (default: each data "
+                                                   "file's folder)."),
+    image_template: Optional[str] = typer.Option(None, "--image-template",
+                                                 help="Image file name from record fields where a record has no "
+                                                      "image field, e.g. '{imageId}.jpg' (GQA) or "
+                                                      "'COCO_val2014_{image_id:012d}.jpg' (VQAv2)."),
+    bbox_format: str = typer.Option("xywh", "--bbox-format",
+                                    help="How a grounding record's `bbox` is stored: xywh (COCO, lmms-eval) or xyxy "
+                                         "(e.g. Qwen-VL's refcoco_*.jsonl)."),
+    shard_: Optional[str] = typer.Option(None, "--shard", metavar="I/N",
+                                         help="Evaluate only part I of N (I from 0) and write OUTPUT/shards/; merge the "
+                                              "N parts with `nuwa-graph merge OUTPUT`. Under torchrun/accelerate the "
+                                              "ranks shard and merge by themselves."),
     skip_bad_records: bool = typer.Option(False, "--skip-bad-records",
                                           help="Leave out data records that fail the checks (their count is "
                                                "reported) instead of stopping with the list of them."),
@@ -511,6 +533,7 @@ def eval_(
     finished batches in OUTPUT/predictions.partial.jsonl; the same command again resumes from them.
 
     Example: nuwa-graph eval pipelines/vanilla.yaml pipelines/fastv.yaml pipelines/nuwa.yaml --set budget=32,64 --limit 100
+    Many GPUs: torchrun --nproc_per_node 8 -m nuwa_graph.cli eval ... (rank 0 writes the merged results)
     """
     from rich.progress import (
         BarColumn,
@@ -524,17 +547,16 @@ def eval_(
         GROUNDING_PROMPT,
         OUTPUT_FILES,
         PARTIAL_PREDICTIONS,
+        VQA_PROMPT,
         EvalError,
         default_model,
         evaluate,
         load_data,
         plan_runs,
         sample_data,
-        sweep_axis,
-        tokens_runs,
-        write_results,
     )
-    from .viz import write_pictures
+    from .prompts import LMMS_REC_PROMPT, LMMS_VQA_PROMPT, STYLES, lmms_eval_style, unescape
+    from .shards import Group, Shard, device_for, merge, parse_shard, read_shards, shard_payload, write_shard
 
     for template, field, option in ((grounding_prompt, "expression", "--grounding-prompt"),
                                     (vqa_prompt, "question", "--vqa-prompt")):
@@ -546,7 +568,13 @@ def eval_(
     data_files = [d.split(":", 1)[1] if d.startswith(("grounding:", "vqa:")) else d for d in data or []]
     _output_or_exit(output, "folder", list(files) + data_files, "--output", OUTPUT_FILES)
     grid = _sweep_grid(set_)
+    if prompt_style not in STYLES:
+        raise typer.BadParameter(f"{prompt_style!r}: use one of {', '.join(STYLES)}", param_hint="--prompt-style")
+    lmms = prompt_style == "lmms-eval"
+    grounding_prompt = unescape(grounding_prompt) if grounding_prompt else (LMMS_REC_PROMPT if lmms else GROUNDING_PROMPT)
+    vqa_prompt = unescape(vqa_prompt) if vqa_prompt else (LMMS_VQA_PROMPT if lmms else VQA_PROMPT)
     try:
+        shard = parse_shard(shard_) if shard_ else Shard.from_env()
         runs = plan_runs(files, grid)
     except PipelineError as exc:
         _print_problems(exc)
@@ -557,27 +585,56 @@ def eval_(
     from .adapters import load_adapter
     from .runner import _explain, resolve_device, resolve_dtype
 
-    partial = output / PARTIAL_PREDICTIONS
+    # an interrupted eval resumes from here (a shard from its own file)
+    partial = output / (PARTIAL_PREDICTIONS if shard is None else f"predictions.partial.{shard.index}-of-{shard.count}.jsonl")
     try:
-        tasks = load_data(data if data else [str(p) for p in sample_data(output / "sample_data")], limit=limit,
-                          skip_bad=skip_bad_records)
-        for t in tasks:
-            if t.skipped:
-                err.print(f"[yellow]skipped {t.skipped} bad record{'s' if t.skipped != 1 else ''} of "
-                          f"{escape(t.source)} (--skip-bad-records)[/]")
-        if fresh and partial.exists():
-            partial.unlink()
-        dev = resolve_device(device)
-        adapter = load_adapter(model or default_model(), resolve_dtype(dtype, dev), dev,
-                               attn_implementation=attn_implementation, device_map=device_map)
-        total = len(runs) * sum(len(t.samples) for t in tasks)
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=err, transient=True) as bar:
-            job = bar.add_task("eval", total=total)
-            result = evaluate(adapter, runs, tasks, batch=batch, max_new_tokens=max_new_tokens, seed=seed,
-                              grounding_prompt=grounding_prompt or GROUNDING_PROMPT, vqa_prompt=vqa_prompt,
-                              progress=lambda desc, n: bar.update(job, description=escape(desc), advance=n),
-                              checkpoint=partial)
+        with Group(shard) as group:
+            if not data and shard and shard.launched and shard.index != 0:
+                group.barrier()  # rank 0 writes the built-in sample set first
+            tasks = load_data(data if data else [str(p) for p in sample_data(output / "sample_data")], limit=limit,
+                              bbox_format=bbox_format, image_root=image_root, image_template=image_template,
+                              skip_bad=skip_bad_records)
+            if not data and shard and shard.launched and shard.index == 0:
+                group.barrier()
+            for t in tasks:
+                if t.skipped and (shard is None or shard.index == 0):
+                    err.print(f"[yellow]skipped {t.skipped} bad record{'s' if t.skipped != 1 else ''} of "
+                              f"{escape(t.source)} (--skip-bad-records)[/]")
+            if fresh and partial.exists():
+                partial.unlink()
+            part = [t for t in (shard.take(tasks) if shard else tasks) if t.samples]
+            dev = resolve_device(device_for(shard, device))
+            adapter = load_adapter(model or default_model(), resolve_dtype(dtype, dev), dev,
+                                   attn_implementation=attn_implementation, device_map=device_map)
+            total = len(runs) * sum(len(t.samples) for t in part)
+            who = f"[{shard.index}/{shard.count}] " if shard else ""
+            result = None
+            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                          console=err, transient=True) as bar:
+                job = bar.add_task(escape(f"{who}eval"), total=total)
+                prompt_fn, score_fn = lmms_eval_style(adapter) if lmms else (None, None)
+                if part:
+                    result = evaluate(adapter, runs, part, batch=batch, max_new_tokens=max_new_tokens, seed=seed,
+                                      grounding_prompt=grounding_prompt, vqa_prompt=vqa_prompt,
+                                      progress=lambda desc, n: bar.update(job, description=escape(who + desc),
+                                                                          advance=n),
+                                      prompt_fn=prompt_fn, score_fn=score_fn, raw=shard is not None,
+                                      checkpoint=partial)
+                    result["settings"]["prompt_style"] = prompt_style
+            if shard is not None:
+                path = write_shard(shard_payload(result, tasks, shard.take(tasks), shard, grid,
+                                                 [r.label for r in runs]), output)
+                err.print(f"{escape(who)}wrote {escape(str(path))}")
+                partial.unlink(missing_ok=True)  # the shard file now holds them
+                if not shard.launched:
+                    out.print(f"shard {shard.index}/{shard.count} done; when all {shard.count} are, merge them: "
+                              f"nuwa-graph merge {escape(str(output))}")
+                    return
+                group.barrier()
+                if shard.index != 0:
+                    return
+                result, grid = merge(read_shards([output / "shards" / Shard(i, shard.count).name
+                                                  for i in range(shard.count)]))
     except KeyboardInterrupt:
         kept = f"finished batches are kept in {partial}; " if partial.exists() else ""
         err.print(f"[yellow]interrupted: {escape(kept)}run the same command again to resume "
@@ -589,7 +646,41 @@ def eval_(
         else:
             err.print(f"[bold red]error:[/] {escape(_explain(exc))}")
         raise typer.Exit(1) from None
-    names = [t.kind for t in tasks]
+    assert result is not None
+    _eval_report(result, output, grid, partial)
+
+
+@app.command("merge")
+def merge_(
+    sources: list[Path] = typer.Argument(..., metavar="DIR_OR_FILE...",
+                                         help="Output folders of `eval --shard I/N` runs (their shards/ files), or "
+                                              "shard files.", show_default=False),
+    output: Optional[Path] = typer.Option(None, "--output", "-o",
+                                          help="Where to write the merged results (default: the first folder)."),
+) -> None:
+    """Merge the shards of `nuwa-graph eval --shard I/N` into the files one process writes.
+
+    Example: nuwa-graph merge runs/eval   (after eval --shard 0/4 ... --shard 3/4 -o runs/eval)
+    """
+    from .evaluate import EvalError
+    from .shards import merge, read_shards
+
+    try:
+        result, grid = merge(read_shards(list(sources)))
+    except EvalError as exc:
+        err.print(f"[bold red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(1) from None
+    first = sources[0]
+    dest = output or (first.parent.parent if first.is_file() else first.parent if first.name == "shards" else first)
+    _eval_report(result, dest, grid)
+
+
+def _eval_report(result: dict[str, Any], output: Path, grid: dict[str, list[Any]], partial: Path | None = None) -> None:
+    """The table of `eval` / `merge` and the files (results.json/csv, predictions, pictures)."""
+    from .evaluate import sweep_axis, tokens_runs, write_results
+    from .viz import write_pictures
+
+    names = [d["task"] for d in result["data"]]
     sizes = ", ".join(f"{d['task']}: {d['n']}" for d in result["data"])
     table = Table(title=f"eval on {escape(result['model'])} ({sizes}; relative to {escape(result['reference'])})")
     table.add_column("run", overflow="fold")
@@ -619,7 +710,8 @@ def eval_(
     if result.get("resumed_batches"):
         err.print(f"resumed: {result['resumed_batches']} batches taken from {escape(str(partial))}")
     paths = list(write_results(result, output).values())
-    partial.unlink(missing_ok=True)  # the complete predictions.jsonl now holds them
+    if partial is not None:
+        partial.unlink(missing_ok=True)  # the complete predictions.jsonl now holds them
     paths += write_pictures(result, output, sweep_axis(grid))
     for p in paths:
         out.print(f"wrote {escape(str(p))}")

@@ -273,7 +273,8 @@ def _collect(path: Path, problems: list[BadRecord] | None, n: int, exc: _Bad) ->
 
 
 def load_grounding(path: str | Path, image_root: str | Path | None = None, bbox_format: str = "xywh",
-                   limit: int | None = None, problems: list[BadRecord] | None = None) -> list[GroundingSample]:
+                   limit: int | None = None, problems: list[BadRecord] | None = None,
+                   image_template: str | None = None) -> list[GroundingSample]:
     """Grounding samples (one per expression) from a RefCOCO-style file; see the module doc.
 
     A bad record raises DataFormatError, or, when `problems` is a list, is appended there and
@@ -296,7 +297,7 @@ def load_grounding(path: str | Path, image_root: str | Path | None = None, bbox_
             for e in exprs:
                 _no_placeholder(e, _first_key(rec, ("answer", "sentences", "expressions", "expression", "sent",
                                                     "caption", "text")))
-            image = _image(rec, root, f"{path}: record {n}")
+            image = _image(rec, root, f"{path}: record {n}", image_template)
             w = _size(rec, ("image_width", "width"))
             h = _size(rec, ("image_height", "height"))
             rid0 = _record_id(rec, id_keys)

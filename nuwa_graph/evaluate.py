@@ -136,8 +136,8 @@ def detect_kind(path: str | Path) -> str:
 MAX_LISTED_PROBLEMS = 50     # bad records listed in one error message (the count is always given)
 
 
-def _read_task(text: str, kind: str | None, limit: int | None, bbox_format: str,
-               problems: list[BadRecord]) -> Task:
+def _read_task(text: str, kind: str | None, limit: int | None, bbox_format: str, problems: list[BadRecord],
+               image_root: str | Path | None = None, image_template: str | None = None) -> Task:
     path = Path(text).expanduser()
     if not path.is_file():
         raise EvalError(f"data file {text!r} does not exist; pass --data with a RefCOCO-style JSON (grounding) "
@@ -145,8 +145,9 @@ def _read_task(text: str, kind: str | None, limit: int | None, bbox_format: str,
     found: list[BadRecord] = []
     try:
         kind = kind or detect_kind(path)
-        samples = (load_grounding(path, bbox_format=bbox_format, limit=limit, problems=found) if kind == "grounding"
-                   else load_vqa(path, limit=limit, problems=found, require_answers=True))
+        samples = (load_grounding(path, image_root, bbox_format=bbox_format, limit=limit, problems=found,
+                                  image_template=image_template) if kind == "grounding"
+                   else load_vqa(path, image_root, image_template, limit=limit, problems=found, require_answers=True))
     except DataFormatError as exc:
         raise EvalError(f"data file {text!r} is not valid {kind or 'grounding/VQA'} data: {exc}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -165,13 +166,19 @@ def _read_task(text: str, kind: str | None, limit: int | None, bbox_format: str,
 
 
 def load_data(specs: Iterable[str | Path], limit: int | None = None, bbox_format: str = "xywh",
-              skip_bad: bool = False) -> list[Task]:
+              skip_bad: bool = False, image_root: str | Path | None = None,
+              image_template: str | None = None) -> list[Task]:
     """One Task per data file; `grounding:PATH` / `vqa:PATH` force the kind, else it is detected.
-    Two files of the same kind are two tasks (named kind, kind#2, ...).
+    Two files of the same kind are two tasks (named kind, kind#2, ...). `image_root` (else each
+    file's folder) resolves relative image paths; `image_template` names images from record
+    fields (e.g. "{imageId}.jpg") where a record has no image field.
 
     Every record of every file is checked first (see data.py; images are probed). Bad records
     raise one EvalError listing them all (file, record, field), or with `skip_bad` are left out
     and counted in `Task.skipped`."""
+    if bbox_format not in ("xywh", "xyxy"):
+        raise EvalError(f"--bbox-format {bbox_format!r}: use xywh ([x, y, w, h], COCO / lmms-eval) or xyxy "
+                        f"([x0, y0, x1, y1])")
     tasks: list[Task] = []
     problems: list[BadRecord] = []
     for spec in specs:
@@ -180,7 +187,7 @@ def load_data(specs: Iterable[str | Path], limit: int | None = None, bbox_format
         for k in KINDS:
             if text.startswith(k + ":"):
                 kind, text = k, text[len(k) + 1:]
-        tasks.append(_read_task(text, kind, limit, bbox_format, problems))
+        tasks.append(_read_task(text, kind, limit, bbox_format, problems, image_root, image_template))
     if problems and not skip_bad:
         shown = "\n".join(f"  - {p}" for p in problems[:MAX_LISTED_PROBLEMS])
         more = len(problems) - MAX_LISTED_PROBLEMS
@@ -379,19 +386,28 @@ def _batch_record(key: str, rep, prompts: list[str]) -> dict[str, Any]:
     """What a finished batch contributes to the results (all JSON)."""
     return {"key": key, "answers": list(rep.answers), "prompts": prompts,
             "counts": [list(c) for c in rep.visual_tokens_per_layer], "avg": list(rep.visual_tokens_avg),
-            "full": rep.visual_tokens_full, "prefill_ms": rep.prefill_ms, "kept": rep.kept[0] if rep.kept else {},
+            "full": rep.visual_tokens_full,
+            "fulls": list(getattr(rep, "visual_tokens_full_per_sample", None) or [rep.visual_tokens_full] * len(prompts)),
+            "prefill_ms": rep.prefill_ms, "kept": rep.kept[0] if rep.kept else {},
             "schedule": rep.schedule, "signals": list(rep.signals), "flops": list(rep.flops)}
 
 
 def evaluate(adapter, runs: list[EvalRun], tasks: list[Task], batch: int = 8, max_new_tokens: int = 16,
              seed: int | None = None, grounding_prompt: str = GROUNDING_PROMPT, vqa_prompt: str = VQA_PROMPT,
              progress: Callable[[str, int], None] | None = None, warmup: bool = True,
-             checkpoint: str | Path | None = None) -> dict[str, Any]:
+             checkpoint: str | Path | None = None,
+             prompt_fn: Callable[[Any, str], str] | None = None,
+             score_fn: Callable[[Any, str, Any], dict[str, Any]] | None = None,
+             raw: bool = False) -> dict[str, Any]:
     """Run every run over every task; returns the result dict (see docs/evaluation.md).
 
     `progress(description, n_done)` is called after each batch. Each run also keeps, for the
     kept-token picture, the first sample of the first task: `sample_kept` (site -> ids),
-    `sample_image` (path) and `grid` (rows, cols).
+    `sample_image` (path) and `grid` (rows, cols). `prompt_fn(sample, text)` turns the
+    templated prompt into the text given to the adapter and `score_fn(sample, answer, image)`
+    replaces the default scoring (`prompts.lmms_eval_style`). With `raw`, each run also carries
+    `raw` (unrounded sums and per-task scores) so that shards can be merged exactly
+    (`shards.merge`).
 
     `checkpoint`: the partial predictions file (see Checkpoint). Batches found there (same
     settings, same samples) are taken from it, the others run and are appended as they finish;
@@ -406,24 +422,27 @@ def evaluate(adapter, runs: list[EvalRun], tasks: list[Task], batch: int = 8, ma
 
     for task in tasks:  # the longest prompt of each task must fit the model's context, before any run
         s_long = max(task.samples, key=lambda s: len(_prompt(task, s, grounding_prompt, vqa_prompt)))
-        check_context(adapter, _load_image(s_long), _prompt(task, s_long, grounding_prompt, vqa_prompt),
+        p_long = _prompt(task, s_long, grounding_prompt, vqa_prompt)
+        check_context(adapter, _load_image(s_long), prompt_fn(s_long, p_long) if prompt_fn else p_long,
                       max_new_tokens, where=f"the prompt of sample {s_long.id!r} of {task.source}")
     settings = {"model": str(getattr(adapter, "name", "model")), "device": str(getattr(adapter, "device", "")),
                 "dtype": str(getattr(adapter, "dtype", "")), "batch": batch, "max_new_tokens": max_new_tokens,
                 "seed": seed, "grounding_prompt": grounding_prompt, "vqa_prompt": vqa_prompt,
+                "prompt_fn": getattr(prompt_fn, "__qualname__", None), "score_fn": getattr(score_fn, "__qualname__", None),
                 "runs": [[r.label, r.file, r.pipeline.dumps()] for r in runs]}
     ckpt = Checkpoint(checkpoint, settings)
     keys = [Checkpoint.key(run, task, task.samples[i:i + batch]) for run in runs for task in tasks
             for i in range(0, len(task.samples), batch)]
     if warmup and not all(k in ckpt.done for k in keys):  # first-call costs stay out of the timings
         s0 = tasks[0].samples[0]
-        adapter.generate(runs[0].pipeline, [_load_image(s0)], [_prompt(tasks[0], s0, grounding_prompt, vqa_prompt)],
+        p0 = _prompt(tasks[0], s0, grounding_prompt, vqa_prompt)
+        adapter.generate(runs[0].pipeline, [_load_image(s0)], [prompt_fn(s0, p0) if prompt_fn else p0],
                          max_new_tokens=1, seed=seed)
     results = []
     try:
         for run in runs:
             results.append(_evaluate_run(adapter, run, tasks, batch, max_new_tokens, seed, grounding_prompt,
-                                         vqa_prompt, progress, ckpt))
+                                         vqa_prompt, progress, ckpt, prompt_fn, score_fn, raw))
     finally:
         ckpt.close()
     add_relative(results)
@@ -440,7 +459,8 @@ def evaluate(adapter, runs: list[EvalRun], tasks: list[Task], batch: int = 8, ma
 
 
 def _evaluate_run(adapter, run: EvalRun, tasks: list[Task], batch: int, max_new_tokens: int, seed: int | None,
-                  grounding_prompt: str, vqa_prompt: str, progress, ckpt: Checkpoint) -> dict[str, Any]:
+                  grounding_prompt: str, vqa_prompt: str, progress, ckpt: Checkpoint, prompt_fn=None,
+                  score_fn=None, raw: bool = False) -> dict[str, Any]:
     res: dict[str, Any] = {"label": run.label, "pipeline": run.pipeline.name, "file": run.file,
                            "variables": dict(run.variables), "tasks": {}, "predictions": []}
     per_layer_sum: list[float] = []
@@ -448,7 +468,8 @@ def _evaluate_run(adapter, run: EvalRun, tasks: list[Task], batch: int, max_new_
     avg_sum = 0.0
     prefill: list[float] = []
     flops: list[dict[str, Any]] = []
-    full = 0
+    full_sum = 0
+    raw_scores: dict[str, list] = {}
     for task in tasks:
         scores = []
         for i in range(0, len(task.samples), batch):
@@ -459,15 +480,22 @@ def _evaluate_run(adapter, run: EvalRun, tasks: list[Task], batch: int, max_new_
             if rec is None:
                 images = [_load_image(s) for s in chunk]
                 prompts = [_prompt(task, s, grounding_prompt, vqa_prompt) for s in chunk]
+                if prompt_fn:
+                    prompts = [prompt_fn(s, p) for s, p in zip(chunk, prompts)]
                 rep = adapter.generate(run.pipeline, images, prompts, max_new_tokens=max_new_tokens, seed=seed)
                 rec = _batch_record(key, rep, prompts)
                 ckpt.add(rec)
             prefill.append(rec["prefill_ms"])
             flops.extend(rec.get("flops", []))
-            full = rec["full"]
+            # image tokens before pruning, per sample (Qwen2.5-VL's depend on each image's size)
+            fulls = rec.get("fulls") or [rec["full"]] * len(chunk)
             for b, s in enumerate(chunk):
                 answer = rec["answers"][b]
-                sc = _score(s, answer, images[b] if images is not None else None)
+                if score_fn is not None:
+                    sc = score_fn(s, answer, images[b] if images is not None else _load_image(s))
+                else:
+                    sc = _score(s, answer, images[b] if images is not None else None)
+                full_sum += fulls[b]
                 scores.append(sc)
                 pred = {"task": task.kind, "id": s.id, "prompt": rec["prompts"][b], "answer": answer,
                         "correct": bool(sc["correct"])}
@@ -488,19 +516,23 @@ def _evaluate_run(adapter, run: EvalRun, tasks: list[Task], batch: int, max_new_
                 res["sample_kept"] = rec["kept"]
                 res["sample_image"] = chunk[0].image if isinstance(chunk[0].image, str) else None
                 res["sample_prompt"] = rec["prompts"][0]
-                res["grid"] = _grid(adapter, full)
+                res["grid"] = _grid(adapter, fulls[0])
                 res["schedule"] = rec.get("schedule", {})  # file, variable values (and their origin), sites
                 res["signals"] = rec.get("signals", [])
             if progress:
                 progress(f"{run.label} [{task.kind}]", len(chunk))
         res["tasks"][task.kind] = summarize(task.kind.split("#")[0], scores)
+        raw_scores[task.kind] = scores
     accs = [t["accuracy"] for t in res["tasks"].values()]
     res["accuracy"] = sum(accs) / len(accs)
     res["visual_tokens_per_layer"] = [round(v / n_counted, 3) for v in per_layer_sum] if n_counted else []
     res["visual_tokens_avg"] = round(avg_sum / n_counted, 3) if n_counted else 0.0
-    res["visual_tokens_full"] = full
+    res["visual_tokens_full"] = full_mean(full_sum, n_counted)
     res["prefill_ms_median"] = round(statistics.median(prefill), 3) if prefill else 0.0
     res["flops"] = mean_flops(flops)  # per sample, mean over the data (nuwa_graph/flops.py)
+    if raw:
+        res["raw"] = {"scores": raw_scores, "per_layer_sum": per_layer_sum, "avg_sum": avg_sum,
+                      "full_sum": full_sum, "n": n_counted, "prefill_ms": prefill, "flops": flops}
     return res
 
 
@@ -605,6 +637,7 @@ __all__ = [
     "default_model",
     "detect_kind",
     "evaluate",
+    "full_mean",
     "grounding_score",
     "load_data",
     "plan_runs",

@@ -212,6 +212,7 @@ class RunReport:
     flops: list[dict[str, Any]] = field(default_factory=list)  # per sample: nuwa_graph.flops.run_flops
     attn_implementation: str = "sdpa"
     peak_memory_above_start_bytes: int | None = None  # CUDA: peak minus what was allocated before (the weights)
+    visual_tokens_full_per_sample: list[int] = field(default_factory=list)  # image tokens before pruning
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -1120,6 +1121,7 @@ class VLMAdapter:
             device=str(self.device), dtype=str(self.dtype).replace("torch.", ""), flops=flops,
             attn_implementation=self.attn_implementation,
             peak_memory_above_start_bytes=(mem.peak - mem.start) if self.device.type == "cuda" else None,
+            visual_tokens_full_per_sample=[lay.n_image for lay in r.layouts],
         )
 
     def _flops(self, r: _Run, b: int, counts: list[int]) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""Bridges to other tools' plug-in systems (imported only by those tools)."""

@@ -1,0 +1,297 @@
+"""nuwa-graph as an lmms-eval (0.7.x) model: `--model nuwa_graph`.
+
+    python -m lmms_eval --model nuwa_graph \\
+        --model_args pretrained=llava-hf/llava-1.5-7b-hf,pipeline=pipelines/nuwa.yaml,budget=64 \\
+        --tasks gqa,refcoco_bbox_rec_val --batch_size 8 --output_path runs/lmms --log_samples
+
+Registered through the entry-point group `lmms_eval.models` (pyproject.toml) as a
+`ModelManifest` for the model id `nuwa_graph`; this module is imported only by lmms-eval.
+
+model_args: `pretrained` (model id, local folder or preset; default the embedded model),
+`pipeline` (a pipeline YAML; default pipelines/vanilla.yaml), `dtype`, `device`, `seed`,
+`max_new_tokens` (when the task gives none; default 1024 as llava_hf), `chat_template` (LLaVA),
+`system_prompt` (Qwen2.5-VL; default "You are a helpful assistant."), `min_pixels` /
+`max_pixels` (Qwen2.5-VL; qwen2_5_vl's defaults), `stats` (the per-sample side file, default
+`nuwa_graph_stats/`), and any variable of the pipeline, its value read as
+YAML like `--set` (`layers=[2,6,15]`, `budget=64`). An unknown name is an error naming the
+pipeline's variables.
+
+Prompts are the text lmms-eval's own model builds for the checkpoint (`prompts.chat_text`:
+`llava_hf` for LLaVA, `qwen2_5_vl` for Qwen2.5-VL); Qwen2.5-VL images are prepared as
+qwen2_5_vl does (`qwen_image_as_lmms`: JPEG quality 85, then resized into its pixel range). Decoding is greedy (the adapter's
+KV-cached loop); stop strings (`until`) cut the answer at their first occurrence. Sampling
+(`do_sample`, `temperature` > 0), beam search, text-only, multi-image and video documents and
+`loglikelihood` are refused with a clear error.
+
+Under torchrun / accelerate (WORLD_SIZE > 1) the model binds to cuda:LOCAL_RANK when CUDA is
+there and makes the process group (NCCL on GPUs, gloo on CPU) so that lmms-eval's evaluator
+gathers the ranks' results itself.
+
+Side file: one JSON line per sample in `STATS/rank{R}-of-{W}.jsonl`: task, split, doc_id,
+pipeline, visual tokens per LLM layer, their average, the unpruned count, the batch's prefill ms
+and batch size, and `flops` (filled by `flops_fn` when set: the hook for a FLOPs counter).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from lmms_eval.api.instance import Instance
+from lmms_eval.api.model import lmms
+
+MODEL_ID = "nuwa_graph"
+OWN_ARGS = {"pretrained", "pipeline", "dtype", "device", "seed", "max_new_tokens", "chat_template", "system_prompt",
+            "stats", "batch_size", "max_batch_size", "min_pixels", "max_pixels"}
+DEFAULT_PIPELINE = Path(__file__).resolve().parent.parent.parent / "pipelines" / "vanilla.yaml"
+
+
+class PluginError(ValueError):
+    """A request or argument the plugin cannot serve; the message says what would work."""
+
+
+def manifest():
+    """The entry point's payload: model id `nuwa_graph` -> NuwaGraph (a simple model)."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id=MODEL_ID, simple_class_path=f"{__name__}.NuwaGraph")
+
+
+def _yaml_value(name: str, value: Any) -> Any:
+    """A model_args value as `--set` reads it (lmms-eval already turned true/false/numbers)."""
+    from ..pipeline import parse_override
+
+    if not isinstance(value, str):
+        return value
+    try:
+        return parse_override(f"{name}={value}")[1]
+    except ValueError as exc:
+        raise PluginError(f"model_args {name}={value!r}: {exc}") from None
+
+
+QWEN_MIN_PIXELS = 256 * 28 * 28     # qwen2_5_vl's defaults in lmms-eval 0.7
+QWEN_MAX_PIXELS = 1605632
+
+
+def qwen_image_as_lmms(image, factor: int, min_pixels: int = QWEN_MIN_PIXELS, max_pixels: int = QWEN_MAX_PIXELS):
+    """The picture lmms-eval's qwen2_5_vl hands the processor: re-encoded as JPEG (quality 85,
+    its data URL), then resized so both sides are multiples of `factor` (patch x merge) with
+    the pixel count inside [min_pixels, max_pixels] (qwen-vl-utils' rule)."""
+    import io
+    import math
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="JPEG", quality=85)
+    buf.seek(0)
+    img = Image.open(buf).convert("RGB")
+    w, h = img.size
+    hb, wb = max(factor, round(h / factor) * factor), max(factor, round(w / factor) * factor)
+    if hb * wb > max_pixels:
+        beta = math.sqrt(h * w / max_pixels)
+        hb, wb = math.floor(h / beta / factor) * factor, math.floor(w / beta / factor) * factor
+    elif hb * wb < min_pixels:
+        beta = math.sqrt(min_pixels / (h * w))
+        hb, wb = math.ceil(h * beta / factor) * factor, math.ceil(w * beta / factor) * factor
+    return img.resize((wb, hb))
+
+
+def _launch() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    return rank, world, int(os.environ.get("LOCAL_RANK", str(rank)))
+
+
+class NuwaGraph(lmms):
+    """A nuwa-graph pipeline on a Hugging Face VLM, served to lmms-eval."""
+
+    is_simple = True
+
+    def __init__(self, pretrained: str | None = None, pipeline: str | None = None, dtype: str = "auto",
+                 device: str | None = None, batch_size: int | str = 1, max_batch_size: int | None = None,
+                 seed: int | None = None, max_new_tokens: int = 1024, chat_template: str | None = None,
+                 system_prompt: str | None = None, stats: str = "nuwa_graph_stats",
+                 min_pixels: int = QWEN_MIN_PIXELS, max_pixels: int = QWEN_MAX_PIXELS, **variables: Any) -> None:
+        super().__init__()
+        import torch
+
+        from ..adapters import load_adapter
+        from ..errors import PipelineError, RunError
+        from ..evaluate import default_model
+        from ..pipeline import load
+        from ..runner import resolve_device, resolve_dtype
+
+        rank, world, local = _launch()
+        if world > 1 and torch.cuda.is_available() and device in (None, "", "auto", "cuda"):
+            device = f"cuda:{local % torch.cuda.device_count()}"
+        dev = resolve_device(device)
+        try:
+            self.batch_size_per_gpu = int(batch_size)
+        except (TypeError, ValueError):
+            raise PluginError(f"batch_size {batch_size!r}: give a number (auto batch sizes are not supported)") from None
+        if self.batch_size_per_gpu < 1:
+            raise PluginError(f"batch_size {batch_size!r}: it must be at least 1")
+        path = Path(str(pipeline)) if pipeline else DEFAULT_PIPELINE
+        if not path.is_file():
+            raise PluginError(f"pipeline {str(path)!r} does not exist; pass model_args pipeline=PATH to a pipeline "
+                              f"YAML (e.g. pipelines/vanilla.yaml of the nuwa-graph repository)")
+        overrides = {k: _yaml_value(k, v) for k, v in variables.items()}
+        try:
+            base = load(path)
+            unknown = sorted(set(overrides) - set(base.variables))
+            if unknown:
+                known = ", ".join(sorted(base.variables)) or "none"
+                raise PluginError(f"model_args {', '.join(unknown)}: not a model argument of nuwa_graph "
+                                  f"({', '.join(sorted(OWN_ARGS))}) nor a variable of {path} (its variables: {known})")
+            self.pipeline = load(path, overrides)
+            self.adapter = load_adapter(str(pretrained) if pretrained else default_model(), resolve_dtype(dtype, dev),
+                                        dev)
+        except PipelineError as exc:
+            raise PluginError(f"pipeline {path}: " + "; ".join(str(p) for p in exc.problems)) from None
+        except RunError as exc:
+            raise PluginError(str(exc)) from None
+        if getattr(self.adapter, "family", "") not in ("llava", "qwen2_5_vl"):
+            raise PluginError(f"model family {getattr(self.adapter, 'family', '?')!r}: the plugin builds lmms-eval's "
+                              f"prompts for llava (llava_hf) and qwen2_5_vl only")
+        if system_prompt is not None and self.adapter.family == "llava":
+            raise PluginError("model_args system_prompt: lmms-eval's llava_hf has none (the checkpoint's chat "
+                              "template decides); leave it out for LLaVA, or pass chat_template")
+        self._device = torch.device(dev)
+        self.seed = seed
+        self.default_max_new_tokens = int(max_new_tokens)
+        self.chat_template = chat_template
+        self.system_prompt = system_prompt
+        self.pretrained = str(pretrained) if pretrained else "embedded"
+        self.min_pixels, self.max_pixels = int(min_pixels), int(max_pixels)
+        self._rank, self._world_size = rank, world
+        if world > 1:
+            import torch.distributed as dist
+
+            if dist.is_available() and not dist.is_initialized():
+                # lmms-eval's evaluator then takes its torchrun path: its gathers go through this group
+                if self._device.type == "cuda":
+                    torch.cuda.set_device(self._device)
+                dist.init_process_group("nccl" if self._device.type == "cuda" else "gloo")
+        self.stats_path = Path(stats) / f"rank{rank}-of-{world}.jsonl"
+        self.stats_path.parent.mkdir(parents=True, exist_ok=True)
+        self.stats_path.write_text("")
+        self.flops_fn: Callable[[Any, Any, int], float | None] | None = None  # hook: (adapter, RunReport, b) -> FLOPs
+
+    # --- what lmms-eval reads ---------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    @property
+    def device(self):
+        return self._device
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world_size
+
+    @property
+    def model(self):
+        return self.adapter.model
+
+    @property
+    def tokenizer(self):
+        return getattr(self.adapter.processor, "tokenizer", self.adapter.processor)
+
+    # --- refusals ---------------------------------------------------------------------------
+    def loglikelihood(self, requests: list[Instance]):
+        raise PluginError("nuwa_graph serves generate_until only: loglikelihood (multiple-choice scoring by "
+                          "likelihood) is not implemented; use the task's generation variant")
+
+    def generate_until_multi_round(self, requests):
+        raise PluginError("nuwa_graph serves single-round generate_until only (no multi-round tasks)")
+
+    # --- generation -------------------------------------------------------------------------
+    def _visual(self, visuals: list, task: str, doc_id) -> Any:
+        from PIL import Image
+
+        where = f"task {task!r}, doc {doc_id}"
+        if not visuals:
+            raise PluginError(f"{where}: a text-only document; nuwa-graph prunes visual tokens and serves "
+                              f"one-image documents only")
+        if len(visuals) > 1:
+            raise PluginError(f"{where}: {len(visuals)} images; the pipelines handle one image per prompt")
+        v = visuals[0]
+        if isinstance(v, Image.Image):
+            if self.adapter.family == "qwen2_5_vl":
+                vc = self.adapter.model.config.vision_config
+                return qwen_image_as_lmms(v, int(vc.patch_size) * int(vc.spatial_merge_size), self.min_pixels,
+                                          self.max_pixels)
+            return v.convert("RGB")
+        raise PluginError(f"{where}: a {type(v).__name__} visual ({'video or audio' if isinstance(v, (str, dict)) else 'unknown'}); "
+                          f"only images are served")
+
+    def _options(self, gen_kwargs: dict) -> tuple[int, list[str]]:
+        kw = dict(gen_kwargs or {})
+        until = kw.pop("until", None)
+        if until is None:
+            until = []
+        elif isinstance(until, str):
+            until = [until]
+        elif not isinstance(until, list):
+            raise PluginError(f"gen_kwargs until {until!r}: expected a string or a list of strings")
+        if self.adapter.family == "qwen2_5_vl":  # qwen2_5_vl drops "\n\n" from the stops
+            until = [u for u in until if u != "\n\n"]
+        temperature = float(kw.get("temperature") or 0.0)
+        if kw.get("do_sample") or temperature > 0:
+            raise PluginError(f"gen_kwargs temperature={temperature}, do_sample={kw.get('do_sample')}: nuwa-graph "
+                              f"decodes greedily only; run the task with temperature 0")
+        if int(kw.get("num_beams") or 1) != 1:
+            raise PluginError(f"gen_kwargs num_beams={kw.get('num_beams')}: beam search is not supported")
+        return int(kw.get("max_new_tokens") or self.default_max_new_tokens), [u for u in until if u]
+
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        from tqdm import tqdm
+
+        from ..prompts import chat_text
+
+        # batches of one task, split and generation options, in request order
+        groups: dict[tuple, list[int]] = {}
+        for i, req in enumerate(requests):
+            _, gen_kwargs, _, _, task, split = req.args
+            groups.setdefault((task, split, json.dumps(gen_kwargs, sort_keys=True, default=str)), []).append(i)
+        out: list[str | None] = [None] * len(requests)
+        bar = tqdm(total=len(requests), desc=f"nuwa_graph [{self.rank}/{self.world_size}]", position=self.rank)
+        with self.stats_path.open("a") as stats:
+            for idx in groups.values():
+                for lo in range(0, len(idx), self.batch_size):
+                    chunk = idx[lo:lo + self.batch_size]
+                    args = [requests[i].args for i in chunk]
+                    max_new, until = self._options(args[0][1])
+                    images, prompts = [], []
+                    for context, _, doc_to_visual, doc_id, task, split in args:
+                        images.append(self._visual(doc_to_visual(self.task_dict[task][split][doc_id]), task, doc_id))
+                        prompts.append(chat_text(self.adapter, context, self.system_prompt, self.chat_template))
+                    rep = self.adapter.generate(self.pipeline, images, prompts, max_new_tokens=max_new, seed=self.seed)
+                    full = getattr(rep, "visual_tokens_full_per_sample", None) or [rep.visual_tokens_full] * len(chunk)
+                    for b, i in enumerate(chunk):
+                        answer = rep.answers[b]
+                        for stop in until:
+                            answer = answer.split(stop)[0]
+                        out[i] = answer
+                        _, _, _, doc_id, task, split = args[b]
+                        stats.write(json.dumps({
+                            "task": task, "split": split, "doc_id": doc_id, "pipeline": self.pipeline.name,
+                            "visual_tokens_per_layer": rep.visual_tokens_per_layer[b],
+                            "visual_tokens_avg": rep.visual_tokens_avg[b], "visual_tokens_full": full[b],
+                            "prefill_ms_batch": round(rep.prefill_ms, 3), "batch_size": len(chunk),
+                            "flops": self.flops_fn(self.adapter, rep, b) if self.flops_fn else None}) + "\n")
+                        self.cache_hook.add_partial("generate_until", (args[b][0], args[b][1]), answer)
+                    bar.update(len(chunk))
+        bar.close()
+        return [a if a is not None else "" for a in out]
+
+
+__all__ = ["MODEL_ID", "NuwaGraph", "PluginError", "manifest"]

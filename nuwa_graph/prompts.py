@@ -1,0 +1,151 @@
+"""Prompts and answer parsing shared by `nuwa-graph eval` and the lmms-eval plugin.
+
+Two styles:
+- `native` (the default of `nuwa-graph eval`): the prompt templates as given, wrapped by the
+  adapter's own chat format, boxes parsed by `world.boxes.parse_box` (coordinate tokens,
+  normalised or pixel brackets);
+- `lmms-eval`: what lmms-eval 0.7 does, so numbers are comparable with the field's harness:
+  its RefCOCO REC prompt (`refcoco_bbox_rec_*` tasks), the short-answer VQA post-prompt of
+  its GQA / VQAv2 tasks, the first `[a, b, c, d]` in the answer read as a box normalised to
+  0..1 (no such group = the box [0, 0, 0, 0], IoU 0), and the chat text its `llava_hf` /
+  `qwen2_5_vl` models build (`chat_text`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+# lmms-eval's refcoco_bbox_rec_* prompt (task text; the same words so that scores compare)
+LMMS_REC_PROMPT = ("Bounding box coordinates are specified in the format (top-left x, top-left y, bottom-right x, "
+                   "bottom-right y). All values are floating point numbers bounded between 0 and 1. Please provide "
+                   "the bounding box coordinate of the region this sentence describes: {expression}")
+LMMS_VQA_PROMPT = "{question}\nAnswer the question using a single word or phrase."
+STYLES = ("native", "lmms-eval")
+
+# llava_hf's fallback when a checkpoint's tokenizer has no chat template (Vicuna v1 with its system line)
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+                 "helpful, detailed, and polite answers to the user's questions.")
+QWEN_SYSTEM = "You are a helpful assistant."
+
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+_NUM = r"(-?\d+(?:\.\d+)?)"
+_LMMS_BOX = re.compile(r"\[\s*" + r",\s*".join([_NUM] * 4) + r"\s*\]")
+
+
+def unescape(text: str) -> str:
+    """Shell-typed escapes in a prompt: `\\n` -> newline, `\\t` -> tab, `\\\\` -> backslash; any
+    other backslash is kept as typed."""
+    return re.sub(r"\\(.)", lambda m: _ESCAPES.get(m.group(1), m.group(0)), text)
+
+
+# --- lmms-eval's RefCOCO scoring -------------------------------------------------------------------
+def parse_lmms_box(answer: str) -> list[float] | None:
+    """The first `[a, b, c, d]` (integers or decimals, comma-separated) of an answer, or None."""
+    m = _LMMS_BOX.search(answer)
+    return [float(g) for g in m.groups()] if m else None
+
+
+def lmms_iou(a, b) -> float:
+    """IoU as lmms-eval's RefCOCO metric computes it: areas from the corners as given (a box with
+    x1 < x0 is not repaired), intersection clipped at 0; 0 when the union is empty."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union else 0.0
+
+
+def lmms_grounding_score(answer: str, box, width: int, height: int, threshold: float = 0.5) -> dict[str, Any]:
+    """Score one answer as lmms-eval's refcoco_bbox_rec task does: the pixel target is normalised
+    by the image size; an unparsed answer is the box [0, 0, 0, 0]. Same keys as
+    `evaluate.grounding_score` (`box` is the parsed normalised box)."""
+    target = [box[0] / width, box[1] / height, box[2] / width, box[3] / height]
+    pred = parse_lmms_box(answer)
+    v = lmms_iou(pred if pred is not None else [0.0, 0.0, 0.0, 0.0], target)
+    return {"parsed": pred is not None, "iou": v, "correct": v >= threshold,
+            "box": None if pred is None else [round(c, 4) for c in pred]}
+
+
+# --- chat text as lmms-eval's models build it ----------------------------------------------------------
+def _tokenizer(adapter):
+    return getattr(adapter.processor, "tokenizer", adapter.processor)
+
+
+def llava_chat_text(processor, context: str, chat_template: str | None = None) -> str:
+    """The text lmms-eval's `llava_hf` gives a LLaVA checkpoint: `<image>\\n` before the context
+    (unless it has one), one user message, the tokenizer's chat template (else Vicuna v1 with its
+    system line), generation prompt added.
+
+    A template written for list contents (the processor-style templates of llava-hf checkpoints
+    under transformers 5) renders a plain-string message without its text (`USER:  ASSISTANT:`);
+    the same message is then rendered with list contents (an image part, then the text), which is
+    what the template was written for."""
+    tok = getattr(processor, "tokenizer", processor)
+    text_part = context.replace("<image>\n", "", 1) if context.startswith("<image>\n") else context
+    if "<image>" not in context:
+        context = f"<image>\n{context}"
+    template = chat_template or getattr(tok, "chat_template", None)
+    if template is None:
+        return f"{VICUNA_SYSTEM} USER: {context} ASSISTANT:"
+    text = tok.apply_chat_template([{"role": "user", "content": context}], chat_template=template, tokenize=False,
+                                   add_generation_prompt=True)
+    if text_part.strip() and text_part.strip() not in text:
+        content = [{"type": "image"}, {"type": "text", "text": text_part}]
+        text = tok.apply_chat_template([{"role": "user", "content": content}], chat_template=template,
+                                       tokenize=False, add_generation_prompt=True)
+    return text
+
+
+def qwen_chat_text(processor, context: str, system_prompt: str | None = QWEN_SYSTEM) -> str:
+    """The text lmms-eval's `qwen2_5_vl` gives: a system message, then one user message with the
+    image before the context (`<image>` placeholders removed), generation prompt added."""
+    if getattr(processor, "chat_template", None) is None:
+        raise ValueError("this Qwen2.5-VL checkpoint has no chat template (chat_template.jinja / .json); lmms-eval's "
+                         "qwen2_5_vl needs one")
+    context = context.replace("<image>", "")
+    messages: list[dict[str, Any]] = []
+    if system_prompt is not None:
+        messages.append({"role": "system", "content": system_prompt})
+    messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": context}]})
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def chat_text(adapter, context: str, system_prompt: str | None = None, chat_template: str | None = None) -> str:
+    """The full prompt text lmms-eval's own model for this checkpoint would build (`llava_hf` for
+    LLaVA, `qwen2_5_vl` for Qwen2.5-VL); the adapter takes it as it is."""
+    family = getattr(adapter, "family", "")
+    if family == "qwen2_5_vl":
+        return qwen_chat_text(adapter.processor, context, QWEN_SYSTEM if system_prompt is None else system_prompt)
+    if family == "llava":
+        if system_prompt is not None:
+            raise ValueError("system_prompt: lmms-eval's llava_hf has none (the chat template decides); "
+                             "leave it out for LLaVA")
+        return llava_chat_text(adapter.processor, context, chat_template)
+    raise ValueError(f"no lmms-eval prompt format for model family {family!r} (known: llava, qwen2_5_vl)")
+
+
+def lmms_eval_style(adapter):
+    """(prompt_fn, score_fn) for `evaluate(...)`: lmms-eval's chat text and RefCOCO scoring."""
+    from .data import GroundingSample
+    from .evaluate import EvalError, vqa_score
+
+    family = getattr(adapter, "family", "")
+    if family not in ("llava", "qwen2_5_vl"):
+        raise EvalError(f"--prompt-style lmms-eval: lmms-eval's prompt format is known for LLaVA (llava_hf) and "
+                        f"Qwen2.5-VL (qwen2_5_vl), not for model family {family!r}; use --prompt-style native")
+
+    def prompt_fn(sample, text: str) -> str:
+        return chat_text(adapter, text)
+
+    def score_fn(sample, answer: str, image) -> dict[str, Any]:
+        if isinstance(sample, GroundingSample):
+            w, h = (sample.width or image.size[0]), (sample.height or image.size[1])
+            return lmms_grounding_score(answer, sample.box, w, h)
+        return vqa_score(answer, sample.answers)
+
+    return prompt_fn, score_fn
+
+
+__all__ = ["LMMS_REC_PROMPT", "LMMS_VQA_PROMPT", "STYLES", "chat_text", "llava_chat_text", "lmms_eval_style",
+           "lmms_grounding_score", "lmms_iou", "parse_lmms_box", "qwen_chat_text", "unescape"]
