@@ -536,6 +536,15 @@ def _evaluate_run(adapter, run: EvalRun, tasks: list[Task], batch: int, max_new_
     return res
 
 
+def full_mean(full_sum: float, n: int) -> float | int:
+    """Image tokens of the unpruned prompt, mean over samples: an int when every sample had the
+    same count (LLaVA), else rounded to 3 decimals (Qwen2.5-VL, image-size dependent)."""
+    if not n:
+        return 0
+    v = full_sum / n
+    return int(v) if v == int(v) else round(v, 3)
+
+
 def add_relative(results: list[dict[str, Any]]) -> None:
     """Set `relative_pct` (overall and per task) against the reference run, in place."""
     if not results:

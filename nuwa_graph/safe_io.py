@@ -96,7 +96,7 @@ def probe_image(src: str | Path | bytes) -> str | None:
     from PIL import Image
 
     if not isinstance(src, (bytes, bytearray)) and not Path(str(src)).is_file():
-        return f"image {str(src)!r} does not exist (relative paths are read from the data file's folder)"
+        return f"image {str(src)!r} does not exist (relative paths are read from the data file's folder or --image-root; see also --image-template)"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -107,7 +107,8 @@ def shard_payload(result: dict[str, Any] | None, tasks: list[Task], part: list[T
         lo, hi = shard.bounds(len(t.samples))
         ranges[t.kind] = [lo, hi]
     return {"format": FORMAT, "shard": shard.index, "count": shard.count, "grid": grid, "labels": labels,
-            "data": [{"task": t.kind, "source": t.source, "n": len(t.samples)} for t in tasks],
+            "data": [{"task": t.kind, "source": t.source, "n": len(t.samples),
+                      "skipped_bad_records": t.skipped} for t in tasks],
             "ranges": ranges, "result": result}
 
 

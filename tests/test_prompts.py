@@ -119,9 +119,17 @@ def test_load_data_image_root_template_and_bbox_format(tmp_path):
     (moved / "vqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     tasks = load_data([moved / "vqa.jsonl"], image_root=tmp_path / "d", image_template="images/{scene:06d}.png")
     assert len(tasks[0].samples) == len(recs) and tasks[0].samples[0].load_image()
-    xyxy = load_data([g], bbox_format="xyxy")[0].samples[0].box
-    xywh = load_data([g])[0].samples[0].box
-    assert xyxy[:2] == xywh[:2] and xyxy[2:] != xywh[2:]
+    # the same boxes stored as [x0, y0, x1, y1] read back equal with --bbox-format xyxy
+    grec = json.loads(g.read_text())
+    for r in grec:
+        x, y, w, h = r["bbox"]
+        r["bbox"] = [x, y, x + w, y + h]
+    (tmp_path / "d" / "refcoco_xyxy.json").write_text(json.dumps(grec))
+    xyxy = [s.box for s in load_data([tmp_path / "d" / "refcoco_xyxy.json"], bbox_format="xyxy")[0].samples]
+    xywh = [s.box for s in load_data([g])[0].samples]
+    assert xyxy == xywh
+    with pytest.raises(EvalError, match="zero or negative size"):  # read the wrong way, the boxes are invalid
+        load_data([g], bbox_format="xyxy")
     with pytest.raises(EvalError, match="bbox-format"):
         load_data([g], bbox_format="cxcywh")
 
