@@ -134,6 +134,19 @@ def detect_kind(path: str | Path) -> str:
 
 
 MAX_LISTED_PROBLEMS = 50     # bad records listed in one error message (the count is always given)
+# a data file is read whole: past this size it is refused before reading (raise it with the
+# environment variable NUWA_GRAPH_MAX_DATA_BYTES on a machine with the memory for it)
+MAX_DATA_BYTES = 1 << 30
+
+
+def _max_data_bytes() -> int:
+    raw = os.environ.get("NUWA_GRAPH_MAX_DATA_BYTES")
+    if raw is None:
+        return MAX_DATA_BYTES
+    try:
+        return int(raw)
+    except ValueError:
+        raise EvalError(f"NUWA_GRAPH_MAX_DATA_BYTES={raw!r}: give a whole number of bytes") from None
 
 
 def _read_task(text: str, kind: str | None, limit: int | None, bbox_format: str, problems: list[BadRecord],
@@ -142,6 +155,10 @@ def _read_task(text: str, kind: str | None, limit: int | None, bbox_format: str,
     if not path.is_file():
         raise EvalError(f"data file {text!r} does not exist; pass --data with a RefCOCO-style JSON (grounding) "
                         f"or a VQA JSONL file, or leave --data out for the built-in sample set")
+    size, limit_bytes = path.stat().st_size, _max_data_bytes()
+    if size > limit_bytes:
+        raise EvalError(f"data file {text!r} is {size} bytes; at most {limit_bytes} are read (limit MAX_DATA_BYTES; "
+                        f"set NUWA_GRAPH_MAX_DATA_BYTES to raise it, or split the file)")
     found: list[BadRecord] = []
     try:
         kind = kind or detect_kind(path)

@@ -341,3 +341,13 @@ def test_load_is_bounded_in_time_for_every_corpus_file():
         with pytest.raises(PipelineError):
             load(CORPUS / "pipelines" / case["file"])
         assert time.perf_counter() - t0 < 5, case["file"]
+
+
+def test_a_data_file_past_the_size_limit_is_refused_before_reading(tmp_path, monkeypatch):
+    from nuwa_graph.evaluate import EvalError, load_data
+
+    big = tmp_path / "vqa.jsonl"
+    big.write_text('{"question_id": 1, "image": "x.png", "question": "q ?", "answer": "a"}\n' * 50)
+    monkeypatch.setenv("NUWA_GRAPH_MAX_DATA_BYTES", "100")
+    with pytest.raises(EvalError, match=r"bytes; at most 100 are read \(limit MAX_DATA_BYTES"):
+        load_data([f"vqa:{big}"])

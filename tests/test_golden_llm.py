@@ -324,19 +324,15 @@ def sparsevlm_run(t, pipe):
 def official_cluster_and_merge(x: torch.Tensor, cluster_num: int, noise: torch.Tensor):
     """SparseVLM's utils.cluster_and_merge (DPC-KNN) on (n, c) rows with the recorded noise:
     (centres = index_down in topk order, merged rows in that order). Test reference."""
-    x = x[None]
-    _, n, c = x.shape
-    dist = (x[:, :, None, :] - x[:, None, :, :]).norm(dim=-1, p=2) / (c ** 0.5)
-    nearest, _ = torch.topk(dist, k=cluster_num, dim=-1, largest=False)
-    density = (-(nearest ** 2).mean(dim=-1)).exp() + noise[None] * 1e-6
-    mask = (density[:, None, :] > density[:, :, None]).type(x.dtype)
-    dmax = dist.flatten(1).max(dim=-1)[0][:, None, None]
-    d, _ = (dist * mask + dmax * (1 - mask)).min(dim=-1)
-    _, down = torch.topk(d * density, k=cluster_num, dim=-1)
+    from tests.test_ties import official_dpc_centres
+
+    n, c = x.shape
+    down = official_dpc_centres(x, cluster_num, noise)[None]
+    dist = (x[None, :, None, :] - x[None, None, :, :]).norm(dim=-1, p=2) / (c ** 0.5)
     assign = dist[0][down[0]].argmin(dim=0)
     assign[down[0]] = torch.arange(cluster_num)
     weight = torch.zeros(cluster_num, 1).index_add_(0, assign, torch.ones(n, 1)) + 1e-6
-    merged = torch.zeros(cluster_num, c).index_add_(0, assign, x[0] / weight[assign])
+    merged = torch.zeros(cluster_num, c).index_add_(0, assign, x / weight[assign])
     return down[0], merged
 
 

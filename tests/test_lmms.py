@@ -175,9 +175,13 @@ def test_plugin_arguments_and_refusals(plugin, tmp_path):
         plugin._visual([img, img], "t", 0)
     with pytest.raises(PluginError, match="video"):
         plugin._visual(["clip.mp4"], "t", 0)
-    with pytest.raises(PluginError, match="greedily"):
-        plugin._options({"temperature": 0.7})
-    assert plugin._options({"until": ["ASSISTANT:", ""], "max_new_tokens": 5}) == (5, ["ASSISTANT:"])
+    _, _, greedy = plugin._options({"temperature": 0})
+    assert not greedy.do_sample
+    _, _, sampled = plugin._options({"temperature": 0.7, "top_p": 0.9})
+    assert sampled.do_sample and sampled.temperature == 0.7 and sampled.top_p == 0.9
+    with pytest.raises(PluginError, match="top_p"):
+        plugin._options({"temperature": 0.7, "top_p": 1.5})
+    assert plugin._options({"until": ["ASSISTANT:", ""], "max_new_tokens": 5})[:2] == (5, ["ASSISTANT:"])
     with pytest.raises(PluginError, match="its variables: K, budget"):
         NuwaGraph(pipeline=str(PIPELINES / "fastv.yaml"), budgett="32", device="cpu", stats=str(tmp_path))
     with pytest.raises(PluginError, match="system_prompt"):

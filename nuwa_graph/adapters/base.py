@@ -48,6 +48,7 @@ both sub-models is restored.
 from __future__ import annotations
 
 import itertools
+import math
 import re
 import time
 import tracemalloc
@@ -1017,10 +1018,13 @@ class VLMAdapter:
 
     @torch.no_grad()
     def generate(self, pipeline: Pipeline, images, prompts, max_new_tokens: int = 16, external: dict | None = None,
-                 seed: int | None = None, stop_at_eos: bool = True, return_logits: bool = False) -> RunReport:
-        """Greedy decoding with a KV cache over a left-padded batch; returns a RunReport
-        (with `.step_logits`, a list of (B, V) tensors, when return_logits)."""
+                 seed: int | None = None, stop_at_eos: bool = True, return_logits: bool = False,
+                 sampling: Sampling | None = None) -> RunReport:
+        """Decoding with a KV cache over a left-padded batch, greedy unless `sampling` says
+        otherwise; returns a RunReport (with `.step_logits`, a list of (B, V) tensors, when
+        return_logits)."""
         r = self._start(pipeline, images, prompts, external, seed)
+        pick = (sampling or GREEDY).picker(self.device, pipeline.spec.seed if seed is None else seed)
         eos = self._eos_ids()
         step_logits = []
         new_tokens: list[list[int]] = [[] for _ in range(r.B)]
@@ -1043,7 +1047,7 @@ class VLMAdapter:
             for step in range(max_new_tokens):
                 if return_logits:
                     step_logits.append(last_logits.cpu())
-                nxt_dev = last_logits.argmax(-1)
+                nxt_dev = pick(last_logits)
                 nxt = nxt_dev.cpu()  # the one host copy per step: the token ids
                 for b in range(r.B):
                     if not finished[b]:
@@ -1153,6 +1157,51 @@ def dtype_of(name: str | torch.dtype) -> torch.dtype:
     return table[str(name).lower()]
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen: greedy (the default, every paper number), or sampled with
+    `temperature`, then restricted to the `top_k` most likely tokens (0: all) and the smallest set
+    whose probability reaches `top_p` (1.0: all), as transformers' samplers do. Draws come from a
+    generator on the model's device seeded with the run's seed, so a seed repeats its answers."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise RunError(f"temperature={self.temperature}: it must be a positive number (greedy: do_sample=False)")
+        if self.top_k < 0:
+            raise RunError(f"top_k={self.top_k}: it must be 0 (all tokens) or positive")
+        if not 0 < self.top_p <= 1:
+            raise RunError(f"top_p={self.top_p}: it must be in (0, 1]")
+
+    def picker(self, device: torch.device, seed: int):
+        """A function (B, V) float logits -> (B,) token ids on the logits' device."""
+        if not self.do_sample:
+            return lambda logits: logits.argmax(-1)
+        gen = torch.Generator(device=device)
+        gen.manual_seed(int(seed))
+
+        def pick(logits: torch.Tensor) -> torch.Tensor:
+            scores = logits / self.temperature
+            if self.top_k > 0:
+                kth = torch.topk(scores, min(self.top_k, scores.shape[-1]), dim=-1).values[:, -1:]
+                scores = scores.masked_fill(scores < kth, float("-inf"))
+            if self.top_p < 1:
+                sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
+                cum = sorted_scores.softmax(-1).cumsum(-1)
+                drop = cum - sorted_scores.softmax(-1) >= self.top_p  # keep up to the token that reaches top_p
+                scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
+            return torch.multinomial(scores.softmax(-1), 1, generator=gen)[:, 0]
+
+        return pick
+
+
+GREEDY = Sampling()
+
+
 def load_kwargs(device: str, device_map: str | dict | None, attn_implementation: str) -> dict[str, Any]:
     """from_pretrained keyword arguments: the attention implementation, and the weights loaded
     straight onto `device` (or spread by `device_map`, e.g. 'auto') where accelerate is
@@ -1170,6 +1219,17 @@ def load_kwargs(device: str, device_map: str | dict | None, attn_implementation:
     return kw
 
 
+def load_checkpoint(model_cls, id_or_path: str, dtype: torch.dtype, device: str, device_map: str | dict | None,
+                    attn_implementation: str) -> tuple[nn.Module, torch.device]:
+    """`model_cls.from_pretrained` with load_kwargs, moved to `device` unless a device_map placed
+    it; returns the model and the device its inputs go to."""
+    kw = load_kwargs(device, device_map, attn_implementation)
+    model = model_cls.from_pretrained(id_or_path, dtype=dtype, **kw)
+    if "device_map" not in kw:
+        model = model.to(device)
+    return model, input_device(model, device)
+
+
 def input_device(model: nn.Module, fallback: str | torch.device) -> torch.device:
     """The device of the model's input embeddings (where a device_map puts the first layer)."""
     try:
@@ -1178,6 +1238,6 @@ def input_device(model: nn.Module, fallback: str | torch.device) -> torch.device
         return torch.device(fallback)
 
 
-__all__ = ["ADAPTERS", "ATTN_IMPLEMENTATIONS", "Block", "Encoded", "LLM_SIGNALS", "RunReport", "SampleLayout", "Segment", "VLMAdapter",
-           "VisionOut", "apply_rope", "check_attn_implementation", "dtype_of", "input_device", "load_kwargs",
+__all__ = ["ADAPTERS", "ATTN_IMPLEMENTATIONS", "GREEDY", "Block", "Encoded", "LLM_SIGNALS", "RunReport", "SampleLayout", "Sampling", "Segment", "VLMAdapter",
+           "VisionOut", "apply_rope", "check_attn_implementation", "dtype_of", "input_device", "load_checkpoint", "load_kwargs",
            "register_adapter"]

@@ -32,7 +32,7 @@ from torch import nn
 from ..errors import RunError
 from ..signals import SignalRequest
 from ..types import Geometry
-from .base import LLM_SIGNALS, Encoded, VisionOut, VLMAdapter, _Run, input_device, load_kwargs, register_adapter
+from .base import LLM_SIGNALS, Encoded, VisionOut, VLMAdapter, _Run, load_checkpoint, register_adapter
 
 _ATTN_KINDS = {"vision.cls_attention", "vision.keys", "vision.qk_single_head"}
 _HIDDEN_KINDS = {"vision.hidden", "vision.cls_hidden", "vision.hidden_mean"}
@@ -56,11 +56,7 @@ class LlavaAdapter(VLMAdapter):
                         device_map: str | dict | None = None) -> "LlavaAdapter":
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-        kw = load_kwargs(device, device_map, attn_implementation)
-        model = LlavaForConditionalGeneration.from_pretrained(id_or_path, dtype=dtype, **kw)
-        if "device_map" not in kw:
-            model = model.to(device)
-        device = input_device(model, device)
+        model, device = load_checkpoint(LlavaForConditionalGeneration, id_or_path, dtype, device, device_map, attn_implementation)
         proc = AutoProcessor.from_pretrained(id_or_path)
         tok = getattr(proc, "tokenizer", None)
         if tok is not None:

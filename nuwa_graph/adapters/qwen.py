@@ -59,7 +59,7 @@ from torch import nn
 from ..errors import RunError
 from ..signals import SignalRequest
 from ..types import Geometry, PositionPlan
-from .base import (LLM_SIGNALS, Encoded, SampleLayout, VisionOut, VLMAdapter, _Run, input_device, load_kwargs,
+from .base import (LLM_SIGNALS, Encoded, SampleLayout, VisionOut, VLMAdapter, _Run, load_checkpoint,
                    register_adapter)
 
 #: signals that need a CLS token; Qwen2.5-VL's vision tower has none
@@ -307,11 +307,7 @@ class QwenAdapter(VLMAdapter):
         from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        kw = load_kwargs(device, device_map, attn_implementation)
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(id_or_path, dtype=dtype, **kw)
-        if "device_map" not in kw:
-            model = model.to(device)
-        device = input_device(model, device)
+        model, device = load_checkpoint(Qwen2_5_VLForConditionalGeneration, id_or_path, dtype, device, device_map, attn_implementation)
         tok = AutoTokenizer.from_pretrained(id_or_path)
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(id_or_path)
         processor = _processor_class()(image_processor=image_processor, tokenizer=tok, video_processor=None,

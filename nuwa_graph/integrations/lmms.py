@@ -18,10 +18,12 @@ pipeline's variables.
 
 Prompts are the text lmms-eval's own model builds for the checkpoint (`prompts.chat_text`:
 `llava_hf` for LLaVA, `qwen2_5_vl` for Qwen2.5-VL); Qwen2.5-VL images are prepared as
-qwen2_5_vl does (`qwen_image_as_lmms`: JPEG quality 85, then resized into its pixel range). Decoding is greedy (the adapter's
-KV-cached loop); stop strings (`until`) cut the answer at their first occurrence. Sampling
-(`do_sample`, `temperature` > 0), beam search, text-only, multi-image and video documents and
-`loglikelihood` are refused with a clear error.
+qwen2_5_vl does (`qwen_image_as_lmms`: JPEG quality 85, then resized into its pixel range). Decoding is
+the adapter's KV-cached loop: greedy with temperature 0 (the tasks' default), sampled with
+`temperature` > 0 or `do_sample` (with `top_k` / `top_p`, seeded by the run's seed:
+`adapters.base.Sampling`); stop strings (`until`) cut the answer at their first occurrence.
+Beam search, text-only, multi-image and video documents and `loglikelihood` are refused with a
+clear error.
 
 Under torchrun / accelerate (WORLD_SIZE > 1) the model binds to cuda:LOCAL_RANK when CUDA is
 there and makes the process group (NCCL on GPUs, gloo on CPU) so that lmms-eval's evaluator
@@ -41,6 +43,9 @@ from typing import Any, Callable
 
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
+
+from ..adapters.base import Sampling
+from ..errors import RunError
 
 MODEL_ID = "nuwa_graph"
 OWN_ARGS = {"pretrained", "pipeline", "dtype", "device", "seed", "max_new_tokens", "chat_template", "system_prompt",
@@ -233,7 +238,7 @@ class NuwaGraph(lmms):
         raise PluginError(f"{where}: a {type(v).__name__} visual ({'video or audio' if isinstance(v, (str, dict)) else 'unknown'}); "
                           f"only images are served")
 
-    def _options(self, gen_kwargs: dict) -> tuple[int, list[str]]:
+    def _options(self, gen_kwargs: dict) -> tuple[int, list[str], Sampling]:
         kw = dict(gen_kwargs or {})
         until = kw.pop("until", None)
         if until is None:
@@ -244,13 +249,18 @@ class NuwaGraph(lmms):
             raise PluginError(f"gen_kwargs until {until!r}: expected a string or a list of strings")
         if self.adapter.family == "qwen2_5_vl":  # qwen2_5_vl drops "\n\n" from the stops
             until = [u for u in until if u != "\n\n"]
+        # as lmms-eval's llava_hf / qwen2_5_vl: temperature > 0 samples, 0 (the tasks' default) is greedy
         temperature = float(kw.get("temperature") or 0.0)
-        if kw.get("do_sample") or temperature > 0:
-            raise PluginError(f"gen_kwargs temperature={temperature}, do_sample={kw.get('do_sample')}: nuwa-graph "
-                              f"decodes greedily only; run the task with temperature 0")
+        do_sample = bool(kw.get("do_sample")) or temperature > 0
+        try:
+            sampling = Sampling(do_sample=do_sample, temperature=temperature if temperature > 0 else 1.0,
+                                top_k=int(kw.get("top_k") or 0),
+                                top_p=float(kw["top_p"]) if kw.get("top_p") is not None else 1.0)
+        except RunError as exc:
+            raise PluginError(f"gen_kwargs: {exc}") from None
         if int(kw.get("num_beams") or 1) != 1:
             raise PluginError(f"gen_kwargs num_beams={kw.get('num_beams')}: beam search is not supported")
-        return int(kw.get("max_new_tokens") or self.default_max_new_tokens), [u for u in until if u]
+        return int(kw.get("max_new_tokens") or self.default_max_new_tokens), [u for u in until if u], sampling
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
         from tqdm import tqdm
@@ -269,12 +279,13 @@ class NuwaGraph(lmms):
                 for lo in range(0, len(idx), self.batch_size):
                     chunk = idx[lo:lo + self.batch_size]
                     args = [requests[i].args for i in chunk]
-                    max_new, until = self._options(args[0][1])
+                    max_new, until, sampling = self._options(args[0][1])
                     images, prompts = [], []
                     for context, _, doc_to_visual, doc_id, task, split in args:
                         images.append(self._visual(doc_to_visual(self.task_dict[task][split][doc_id]), task, doc_id))
                         prompts.append(chat_text(self.adapter, context, self.system_prompt, self.chat_template))
-                    rep = self.adapter.generate(self.pipeline, images, prompts, max_new_tokens=max_new, seed=self.seed)
+                    rep = self.adapter.generate(self.pipeline, images, prompts, max_new_tokens=max_new, seed=self.seed,
+                                                sampling=sampling)
                     full = getattr(rep, "visual_tokens_full_per_sample", None) or [rep.visual_tokens_full] * len(chunk)
                     for b, i in enumerate(chunk):
                         answer = rep.answers[b]
