@@ -239,9 +239,15 @@ def test_lmms_cli_matches_builtin_eval(local, single):
     assert res["nuwa_local_rec"]["refcoco_ACC@0.5,none"] == pytest.approx(ours["tasks"]["grounding"]["accuracy"])
     assert res["nuwa_local_rec"]["refcoco_IoU,none"] == pytest.approx(ours["tasks"]["grounding"]["mean_iou"])
     assert 0 < ours["tasks"]["vqa"]["accuracy"]     # the embedded model answers these questions
-    # the side file: one line per sample, FastV's schedule at budget 32 (8 of 144 tokens after layer 2)
+    # the side file: one line per sample, FastV's schedule at budget 32: all 144 tokens before layer
+    # K = scale32(2) of the embedded model's depth, 8 from K on
+    from nuwa_graph.embedded import WEIGHTS_DIR
+    from nuwa_graph.expressions import scale_layers
+
+    depth = json.loads((WEIGHTS_DIR / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    k = scale_layers(2, depth)
     assert len(single["stats"]) == 8
-    assert {tuple(s["visual_tokens_per_layer"]) for s in single["stats"]} == {(144, 144, 8, 8)}
+    assert {tuple(s["visual_tokens_per_layer"]) for s in single["stats"]} == {tuple([144] * k + [8] * (depth - k))}
     assert all(s["visual_tokens_full"] == 144 and s["prefill_ms_batch"] > 0 for s in single["stats"])
 
 
