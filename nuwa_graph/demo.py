@@ -19,8 +19,9 @@ from pathlib import Path
 from .errors import PipelineError, RunError
 from .evaluate import EvalError, EvalRun, default_model, evaluate, load_data, sample_data
 from .pipeline import Pipeline, load
+from .resources import pipelines_dir
 
-PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
+PIPELINES = pipelines_dir()  # the shipped pipelines (installed, or the checkout's pipelines/)
 VANILLA = PIPELINES / "vanilla.yaml"
 BASELINES = ("visionzip", "fastv")  # shown beside the pipeline at its budget
 DEMO_SAMPLES = 40  # grounding and VQA samples each (the whole built-in sample set)

@@ -37,6 +37,7 @@ from pydantic import (
 
 from .errors import PipelineError, Problem
 from .node import Node
+from .resources import resolve_pipeline, shipped_names
 from .safe_yaml import MAX_FILE_BYTES, YamlLimitError, load_yaml
 from .sites import Site
 
@@ -266,13 +267,18 @@ def load_text(text: str | bytes, source: str = "<string>", overrides: dict[str, 
 
 
 def load(path: str | Path, overrides: dict[str, Any] | None = None, model_vars: dict[str, Any] | None = None) -> Pipeline:
-    p = Path(path)
+    """Load a pipeline file; a relative path that does not exist falls back to the shipped pipeline
+    of that name (`pipelines/nuwa.yaml` or `nuwa` from any folder; resources.resolve_pipeline)."""
+    p = resolve_pipeline(path)
+    if p != Path(path):
+        path = p  # the shipped file: its family_files resolve beside it
     if p.is_dir():
         raise PipelineError([Problem(str(path), "is a folder, not a pipeline file")])
     if p.exists() and not p.is_file():
         raise PipelineError([Problem(str(path), "not a regular file (a device, pipe or socket?); give a YAML file")])
     if not p.is_file():
-        raise PipelineError([Problem(str(path), "no such file")])
+        raise PipelineError([Problem(str(path), "no such file, nor a shipped pipeline of that name (shipped: "
+                                     + ", ".join(shipped_names()) + ")")])
     try:
         size = p.stat().st_size
         if size > MAX_FILE_BYTES:  # refused before reading it

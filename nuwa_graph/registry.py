@@ -1,4 +1,4 @@
-"""The registry of node types: built-ins from `nodes/`, third parties by entry point.
+"""The registry of node types: built-ins from `nuwa_graph.nodes` (the `nodes/` folder), third parties by entry point.
 
 A third-party package registers nodes by naming a module (or a Node class) under the
 entry-point group `nuwa_graph.nodes` in its pyproject.toml:
@@ -41,11 +41,14 @@ def register(cls: type[Node]) -> type[Node]:
 
 
 def _load_builtin() -> None:
-    import nodes  # the node library shipped with the project
+    from . import resources
+
+    resources.mount_checkout_nodes()  # from a checkout, nuwa_graph.nodes is the top-level nodes/ folder
+    nodes = importlib.import_module(resources.NODES_MODULE)  # the node library shipped with the project
 
     for mod in pkgutil.iter_modules(nodes.__path__):
         if not mod.name.startswith("_"):
-            importlib.import_module(f"nodes.{mod.name}")
+            importlib.import_module(f"{resources.NODES_MODULE}.{mod.name}")
 
 
 def _load_entry_points() -> None:

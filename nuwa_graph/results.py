@@ -21,8 +21,8 @@ import yaml
 
 from .evaluate import EvalRun, evaluate, load_data, sample_data, tokens_runs, write_results
 from .pipeline import Pipeline, load, load_text
+from .resources import shipped_pipeline
 
-ROOT = Path(__file__).resolve().parent.parent
 BUDGETS = (64, 128, 192)  # LLaVA-1.5 counts of 576; budget * grid_tokens // 576 on the embedded grid
 
 
@@ -80,7 +80,7 @@ def plan(entries=ENTRIES, budgets=BUDGETS, model_vars: dict[str, Any] | None = N
     With `mask` = (layer, heads): only the text-attention pipelines, with those heads excluded."""
     runs = []
     for e in entries:
-        path = ROOT / "pipelines" / f"{e.file}.yaml"
+        path = shipped_pipeline(e.file)
         has_budget = "budget" in load(path).variables
         for b in (budgets if has_budget else (None,)):
             over = {**e.fixed, **({"budget": b} if b is not None else {})}
@@ -93,7 +93,7 @@ def plan(entries=ENTRIES, budgets=BUDGETS, model_vars: dict[str, Any] | None = N
                 if not n:
                     continue
                 label += " -head"
-            runs.append(EvalRun(label, str(path.relative_to(ROOT)), {"budget": b} if b is not None else {}, pipe))
+            runs.append(EvalRun(label, f"pipelines/{e.file}.yaml", {"budget": b} if b is not None else {}, pipe))
     return runs
 
 

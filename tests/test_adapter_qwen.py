@@ -194,7 +194,7 @@ def test_positions_3d_policies(adapter):
     s = int(lay.pos_image[0, 0])
     rows, cols = GRID_A
     ids = torch.tensor([1, 9, 16, 33])  # (0,1) (1,2) (2,2) (4,5)
-    from nodes.positions import plan_positions
+    from nuwa_graph.nodes.positions import plan_positions
 
     pesp = adapter.visual_positions(lay, ids, plan_positions(ids, "pesp", N_A))
     assert pesp.tolist() == [[s] * 4, [s + 0, s + 1, s + 2, s + 4], [s + 1, s + 2, s + 2, s + 5]]

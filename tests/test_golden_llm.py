@@ -196,7 +196,7 @@ def test_fastv_fix_rpme(budget):
 
 
 def test_rpme_golden_files():
-    from nodes.positions import plan_positions
+    from nuwa_graph.nodes.positions import plan_positions
 
     for name in ["rpme_example_k8", "rpme_nuwa_b64", "rpme_nuwa_b128", "rpme_nuwa_b192"]:
         t, p, _ = golden(name)
@@ -338,7 +338,7 @@ def official_cluster_and_merge(x: torch.Tensor, cluster_num: int, noise: torch.T
 
 @pytest.mark.parametrize("budget", [64, 128, 192])
 def test_sparsevlm_golden(budget):
-    from nodes.sparsevlm import select_raters
+    from nuwa_graph.nodes.sparsevlm import select_raters
 
     t, params, meta = golden(f"sparsevlm_v1_b{budget}")
     assert params["pruning_loc"] == [2, 6, 15]

@@ -124,7 +124,7 @@ def test_prumerge_plus(budget):
     })
     scores = state.values[("cls_attention", "scores")][0].values
     assert (scores - t["derived_cls_attn"]).abs().max().item() <= 1e-6
-    from nodes.selector_adaptive import outlier_ratio
+    from nuwa_graph.nodes.selector_adaptive import outlier_ratio
 
     assert outlier_ratio(scores, 1.5) == pytest.approx(float(t["derived_reduction_ratio"]), abs=0)
     (keep,) = acts
@@ -235,7 +235,7 @@ def test_rpme_nuwa(budget):
 def test_rpme_example():
     r, meta = golden("rpme_example_k8")
     params = json.loads(meta["params"])
-    from nodes.positions import plan_positions
+    from nuwa_graph.nodes.positions import plan_positions
 
     plan = plan_positions(r["kept_relative_indices"], "rpme", params["e"] - params["s"] + 1)
     assert torch.equal(plan.offsets + params["s"], r["expected_rpme_position_ids"])
@@ -263,7 +263,7 @@ def test_prumerge_no_outlier_is_a_clear_error():
 def test_prumerge_outlier_ratio_never_reaches_a_zero_stride():
     """Outliers lie above Q3, so the adaptive ratio is at most 1/4 and the official zero-stride
     failure (ratio > 1/3) cannot occur in adaptive mode; the node still guards against it."""
-    from nodes.selector_adaptive import outlier_ratio
+    from nuwa_graph.nodes.selector_adaptive import outlier_ratio
 
     g = torch.Generator().manual_seed(3)
     for _ in range(20):

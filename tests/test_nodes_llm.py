@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from nodes.scorer_llm import LLMAttentionScores
-from nodes.selectors_llm import TopKInt, count_for
-from nodes.sparsevlm import SparseVLMRaters, dpc_knn_merge, rope_ones_pattern, select_raters
+from nuwa_graph.nodes.scorer_llm import LLMAttentionScores
+from nuwa_graph.nodes.selectors_llm import TopKInt, count_for
+from nuwa_graph.nodes.sparsevlm import SparseVLMRaters, dpc_knn_merge, rope_ones_pattern, select_raters
 from nuwa_graph.context import SampleContext
 from nuwa_graph.errors import PipelineError
 from nuwa_graph.pipeline import load_text

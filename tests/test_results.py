@@ -12,7 +12,7 @@ from nuwa_graph import load
 from nuwa_graph.cli import app
 from nuwa_graph.results import (ENTRIES, caveat_findings, effect_findings, load_run, plan, render, run_all,
                                 with_heads_excluded)
-from nodes.scorer_llm import drop_heads
+from nuwa_graph.nodes.scorer_llm import drop_heads
 
 ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_VARS = {"llm_layers": 4, "vision_layers": 6, "grid_tokens": 144}

@@ -231,7 +231,7 @@ def test_head_mean_is_bit_exact_for_near_ties(n_text):
     bit, whatever the image length, when at least 64 text columns follow the image (then the
     image columns sit in the vectorised body of the official map too; with fewer, the last
     image columns can fall in its tail and differ by one ulp: see docs/methods.md)."""
-    from nodes.scorer_llm import reduce_rows
+    from nuwa_graph.nodes.scorer_llm import reduce_rows
 
     for n in (112, 147, 224, 333, 576):
         img = torch.rand(32, 1, n, generator=torch.Generator().manual_seed(n))
@@ -349,7 +349,7 @@ def test_sparsevlm_every_stage_ties(budget, sched):
     g = torch.Generator().manual_seed(budget)
     emb_v, emb_t = torch.randn(N, 8, generator=g), torch.randn(n_text, 8, generator=g)
     hidden_by_id = tied((N, 8), levels=2, seed=7)  # few distinct vectors: density ties
-    from nodes.sparsevlm import select_raters
+    from nuwa_graph.nodes.sparsevlm import select_raters
 
     raters = select_raters(emb_v, emb_t)
     log = []

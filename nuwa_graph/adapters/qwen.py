@@ -214,7 +214,7 @@ class VisionGeometry:
 def _stretch_axis(values: torch.Tensor, span: int) -> torch.Tensor:
     """RPME on one axis: the distinct values, ascending, go through `rpme_offsets` (new[0] = 0,
     new[j] = ceil(u[j] * span / u[-1])); every token gets the new value of its own value."""
-    from nodes.positions import rpme_offsets
+    from nuwa_graph.nodes.positions import rpme_offsets
 
     uniq = torch.unique(values)  # sorted ascending
     mapped = rpme_offsets(uniq, span)

@@ -46,11 +46,12 @@ from lmms_eval.api.model import lmms
 
 from ..adapters.base import Sampling
 from ..errors import RunError
+from ..resources import resolve_pipeline, shipped_pipeline
 
 MODEL_ID = "nuwa_graph"
 OWN_ARGS = {"pretrained", "pipeline", "dtype", "device", "seed", "max_new_tokens", "chat_template", "system_prompt",
             "stats", "batch_size", "max_batch_size", "min_pixels", "max_pixels"}
-DEFAULT_PIPELINE = Path(__file__).resolve().parent.parent.parent / "pipelines" / "vanilla.yaml"
+DEFAULT_PIPELINE = shipped_pipeline("vanilla")  # installed, or the checkout's pipelines/vanilla.yaml
 
 
 class PluginError(ValueError):
@@ -139,7 +140,7 @@ class NuwaGraph(lmms):
             raise PluginError(f"batch_size {batch_size!r}: give a number (auto batch sizes are not supported)") from None
         if self.batch_size_per_gpu < 1:
             raise PluginError(f"batch_size {batch_size!r}: it must be at least 1")
-        path = Path(str(pipeline)) if pipeline else DEFAULT_PIPELINE
+        path = resolve_pipeline(str(pipeline)) if pipeline else DEFAULT_PIPELINE  # a shipped name works too
         if not path.is_file():
             raise PluginError(f"pipeline {str(path)!r} does not exist; pass model_args pipeline=PATH to a pipeline "
                               f"YAML (e.g. pipelines/vanilla.yaml of the nuwa-graph repository)")
