@@ -5,7 +5,6 @@ Model-reading scorers (attention rows, norms, similarities) live in their own mo
 
 from __future__ import annotations
 
-import torch
 from pydantic import Field, field_validator
 
 from nuwa_graph.node import Node, NodeParams, Port

@@ -13,7 +13,7 @@ import inspect
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -173,7 +173,7 @@ def main(
 @app.command()
 def validate(
     files: list[Path] = typer.Argument(..., help="Pipeline YAML files.", show_default=False),
-    set_: Optional[list[str]] = typer.Option(None, "--set", "-s", help=SET_HELP, metavar="NAME=VALUE"),
+    set_: list[str] | None = typer.Option(None, "--set", "-s", help=SET_HELP, metavar="NAME=VALUE"),
 ) -> None:
     """Check pipeline files: every problem of every file is reported; exit 0 only if all are valid.
 
@@ -249,7 +249,7 @@ def _node_details(cls) -> None:
 
 @app.command()
 def nodes(
-    type_name: Optional[str] = typer.Argument(None, metavar="TYPE", help="A node type to describe in full.", show_default=False),
+    type_name: str | None = typer.Argument(None, metavar="TYPE", help="A node type to describe in full.", show_default=False),
 ) -> None:
     """List every node type (built-in and from plug-ins), or describe one TYPE in full.
 
@@ -294,8 +294,8 @@ class DrawFormat(str, Enum):
 def draw(
     file: Path = typer.Argument(..., help="A pipeline YAML file.", show_default=False),
     fmt: DrawFormat = typer.Option(DrawFormat.mermaid, "--format", "-f", help="mermaid and dot need nothing; svg and png need Graphviz."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write here instead of stdout."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", "-s", help=SET_HELP, metavar="NAME=VALUE"),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write here instead of stdout."),
+    set_: list[str] | None = typer.Option(None, "--set", "-s", help=SET_HELP, metavar="NAME=VALUE"),
 ) -> None:
     """Draw a pipeline: boxes show name, type and key params; edges show ports and types; sites are clusters.
 
@@ -326,20 +326,20 @@ def draw(
 @app.command()
 def run(
     file: Path = typer.Argument(..., help="A pipeline YAML file.", show_default=False),
-    set_: Optional[list[str]] = typer.Option(None, "--set", "-s", help=SET_HELP, metavar="NAME=VALUE"),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model id or local path (default: the embedded model)."),
-    image: Optional[str] = typer.Option(None, "--image", help="Image file (default: a built-in sample)."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text (default: a built-in question)."),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1,
+    set_: list[str] | None = typer.Option(None, "--set", "-s", help=SET_HELP, metavar="NAME=VALUE"),
+    model: str | None = typer.Option(None, "--model", "-m", help="Model id or local path (default: the embedded model)."),
+    image: str | None = typer.Option(None, "--image", help="Image file (default: a built-in sample)."),
+    prompt: str | None = typer.Option(None, "--prompt", "-p", help="Prompt text (default: a built-in question)."),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1,
                                                  help="Tokens to generate (default 32; 6 in the comparison)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     attn_implementation: str = typer.Option("sdpa", "--attn-implementation",
                                             help="Attention the model's layers run: sdpa, flash_attention_2 or eager."),
-    device_map: Optional[str] = typer.Option(None, "--device-map",
+    device_map: str | None = typer.Option(None, "--device-map",
                                              help="Spread a checkpoint over devices (e.g. auto; needs accelerate)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default: the pipeline's seed)."),
-    batch: Optional[int] = typer.Option(None, "--batch", "-b", min=1,
+    seed: int | None = typer.Option(None, "--seed", help="Random seed (default: the pipeline's seed)."),
+    batch: int | None = typer.Option(None, "--batch", "-b", min=1,
                                         help="Samples per generate call: the image and prompt repeated (default 1); "
                                              "the comparison's batch size (default 20)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -395,20 +395,20 @@ def run(
 @app.command()
 def sweep(
     file: Path = typer.Argument(..., help="A pipeline YAML file.", show_default=False),
-    set_: Optional[list[str]] = typer.Option(None, "--set", "-s", metavar="NAME=V1,V2,...",
+    set_: list[str] | None = typer.Option(None, "--set", "-s", metavar="NAME=V1,V2,...",
                                              help="Values of a variable to sweep (comma-separated); repeatable: "
                                                   "the cross product runs."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model id or local path (default: the embedded model)."),
-    image: Optional[str] = typer.Option(None, "--image", help="Image file (default: a built-in sample)."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text (default: a built-in question)."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Model id or local path (default: the embedded model)."),
+    image: str | None = typer.Option(None, "--image", help="Image file (default: a built-in sample)."),
+    prompt: str | None = typer.Option(None, "--prompt", "-p", help="Prompt text (default: a built-in question)."),
     max_new_tokens: int = typer.Option(8, "--max-new-tokens", min=1, help="Tokens to generate per run."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     attn_implementation: str = typer.Option("sdpa", "--attn-implementation",
                                             help="Attention the model's layers run: sdpa, flash_attention_2 or eager."),
-    device_map: Optional[str] = typer.Option(None, "--device-map",
+    device_map: str | None = typer.Option(None, "--device-map",
                                              help="Spread a checkpoint over devices (e.g. auto; needs accelerate)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default: the pipeline's seed)."),
+    seed: int | None = typer.Option(None, "--seed", help="Random seed (default: the pipeline's seed)."),
     batch: int = typer.Option(1, "--batch", "-b", min=1,
                               help="Samples per generate call (the image and prompt repeated; timings per call)."),
     output: Path = typer.Option(Path("runs/sweep"), "--output", "-o",
@@ -475,31 +475,31 @@ def sweep(
 @app.command("eval")
 def eval_(
     files: list[Path] = typer.Argument(..., metavar="PIPELINE...", help="Pipeline YAML files.", show_default=False),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model id or local path (default: the embedded model)."),
-    data: Optional[list[str]] = typer.Option(None, "--data", "-d", metavar="FILE",
+    model: str | None = typer.Option(None, "--model", "-m", help="Model id or local path (default: the embedded model)."),
+    data: list[str] | None = typer.Option(None, "--data", "-d", metavar="FILE",
                                              help="RefCOCO-style JSON (grounding) or VQA JSONL; repeatable; prefix "
                                                   "grounding: or vqa: to force the kind (default: a built-in "
                                                   "shapes-world sample set)."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", "-s", metavar="NAME=V1,V2,...",
+    set_: list[str] | None = typer.Option(None, "--set", "-s", metavar="NAME=V1,V2,...",
                                              help="Values of a variable to sweep (comma-separated); repeatable: the "
                                                   "cross product runs, for each pipeline that has the variable."),
-    limit: Optional[int] = typer.Option(None, "--limit", "-n", min=1, help="At most N samples per data file."),
+    limit: int | None = typer.Option(None, "--limit", "-n", min=1, help="At most N samples per data file."),
     batch: int = typer.Option(8, "--batch", "-b", min=1, help="Samples per generate call."),
     output: Path = typer.Option(Path("runs/eval"), "--output", "-o",
                                 help="Folder for results.json, results.csv, predictions.jsonl and the pictures."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default: each pipeline's seed)."),
+    seed: int | None = typer.Option(None, "--seed", help="Random seed (default: each pipeline's seed)."),
     max_new_tokens: int = typer.Option(16, "--max-new-tokens", min=1, help="Tokens to generate per answer."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     attn_implementation: str = typer.Option("sdpa", "--attn-implementation",
                                             help="Attention the model's layers run: sdpa, flash_attention_2 or eager."),
-    device_map: Optional[str] = typer.Option(None, "--device-map",
+    device_map: str | None = typer.Option(None, "--device-map",
                                              help="Spread a checkpoint over devices (e.g. auto; needs accelerate)."),
-    grounding_prompt: Optional[str] = typer.Option(None, "--grounding-prompt",
+    grounding_prompt: str | None = typer.Option(None, "--grounding-prompt",
                                                    help="Prompt for grounding, with {expression}; \\n is a newline "
                                                         "(default: 'where is {expression} ?'; lmms-eval's RefCOCO "
                                                         "prompt with --prompt-style lmms-eval)."),
-    vqa_prompt: Optional[str] = typer.Option(None, "--vqa-prompt",
+    vqa_prompt: str | None = typer.Option(None, "--vqa-prompt",
                                              help="Prompt for VQA, with {question}; \\n is a newline (default: "
                                                   "'{question}'; with --prompt-style lmms-eval, '{question}\\nAnswer "
                                                   "the question using a single word or phrase.')."),
@@ -507,17 +507,17 @@ def eval_(
                                      help="native: the adapter's chat format, boxes parsed by parse_box; lmms-eval: "
                                           "lmms-eval's chat text (llava_hf / qwen2_5_vl), RefCOCO prompt and box "
                                           "parsing, so numbers compare with lmms-eval's."),
-    image_root: Optional[Path] = typer.Option(None, "--image-root",
+    image_root: Path | None = typer.Option(None, "--image-root",
                                               help="Folder relative image paths are read from (default: each data "
                                                    "file's folder)."),
-    image_template: Optional[str] = typer.Option(None, "--image-template",
+    image_template: str | None = typer.Option(None, "--image-template",
                                                  help="Image file name from record fields where a record has no "
                                                       "image field, e.g. '{imageId}.jpg' (GQA) or "
                                                       "'COCO_val2014_{image_id:012d}.jpg' (VQAv2)."),
     bbox_format: str = typer.Option("xywh", "--bbox-format",
                                     help="How a grounding record's `bbox` is stored: xywh (COCO, lmms-eval) or xyxy "
                                          "(e.g. Qwen-VL's refcoco_*.jsonl)."),
-    shard_: Optional[str] = typer.Option(None, "--shard", metavar="I/N",
+    shard_: str | None = typer.Option(None, "--shard", metavar="I/N",
                                          help="Evaluate only part I of N (I from 0) and write OUTPUT/shards/; merge the "
                                               "N parts with `nuwa-graph merge OUTPUT`. Under torchrun/accelerate the "
                                               "ranks shard and merge by themselves."),
@@ -655,7 +655,7 @@ def merge_(
     sources: list[Path] = typer.Argument(..., metavar="DIR_OR_FILE...",
                                          help="Output folders of `eval --shard I/N` runs (their shards/ files), or "
                                               "shard files.", show_default=False),
-    output: Optional[Path] = typer.Option(None, "--output", "-o",
+    output: Path | None = typer.Option(None, "--output", "-o",
                                           help="Where to write the merged results (default: the first folder)."),
 ) -> None:
     """Merge the shards of `nuwa-graph eval --shard I/N` into the files one process writes.

@@ -368,7 +368,7 @@ class Checkpoint:
                 self.done[rec["key"]] = rec
 
     @staticmethod
-    def key(run: "EvalRun", task: Task, chunk: list) -> str:
+    def key(run: EvalRun, task: Task, chunk: list) -> str:
         return json.dumps([run.label, run.file, task.kind, task.source, [s.id for s in chunk]])
 
     def get(self, key: str) -> dict[str, Any] | None:

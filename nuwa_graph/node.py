@@ -139,7 +139,7 @@ class Node:
         """The site where this node must act, or None: runs where its inputs are ready."""
         return None
 
-    def requests(self) -> list["SignalRequest"]:
+    def requests(self) -> list[SignalRequest]:
         """Signals read from the model (empty for pure nodes)."""
         return []
 
@@ -148,7 +148,7 @@ class Node:
         return []
 
     # --- execution --------------------------------------------------------------------
-    def run(self, ctx: "SampleContext", **inputs: Any) -> dict[str, PortType]:
+    def run(self, ctx: SampleContext, **inputs: Any) -> dict[str, PortType]:
         raise NotImplementedError
 
     def summary(self) -> str:

@@ -101,7 +101,7 @@ class Pipeline:
     derived: dict[str, str] = field(default_factory=dict)  # variable -> default expression it was computed from
     chosen_from: str | None = None  # the file whose family_files picked this one for the model
 
-    def bind_model(self, model_vars: dict[str, Any]) -> "Pipeline":
+    def bind_model(self, model_vars: dict[str, Any]) -> Pipeline:
         """This pipeline for a model (re-validated with its variables), or itself if they don't matter.
 
         If `model_vars` name a `family` listed in the file's `family_files`, that file is

@@ -46,7 +46,7 @@ class Shard:
         return f"shard-{self.index}-of-{self.count}.json"
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> "Shard | None":
+    def from_env(cls, env: dict[str, str] | None = None) -> Shard | None:
         """The rank of a `torchrun` / `accelerate launch` process (RANK, WORLD_SIZE, LOCAL_RANK);
         None when not launched with more than one process."""
         env = dict(os.environ if env is None else env)
@@ -248,7 +248,7 @@ class Group:
         self.active = bool(shard and shard.launched)
         self._made = False
 
-    def __enter__(self) -> "Group":
+    def __enter__(self) -> Group:
         if not self.active:
             return self
         import datetime

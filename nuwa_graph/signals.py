@@ -49,7 +49,7 @@ class SignalRequest:
         return f"{self.kind}({inner})"
 
     @classmethod
-    def make(cls, kind: str, site: str, **args) -> "SignalRequest":
+    def make(cls, kind: str, site: str, **args) -> SignalRequest:
         if kind not in SIGNAL_KINDS:
             raise ValueError(f"unknown signal kind {kind!r}; known: {', '.join(sorted(SIGNAL_KINDS))}")
         return cls(kind, site, tuple(sorted(args.items())))

@@ -37,7 +37,7 @@ class Site:
         self.rank = rank
 
     @classmethod
-    def llm(cls, layer: int) -> "Site":
+    def llm(cls, layer: int) -> Site:
         return cls(f"llm.{int(layer)}")
 
     @property
@@ -48,7 +48,7 @@ class Site:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Site) and other.rank == self.rank
 
-    def __lt__(self, other: "Site") -> bool:
+    def __lt__(self, other: Site) -> bool:
         return self.rank < other.rank
 
     def __hash__(self) -> int:

@@ -12,8 +12,9 @@ import csv
 import io
 import itertools
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from .errors import PipelineError
 from .pipeline import Pipeline, load, parse_override

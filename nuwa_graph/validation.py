@@ -10,7 +10,6 @@ that must act at a site earlier than a signal it needs).
 from __future__ import annotations
 
 import re
-
 from typing import Any
 
 import networkx as nx

@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import RunError
-from .base import (ADAPTERS, ATTN_IMPLEMENTATIONS, RunReport, VLMAdapter, check_attn_implementation, dtype_of,
-                   register_adapter)
+from .base import ADAPTERS, ATTN_IMPLEMENTATIONS, RunReport, VLMAdapter, check_attn_implementation, dtype_of, register_adapter
 
 # model_type -> module that defines (and @register_adapter-s) its adapter
 FAMILY_MODULES = {

@@ -71,10 +71,10 @@ from ..types import Geometry, PositionPlan
 # --------------------------------------------------------------------------------------------
 # registry of families (load_adapter looks model_type up here)
 # --------------------------------------------------------------------------------------------
-ADAPTERS: dict[str, type["VLMAdapter"]] = {}
+ADAPTERS: dict[str, type[VLMAdapter]] = {}
 
 
-def register_adapter(cls: type["VLMAdapter"]) -> type["VLMAdapter"]:
+def register_adapter(cls: type[VLMAdapter]) -> type[VLMAdapter]:
     """Class decorator: make `cls` the adapter for each of its `model_types`."""
     for mt in cls.model_types:
         ADAPTERS[mt] = cls
@@ -222,7 +222,7 @@ class RunReport:
 class _Run:
     """Per-request state (one per prefill + decode)."""
 
-    def __init__(self, adapter: "VLMAdapter", ex: Executor, enc: Encoded, external: dict | None, seed: int | None):
+    def __init__(self, adapter: VLMAdapter, ex: Executor, enc: Encoded, external: dict | None, seed: int | None):
         self.adapter = adapter
         self.ex = ex
         self.enc = enc
@@ -384,10 +384,10 @@ class VLMAdapter:
     # ---- family hooks (override) -------------------------------------------------------
     @classmethod
     def from_pretrained(cls, id_or_path: str, dtype: torch.dtype, device: str, attn_implementation: str = "sdpa",
-                        device_map: str | dict | None = None) -> "VLMAdapter":
+                        device_map: str | dict | None = None) -> VLMAdapter:
         raise NotImplementedError
 
-    def set_attn_implementation(self, name: str) -> "VLMAdapter":
+    def set_attn_implementation(self, name: str) -> VLMAdapter:
         """Run the model's own attention with `name` (sdpa | flash_attention_2 | eager)."""
         self.attn_implementation = check_attn_implementation(name)
         self.model.set_attn_implementation(name)

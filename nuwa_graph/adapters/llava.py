@@ -53,7 +53,7 @@ class LlavaAdapter(VLMAdapter):
 
     @classmethod
     def from_pretrained(cls, id_or_path: str, dtype: torch.dtype, device: str, attn_implementation: str = "sdpa",
-                        device_map: str | dict | None = None) -> "LlavaAdapter":
+                        device_map: str | dict | None = None) -> LlavaAdapter:
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
         model, device = load_checkpoint(LlavaForConditionalGeneration, id_or_path, dtype, device, device_map, attn_implementation)

@@ -53,14 +53,14 @@ does with its rope deltas).
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from ..errors import RunError
 from ..signals import SignalRequest
 from ..types import Geometry, PositionPlan
-from .base import (LLM_SIGNALS, Encoded, SampleLayout, VisionOut, VLMAdapter, _Run, load_checkpoint,
-                   register_adapter)
+from .base import LLM_SIGNALS, Encoded, SampleLayout, VisionOut, VLMAdapter, _Run, load_checkpoint, register_adapter
 
 #: signals that need a CLS token; Qwen2.5-VL's vision tower has none
 NO_CLS_SIGNALS = ("vision.cls_attention", "vision.cls_hidden", "vision.keys", "vision.qk_single_head")
@@ -125,7 +125,7 @@ class VisionProbe:
         self.hidden: dict[int, torch.Tensor] = {}
         self.handles: list = []
 
-    def install(self) -> "VisionProbe":
+    def install(self) -> VisionProbe:
         blocks = self.visual.blocks
         for i in self.attn_blocks:
             self.handles.append(blocks[i].attn.register_forward_pre_hook(self._attn_hook(i), with_kwargs=True))
@@ -182,7 +182,7 @@ class VisionGeometry:
     counts: list[int]  # merged tokens per image
 
     @classmethod
-    def of(cls, visual, grid_thw: torch.Tensor) -> "VisionGeometry":
+    def of(cls, visual, grid_thw: torch.Tensor) -> VisionGeometry:
         from transformers.vision_utils import get_vision_window_index
 
         merge = visual.spatial_merge_size
@@ -303,7 +303,7 @@ class QwenAdapter(VLMAdapter):
     # ---- loading -----------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, id_or_path: str, dtype: torch.dtype, device: str, attn_implementation: str = "sdpa",
-                        device_map: str | dict | None = None) -> "QwenAdapter":
+                        device_map: str | dict | None = None) -> QwenAdapter:
         from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -649,7 +649,7 @@ def build_tiny_qwen(seed: int = 0):
     return model.eval(), processor
 
 
-def tiny_qwen(dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0) -> "QwenAdapter":
+def tiny_qwen(dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0) -> QwenAdapter:
     """The `tiny-qwen` preset as a ready adapter."""
     model, processor = build_tiny_qwen(seed)
     model = model.to(device=device, dtype=dtype)

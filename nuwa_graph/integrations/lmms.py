@@ -38,8 +38,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms

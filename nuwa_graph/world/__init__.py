@@ -1,8 +1,17 @@
 """The procedural shapes world (scenes, grounding and VQA samples) and its file formats."""
 
-from .boxes import BINS, coord_tokens, box_to_tokens, iou, parse_box, tokens_to_box
-from .shapes import (GROUNDING_TEMPLATE, GroundingItem, Scene, VQAItem, make_scene, referring_expressions, resolve,
-                     samples, vocabulary)
+from .boxes import BINS, box_to_tokens, coord_tokens, iou, parse_box, tokens_to_box
+from .shapes import (
+                     GROUNDING_TEMPLATE,
+                     GroundingItem,
+                     Scene,
+                     VQAItem,
+                     make_scene,
+                     referring_expressions,
+                     resolve,
+                     samples,
+                     vocabulary,
+)
 
 __all__ = ["BINS", "coord_tokens", "load_split", "write_split", "GROUNDING_TEMPLATE", "GroundingItem", "Scene", "VQAItem", "box_to_tokens", "iou", "make_scene",
            "parse_box", "referring_expressions", "resolve", "samples", "tokens_to_box", "vocabulary"]
