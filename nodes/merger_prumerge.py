@@ -9,6 +9,8 @@ CLS-attention-weighted sum of every dropped token, is appended last (id POOLED_I
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -29,28 +31,24 @@ class PruMergeParams(NodeParams):
 
 
 @register
-class PruMergePlusMerger(Node):
+class PruMergePlusMerger(Node[PruMergeParams]):
     """PruMerge(+): kept tokens absorb their key-nearest neighbours, weighted by CLS attention."""
 
     type_name = "merger.prumerge"
-    family = "merger"
     paper = "https://arxiv.org/abs/2403.15388"
-    inputs = {
-        "selection": Port(Selection, "kept tokens, in the order they will sit (official: topk, then supplement)"),
-        "scores": Port(Scores, "CLS attention per token (the merge weights)"),
-    }
     outputs = {
         "tokens": Port(Tokens, "merged kept tokens, then the extra token; space vision"),
         "selection": Port(Selection, "their ids in the same order (extra token: -2)"),
     }
-    Params = PruMergeParams
 
     def requests(self):
         p = self.params
         return [SignalRequest.make("vision.hidden", "vision", layer=p.layer),
                 SignalRequest.make("vision.qk_single_head", "vision", layer=p.key_layer)]
 
-    def run(self, ctx, selection: Selection, scores: Scores):
+    def run(self, ctx,
+            selection: Annotated[Selection, "kept tokens, in the order they will sit (official: topk, then supplement)"],
+            scores: Annotated[Scores, "CLS attention per token (the merge weights)"]):
         p = self.params
         hidden = ctx.signal(self.requests()[0])  # (n, d)
         qk = ctx.signal(self.requests()[1])  # (2, n + 1, d)

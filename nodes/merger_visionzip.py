@@ -11,6 +11,8 @@ target j + mean of the hidden states that joined it. Features are vision hidden 
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from pydantic import Field
 
@@ -28,19 +30,16 @@ class VisionZipParams(NodeParams):
 
 
 @register
-class VisionZipMerger(Node):
+class VisionZipMerger(Node[VisionZipParams]):
     """VisionZip: dominant tokens kept as they are, the rest merged into uniform contextual
     targets by key similarity."""
 
     type_name = "merger.visionzip"
-    family = "merger"
     paper = "https://arxiv.org/abs/2412.04467"
-    inputs = {"dominant": Port(Selection, "the dominant patches (any order)")}
     outputs = {
         "tokens": Port(Tokens, "CLS, dominant (ascending), contextual (target order); space vision"),
         "selection": Port(Selection, "ids of those tokens in the same order (CLS = -1, contextual = target id)"),
     }
-    Params = VisionZipParams
 
     def requests(self):
         p = self.params
@@ -50,7 +49,7 @@ class VisionZipMerger(Node):
             reqs.append(SignalRequest.make("vision.cls_hidden", "vision", layer=p.layer))
         return reqs
 
-    def run(self, ctx, dominant: Selection):
+    def run(self, ctx, dominant: Annotated[Selection, "the dominant patches (any order)"]):
         p = self.params
         reqs = self.requests()
         hidden = ctx.signal(reqs[0])  # (n, d), no CLS

@@ -18,7 +18,7 @@ Only the K1 kept rows are computed: no n x n matrix beyond the rows needed.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -88,25 +88,21 @@ class CohesionParams(NodeParams):
 
 
 @register
-class RegionCohesion(Node):
+class RegionCohesion(Node[CohesionParams]):
     """Nüwa aggregation: each kept collector absorbs similar nearby tokens; pillars stay."""
 
     type_name = "region-cohesion.nuwa"
-    family = "region-cohesion"
     paper = "https://arxiv.org/abs/2602.02951"
-    inputs = {
-        "selection": Port(Selection, "kept tokens (Nüwa: K1, ascending)"),
-        "features": Port(Tokens, "features aggregated, over the whole grid (LLaVA: hidden_states[-2])"),
-        "similarity": Port(Tokens, "features whose cosine similarity weighs the aggregation, whole grid"),
-        "roles": Port(Roles, "pillars (kept as themselves) and collectors; absent = all collect", optional=True),
-    }
     outputs = {
         "tokens": Port(Tokens, "aggregated kept tokens, in selection order, space of `features`"),
         "selection": Port(Selection, "their ids (unchanged)"),
     }
-    Params = CohesionParams
 
-    def run(self, ctx, selection: Selection, features: Tokens, similarity: Tokens, roles: Roles | None = None):
+    def run(self, ctx,
+            selection: Annotated[Selection, "kept tokens (Nüwa: K1, ascending)"],
+            features: Annotated[Tokens, "features aggregated, over the whole grid (LLaVA: hidden_states[-2])"],
+            similarity: Annotated[Tokens, "features whose cosine similarity weighs the aggregation, whole grid"],
+            roles: Annotated[Roles | None, "pillars (kept as themselves) and collectors; absent = all collect"] = None):
         p = self.params
         grid = ctx.geometry.grid
         n = ctx.geometry.n_tokens

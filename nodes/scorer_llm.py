@@ -23,7 +23,7 @@ from pydantic import Field, field_validator
 from nuwa_graph.node import Node, NodeParams, Port
 from nuwa_graph.registry import register
 from nuwa_graph.signals import SignalRequest
-from nuwa_graph.sites import Site
+from nuwa_graph.sites import LLMSiteName, Site
 from nuwa_graph.types import Scores
 
 _QUERIES = re.compile(r"^(last|text|last:[1-9]\d*)$")
@@ -97,7 +97,7 @@ class LLMAttentionParams(NodeParams):
     query_reduce: Literal["mean", "sum"] = Field("mean", description="reduction over query rows")
     reduce_order: Literal["heads-first", "queries-first"] = Field(
         "heads-first", description="which axis is reduced first (only matters with heads: max)")
-    site: str | None = Field(None, description="where the scores are read (an 'llm.K' site); default llm.<layer+1>")
+    site: LLMSiteName | None = Field(None, description="where the scores are read (an 'llm.K' site); default llm.<layer+1>")
     exclude_heads: list[Annotated[int, Field(ge=0)]] = Field(
         default_factory=list, description="heads left out before the reduction (robustness checks; default none)")
 
@@ -108,16 +108,9 @@ class LLMAttentionParams(NodeParams):
             raise ValueError(f"queries must be 'last', 'last:N' (N >= 1) or 'text', got {v!r}")
         return v
 
-    @field_validator("site")
-    @classmethod
-    def _site(cls, v: str | None) -> str | None:
-        if v is not None and Site(v).layer is None:
-            raise ValueError(f"site must be an LLM site 'llm.K', got {v!r}")
-        return v
-
 
 @register
-class LLMAttentionScores(Node):
+class LLMAttentionScores(Node[LLMAttentionParams]):
     """Attention the chosen prompt rows pay to each image token present, at one LLM layer.
 
     Output ids are `ctx.present` (the survivors of earlier stages, in sequence order). The
@@ -128,11 +121,8 @@ class LLMAttentionScores(Node):
     """
 
     type_name = "scorer.llm-attention"
-    family = "scorer"
     paper = "https://arxiv.org/abs/2403.06764"
-    inputs = {}
     outputs = {"scores": Port(Scores, "one score per image token present (ids = ctx.present)")}
-    Params = LLMAttentionParams
 
     def _site_name(self) -> str:
         return self.params.site if self.params.site is not None else f"llm.{self.params.layer + 1}"

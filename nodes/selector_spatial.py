@@ -46,14 +46,11 @@ class CountParams(NodeParams):
 
 
 @register
-class UniformCount(Node):
+class UniformCount(Node[CountParams]):
     """Exactly k tokens spread evenly over the grid (spatial downsampling baseline)."""
 
     type_name = "selector.uniform-count"
-    family = "selector"
-    inputs = {}
     outputs = {"selection": Port(Selection, "k grid tokens, ascending")}
-    Params = CountParams
 
     def run(self, ctx):
         return {"selection": Selection(spread_ids(ctx.geometry.grid, self.params.k, ctx.device))}

@@ -10,7 +10,7 @@ The official codes do not agree on how a budget becomes a count:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -46,18 +46,15 @@ class TopKIntParams(NodeParams):
 
 
 @register
-class TopKInt(Node):
+class TopKInt(Node[TopKIntParams]):
     """Keep the top tokens by score; the count follows an official code's int() rule.
 
     Ties follow torch.topk on the given scores (as the official codes do)."""
 
     type_name = "selector.top-k-int"
-    family = "selector"
-    inputs = {"scores": Port(Scores, "one score per candidate token")}
     outputs = {"selection": Port(Selection, "the kept tokens")}
-    Params = TopKIntParams
 
-    def run(self, ctx, scores: Scores):
+    def run(self, ctx, scores: Annotated[Scores, "one score per candidate token"]):
         p = self.params
         n = scores.values.numel()
         k = count_for(n, ctx.geometry.n_tokens, p.k, p.ratio, p.base, p.leave_one)

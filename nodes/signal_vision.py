@@ -29,14 +29,11 @@ class HiddenParams(NodeParams):
 
 
 @register
-class VisionHidden(Node):
+class VisionHidden(Node[HiddenParams]):
     """Vision hidden states of one layer, without CLS (the features LLaVA projects)."""
 
     type_name = "signal.vision-hidden"
-    family = "signal"
-    inputs = {}
     outputs = {"tokens": Port(Tokens, "(n, d_vision) patch features, space vision")}
-    Params = HiddenParams
 
     def requests(self):
         return [SignalRequest.make("vision.hidden", "vision", layer=self.params.layer)]
@@ -61,15 +58,12 @@ class HiddenMeanParams(_RangeParams):
 
 
 @register
-class VisionHiddenMean(Node):
+class VisionHiddenMean(Node[HiddenMeanParams]):
     """Mean of vision hidden_states[start:stop] without CLS (Nüwa's similarity features)."""
 
     type_name = "signal.vision-hidden-mean"
-    family = "signal"
     paper = "https://arxiv.org/abs/2602.02951"
-    inputs = {}
     outputs = {"tokens": Port(Tokens, "(n, d_vision) averaged patch features, space vision")}
-    Params = HiddenMeanParams
 
     def requests(self):
         return [SignalRequest.make("vision.hidden_mean", "vision", start=self.params.start, stop=self.params.stop)]
@@ -84,16 +78,13 @@ class MergedMeanParams(_RangeParams):
 
 
 @register
-class VisionMergedHiddenMean(Node):
+class VisionMergedHiddenMean(Node[MergedMeanParams]):
     """Qwen2.5-VL: the patch merger applied to the mean of vision blocks [start, stop),
     per merged token in raster order (Nüwa's Qwen similarity features)."""
 
     type_name = "signal.vision-merged-hidden-mean"
-    family = "signal"
     paper = "https://arxiv.org/abs/2602.02951"
-    inputs = {}
     outputs = {"tokens": Port(Tokens, "(n, d_llm) merged features, space llm")}
-    Params = MergedMeanParams
 
     def requests(self):
         return [SignalRequest.make("vision.merged_hidden_mean", "vision", start=self.params.start, stop=self.params.stop)]
@@ -107,8 +98,6 @@ class PreLlmVisual(Node):
     """The projected visual tokens the LLM would receive (Qwen: the merger's output)."""
 
     type_name = "signal.pre-llm-visual"
-    family = "signal"
-    inputs = {}
     outputs = {"tokens": Port(Tokens, "(n, d_llm) projected tokens, space llm")}
 
     def requests(self):

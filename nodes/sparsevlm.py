@@ -32,21 +32,15 @@ import math
 from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from nuwa_graph.node import Node, NodeParams, Port
 from nuwa_graph.registry import register
 from nuwa_graph.signals import SignalRequest
-from nuwa_graph.sites import Site
+from nuwa_graph.sites import LLMSiteName, Site
 from nuwa_graph.types import Scores, Selection, Tokens
 
 from .scorer_llm import drop_heads, in_simd_body
-
-
-def _llm_site(v: str) -> str:
-    if Site(v).layer is None:
-        raise ValueError(f"site must be an LLM site 'llm.K', got {v!r}")
-    return v
 
 
 # --------------------------------------------------------------------------------------
@@ -75,7 +69,7 @@ class RopeCorrection(BaseModel):
 
 class RatersParams(NodeParams):
     layer: int = Field(ge=0, description="decoder layer whose attention rows are read (SparseVLM prunes its output)")
-    site: str | None = Field(None, description="where the scores are used (an 'llm.K' site); default llm.<layer+1>")
+    site: LLMSiteName | None = Field(None, description="where the scores are used (an 'llm.K' site); default llm.<layer+1>")
     top_heads: int | None = Field(None, ge=1, description="v2: keep only this many heads, by rater->visual attention sum (code: 14)")
     exclude_heads: list[Annotated[int, Field(ge=0)]] = Field(
         default_factory=list, description="heads left out before anything else (robustness checks; default none)")
@@ -83,22 +77,14 @@ class RatersParams(NodeParams):
         None, description="v2: divide the rows by the RoPE pattern of all-ones q/k at the tokens' positions "
         "(assumes PESP positions: visual id + image_start, text after the image unshifted)")
 
-    @field_validator("site")
-    @classmethod
-    def _site(cls, v):
-        return None if v is None else _llm_site(v)
-
 
 @register
-class SparseVLMRaters(Node):
+class SparseVLMRaters(Node[RatersParams]):
     """SparseVLM's visual-token score: attention from the text raters, at one LLM layer."""
 
     type_name = "scorer.sparsevlm-raters"
-    family = "scorer"
     paper = "https://arxiv.org/abs/2410.04417"
-    inputs = {}
     outputs = {"scores": Port(Scores, "rater attention per image token present (ids = ctx.present)")}
-    Params = RatersParams
 
     def _site_name(self) -> str:
         return self.params.site if self.params.site is not None else f"llm.{self.params.layer + 1}"
@@ -186,34 +172,25 @@ def dpc_knn_merge(x: torch.Tensor, n_clusters: int, noise: torch.Tensor | None =
 
 
 class RecycleParams(NodeParams):
-    site: str = Field(description="the 'llm.K' site where the prune happens (hidden states at the input of layer K)")
+    site: LLMSiteName = Field(description="the 'llm.K' site where the prune happens (hidden states at the input of layer K)")
     fraction: float = Field(0.3, gt=0, le=1, description="recycled = int(fraction * n_pruned) + 1 best pruned tokens")
     cluster_divisor: int = Field(10, ge=1, description="clusters = int(n_recycled / divisor) + 1")
     tie_break: Literal["seeded-noise", "signal", "index"] = Field(
         "seeded-noise", description="DPC-KNN density tie-break (see the module doc)")
     noise_name: str = Field("sparsevlm_cluster_noise", description="external signal with the noise (tie_break: signal)")
 
-    @field_validator("site")
-    @classmethod
-    def _site(cls, v):
-        return _llm_site(v)
-
 
 @register
-class SparseVLMRecycle(Node):
+class SparseVLMRecycle(Node[RecycleParams]):
     """Keep the selected tokens and recycle the best pruned ones into cluster means.
 
     Output order (= sequence order at the site): kept tokens in stream order, then the
     merged tokens in cluster-centre order. Each merged token's id is its centre's id."""
 
     type_name = "merger.sparsevlm-recycle"
-    family = "merger"
     paper = "https://arxiv.org/abs/2410.04417"
-    inputs = {"scores": Port(Scores, "relation score of every token present (ranks the pruned ones)"),
-              "selection": Port(Selection, "the kept tokens")}
     outputs = {"tokens": Port(Tokens, "kept + merged token features (space llm)"),
                "selection": Port(Selection, "their ids, in sequence order")}
-    Params = RecycleParams
 
     def site(self) -> Site:
         return Site(self.params.site)
@@ -230,7 +207,9 @@ class SparseVLMRecycle(Node):
             reqs.append(self._noise())
         return reqs
 
-    def run(self, ctx, scores: Scores, selection: Selection):
+    def run(self, ctx,
+            scores: Annotated[Scores, "relation score of every token present (ranks the pruned ones)"],
+            selection: Annotated[Selection, "the kept tokens"]):
         if not torch.equal(scores.ids, ctx.present):
             raise ValueError("scores must cover the tokens present, in stream order")
         hidden = ctx.signal(self._hidden())
