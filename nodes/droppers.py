@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field, model_validator
 
+from nuwa_graph.errors import BudgetError
 from nuwa_graph.node import Node, NodeParams, Port
 from nuwa_graph.registry import register
 from nuwa_graph.types import Selection
@@ -39,7 +40,7 @@ class RandomDropper(Node[RandomParams]):
         n = ids.numel()
         k = self.params.keep if self.params.keep is not None else int(n * self.params.ratio)
         if k > n:
-            raise ValueError(f"keep={k} is larger than the {n} candidates")
+            raise BudgetError(k, n, param="keep", what="candidates")
         # drawn on the CPU so a seed picks the same tokens on every device; k ids cross once per site
         pick = torch.randperm(n, generator=ctx.generator(), device="cpu")[:k].to(ids.device)
         pick = torch.sort(pick).values

@@ -14,6 +14,7 @@ import math
 import torch
 from pydantic import Field
 
+from nuwa_graph.errors import BudgetError
 from nuwa_graph.node import Node, NodeParams, Port
 from nuwa_graph.registry import register
 from nuwa_graph.types import Selection
@@ -23,7 +24,7 @@ def spread_ids(grid: tuple[int, int], k: int, device: torch.device | str = "cpu"
     """Exactly k ids spread evenly over an h x w grid (raster order, ascending), on `device`."""
     h, w = grid
     if k > h * w:
-        raise ValueError(f"k={k} is larger than the {h * w} tokens of the grid; lower the budget")
+        raise BudgetError(k, h * w, what="tokens of the grid", advice="lower the budget")
     if k == 0:
         return torch.zeros(0, dtype=torch.long, device=device)
     r = max(1, min(h, round(math.sqrt(k * h / w))))

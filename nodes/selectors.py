@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field, model_validator
 
+from nuwa_graph.errors import BudgetError
 from nuwa_graph.node import Node, NodeParams, Port
 from nuwa_graph.registry import register
 from nuwa_graph.types import Regions, Scores, Selection
@@ -106,8 +107,7 @@ class TopK(Node[TopKParams]):
             k = count_from_ratio(p.ratio, ctx.geometry.n_tokens if p.of == "grid" else n, p.rounding)
         if k > n:
             if not p.clamp:
-                raise ValueError(f"k={k} is larger than the {n} tokens present; lower the budget (at most {n}) "
-                                 "or set clamp: true")
+                raise BudgetError(k, n, advice=f"lower the budget (at most {n}) or set clamp: true")
             k = n
         idx = torch.topk(values[None], k, dim=1).indices[0]  # (1, n) as the official codes call it
         kept = ids[idx]

@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field, model_validator
 
+from nuwa_graph.errors import BudgetError
 from nuwa_graph.node import Node, NodeParams, Port
 from nuwa_graph.registry import register
 from nuwa_graph.types import Scores, Selection
@@ -59,7 +60,7 @@ class TopKInt(Node[TopKIntParams]):
         n = scores.values.numel()
         k = count_for(n, ctx.geometry.n_tokens, p.k, p.ratio, p.base, p.leave_one)
         if k > n:
-            raise ValueError(f"k={k} is larger than the {n} tokens present; lower the budget (at most {n})")
+            raise BudgetError(k, n, advice=f"lower the budget (at most {n})")
         idx = torch.topk(scores.values, k).indices
         if p.order == "stream":
             idx = torch.sort(idx).values
