@@ -14,7 +14,8 @@ Two nodes; the pruning itself is `selector.top-k-int` + `applier.keep`:
   score are clustered with DPC-KNN on the hidden states the layer produced (k = number of
   clusters = int(n_recycled / 10) + 1), each cluster becomes its mean, and the merged tokens
   are inserted after the kept visual tokens. A merged token carries the original id of its
-  cluster centre (the anchor), so it stays a visual token for later stages.
+  cluster centre (the anchor), so it stays a visual token for later stages. The hidden
+  states arrive on the `hidden` port from `signal.llm-hidden` at the same site.
 
 Tie-break in DPC-KNN (documented choice, DESIGN invariant 8): the official code adds
 unseeded `torch.rand(n) * 1e-6` to the densities. `tie_break` makes it explicit:
@@ -172,7 +173,7 @@ def dpc_knn_merge(x: torch.Tensor, n_clusters: int, noise: torch.Tensor | None =
 
 
 class RecycleParams(NodeParams):
-    site: LLMSiteName = Field(description="the 'llm.K' site where the prune happens (hidden states at the input of layer K)")
+    site: LLMSiteName = Field(description="the 'llm.K' site where the prune happens (connect signal.llm-hidden there)")
     fraction: float = Field(0.3, gt=0, le=1, description="recycled = int(fraction * n_pruned) + 1 best pruned tokens")
     cluster_divisor: int = Field(10, ge=1, description="clusters = int(n_recycled / divisor) + 1")
     tie_break: Literal["seeded-noise", "signal", "index"] = Field(
@@ -195,32 +196,27 @@ class SparseVLMRecycle(Node[RecycleParams]):
     def site(self) -> Site:
         return Site(self.params.site)
 
-    def _hidden(self) -> SignalRequest:
-        return SignalRequest.make("llm.hidden", self.params.site, layer=Site(self.params.site).layer)
-
     def _noise(self) -> SignalRequest:
         return SignalRequest.make("external", self.params.site, name=self.params.noise_name)
 
     def requests(self):
-        reqs = [self._hidden()]
-        if self.params.tie_break == "signal":
-            reqs.append(self._noise())
-        return reqs
+        return [self._noise()] if self.params.tie_break == "signal" else []
 
     def run(self, ctx,
             scores: Annotated[Scores, "relation score of every token present (ranks the pruned ones)"],
-            selection: Annotated[Selection, "the kept tokens"]):
+            selection: Annotated[Selection, "the kept tokens"],
+            hidden: Annotated[Tokens, "hidden states of the tokens present at the site (signal.llm-hidden)"]):
         if not torch.equal(scores.ids, ctx.present):
             raise ValueError("scores must cover the tokens present, in stream order")
-        hidden = ctx.signal(self._hidden())
-        n = ctx.present.numel()
-        if hidden.shape[0] != n:
-            raise ValueError(f"llm.hidden has {hidden.shape[0]} rows for {n} tokens present")
+        if not torch.equal(hidden.ids, ctx.present):
+            raise ValueError(f"hidden must cover the {ctx.present.numel()} tokens present at {self.params.site}, in "
+                             f"stream order; connect signal.llm-hidden at the same site")
+        hidden_rows = hidden.values
         kept = torch.isin(ctx.present, selection.ids)
         kept_pos = torch.where(kept)[0]
         pruned_pos = torch.where(~kept)[0]
         ids = ctx.present[kept_pos]
-        values = hidden[kept_pos]
+        values = hidden_rows[kept_pos]
         if pruned_pos.numel() > 0:
             n_rec = int(pruned_pos.numel() * self.params.fraction) + 1
             n_rec = min(n_rec, pruned_pos.numel())
@@ -230,12 +226,12 @@ class SparseVLMRecycle(Node[RecycleParams]):
             noise = None
             if self.params.tie_break == "seeded-noise":
                 # drawn on the CPU (same noise on every device for a seed), moved once per site
-                noise = torch.rand(n_rec, generator=ctx.generator(), device="cpu").to(hidden.device)
+                noise = torch.rand(n_rec, generator=ctx.generator(), device="cpu").to(hidden_rows.device)
             elif self.params.tie_break == "signal":
                 noise = ctx.signal(self._noise()).reshape(-1)
                 if noise.numel() != n_rec:
                     raise ValueError(f"noise signal has {noise.numel()} values for {n_rec} recycled tokens")
-            merged, centres = dpc_knn_merge(hidden[rec], n_clusters, noise, self.params.tie_break)
+            merged, centres = dpc_knn_merge(hidden_rows[rec], n_clusters, noise, self.params.tie_break)
             ids = torch.cat([ids, ctx.present[rec[centres]]])
             values = torch.cat([values, merged.to(values.dtype)])
         return {"tokens": Tokens(values, ids, space="llm"), "selection": Selection(ids)}
