@@ -40,7 +40,11 @@ class KeepTokens(Node[KeepParams]):
             positions: Annotated[PositionPlan | None, "position ids of the kept tokens"] = None):
         if selection is None and tokens is None:
             raise ValueError("applier.keep needs a 'selection' or 'tokens' input")
-        ids = tokens.ids if tokens is not None else selection.ids
+        if tokens is not None:
+            ids = tokens.ids
+        else:
+            assert selection is not None
+            ids = selection.ids
         if selection is not None and tokens is not None and not torch.equal(selection.ids, tokens.ids):
             raise ValueError("'selection' and 'tokens' name different tokens; connect one of them")
         if positions is not None and not torch.equal(positions.ids, ids):

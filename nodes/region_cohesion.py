@@ -42,9 +42,10 @@ def cohesion_radius(grid: tuple[int, int], distance: float | None, distance_grid
     if distance_fraction is not None:
         diag = grid_diagonal(grid, pad_to)
         return diag * distance_fraction if diag > 0 else 1.0
+    assert distance is not None  # the params give distance or distance_fraction
     r = math.sqrt(distance)
     if distance_grid is not None and tuple(distance_grid) != tuple(grid):
-        ref = grid_diagonal(tuple(distance_grid), pad_to)
+        ref = grid_diagonal((distance_grid[0], distance_grid[1]), pad_to)
         if ref > 0:
             r = r * grid_diagonal(grid, pad_to) / ref
     return r

@@ -132,6 +132,7 @@ class LLMAttentionScores(Node[LLMAttentionParams]):
 
     def check(self) -> list[str]:
         k = self.site().layer
+        assert k is not None  # an llm.K site
         if self.params.layer > k:
             return [f"layer={self.params.layer} is after the site {self._site_name()}: attention of layer L "
                     f"can be read at llm.K only when L <= K"]

@@ -34,7 +34,7 @@ def spread_ids(grid: tuple[int, int], k: int, device: torch.device | str = "cpu"
     rows = [int((i + 0.5) * h / r) for i in range(r)]
     # rows that take one more token are spread evenly too
     more = {int((j + 0.5) * r / extra) for j in range(extra)} if extra else set()
-    ids = []
+    ids: list[int] = []
     for i, row in enumerate(rows):
         c = base + (1 if i in more else 0)
         cols = [int((j + 0.5) * w / c) for j in range(c)]

@@ -104,6 +104,7 @@ class TopK(Node[TopKParams]):
         if p.k is not None:
             k = p.k
         else:
+            assert p.ratio is not None  # the params give exactly one of k and ratio
             k = count_from_ratio(p.ratio, ctx.geometry.n_tokens if p.of == "grid" else n, p.rounding)
         if k > n:
             if not p.clamp:

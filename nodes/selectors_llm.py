@@ -24,6 +24,7 @@ from nuwa_graph.types import Scores, Selection
 def count_for(n_present: int, n_grid: int, k: int | None, ratio: float | None, base: str, leave_one: bool) -> int:
     """The number of tokens to keep, with the official int() truncation."""
     if k is None:
+        assert ratio is not None  # the params give exactly one of k and ratio
         k = int((n_grid if base == "grid" else n_present) * ratio)
     if leave_one:
         k = min(k, n_present - 1)

@@ -94,7 +94,9 @@ class SparseVLMRaters(Node[RatersParams]):
         return Site(self._site_name())
 
     def check(self) -> list[str]:
-        if self.params.layer > self.site().layer:
+        site_layer = self.site().layer
+        assert site_layer is not None  # an llm.K site
+        if self.params.layer > site_layer:
             return [f"layer={self.params.layer} is after the site {self._site_name()}"]
         return []
 
