@@ -13,7 +13,8 @@ from nuwa_graph.types import Roles, Scores, Selection
 
 
 class QuantileParams(NodeParams):
-    quantile: float = Field(0.55, ge=0, le=1, description="pillars: score >= this quantile of the kept tokens' scores (linear interpolation)")
+    quantile: float = Field(0.55, ge=0, le=1, description="pillars: score >= this quantile of the kept "
+                            "tokens' scores (linear interpolation)")
 
 
 @register

@@ -90,9 +90,11 @@ def reduce_rows(rows: torch.Tensor, heads: str, query_reduce: str, order: str = 
 
 class LLMAttentionParams(NodeParams):
     layer: int = Field(ge=0, description="decoder layer whose attention rows are used (<= the site's layer K)")
-    queries: str = Field("last", description="query rows: 'last' (last prompt token), 'last:N' (last N), 'text' (every token after the image)")
+    queries: str = Field("last", description="query rows: 'last' (last prompt token), 'last:N' (last N), "
+                         "'text' (every token after the image)")
     rope: bool = Field(True, description="apply RoPE to q and k (FEATHER's criterion has none)")
-    softmax_over: Literal["all", "image"] = Field("all", description="softmax over all keys (causal) or over the image keys only (FEATHER)")
+    softmax_over: Literal["all", "image"] = Field(
+        "all", description="softmax over all keys (causal) or over the image keys only (FEATHER)")
     heads: Literal["mean", "max", "sum"] = Field("mean", description="reduction over attention heads")
     query_reduce: Literal["mean", "sum"] = Field("mean", description="reduction over query rows")
     reduce_order: Literal["heads-first", "queries-first"] = Field(

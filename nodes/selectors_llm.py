@@ -38,7 +38,8 @@ class TopKIntParams(NodeParams):
         "present", description="what ratio multiplies: tokens present (FEATHER) or the full grid (PDrop: 576 at every stage)")
     leave_one: bool = Field(False, description="keep at most n_present - 1 tokens (SparseVLM: min(k, v_token_num - 1))")
     order: Literal["index", "score", "stream"] = Field(
-        "index", description="index: ascending id; score: torch.topk order; stream: the order of the input scores (sequence order)")
+        "index", description="index: ascending id; score: torch.topk order; stream: the order of the input scores "
+        "(sequence order)")
 
     @model_validator(mode="after")
     def _one(self):

@@ -71,7 +71,8 @@ class RopeCorrection(BaseModel):
 class RatersParams(NodeParams):
     layer: int = Field(ge=0, description="decoder layer whose attention rows are read (SparseVLM prunes its output)")
     site: LLMSiteName | None = Field(None, description="where the scores are used (an 'llm.K' site); default llm.<layer+1>")
-    top_heads: int | None = Field(None, ge=1, description="v2: keep only this many heads, by rater->visual attention sum (code: 14)")
+    top_heads: int | None = Field(
+        None, ge=1, description="v2: keep only this many heads, by rater->visual attention sum (code: 14)")
     exclude_heads: list[Annotated[int, Field(ge=0)]] = Field(
         default_factory=list, description="heads left out before anything else (robustness checks; default none)")
     rope_correction: RopeCorrection | None = Field(
