@@ -2,28 +2,24 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from nuwa_graph.context import Keep
 from nuwa_graph.node import Node, NodeParams, Port
 from nuwa_graph.registry import register
-from nuwa_graph.sites import VALID_SITES, Site
+from nuwa_graph.sites import VALID_SITES, Site, SiteName
 from nuwa_graph.types import Applied, PositionPlan, Selection, Tokens
 
 
 class KeepParams(NodeParams):
-    site: str = Field(description=f"where the token set changes: {VALID_SITES}")
-
-    @field_validator("site")
-    @classmethod
-    def _site(cls, v: str) -> str:
-        Site(v)
-        return v
+    site: SiteName = Field(description=f"where the token set changes: {VALID_SITES}")
 
 
 @register
-class KeepTokens(Node):
+class KeepTokens(Node[KeepParams]):
     """From `site` on, the image block holds only the selected (or merged) tokens.
 
     Before the LLM (`vision`, `pre_llm`) the block handed to the LLM is replaced; at
@@ -33,23 +29,22 @@ class KeepTokens(Node):
     """
 
     type_name = "applier.keep"
-    family = "applier"
-    inputs = {
-        "selection": Port(Selection, "tokens kept, in sequence order", optional=True),
-        "tokens": Port(Tokens, "merged replacement tokens (their ids say where they sit)", optional=True),
-        "positions": Port(PositionPlan, "position ids of the kept tokens", optional=True),
-    }
     outputs = {"applied": Port(Applied)}
-    Params = KeepParams
 
     def site(self) -> Site:
         return Site(self.params.site)
 
-    def run(self, ctx, selection: Selection | None = None, tokens: Tokens | None = None,
-            positions: PositionPlan | None = None):
+    def run(self, ctx,
+            selection: Annotated[Selection | None, "tokens kept, in sequence order"] = None,
+            tokens: Annotated[Tokens | None, "merged replacement tokens (their ids say where they sit)"] = None,
+            positions: Annotated[PositionPlan | None, "position ids of the kept tokens"] = None):
         if selection is None and tokens is None:
             raise ValueError("applier.keep needs a 'selection' or 'tokens' input")
-        ids = tokens.ids if tokens is not None else selection.ids
+        if tokens is not None:
+            ids = tokens.ids
+        else:
+            assert selection is not None
+            ids = selection.ids
         if selection is not None and tokens is not None and not torch.equal(selection.ids, tokens.ids):
             raise ValueError("'selection' and 'tokens' name different tokens; connect one of them")
         if positions is not None and not torch.equal(positions.ids, ids):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field, model_validator
 
+from nuwa_graph.errors import BudgetError
 from nuwa_graph.node import Node, NodeParams, Port
 from nuwa_graph.registry import register
 from nuwa_graph.types import Selection
@@ -25,24 +26,21 @@ class RandomParams(NodeParams):
 
 
 @register
-class RandomDropper(Node):
+class RandomDropper(Node[RandomParams]):
     """Keep a uniformly random subset of the candidates, reproducible from the run's seed.
 
     Candidates are the input selection, or every image token present at the node's site.
     """
 
     type_name = "random-dropper.uniform"
-    family = "random-dropper"
-    inputs = {"selection": Port(Selection, "candidates (default: all tokens present)", optional=True)}
     outputs = {"selection": Port(Selection)}
-    Params = RandomParams
 
-    def run(self, ctx, selection: Selection | None = None):
+    def run(self, ctx, selection: Annotated[Selection | None, "candidates (default: all tokens present)"] = None):
         ids = selection.ids if selection is not None else ctx.present
         n = ids.numel()
         k = self.params.keep if self.params.keep is not None else int(n * self.params.ratio)
         if k > n:
-            raise ValueError(f"keep={k} is larger than the {n} candidates")
+            raise BudgetError(k, n, param="keep", what="candidates")
         # drawn on the CPU so a seed picks the same tokens on every device; k ids cross once per site
         pick = torch.randperm(n, generator=ctx.generator(), device="cpu")[:k].to(ids.device)
         pick = torch.sort(pick).values

@@ -9,53 +9,45 @@ CLS-attention-weighted sum of every dropped token, is appended last (id POOLED_I
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
 from nuwa_graph.node import Node, NodeParams, Port
 from nuwa_graph.registry import register
-from nuwa_graph.signals import SignalRequest
 from nuwa_graph.types import POOLED_ID, Scores, Selection, Tokens
 
 from .selectors import gather_scores
+from .signal_vision import grid_rows
 
 
 class PruMergeParams(NodeParams):
     neighbours: int = Field(32, ge=1, description="most key-similar tokens merged into each kept token (official: 32)")
-    layer: int = Field(-2, description="hidden_states index of the features merged (LLaVA: -2)")
-    key_layer: int = Field(-1, description="layer whose single-head keys give the similarity (PruMerge+: -1)")
     extra_token: bool = Field(True, description="append the attention-weighted sum of the dropped tokens")
 
 
 @register
-class PruMergePlusMerger(Node):
+class PruMergePlusMerger(Node[PruMergeParams]):
     """PruMerge(+): kept tokens absorb their key-nearest neighbours, weighted by CLS attention."""
 
     type_name = "merger.prumerge"
-    family = "merger"
     paper = "https://arxiv.org/abs/2403.15388"
-    inputs = {
-        "selection": Port(Selection, "kept tokens, in the order they will sit (official: topk, then supplement)"),
-        "scores": Port(Scores, "CLS attention per token (the merge weights)"),
-    }
     outputs = {
         "tokens": Port(Tokens, "merged kept tokens, then the extra token; space vision"),
         "selection": Port(Selection, "their ids in the same order (extra token: -2)"),
     }
-    Params = PruMergeParams
 
-    def requests(self):
+    def run(self, ctx,
+            selection: Annotated[Selection, "kept tokens, in the order they will sit (official: topk, then supplement)"],
+            scores: Annotated[Scores, "CLS attention per token (the merge weights)"],
+            features: Annotated[Tokens, "features merged, whole grid (LLaVA: signal.vision-hidden, -2)"],
+            keys: Annotated[Tokens, "key per patch, whole grid (signal.vision-key-single-head, -1)"]):
         p = self.params
-        return [SignalRequest.make("vision.hidden", "vision", layer=p.layer),
-                SignalRequest.make("vision.qk_single_head", "vision", layer=p.key_layer)]
-
-    def run(self, ctx, selection: Selection, scores: Scores):
-        p = self.params
-        hidden = ctx.signal(self.requests()[0])  # (n, d)
-        qk = ctx.signal(self.requests()[1])  # (2, n + 1, d)
-        n = hidden.shape[0]
-        keys = qk[1][qk.shape[1] - n:]
+        n = features.values.shape[0]
+        hidden = grid_rows(features, n, "features")  # (n, d)
+        key_rows = grid_rows(keys, n, "keys")
         attn = scores.values[gather_scores(scores, torch.arange(n, device=scores.ids.device))]
         kept = selection.ids
         if torch.unique(kept).numel() != kept.numel():
@@ -68,9 +60,9 @@ class PruMergePlusMerger(Node):
             raise ValueError(f"PruMerge: {L - 1 + dropped.numel()} other tokens for {p.neighbours} neighbours "
                              "(the official topk fails here); lower `neighbours`")
         x_kept, a_kept = hidden[kept], attn[kept]
-        k_kept = F.normalize(keys[kept], p=2, dim=-1)
+        k_kept = F.normalize(key_rows[kept], p=2, dim=-1)
         x_drop, a_drop = hidden[dropped], attn[dropped]
-        k_drop = F.normalize(keys[dropped], p=2, dim=-1)
+        k_drop = F.normalize(key_rows[dropped], p=2, dim=-1)
         out = torch.zeros_like(x_kept)
         for i in range(L):
             rest_k = torch.cat([k_kept[:i], k_kept[i + 1:], k_drop])

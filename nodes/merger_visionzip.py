@@ -5,63 +5,51 @@ Given the dominant tokens (top CLS-attention patches), the output is
 are split into `contextual` targets taken uniformly by position in that list
 (step = max(1, R // contextual)) and the rest, each of which joins the target whose
 head-averaged key (L2-normalised) is most cosine-similar; contextual token j = hidden of
-target j + mean of the hidden states that joined it. Features are vision hidden states of
-`layer` (before the projector).
+target j + mean of the hidden states that joined it. The model tensors arrive on ports from
+signal nodes: the features (vision hidden states before the projector), the head-averaged keys
+and the CLS row; the merger itself reads nothing from the model.
 """
 
 from __future__ import annotations
+
+from typing import Annotated
 
 import torch
 from pydantic import Field
 
 from nuwa_graph.node import Node, NodeParams, Port
 from nuwa_graph.registry import register
-from nuwa_graph.signals import SignalRequest
 from nuwa_graph.types import CLS_ID, Selection, Tokens
+
+from .signal_vision import grid_rows
 
 
 class VisionZipParams(NodeParams):
     contextual: int = Field(ge=1, description="number of contextual (merged) tokens")
-    layer: int = Field(-2, description="hidden_states index of the features merged (LLaVA: -2)")
-    key_layer: int = Field(-2, description="layer whose key states give the similarity metric (-2 = layer 22)")
-    keep_cls: bool = Field(True, description="put the CLS token first, as the official code does")
 
 
 @register
-class VisionZipMerger(Node):
+class VisionZipMerger(Node[VisionZipParams]):
     """VisionZip: dominant tokens kept as they are, the rest merged into uniform contextual
     targets by key similarity."""
 
     type_name = "merger.visionzip"
-    family = "merger"
     paper = "https://arxiv.org/abs/2412.04467"
-    inputs = {"dominant": Port(Selection, "the dominant patches (any order)")}
     outputs = {
         "tokens": Port(Tokens, "CLS, dominant (ascending), contextual (target order); space vision"),
         "selection": Port(Selection, "ids of those tokens in the same order (CLS = -1, contextual = target id)"),
     }
-    Params = VisionZipParams
 
-    def requests(self):
+    def run(self, ctx,
+            dominant: Annotated[Selection, "the dominant patches (any order)"],
+            features: Annotated[Tokens, "features kept and merged, whole grid (LLaVA: signal.vision-hidden, -2)"],
+            keys: Annotated[Tokens, "similarity metric per patch, whole grid (signal.vision-key-mean, -2)"],
+            cls: Annotated[Tokens | None, "the CLS token put first, as the official code does "
+                           "(signal.vision-cls-hidden); absent = no CLS"] = None):
         p = self.params
-        reqs = [SignalRequest.make("vision.hidden", "vision", layer=p.layer),
-                SignalRequest.make("vision.keys", "vision", layer=p.key_layer)]
-        if p.keep_cls:
-            reqs.append(SignalRequest.make("vision.cls_hidden", "vision", layer=p.layer))
-        return reqs
-
-    def run(self, ctx, dominant: Selection):
-        p = self.params
-        reqs = self.requests()
-        hidden = ctx.signal(reqs[0])  # (n, d), no CLS
-        keys = ctx.signal(reqs[1])  # (heads, n + cls, head_dim)
-        n = hidden.shape[0]
-        if keys.dim() != 3:
-            raise ValueError(f"vision.keys must be (heads, n + cls, head_dim), got {tuple(keys.shape)}")
-        # the official `raw_key_states.mean(1)` reduces a contiguous (1, heads, n + 1, head_dim) tensor;
-        # the same layout gives the same bits (a strided view could sum the heads in another order)
-        metric = keys.contiguous()[None].mean(dim=1)[0]
-        metric = metric[metric.shape[0] - n:]  # drop CLS where present
+        n = features.values.shape[0]
+        hidden = grid_rows(features, n, "features")  # (n, d), no CLS
+        metric = grid_rows(keys, n, "keys")  # (n, head_dim), head-averaged
         keep = torch.zeros(n, dtype=torch.bool, device=hidden.device)
         keep[dominant.ids] = True
         dom_ids = torch.nonzero(keep).reshape(-1)  # ascending, as masked_select
@@ -87,9 +75,8 @@ class VisionZipMerger(Node):
         contextual = h_rest[target_pos] + (assign.transpose(0, 1) @ h_rest[~is_target]) / counts
         parts = [hidden[dom_ids], contextual]
         ids = [dom_ids, rest[target_pos]]
-        if p.keep_cls:
-            cls = ctx.signal(reqs[2]).reshape(1, -1)
-            parts.insert(0, cls.to(hidden.dtype))
+        if cls is not None:
+            parts.insert(0, cls.values.reshape(1, -1).to(hidden.dtype))
             ids.insert(0, torch.tensor([CLS_ID], device=hidden.device))
         ids_t = torch.cat(ids).long()
         return {"tokens": Tokens(torch.cat(parts), ids_t, "vision"), "selection": Selection(ids_t)}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from pydantic import Field
 
@@ -11,11 +13,12 @@ from nuwa_graph.types import Roles, Scores, Selection
 
 
 class QuantileParams(NodeParams):
-    quantile: float = Field(0.55, ge=0, le=1, description="pillars: score >= this quantile of the kept tokens' scores (linear interpolation)")
+    quantile: float = Field(0.55, ge=0, le=1, description="pillars: score >= this quantile of the kept "
+                            "tokens' scores (linear interpolation)")
 
 
 @register
-class QuantileSplit(Node):
+class QuantileSplit(Node[QuantileParams]):
     """Pillars are kept tokens whose score reaches a quantile of the kept tokens' scores.
 
     Nüwa (arXiv 2602.02951): score = CLS salience (main code path), the hidden-state L2
@@ -23,13 +26,10 @@ class QuantileSplit(Node):
     """
 
     type_name = "pillar-selector.quantile"
-    family = "pillar-selector"
     paper = "https://arxiv.org/abs/2602.02951"
-    inputs = {"selection": Port(Selection, "the kept set to split"), "scores": Port(Scores, "score per token")}
     outputs = {"roles": Port(Roles)}
-    Params = QuantileParams
 
-    def run(self, ctx, selection: Selection, scores: Scores):
+    def run(self, ctx, selection: Annotated[Selection, "the kept set to split"], scores: Annotated[Scores, "score per token"]):
         lookup = torch.full((int(scores.ids.max()) + 2,), -1, dtype=torch.long, device=scores.ids.device)
         lookup[scores.ids] = torch.arange(scores.ids.numel(), device=scores.ids.device)
         pos = lookup[selection.ids]

@@ -12,7 +12,7 @@ Merged tokens use their anchor's index; a kept CLS token (id -1) counts as index
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
@@ -56,15 +56,12 @@ class ReencodeParams(NodeParams):
 
 
 @register
-class PositionReencoder(Node):
+class PositionReencoder(Node[ReencodeParams]):
     """Choose position ids for a kept set (PESP, PERC or RPME)."""
 
     type_name = "position-reencoder.policy"
-    family = "position-reencoder"
     paper = "https://arxiv.org/abs/2602.02951"
-    inputs = {"selection": Port(Selection, "the kept tokens, in sequence order")}
     outputs = {"positions": Port(PositionPlan)}
-    Params = ReencodeParams
 
-    def run(self, ctx, selection: Selection):
+    def run(self, ctx, selection: Annotated[Selection, "the kept tokens, in sequence order"]):
         return {"positions": plan_positions(selection.ids, self.params.policy, ctx.geometry.n_tokens)}

@@ -18,7 +18,7 @@ Only the K1 kept rows are computed: no n x n matrix beyond the rows needed.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,9 +42,10 @@ def cohesion_radius(grid: tuple[int, int], distance: float | None, distance_grid
     if distance_fraction is not None:
         diag = grid_diagonal(grid, pad_to)
         return diag * distance_fraction if diag > 0 else 1.0
+    assert distance is not None  # the params give distance or distance_fraction
     r = math.sqrt(distance)
     if distance_grid is not None and tuple(distance_grid) != tuple(grid):
-        ref = grid_diagonal(tuple(distance_grid), pad_to)
+        ref = grid_diagonal((distance_grid[0], distance_grid[1]), pad_to)
         if ref > 0:
             r = r * grid_diagonal(grid, pad_to) / ref
     return r
@@ -88,25 +89,21 @@ class CohesionParams(NodeParams):
 
 
 @register
-class RegionCohesion(Node):
+class RegionCohesion(Node[CohesionParams]):
     """Nüwa aggregation: each kept collector absorbs similar nearby tokens; pillars stay."""
 
     type_name = "region-cohesion.nuwa"
-    family = "region-cohesion"
     paper = "https://arxiv.org/abs/2602.02951"
-    inputs = {
-        "selection": Port(Selection, "kept tokens (Nüwa: K1, ascending)"),
-        "features": Port(Tokens, "features aggregated, over the whole grid (LLaVA: hidden_states[-2])"),
-        "similarity": Port(Tokens, "features whose cosine similarity weighs the aggregation, whole grid"),
-        "roles": Port(Roles, "pillars (kept as themselves) and collectors; absent = all collect", optional=True),
-    }
     outputs = {
         "tokens": Port(Tokens, "aggregated kept tokens, in selection order, space of `features`"),
         "selection": Port(Selection, "their ids (unchanged)"),
     }
-    Params = CohesionParams
 
-    def run(self, ctx, selection: Selection, features: Tokens, similarity: Tokens, roles: Roles | None = None):
+    def run(self, ctx,
+            selection: Annotated[Selection, "kept tokens (Nüwa: K1, ascending)"],
+            features: Annotated[Tokens, "features aggregated, over the whole grid (LLaVA: hidden_states[-2])"],
+            similarity: Annotated[Tokens, "features whose cosine similarity weighs the aggregation, whole grid"],
+            roles: Annotated[Roles | None, "pillars (kept as themselves) and collectors; absent = all collect"] = None):
         p = self.params
         grid = ctx.geometry.grid
         n = ctx.geometry.n_tokens

@@ -15,7 +15,7 @@ class GridCellsParams(NodeParams):
 
 
 @register
-class GridCells(Node):
+class GridCells(Node[GridCellsParams]):
     """Split the grid into non-overlapping cell x cell regions, raster-numbered.
 
     On a side that is not a multiple of `cell` the last cells are smaller: the same
@@ -24,11 +24,8 @@ class GridCells(Node):
     """
 
     type_name = "region.grid-cells"
-    family = "region"
     paper = "https://arxiv.org/abs/2602.02951"
-    inputs = {}
     outputs = {"regions": Port(Regions, "region id of every grid token")}
-    Params = GridCellsParams
 
     def run(self, ctx):
         h, w = ctx.geometry.grid

@@ -23,7 +23,7 @@ from pydantic import Field, field_validator
 from nuwa_graph.node import Node, NodeParams, Port
 from nuwa_graph.registry import register
 from nuwa_graph.signals import SignalRequest
-from nuwa_graph.sites import Site
+from nuwa_graph.sites import LLMSiteName, Site
 from nuwa_graph.types import Scores
 
 _QUERIES = re.compile(r"^(last|text|last:[1-9]\d*)$")
@@ -90,14 +90,16 @@ def reduce_rows(rows: torch.Tensor, heads: str, query_reduce: str, order: str = 
 
 class LLMAttentionParams(NodeParams):
     layer: int = Field(ge=0, description="decoder layer whose attention rows are used (<= the site's layer K)")
-    queries: str = Field("last", description="query rows: 'last' (last prompt token), 'last:N' (last N), 'text' (every token after the image)")
+    queries: str = Field("last", description="query rows: 'last' (last prompt token), 'last:N' (last N), "
+                         "'text' (every token after the image)")
     rope: bool = Field(True, description="apply RoPE to q and k (FEATHER's criterion has none)")
-    softmax_over: Literal["all", "image"] = Field("all", description="softmax over all keys (causal) or over the image keys only (FEATHER)")
+    softmax_over: Literal["all", "image"] = Field(
+        "all", description="softmax over all keys (causal) or over the image keys only (FEATHER)")
     heads: Literal["mean", "max", "sum"] = Field("mean", description="reduction over attention heads")
     query_reduce: Literal["mean", "sum"] = Field("mean", description="reduction over query rows")
     reduce_order: Literal["heads-first", "queries-first"] = Field(
         "heads-first", description="which axis is reduced first (only matters with heads: max)")
-    site: str | None = Field(None, description="where the scores are read (an 'llm.K' site); default llm.<layer+1>")
+    site: LLMSiteName | None = Field(None, description="where the scores are read (an 'llm.K' site); default llm.<layer+1>")
     exclude_heads: list[Annotated[int, Field(ge=0)]] = Field(
         default_factory=list, description="heads left out before the reduction (robustness checks; default none)")
 
@@ -108,16 +110,9 @@ class LLMAttentionParams(NodeParams):
             raise ValueError(f"queries must be 'last', 'last:N' (N >= 1) or 'text', got {v!r}")
         return v
 
-    @field_validator("site")
-    @classmethod
-    def _site(cls, v: str | None) -> str | None:
-        if v is not None and Site(v).layer is None:
-            raise ValueError(f"site must be an LLM site 'llm.K', got {v!r}")
-        return v
-
 
 @register
-class LLMAttentionScores(Node):
+class LLMAttentionScores(Node[LLMAttentionParams]):
     """Attention the chosen prompt rows pay to each image token present, at one LLM layer.
 
     Output ids are `ctx.present` (the survivors of earlier stages, in sequence order). The
@@ -128,11 +123,8 @@ class LLMAttentionScores(Node):
     """
 
     type_name = "scorer.llm-attention"
-    family = "scorer"
     paper = "https://arxiv.org/abs/2403.06764"
-    inputs = {}
     outputs = {"scores": Port(Scores, "one score per image token present (ids = ctx.present)")}
-    Params = LLMAttentionParams
 
     def _site_name(self) -> str:
         return self.params.site if self.params.site is not None else f"llm.{self.params.layer + 1}"
@@ -142,6 +134,7 @@ class LLMAttentionScores(Node):
 
     def check(self) -> list[str]:
         k = self.site().layer
+        assert k is not None  # an llm.K site
         if self.params.layer > k:
             return [f"layer={self.params.layer} is after the site {self._site_name()}: attention of layer L "
                     f"can be read at llm.K only when L <= K"]

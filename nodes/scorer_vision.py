@@ -34,16 +34,13 @@ class ClsAttentionParams(NodeParams):
 
 
 @register
-class ClsAttention(Node):
+class ClsAttention(Node[ClsAttentionParams]):
     """CLS -> patch attention of one vision layer, reduced over heads (VisionZip's dominant
     score, Nüwa's salience m)."""
 
     type_name = "scorer.cls-attention"
-    family = "scorer"
     paper = "https://arxiv.org/abs/2412.04467"
-    inputs = {}
     outputs = {"scores": Port(Scores, "CLS attention per patch")}
-    Params = ClsAttentionParams
 
     def requests(self):
         return [SignalRequest.make("vision.cls_attention", "vision", layer=self.params.layer)]
@@ -61,15 +58,12 @@ class HiddenNormParams(NodeParams):
 
 
 @register
-class HiddenNorm(Node):
+class HiddenNorm(Node[HiddenNormParams]):
     """L2 norm of each patch's hidden state (Nüwa's L2NORM pillar score)."""
 
     type_name = "scorer.hidden-norm"
-    family = "scorer"
     paper = "https://arxiv.org/abs/2602.02951"
-    inputs = {}
     outputs = {"scores": Port(Scores, "hidden-state L2 norm per patch")}
-    Params = HiddenNormParams
 
     def requests(self):
         return [SignalRequest.make("vision.hidden", "vision", layer=self.params.layer)]
@@ -84,16 +78,13 @@ class ReceivedParams(NodeParams):
 
 
 @register
-class AttentionReceived(Node):
+class AttentionReceived(Node[ReceivedParams]):
     """Attention each (merged) token receives at a vision block: mean over heads, sum over
     queries, averaged per merge unit (Nüwa's Qwen2.5-VL salience)."""
 
     type_name = "scorer.attention-received"
-    family = "scorer"
     paper = "https://arxiv.org/abs/2602.02951"
-    inputs = {}
     outputs = {"scores": Port(Scores, "attention received per token")}
-    Params = ReceivedParams
 
     def requests(self):
         return [SignalRequest.make("vision.attention_received", "vision", layer=self.params.layer)]
@@ -107,7 +98,7 @@ class ClsQkParams(NodeParams):
 
 
 @register
-class ClsAttentionSingleHead(Node):
+class ClsAttentionSingleHead(Node[ClsQkParams]):
     """PruMerge+'s CLS attention: q and k of one layer as a single head over the full
     width, softmax(q_cls . K^T / sqrt(d)) over all keys (CLS included), patch columns.
 
@@ -119,11 +110,8 @@ class ClsAttentionSingleHead(Node):
     """
 
     type_name = "scorer.cls-attention-qk"
-    family = "scorer"
     paper = "https://arxiv.org/abs/2403.15388"
-    inputs = {}
     outputs = {"scores": Port(Scores, "single-head CLS attention per patch")}
-    Params = ClsQkParams
 
     def requests(self):
         return [SignalRequest.make("vision.qk_single_head", "vision", layer=self.params.layer)]

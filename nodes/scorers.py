@@ -5,35 +5,26 @@ Model-reading scorers (attention rows, norms, similarities) live in their own mo
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from nuwa_graph.node import Node, NodeParams, Port
 from nuwa_graph.registry import register
 from nuwa_graph.signals import SignalRequest
-from nuwa_graph.sites import VALID_SITES, Site
+from nuwa_graph.sites import VALID_SITES, Site, SiteName
 from nuwa_graph.types import Scores
 
 
 class ExternalParams(NodeParams):
     name: str = Field(description="key of the tensor the caller provides (one score per present token)")
-    site: str = Field("vision", description=f"where the scores become available: {VALID_SITES}")
-
-    @field_validator("site")
-    @classmethod
-    def _site(cls, v: str) -> str:
-        Site(v)
-        return v
+    site: SiteName = Field("vision", description=f"where the scores become available: {VALID_SITES}")
 
 
 @register
-class ExternalScores(Node):
+class ExternalScores(Node[ExternalParams]):
     """Scores given from outside the model, one per token present at `site` (in stream order)."""
 
     type_name = "scorer.external"
-    family = "scorer"
-    inputs = {}
     outputs = {"scores": Port(Scores)}
-    Params = ExternalParams
 
     def site(self) -> Site:
         return Site(self.params.site)

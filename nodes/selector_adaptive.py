@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
@@ -37,7 +37,7 @@ class IqrParams(NodeParams):
 
 
 @register
-class IqrOutliers(Node):
+class IqrOutliers(Node[IqrParams]):
     """Keep the top int(n * ratio) tokens, ratio = fraction of IQR outliers (PruMerge's
     adaptive ratio), in torch.topk order; PruMerge+ then appends a spatially uniform
     supplement in raster order.
@@ -49,13 +49,10 @@ class IqrOutliers(Node):
     """
 
     type_name = "selector.iqr-outliers"
-    family = "selector"
     paper = "https://arxiv.org/abs/2403.15388"
-    inputs = {"scores": Port(Scores, "CLS attention per token (scorer.cls-attention-qk)")}
     outputs = {"selection": Port(Selection, "outliers in topk order, then the supplement ascending")}
-    Params = IqrParams
 
-    def run(self, ctx, scores: Scores):
+    def run(self, ctx, scores: Annotated[Scores, "CLS attention per token (scorer.cls-attention-qk)"]):
         n = scores.values.numel()
         ratio = outlier_ratio(scores.values, self.params.whisker)
         k = int(n * ratio)

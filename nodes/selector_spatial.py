@@ -14,6 +14,7 @@ import math
 import torch
 from pydantic import Field
 
+from nuwa_graph.errors import BudgetError
 from nuwa_graph.node import Node, NodeParams, Port
 from nuwa_graph.registry import register
 from nuwa_graph.types import Selection
@@ -23,7 +24,7 @@ def spread_ids(grid: tuple[int, int], k: int, device: torch.device | str = "cpu"
     """Exactly k ids spread evenly over an h x w grid (raster order, ascending), on `device`."""
     h, w = grid
     if k > h * w:
-        raise ValueError(f"k={k} is larger than the {h * w} tokens of the grid; lower the budget")
+        raise BudgetError(k, h * w, what="tokens of the grid", advice="lower the budget")
     if k == 0:
         return torch.zeros(0, dtype=torch.long, device=device)
     r = max(1, min(h, round(math.sqrt(k * h / w))))
@@ -33,7 +34,7 @@ def spread_ids(grid: tuple[int, int], k: int, device: torch.device | str = "cpu"
     rows = [int((i + 0.5) * h / r) for i in range(r)]
     # rows that take one more token are spread evenly too
     more = {int((j + 0.5) * r / extra) for j in range(extra)} if extra else set()
-    ids = []
+    ids: list[int] = []
     for i, row in enumerate(rows):
         c = base + (1 if i in more else 0)
         cols = [int((j + 0.5) * w / c) for j in range(c)]
@@ -46,14 +47,11 @@ class CountParams(NodeParams):
 
 
 @register
-class UniformCount(Node):
+class UniformCount(Node[CountParams]):
     """Exactly k tokens spread evenly over the grid (spatial downsampling baseline)."""
 
     type_name = "selector.uniform-count"
-    family = "selector"
-    inputs = {}
     outputs = {"selection": Port(Selection, "k grid tokens, ascending")}
-    Params = CountParams
 
     def run(self, ctx):
         return {"selection": Selection(spread_ids(ctx.geometry.grid, self.params.k, ctx.device))}

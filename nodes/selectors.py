@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field, model_validator
 
+from nuwa_graph.errors import BudgetError
 from nuwa_graph.node import Node, NodeParams, Port
 from nuwa_graph.registry import register
 from nuwa_graph.types import Regions, Scores, Selection
@@ -80,7 +81,7 @@ def candidate_values(scores: Scores, candidates: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class TopK(Node):
+class TopK(Node[TopKParams]):
     """Keep the k highest-scoring tokens (FastV, PDrop, VisionZip's dominant set, ...).
 
     With `candidates`, only those tokens compete, in the candidates' order (ties follow
@@ -88,15 +89,11 @@ class TopK(Node):
     """
 
     type_name = "selector.top-k"
-    family = "selector"
-    inputs = {
-        "scores": Port(Scores, "one score per candidate token"),
-        "candidates": Port(Selection, "only these tokens compete (default: every scored token)", optional=True),
-    }
     outputs = {"selection": Port(Selection, "the k kept tokens")}
-    Params = TopKParams
 
-    def run(self, ctx, scores: Scores, candidates: Selection | None = None):
+    def run(self, ctx,
+            scores: Annotated[Scores, "one score per candidate token"],
+            candidates: Annotated[Selection | None, "only these tokens compete (default: every scored token)"] = None):
         values, ids = scores.values, scores.ids
         if candidates is not None:
             # the official alignment: torch.topk over the candidate vector as given (padded
@@ -107,11 +104,11 @@ class TopK(Node):
         if p.k is not None:
             k = p.k
         else:
+            assert p.ratio is not None  # the params give exactly one of k and ratio
             k = count_from_ratio(p.ratio, ctx.geometry.n_tokens if p.of == "grid" else n, p.rounding)
         if k > n:
             if not p.clamp:
-                raise ValueError(f"k={k} is larger than the {n} tokens present; lower the budget (at most {n}) "
-                                 "or set clamp: true")
+                raise BudgetError(k, n, advice=f"lower the budget (at most {n}) or set clamp: true")
             k = n
         idx = torch.topk(values[None], k, dim=1).indices[0]  # (1, n) as the official codes call it
         kept = ids[idx]
@@ -175,7 +172,7 @@ def region_windows(scores: Scores, regions: Regions, pad: str) -> tuple[torch.Te
 
 
 @register
-class TopKPerRegion(Node):
+class TopKPerRegion(Node[TopKPerRegionParams]):
     """Keep the n best tokens of every region (Nüwa's region separation).
 
     As the official code: every region is one row of a window tensor (see
@@ -185,11 +182,8 @@ class TopKPerRegion(Node):
     """
 
     type_name = "selector.top-k-per-region"
-    family = "selector"
     paper = "https://arxiv.org/abs/2602.02951"
-    inputs = {"scores": Port(Scores), "regions": Port(Regions)}
     outputs = {"selection": Port(Selection, "at most n tokens of every region")}
-    Params = TopKPerRegionParams
 
     def run(self, ctx, scores: Scores, regions: Regions):
         p = self.params
@@ -212,16 +206,13 @@ class UnionParams(NodeParams):
 
 
 @register
-class Union(Node):
+class Union(Node[UnionParams]):
     """Union of several selections (FEATHER: attention top-k with a uniform grid)."""
 
     type_name = "selector.union"
-    family = "selector"
-    inputs = {"selections": Port(Selection, "selections to join", many=True)}
     outputs = {"selection": Port(Selection)}
-    Params = UnionParams
 
-    def run(self, ctx, selections: list[Selection]):
+    def run(self, ctx, selections: Annotated[list[Selection], "selections to join"]):
         ids = torch.cat([s.ids for s in selections])
         if self.params.order == "index":
             return {"selection": Selection(torch.unique(ids))}
@@ -239,14 +230,11 @@ class GridParams(NodeParams):
 
 
 @register
-class UniformGrid(Node):
+class UniformGrid(Node[GridParams]):
     """A uniform grid of tokens, [offset::stride, offset::stride] (downsampling, FEATHER)."""
 
     type_name = "selector.uniform-grid"
-    family = "selector"
-    inputs = {}
     outputs = {"selection": Port(Selection, "grid tokens, ascending")}
-    Params = GridParams
 
     def run(self, ctx):
         h, w = ctx.geometry.grid

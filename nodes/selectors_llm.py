@@ -10,11 +10,12 @@ The official codes do not agree on how a budget becomes a count:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field, model_validator
 
+from nuwa_graph.errors import BudgetError
 from nuwa_graph.node import Node, NodeParams, Port
 from nuwa_graph.registry import register
 from nuwa_graph.types import Scores, Selection
@@ -23,6 +24,7 @@ from nuwa_graph.types import Scores, Selection
 def count_for(n_present: int, n_grid: int, k: int | None, ratio: float | None, base: str, leave_one: bool) -> int:
     """The number of tokens to keep, with the official int() truncation."""
     if k is None:
+        assert ratio is not None  # the params give exactly one of k and ratio
         k = int((n_grid if base == "grid" else n_present) * ratio)
     if leave_one:
         k = min(k, n_present - 1)
@@ -36,7 +38,8 @@ class TopKIntParams(NodeParams):
         "present", description="what ratio multiplies: tokens present (FEATHER) or the full grid (PDrop: 576 at every stage)")
     leave_one: bool = Field(False, description="keep at most n_present - 1 tokens (SparseVLM: min(k, v_token_num - 1))")
     order: Literal["index", "score", "stream"] = Field(
-        "index", description="index: ascending id; score: torch.topk order; stream: the order of the input scores (sequence order)")
+        "index", description="index: ascending id; score: torch.topk order; stream: the order of the input scores "
+        "(sequence order)")
 
     @model_validator(mode="after")
     def _one(self):
@@ -46,23 +49,20 @@ class TopKIntParams(NodeParams):
 
 
 @register
-class TopKInt(Node):
+class TopKInt(Node[TopKIntParams]):
     """Keep the top tokens by score; the count follows an official code's int() rule.
 
     Ties follow torch.topk on the given scores (as the official codes do)."""
 
     type_name = "selector.top-k-int"
-    family = "selector"
-    inputs = {"scores": Port(Scores, "one score per candidate token")}
     outputs = {"selection": Port(Selection, "the kept tokens")}
-    Params = TopKIntParams
 
-    def run(self, ctx, scores: Scores):
+    def run(self, ctx, scores: Annotated[Scores, "one score per candidate token"]):
         p = self.params
         n = scores.values.numel()
         k = count_for(n, ctx.geometry.n_tokens, p.k, p.ratio, p.base, p.leave_one)
         if k > n:
-            raise ValueError(f"k={k} is larger than the {n} tokens present; lower the budget (at most {n})")
+            raise BudgetError(k, n, advice=f"lower the budget (at most {n})")
         idx = torch.topk(scores.values, k).indices
         if p.order == "stream":
             idx = torch.sort(idx).values

@@ -14,7 +14,8 @@ Two nodes; the pruning itself is `selector.top-k-int` + `applier.keep`:
   score are clustered with DPC-KNN on the hidden states the layer produced (k = number of
   clusters = int(n_recycled / 10) + 1), each cluster becomes its mean, and the merged tokens
   are inserted after the kept visual tokens. A merged token carries the original id of its
-  cluster centre (the anchor), so it stays a visual token for later stages.
+  cluster centre (the anchor), so it stays a visual token for later stages. The hidden
+  states arrive on the `hidden` port from `signal.llm-hidden` at the same site.
 
 Tie-break in DPC-KNN (documented choice, DESIGN invariant 8): the official code adds
 unseeded `torch.rand(n) * 1e-6` to the densities. `tie_break` makes it explicit:
@@ -32,21 +33,15 @@ import math
 from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from nuwa_graph.node import Node, NodeParams, Port
 from nuwa_graph.registry import register
 from nuwa_graph.signals import SignalRequest
-from nuwa_graph.sites import Site
+from nuwa_graph.sites import LLMSiteName, Site
 from nuwa_graph.types import Scores, Selection, Tokens
 
 from .scorer_llm import drop_heads, in_simd_body
-
-
-def _llm_site(v: str) -> str:
-    if Site(v).layer is None:
-        raise ValueError(f"site must be an LLM site 'llm.K', got {v!r}")
-    return v
 
 
 # --------------------------------------------------------------------------------------
@@ -75,30 +70,23 @@ class RopeCorrection(BaseModel):
 
 class RatersParams(NodeParams):
     layer: int = Field(ge=0, description="decoder layer whose attention rows are read (SparseVLM prunes its output)")
-    site: str | None = Field(None, description="where the scores are used (an 'llm.K' site); default llm.<layer+1>")
-    top_heads: int | None = Field(None, ge=1, description="v2: keep only this many heads, by rater->visual attention sum (code: 14)")
+    site: LLMSiteName | None = Field(None, description="where the scores are used (an 'llm.K' site); default llm.<layer+1>")
+    top_heads: int | None = Field(
+        None, ge=1, description="v2: keep only this many heads, by rater->visual attention sum (code: 14)")
     exclude_heads: list[Annotated[int, Field(ge=0)]] = Field(
         default_factory=list, description="heads left out before anything else (robustness checks; default none)")
     rope_correction: RopeCorrection | None = Field(
         None, description="v2: divide the rows by the RoPE pattern of all-ones q/k at the tokens' positions "
         "(assumes PESP positions: visual id + image_start, text after the image unshifted)")
 
-    @field_validator("site")
-    @classmethod
-    def _site(cls, v):
-        return None if v is None else _llm_site(v)
-
 
 @register
-class SparseVLMRaters(Node):
+class SparseVLMRaters(Node[RatersParams]):
     """SparseVLM's visual-token score: attention from the text raters, at one LLM layer."""
 
     type_name = "scorer.sparsevlm-raters"
-    family = "scorer"
     paper = "https://arxiv.org/abs/2410.04417"
-    inputs = {}
     outputs = {"scores": Port(Scores, "rater attention per image token present (ids = ctx.present)")}
-    Params = RatersParams
 
     def _site_name(self) -> str:
         return self.params.site if self.params.site is not None else f"llm.{self.params.layer + 1}"
@@ -107,7 +95,9 @@ class SparseVLMRaters(Node):
         return Site(self._site_name())
 
     def check(self) -> list[str]:
-        if self.params.layer > self.site().layer:
+        site_layer = self.site().layer
+        assert site_layer is not None  # an llm.K site
+        if self.params.layer > site_layer:
             return [f"layer={self.params.layer} is after the site {self._site_name()}"]
         return []
 
@@ -186,62 +176,50 @@ def dpc_knn_merge(x: torch.Tensor, n_clusters: int, noise: torch.Tensor | None =
 
 
 class RecycleParams(NodeParams):
-    site: str = Field(description="the 'llm.K' site where the prune happens (hidden states at the input of layer K)")
+    site: LLMSiteName = Field(description="the 'llm.K' site where the prune happens (connect signal.llm-hidden there)")
     fraction: float = Field(0.3, gt=0, le=1, description="recycled = int(fraction * n_pruned) + 1 best pruned tokens")
     cluster_divisor: int = Field(10, ge=1, description="clusters = int(n_recycled / divisor) + 1")
     tie_break: Literal["seeded-noise", "signal", "index"] = Field(
         "seeded-noise", description="DPC-KNN density tie-break (see the module doc)")
     noise_name: str = Field("sparsevlm_cluster_noise", description="external signal with the noise (tie_break: signal)")
 
-    @field_validator("site")
-    @classmethod
-    def _site(cls, v):
-        return _llm_site(v)
-
 
 @register
-class SparseVLMRecycle(Node):
+class SparseVLMRecycle(Node[RecycleParams]):
     """Keep the selected tokens and recycle the best pruned ones into cluster means.
 
     Output order (= sequence order at the site): kept tokens in stream order, then the
     merged tokens in cluster-centre order. Each merged token's id is its centre's id."""
 
     type_name = "merger.sparsevlm-recycle"
-    family = "merger"
     paper = "https://arxiv.org/abs/2410.04417"
-    inputs = {"scores": Port(Scores, "relation score of every token present (ranks the pruned ones)"),
-              "selection": Port(Selection, "the kept tokens")}
     outputs = {"tokens": Port(Tokens, "kept + merged token features (space llm)"),
                "selection": Port(Selection, "their ids, in sequence order")}
-    Params = RecycleParams
 
     def site(self) -> Site:
         return Site(self.params.site)
-
-    def _hidden(self) -> SignalRequest:
-        return SignalRequest.make("llm.hidden", self.params.site, layer=Site(self.params.site).layer)
 
     def _noise(self) -> SignalRequest:
         return SignalRequest.make("external", self.params.site, name=self.params.noise_name)
 
     def requests(self):
-        reqs = [self._hidden()]
-        if self.params.tie_break == "signal":
-            reqs.append(self._noise())
-        return reqs
+        return [self._noise()] if self.params.tie_break == "signal" else []
 
-    def run(self, ctx, scores: Scores, selection: Selection):
+    def run(self, ctx,
+            scores: Annotated[Scores, "relation score of every token present (ranks the pruned ones)"],
+            selection: Annotated[Selection, "the kept tokens"],
+            hidden: Annotated[Tokens, "hidden states of the tokens present at the site (signal.llm-hidden)"]):
         if not torch.equal(scores.ids, ctx.present):
             raise ValueError("scores must cover the tokens present, in stream order")
-        hidden = ctx.signal(self._hidden())
-        n = ctx.present.numel()
-        if hidden.shape[0] != n:
-            raise ValueError(f"llm.hidden has {hidden.shape[0]} rows for {n} tokens present")
+        if not torch.equal(hidden.ids, ctx.present):
+            raise ValueError(f"hidden must cover the {ctx.present.numel()} tokens present at {self.params.site}, in "
+                             f"stream order; connect signal.llm-hidden at the same site")
+        hidden_rows = hidden.values
         kept = torch.isin(ctx.present, selection.ids)
         kept_pos = torch.where(kept)[0]
         pruned_pos = torch.where(~kept)[0]
         ids = ctx.present[kept_pos]
-        values = hidden[kept_pos]
+        values = hidden_rows[kept_pos]
         if pruned_pos.numel() > 0:
             n_rec = int(pruned_pos.numel() * self.params.fraction) + 1
             n_rec = min(n_rec, pruned_pos.numel())
@@ -251,12 +229,12 @@ class SparseVLMRecycle(Node):
             noise = None
             if self.params.tie_break == "seeded-noise":
                 # drawn on the CPU (same noise on every device for a seed), moved once per site
-                noise = torch.rand(n_rec, generator=ctx.generator(), device="cpu").to(hidden.device)
+                noise = torch.rand(n_rec, generator=ctx.generator(), device="cpu").to(hidden_rows.device)
             elif self.params.tie_break == "signal":
                 noise = ctx.signal(self._noise()).reshape(-1)
                 if noise.numel() != n_rec:
                     raise ValueError(f"noise signal has {noise.numel()} values for {n_rec} recycled tokens")
-            merged, centres = dpc_knn_merge(hidden[rec], n_clusters, noise, self.params.tie_break)
+            merged, centres = dpc_knn_merge(hidden_rows[rec], n_clusters, noise, self.params.tie_break)
             ids = torch.cat([ids, ctx.present[rec[centres]]])
             values = torch.cat([values, merged.to(values.dtype)])
         return {"tokens": Tokens(values, ids, space="llm"), "selection": Selection(ids)}

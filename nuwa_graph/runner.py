@@ -7,13 +7,14 @@ error) and prints every problem as one clear message, never a traceback.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import PipelineError, RunError
+from .errors import BudgetError, PipelineError, RunError
 from .pipeline import Pipeline, load
 from .preflight import check_context, check_prompt_text
 from .safe_io import open_image
@@ -52,26 +53,25 @@ def load_image(image: Any):
 
 def _explain(exc: RunError, pipe: Pipeline | None = None) -> str:
     """Add advice to a node's budget error: name the pipeline variable to lower."""
-    import re
-
     msg = str(exc)
-    if "larger than" not in msg:
+    if not isinstance(exc, BudgetError):
         return msg
-    m = re.search(r"node '([^']+)'", msg)
-    most = re.search(r"larger than the (\d+)", msg)
-    limit = f" (at most {most.group(1)})" if most else ""
+    limit = f" (at most {exc.limit})"
     names: list[str] = []
-    if m and pipe is not None:
+    if exc.node is not None and pipe is not None:
         for ns in pipe.spec.nodes:
-            if ns.name == m.group(1):
-                names = sorted(set(re.findall(r"\$\{\s*([A-Za-z_][A-Za-z0-9_]*)", str(ns.params))))
-    if names:
+            if ns.name == exc.node:
+                names = sorted(set(_VARIABLE.findall(str(ns.params))))
+    if names and pipe is not None:
         shown = ", ".join(f"{n}={pipe.variables.get(n)!r}" for n in names)
         msg += (f"\nhint: the budget is larger than the visual tokens present; lower "
                 f"{' or '.join(repr(n) for n in names)} (now {shown}){limit}, e.g. --set {names[0]}=<smaller>")
     else:
         msg += f"\nhint: the budget is larger than the visual tokens present; lower it{limit} in the pipeline file"
     return msg
+
+
+_VARIABLE = re.compile(r"\$\{\s*([A-Za-z_][A-Za-z0-9_]*)")  # a `${name}` in a node's params text
 
 
 def _fmt_bytes(n: int) -> str:

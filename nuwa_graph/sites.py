@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import re
 from functools import total_ordering
+from typing import Annotated
+
+from pydantic import AfterValidator
 
 _LLM = re.compile(r"^llm\.(\d{1,9})$")
 # No supported model is deeper than this: without a model (validate, draw) an `llm.K` site must
@@ -61,9 +64,20 @@ class Site:
         return self.name
 
 
-def is_valid_site(name: str) -> bool:
-    try:
-        Site(name)
-        return True
-    except ValueError:
-        return False
+def _site_name(value: str) -> str:
+    Site(value)  # ValueError naming the valid sites
+    return value
+
+
+def _llm_site_name(value: str) -> str:
+    if Site(value).layer is None:
+        raise ValueError(f"site must be an LLM site 'llm.K', got {value!r}")
+    return value
+
+
+SiteName = Annotated[str, AfterValidator(_site_name)]
+"""The one site field of node params: `site: SiteName = Field(...)`; the name is checked when
+the pipeline loads (`vision`, `pre_llm` or `llm.K`) and kept as text."""
+
+LLMSiteName = Annotated[str, AfterValidator(_llm_site_name)]
+"""An `llm.K` site field (`site: LLMSiteName | None = Field(None, ...)` where a default is derived)."""

@@ -8,11 +8,12 @@ with any attention backend. An example node, not a checked reimplementation of D
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
 
+from nuwa_graph.errors import BudgetError
 from nuwa_graph.node import Node, NodeParams, Port
 from nuwa_graph.registry import register
 from nuwa_graph.types import Selection, Tokens
@@ -24,24 +25,21 @@ class MaxMinParams(NodeParams):
 
 
 @register
-class MaxMinDiversity(Node):
+class MaxMinDiversity(Node[MaxMinParams]):
     """Keep k tokens that are as different from each other as possible (cosine distance)."""
 
     type_name = "selector.max-min-diversity"
-    family = "selector"
     paper = "https://arxiv.org/abs/2503.02175"
-    inputs = {"features": Port(Tokens, "one feature row per candidate token")}
     outputs = {"selection": Port(Selection)}
-    Params = MaxMinParams
 
-    def run(self, ctx, features: Tokens):
+    def run(self, ctx, features: Annotated[Tokens, "one feature row per candidate token"]):
         x = torch.nn.functional.normalize(features.values.float(), dim=-1)
         n = x.shape[0]
         k = self.params.k
         if k > n:
-            raise ValueError(f"k={k} is larger than the {n} candidate tokens; lower k")
+            raise BudgetError(k, n, what="candidate tokens", advice="lower k")
         dist = 1.0 - x @ x.T
-        off = dist + torch.eye(n) * 1e9  # ignore self-distance when taking minima
+        off = dist + torch.eye(n, device=x.device) * 1e9  # ignore self-distance when taking minima
         first = int(torch.argmax(off.min(dim=1).values))
         picked = [first]
         closest = dist[first].clone()
@@ -51,7 +49,7 @@ class MaxMinDiversity(Node):
             picked.append(nxt)
             closest = torch.minimum(closest, dist[nxt])
             closest[picked] = -1.0
-        ids = features.ids[torch.tensor(picked, dtype=torch.long)]
+        ids = features.ids[torch.tensor(picked, dtype=torch.long, device=features.ids.device)]
         if self.params.order == "index":
             ids = torch.sort(ids).values
         return {"selection": Selection(ids)}
