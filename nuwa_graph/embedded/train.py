@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data import exact_match
+from ..apps.data import exact_match
 from ..world import shapes as W
 from ..world.boxes import box_to_tokens, iou, parse_box
 from .build import WEIGHTS_DIR, build_model, load_embedded, pixel_values, save_embedded

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..data import GroundingSample, VQASample, load_grounding, load_vqa
+from ..apps.data import GroundingSample, VQASample, load_grounding, load_vqa
 from .shapes import IMAGE_SIZE, samples
 
 

@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from .errors import PipelineError
-from .pipeline import Pipeline, load, parse_override
-from .safe_io import atomic_write
+from ..errors import PipelineError
+from ..pipeline import Pipeline, load, parse_override
+from ..safe_io import atomic_write
 
 
 def split_values(text: str) -> list[str]:
