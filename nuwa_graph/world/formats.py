@@ -1,4 +1,4 @@
-"""Write shapes-world splits in the formats the real-data loaders read (nuwa_graph.data).
+"""Write shapes-world splits in the formats the real-data loaders read (nuwa_graph.apps.data).
 
 A split folder holds
 - `images/NNNNNN.png`: the scenes;
