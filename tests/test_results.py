@@ -16,8 +16,18 @@ from nuwa_graph.nodes.scorer_llm import drop_heads
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))  # results generation is a script's module, not the package's
-from results_report import (ENTRIES, caveat_findings, effect_findings, load_run, plan, render,  # noqa: E402
-                            run_all, shown_model, with_heads_excluded)
+from results_report import (  # noqa: E402
+    ENTRIES,
+    caveat_findings,
+    effect_findings,
+    load_run,
+    plan,
+    render,
+    run_all,
+    shown_model,
+    with_heads_excluded,
+)
+
 EMBEDDED_VARS = {"llm_layers": 4, "vision_layers": 6, "grid_tokens": 144}
 
 

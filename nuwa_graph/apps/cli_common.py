@@ -28,7 +28,7 @@ from ..safe_io import check_output
 try:  # typer >= 0.17 vendors click
     from typer._click import exceptions as _click_exc
 except ImportError:  # pragma: no cover
-    from click import exceptions as _click_exc
+    from click import exceptions as _click_exc  # type: ignore[no-redef]
 
 _STATE = {"debug": False}
 

@@ -8,7 +8,7 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from ..safe_io import atomic_write
 
@@ -30,7 +30,7 @@ class Checkpoint:
         self.done: dict[str, dict[str, Any]] = {}
         self.reused = 0
         self.discarded = False
-        self._fh = None
+        self._fh: TextIO | None = None
         if self.path is None or not self.path.is_file():
             return
         lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()

@@ -65,7 +65,7 @@ def _explain(exc: RunError, pipe: Pipeline | None = None) -> str:
         for ns in pipe.spec.nodes:
             if ns.name == m.group(1):
                 names = sorted(set(re.findall(r"\$\{\s*([A-Za-z_][A-Za-z0-9_]*)", str(ns.params))))
-    if names:
+    if names and pipe is not None:  # names come from the pipeline
         shown = ", ".join(f"{n}={pipe.variables.get(n)!r}" for n in names)
         msg += (f"\nhint: the budget is larger than the visual tokens present; lower "
                 f"{' or '.join(repr(n) for n in names)} (now {shown}){limit}, e.g. --set {names[0]}=<smaller>")
@@ -74,7 +74,7 @@ def _explain(exc: RunError, pipe: Pipeline | None = None) -> str:
     return msg
 
 
-def _fmt_bytes(n: int) -> str:
+def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"

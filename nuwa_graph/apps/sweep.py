@@ -23,7 +23,10 @@ from ..safe_io import atomic_write
 
 def split_values(text: str) -> list[str]:
     """Split `a,b,[c,d]` at top-level commas (brackets and quotes protect commas)."""
-    parts, depth, quote, cur = [], 0, None, []
+    parts: list[str] = []
+    cur: list[str] = []
+    depth = 0
+    quote: str | None = None
     for ch in text:
         if quote:
             quote = None if ch == quote else quote

@@ -90,9 +90,9 @@ def _read_task(text: str, kind: str | None, limit: int | None, bbox_format: str,
     for s in samples:  # every image is probed (header only) before anything runs
         key = s.image if isinstance(s.image, str) else id(s.image)
         if key not in checked:
-            checked[key] = probe_image(s.image)
-            if checked[key]:
-                found.append(BadRecord(str(path), s.record, "image", checked[key]))
+            problem = checked[key] = probe_image(s.image)
+            if problem:
+                found.append(BadRecord(str(path), s.record, "image", problem))
     bad = {b.record for b in found}
     task = Task(kind, str(path), [s for s in samples if s.record not in bad], skipped=len(bad))
     problems += sorted(found, key=lambda b: b.record)

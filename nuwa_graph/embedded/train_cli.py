@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from .build import WEIGHTS_DIR
 from .train_config import TrainConfig
@@ -32,7 +33,7 @@ def _dims(text: str) -> dict:
 
 def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     d = TrainConfig()
-    kw = {"argument_default": argparse.SUPPRESS} if suppress else {}
+    kw: dict[str, Any] = {"argument_default": argparse.SUPPRESS} if suppress else {}
     p = argparse.ArgumentParser(prog="train_embedded", description="Train the embedded LLaVA on the shapes world "
                                 "(recipe in docs/embedded.md).", **kw)
     dflt = (lambda v: {}) if suppress else (lambda v: {"default": v})

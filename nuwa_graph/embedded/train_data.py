@@ -50,7 +50,8 @@ def max_objects_at(step: int, cfg: TrainConfig) -> int:
 
 def next_indices(seed: int, start: int, n: int, max_objects: int) -> tuple[list[int], int]:
     """The next n training scene indices from `start` with at most `max_objects` objects; new start."""
-    out, i = [], start
+    out: list[int] = []
+    i = start
     while len(out) < n:
         if max_objects >= W.MAX_OBJECTS or len(W.make_scene(seed, i).objects) <= max_objects:
             out.append(i)

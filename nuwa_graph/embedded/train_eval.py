@@ -17,7 +17,8 @@ from .train_config import EVAL_WORLD_OFFSET
 def eval_set(seed: int, n: int):
     """n held-out grounding and n VQA samples: (image, question, truth, kind) from world seed + offset."""
     ws = seed + EVAL_WORLD_OFFSET
-    g, v = [], []
+    g: list[tuple] = []
+    v: list[tuple] = []
     i = 0
     while len(g) < n or len(v) < n:
         scene, gi, vi = W.samples(ws, i, 1, 1)

@@ -4,6 +4,7 @@ scene itself, drawn as a pure function of (seed, index)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -135,7 +136,8 @@ def make_scene(seed: int, index: int, size: int = IMAGE_SIZE) -> Scene:
                 color = COLOR_NAMES[int(rng.integers(len(COLOR_NAMES)))]
                 shape = SHAPES[int(rng.integers(len(SHAPES)))]
                 base = np.array(COLORS[color]) + rng.integers(-18, 19, size=3)
-                objects.append(Obj(color, shape, sz, box, tuple(int(v) for v in np.clip(base, 0, 255))))
+                rgb = cast("tuple[int, int, int]", tuple(int(v) for v in np.clip(base, 0, 255)))
+                objects.append(Obj(color, shape, sz, box, rgb))
                 break
     bg = {
         "base": int(rng.integers(95, 170)),
@@ -167,7 +169,7 @@ def _background(bg: dict, size: int) -> np.ndarray:
         tex = (amp * (((cells[None, :] + cells[:, None]) % 2) * 2 - 1)).astype(np.float32)
     else:  # blotches: smooth low-frequency noise
         g = rng.normal(0, amp, (size // p + 2, size // p + 2)).astype(np.float32)
-        tex = np.asarray(Image.fromarray(g).resize((size, size), Image.BILINEAR))
+        tex = np.asarray(Image.fromarray(g).resize((size, size), Image.Resampling.BILINEAR))
     tex = tex + rng.standard_normal((size, size), dtype=np.float32) * 3
     base = np.float32(bg["base"]) + np.array(bg["tint"], dtype=np.float32)
     img = base[None, None, :] + tex[:, :, None]
@@ -197,5 +199,7 @@ def _render(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
             elif o.shape == "square":
                 draw.rectangle(box, fill=fill)
             else:
-                draw.polygon(_shape_xy(o.shape, o.box), fill=fill)
+                corners = _shape_xy(o.shape, o.box)
+                assert corners is not None  # every shape but circle and square has corners
+                draw.polygon(corners, fill=fill)
     return np.asarray(img, dtype=np.uint8).copy(), np.asarray(omap, dtype=np.int8).copy()

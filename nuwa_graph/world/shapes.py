@@ -162,7 +162,7 @@ def vqa_item(scene: Scene, rng: np.random.Generator, kind: str | None = None) ->
 
 
 def vqa_items(scene: Scene, n: int, rng: np.random.Generator) -> list[VQAItem]:
-    items = []
+    items: list[VQAItem] = []
     kinds = [str(k) for k in rng.permutation(VQA_KINDS)]
     for k in range(n * 3):
         if len(items) == n:
