@@ -3,7 +3,7 @@
     python scripts/gen_results.py                 # 500 + 500 held-out samples, 13 min on 2 CPU cores
     python scripts/gen_results.py --n 50 --write /tmp/results.md   # a quick look
 
-Everything is measured on the committed embedded model; see nuwa_graph/results.py.
+Everything is measured on the committed embedded model; see scripts/results_report.py.
 """
 
 from __future__ import annotations
@@ -16,14 +16,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))  # results_report.py, this script's module
 
 
 def main(argv: list[str] | None = None) -> int:
+    from results_report import load_run, render, run_all, write_pictures
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from nuwa_graph.embedded import WEIGHTS_DIR
-    from nuwa_graph.results import load_run, render, run_all, write_pictures
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=500, help="held-out scenes = grounding and VQA samples each (default 500)")

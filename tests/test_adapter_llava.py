@@ -504,7 +504,7 @@ def test_unsupported_signal_fails_before_the_forward_pass(tiny_llava, tiny_image
 def test_budget_larger_than_visual_tokens(tiny_llava, tiny_image, capsys):
     with pytest.raises(RunError, match=r"k=65 is larger than the 64 tokens"):
         tiny_llava.generate(load_text(keep_yaml("vision", k=65)), [tiny_image], [PROMPT], external={"sc": scores()})
-    from nuwa_graph.runner import run_command
+    from nuwa_graph.apps.runner import run_command
 
     text = """
 name: rnd
@@ -524,7 +524,7 @@ nodes:
 
 
 def test_image_that_fails_to_load(tmp_path, capsys):
-    from nuwa_graph.runner import load_image, run_command
+    from nuwa_graph.apps.runner import load_image, run_command
 
     with pytest.raises(RunError, match="does not exist"):
         load_image(tmp_path / "missing.png")
@@ -538,7 +538,7 @@ def test_image_that_fails_to_load(tmp_path, capsys):
 
 def test_run_command_defaults_and_json(capsys):
     """Default model: the embedded one (12x12 = 144 visual tokens, 4 LLM layers)."""
-    from nuwa_graph.runner import run_command
+    from nuwa_graph.apps.runner import run_command
 
     text = """
 name: rnd

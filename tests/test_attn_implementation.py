@@ -90,7 +90,7 @@ def test_device_map_is_passed_to_from_pretrained(tiny_image, monkeypatch):
     pytest.importorskip("accelerate")
     from transformers import LlavaForConditionalGeneration
 
-    from nuwa_graph.evaluate import default_model
+    from nuwa_graph.apps.models import default_model
 
     seen = {}
     orig = LlavaForConditionalGeneration.from_pretrained.__func__
@@ -118,7 +118,7 @@ def test_device_map_on_a_preset_is_refused():
 def test_cli_run_takes_attn_implementation_and_batch(capsys):
     from typer.testing import CliRunner
 
-    from nuwa_graph.cli import app
+    from nuwa_graph.apps.cli import app
 
     res = CliRunner().invoke(app, ["run", str(ROOT / "pipelines/fastv.yaml"), "--prompt", PROMPT, "--device", "cpu",
                                    "--attn-implementation", "eager", "--batch", "2", "--max-new-tokens", "2", "--json"])

@@ -18,7 +18,8 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from nuwa_graph import cli, safe_yaml
+from nuwa_graph import safe_yaml
+from nuwa_graph.apps import cli
 from nuwa_graph.errors import PipelineError
 from nuwa_graph.pipeline import load, load_text, parse_override
 
@@ -221,7 +222,7 @@ def test_not_an_image(tmp_path):
 
 
 def test_skip_bad_records_reports_the_count(tmp_path, monkeypatch):
-    from nuwa_graph.evaluate import load_data
+    from nuwa_graph.apps.evaluate import load_data
 
     (task,) = load_data([CORPUS / "data" / "many_bad.json"], skip_bad=True)
     assert task.skipped == 3 and [s.record for s in task.samples] == [0, 3]
@@ -316,12 +317,13 @@ def test_context_overflow_is_an_error_before_any_work(monkeypatch):
 
 
 def test_unexpected_errors_are_one_line_unless_debug(monkeypatch, sample_path):
-    import nuwa_graph.cli as c
+    import nuwa_graph.apps.cli_common as c
+    import nuwa_graph.apps.cli_inspect as inspect_commands
 
     def broken(*a, **k):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(c, "load", broken)
+    monkeypatch.setattr(inspect_commands, "load", broken)
     r = invoke("validate", sample_path)
     assert r.exit_code == 1 and has(r, "ZeroDivisionError: a bug (unexpected; run again with --debug")
     assert "Traceback" not in r.output
@@ -344,7 +346,7 @@ def test_load_is_bounded_in_time_for_every_corpus_file():
 
 
 def test_a_data_file_past_the_size_limit_is_refused_before_reading(tmp_path, monkeypatch):
-    from nuwa_graph.evaluate import EvalError, load_data
+    from nuwa_graph.apps.evaluate import EvalError, load_data
 
     big = tmp_path / "vqa.jsonl"
     big.write_text('{"question_id": 1, "image": "x.png", "question": "q ?", "answer": "a"}\n' * 50)

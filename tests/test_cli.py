@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 from typer.testing import CliRunner
 
-from nuwa_graph import cli, registry
+from nuwa_graph import registry
+from nuwa_graph.apps import cli
 
 runner = CliRunner()
 
@@ -120,11 +119,7 @@ def test_run_validates_first(tmp_path):
 
 
 def test_run_passes_options(sample_path, monkeypatch):
-    if importlib.util.find_spec("nuwa_graph.runner") is None:
-        r = invoke("run", sample_path)
-        assert r.exit_code == 2 and "running on models is not available yet" in r.output
-        return
-    import nuwa_graph.runner as runner_mod
+    import nuwa_graph.apps.runner as runner_mod
 
     seen = {}
 

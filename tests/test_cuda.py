@@ -28,7 +28,7 @@ def models(request):
     from nuwa_graph.adapters import load_adapter
     from nuwa_graph.adapters.qwen import tiny_qwen, tiny_qwen_image
     from nuwa_graph.adapters.tiny import synthetic_image
-    from nuwa_graph.evaluate import default_model
+    from nuwa_graph.apps.models import default_model
 
     dt = DTYPES[request.param]
     return {"tiny-llava": (load_adapter("tiny-llava", dt, "cuda"), synthetic_image()),

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from nuwa_graph import cli
+from nuwa_graph.apps import cli
 from nuwa_graph.adapters.base import RunReport
-from nuwa_graph.evaluate import (
+from nuwa_graph.apps.evaluate import (
     PARTIAL_PREDICTIONS,
     evaluate,
     load_data,

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from nuwa_graph.cli import app
-from nuwa_graph.evaluate import (EvalError, add_relative, evaluate, grounding_score, load_data, plan_runs,
+from nuwa_graph.apps.cli import app
+from nuwa_graph.apps.evaluate import (EvalError, add_relative, evaluate, grounding_score, load_data, plan_runs,
                                  reference_index, relative_pct, sample_data, summarize, sweep_axis, vqa_score,
                                  write_results)
 from nuwa_graph.world.boxes import iou
@@ -92,7 +92,7 @@ def embedded_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def evaluated(embedded_dir, tmp_path_factory):
     from nuwa_graph.adapters import load_adapter
-    from nuwa_graph.viz import write_pictures
+    from nuwa_graph.apps.viz import write_pictures
 
     out = tmp_path_factory.mktemp("eval")
     tasks = load_data(sample_data(out / "data", n_images=4, seed=11))
@@ -175,7 +175,7 @@ def test_cli_eval_no_model_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_tokens_runs_is_run_length_with_averages_rounded():
-    from nuwa_graph.evaluate import tokens_runs
+    from nuwa_graph.apps.evaluate import tokens_runs
 
     assert tokens_runs([144, 144, 16, 16]) == "144x2 16x2"
     assert tokens_runs([144.0, 77, 38, 19]) == "144 77 38 19"

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from nuwa_graph import cli
+from nuwa_graph.apps import cli
 from nuwa_graph.errors import PipelineError
 from nuwa_graph.pipeline import Pipeline, load_text
 

@@ -20,8 +20,8 @@ import pytest
 
 lmms_eval = pytest.importorskip("lmms_eval")
 
-from nuwa_graph.evaluate import sample_data  # noqa: E402
-from nuwa_graph.prompts import lmms_grounding_score, parse_lmms_box  # noqa: E402
+from nuwa_graph.apps.evaluate import sample_data  # noqa: E402
+from nuwa_graph.apps.prompts import lmms_grounding_score, parse_lmms_box  # noqa: E402
 
 pytestmark = [pytest.mark.lmms, pytest.mark.slow]
 
@@ -33,7 +33,7 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASET
 UTILS = '''
 from PIL import Image
 from lmms_eval.tasks.refcoco import utils_rec
-from nuwa_graph.data import exact_match
+from nuwa_graph.apps.data import exact_match
 
 def vqa_visual(doc):
     return [Image.open(doc["image"]).convert("RGB")]
@@ -224,7 +224,7 @@ def test_our_lmms_scoring_equals_lmms_evals():
 # --- lmms-eval's CLI against nuwa-graph eval ---------------------------------------------------------
 def test_lmms_cli_matches_builtin_eval(local, single):
     out, paths = local
-    args = [sys.executable, "-m", "nuwa_graph.cli", "eval", str(PIPELINES / "fastv.yaml"), "--set", "budget=32",
+    args = [sys.executable, "-m", "nuwa_graph.apps.cli", "eval", str(PIPELINES / "fastv.yaml"), "--set", "budget=32",
             "--data", str(paths["refcoco"]), "--data", str(paths["vqa"]), "--prompt-style", "lmms-eval",
             "--grounding-prompt", "where is {expression} ?", "--vqa-prompt", "{question}", "--max-new-tokens", "6",
             "--batch", "2", "--device", "cpu", "-o", str(out / "builtin")]

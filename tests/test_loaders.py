@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from nuwa_graph.data import DataFormatError, exact_match, load_grounding, load_vqa, normalize_answer, vqa_accuracy
+from nuwa_graph.apps.data import DataFormatError, exact_match, load_grounding, load_vqa, normalize_answer, vqa_accuracy
 from nuwa_graph.world import load_split, make_scene, resolve, write_split
 
 

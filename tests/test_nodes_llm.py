@@ -171,7 +171,7 @@ def test_llm_pipelines_run_on_embedded_model(name, sets, counts):
     """End to end on the tiny 4-layer LLaVA (8x8 grid): the 32-layer schedules follow its depth."""
     from typer.testing import CliRunner
 
-    from nuwa_graph import cli
+    from nuwa_graph.apps import cli
     from tests.test_golden_llm import PIPES
 
     args = ["run", str(PIPES / f"{name}.yaml"), "--model", "tiny-llava"]

@@ -171,7 +171,7 @@ def big_qwen_image():
 @pytest.fixture(scope="module")
 def embedded():
     from nuwa_graph.adapters import load_adapter
-    from nuwa_graph.evaluate import default_model
+    from nuwa_graph.apps.models import default_model
 
     return load_adapter(default_model(), "float32", "cpu")
 
@@ -276,7 +276,7 @@ def test_run_json_and_table_say_which_schedule_and_signals(capsys):
     """`nuwa-graph run FILE --model ... --json`: the schedule and the signals used, also in the table."""
     import json
 
-    from nuwa_graph.runner import run_command
+    from nuwa_graph.apps.runner import run_command
 
     assert run_command(ROOT / "pipelines/feather.yaml", model="tiny-llava", max_new_tokens=1, as_json=True) == 0
     data = json.loads(capsys.readouterr().out)

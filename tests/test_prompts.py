@@ -9,10 +9,10 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from nuwa_graph.cli import app
-from nuwa_graph.data import VQASample
-from nuwa_graph.evaluate import EvalError, Task, evaluate, load_data, plan_runs, sample_data
-from nuwa_graph.prompts import (LMMS_REC_PROMPT, VICUNA_SYSTEM, chat_text, llava_chat_text, lmms_grounding_score,
+from nuwa_graph.apps.cli import app
+from nuwa_graph.apps.data import VQASample
+from nuwa_graph.apps.evaluate import EvalError, Task, evaluate, load_data, plan_runs, sample_data
+from nuwa_graph.apps.prompts import (LMMS_REC_PROMPT, VICUNA_SYSTEM, chat_text, llava_chat_text, lmms_grounding_score,
                                 lmms_iou, parse_lmms_box, unescape)
 from tests.test_evaluate import PIPELINES
 

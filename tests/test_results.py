@@ -1,7 +1,8 @@
-"""docs/results.md machinery (nuwa_graph/results.py), head masking, and the `run` comparison."""
+"""docs/results.md machinery (scripts/results_report.py), head masking, and the `run` comparison."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,12 +10,24 @@ import torch
 from typer.testing import CliRunner
 
 from nuwa_graph import load
-from nuwa_graph.cli import app
-from nuwa_graph.results import (ENTRIES, caveat_findings, effect_findings, load_run, plan, render, run_all,
-                                with_heads_excluded)
+from nuwa_graph.apps.cli import app
+from nuwa_graph.embedded import WEIGHTS_DIR
 from nuwa_graph.nodes.scorer_llm import drop_heads
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))  # results generation is a script's module, not the package's
+from results_report import (  # noqa: E402
+    ENTRIES,
+    caveat_findings,
+    effect_findings,
+    load_run,
+    plan,
+    render,
+    run_all,
+    shown_model,
+    with_heads_excluded,
+)
+
 EMBEDDED_VARS = {"llm_layers": 4, "vision_layers": 6, "grid_tokens": 144}
 
 
@@ -66,7 +79,7 @@ def test_plan_runs_every_pipeline_at_every_budget():
 # --- the words are computed from the numbers -------------------------------------------------------
 def _result(acc: dict[str, tuple[float, float]]) -> dict:
     """A result dict as evaluate() returns it, from label -> (grounding, vqa) accuracy."""
-    from nuwa_graph.evaluate import add_relative
+    from nuwa_graph.apps.evaluate import add_relative
 
     res = []
     for label, (g, v) in acc.items():
@@ -121,6 +134,15 @@ def untrained(tmp_path_factory):
     return Path(d)
 
 
+def test_generated_docs_name_the_shipped_weights_by_their_repository_path(untrained):
+    assert shown_model(str(WEIGHTS_DIR)) == "nuwa_graph/embedded/weights"
+    assert shown_model(str(WEIGHTS_DIR / ".." / "weights")) == "nuwa_graph/embedded/weights"
+    assert shown_model(str(untrained)) == str(untrained)  # any other model: as it was given
+    assert shown_model("tiny-llava") == "tiny-llava"
+    shown = (ROOT / "docs/results.md").read_text().split("- Model: `", 1)[1].split("`", 1)[0]
+    assert shown == "nuwa_graph/embedded/weights"
+
+
 def test_run_all_and_render(untrained, tmp_path):
     entries = [e for e in ENTRIES if e.name in ("vanilla", "visionzip", "fastv", "nuwa")]
     totals = []
@@ -143,7 +165,7 @@ def test_run_all_and_render(untrained, tmp_path):
 
 # --- `nuwa-graph run FILE` with nothing else: the comparison ---------------------------------------
 def test_run_without_model_image_or_prompt_compares_against_vanilla(monkeypatch, tmp_path):
-    import nuwa_graph.demo as demo
+    import nuwa_graph.apps.demo as demo
 
     seen = {}
 
@@ -160,7 +182,7 @@ def test_run_without_model_image_or_prompt_compares_against_vanilla(monkeypatch,
 def test_run_demo_on_the_embedded_model(tmp_path, monkeypatch, untrained):
     from rich.console import Console
 
-    import nuwa_graph.demo as demo
+    import nuwa_graph.apps.demo as demo
 
     monkeypatch.setattr(demo, "default_model", lambda: str(untrained))
     console = Console(record=True, width=200)

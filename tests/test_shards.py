@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from nuwa_graph.cli import app
-from nuwa_graph.evaluate import EvalError, evaluate, load_data, plan_runs, sample_data, write_results
-from nuwa_graph.shards import Shard, merge, parse_shard, read_shards, shard_payload, write_shard
+from nuwa_graph.apps.cli import app
+from nuwa_graph.apps.evaluate import EvalError, evaluate, load_data, plan_runs, sample_data, write_results
+from nuwa_graph.apps.shards import Shard, merge, parse_shard, read_shards, shard_payload, write_shard
 
 ROOT = Path(__file__).parent.parent
 PIPELINES = ROOT / "pipelines"
@@ -35,7 +35,7 @@ def test_parse_shard_and_env():
 
 @pytest.mark.parametrize("n,count", [(0, 3), (2, 3), (7, 3), (10, 4)])
 def test_shards_cover_every_sample_once_in_order(n, count):
-    from nuwa_graph.evaluate import Task
+    from nuwa_graph.apps.evaluate import Task
 
     tasks = [Task("vqa", "x", list(range(n)))]
     parts = [Shard(i, count).take(tasks)[0].samples for i in range(count)]
@@ -116,12 +116,12 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     data = [a for f in sample_data(tmp_path / "data", n_images=4) for a in ("--data", str(f))]
     args = ["eval", str(PIPELINES / "vanilla.yaml"), str(PIPELINES / "fastv.yaml"), "--set", "budget=32", *data,
             "--limit", "4", "--batch", "2", "--max-new-tokens", "6", "--device", "cpu"]
-    one = subprocess.run([sys.executable, "-m", "nuwa_graph.cli", *args, "-o", str(tmp_path / "one")],
+    one = subprocess.run([sys.executable, "-m", "nuwa_graph.apps.cli", *args, "-o", str(tmp_path / "one")],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-                          "-m", "nuwa_graph.cli", *args, "-o", str(tmp_path / "two")],
+                          "-m", "nuwa_graph.apps.cli", *args, "-o", str(tmp_path / "two")],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
     assert sorted(p.name for p in (tmp_path / "two" / "shards").iterdir()) == ["shard-0-of-2.json",

@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from nuwa_graph import PipelineError
-from nuwa_graph.cli import app
-from nuwa_graph.sweep import combinations, load_all, parse_sweep, split_values
+from nuwa_graph.apps.cli import app
+from nuwa_graph.apps.sweep import combinations, load_all, parse_sweep, split_values
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -27,203 +27,24 @@ world `seed`), the held-out images (world `seed + 1000003`).
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import json
 import math
-import os
 import platform
 import shutil
-import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data import exact_match
 from ..world import shapes as W
-from ..world.boxes import box_to_tokens, iou, parse_box
-from .build import WEIGHTS_DIR, build_model, load_embedded, pixel_values, save_embedded
-
-EVAL_WORLD_OFFSET = 1_000_003
-CHECKPOINT = "checkpoint"
-STATE_FILE = "state.pt"
-MODEL_DIR = "model"
-LOG_FILE = "training_log.json"
-RECIPE = "issue14: frozen pre-trained CLIP tower, projector + deep Llama on answers and questions, no attention loss"
-
-
-@dataclass
-class TrainConfig:
-    out: str = ""                     # run folder: checkpoint/, model/, training_log.json (required)
-    out_package: bool = False         # also copy the finished model into the shipped weights folder
-    seed: int = 0
-    minutes: float = 0.0              # time cap of this session (0 = none): checkpoint and stop
-    stop_after: int = 0               # checkpoint and stop after this many LM steps this session (0 = none)
-    vision_from: str = str(WEIGHTS_DIR)  # saved embedded model whose CLIP tower is reused ('' = none)
-    vision_steps: int = 0             # pre-train the tower from scratch for this many steps instead
-    lm_steps: int = 5000
-    batch: int = 32                   # images per step (both phases)
-    vision_lr: float = 1e-3
-    lm_lr: float = 2e-3
-    weight_decay: float = 0.01
-    warmup: int = 200
-    grounding_turns: int = 2          # grounding questions per image
-    vqa_turns: int = 2                # VQA questions per image
-    point_turns: int = 1              # pointing questions per image ('what is in <x3> <y5> ?')
-    question_weight: float = 0.5      # LM loss weight of question tokens (answers: 1)
-    curriculum: list = field(default_factory=lambda: [[3, 0.1], [4, 0.2], [5, 0.3]])  # [max objects, until fraction]
-    position_weight: float = 0.5      # vision pre-training: patch row/col loss weight
-    tune_vision: bool = False         # also train the vision tower in the LM phase (LLaVA does not)
-    eval_every: int = 250             # LM steps between short held-out evals (0 = none)
-    eval_n: int = 64                  # held-out grounding and VQA samples per periodic eval
-    final_eval_n: int = 1000          # ... for the final eval (after the save -> load round trip)
-    ckpt_every: int = 100             # LM steps between checkpoints
-    ckpt_minutes: float = 10.0        # ... and at least this often in wall-clock minutes (0 = steps only)
-    save_dtype: str = "float16"
-    threads: int = 0                  # torch threads (0 = torch's default)
-    dims: dict = field(default_factory=lambda: {"text_layers": 16})  # model sizes, see build.DEFAULT_DIMS
-
-    def validate(self, fresh: bool = True) -> None:
-        """Clear errors for options that cannot work (the CLI shows them as usage errors);
-        `fresh`: also check what only a new run reads (the tower to reuse)."""
-        def bad(opt, val, want):
-            raise ValueError(f"--{opt.replace('_', '-')} {val!r}: {want}")
-        if not self.out:
-            bad("out", self.out, "the run folder is required (checkpoints, final model and log go there); "
-                "the shipped weights folder is written only with --out-package")
-        out = Path(self.out).resolve()
-        if (out == WEIGHTS_DIR.resolve() or WEIGHTS_DIR.resolve() in out.parents) and not self.out_package:
-            bad("out", self.out, f"is inside the shipped weights folder {WEIGHTS_DIR}; use another folder "
-                "(add --out-package to copy the finished model there)")
-        for name in ("batch", "lm_steps", "ckpt_every", "grounding_turns"):
-            if getattr(self, name) <= 0:
-                bad(name, getattr(self, name), "must be a positive integer")
-        for name in ("vision_steps", "vqa_turns", "point_turns", "eval_every", "eval_n", "final_eval_n", "warmup",
-                     "stop_after", "threads"):
-            if getattr(self, name) < 0:
-                bad(name, getattr(self, name), "must be >= 0")
-        for name in ("lm_lr", "vision_lr"):
-            if not getattr(self, name) > 0:
-                bad(name, getattr(self, name), "must be > 0")
-        for name in ("minutes", "ckpt_minutes", "question_weight", "weight_decay"):
-            if getattr(self, name) < 0:
-                bad(name, getattr(self, name), "must be >= 0")
-        if self.vision_steps and self.vision_from:
-            bad("vision_steps", self.vision_steps, "pre-trains a new tower; pass --vision-from '' with it "
-                "(or 0 steps to reuse the tower of --vision-from)")
-        last = 0.0
-        for item in self.curriculum:
-            if (len(item) != 2 or not W.MIN_OBJECTS <= int(item[0]) <= W.MAX_OBJECTS
-                    or not last <= float(item[1]) <= 1.0):
-                bad("curriculum", self.curriculum, f"want MAX:UNTIL pairs with MAX in {W.MIN_OBJECTS}..{W.MAX_OBJECTS} "
-                    "and increasing fractions UNTIL in 0..1, e.g. 3:0.1,4:0.2,5:0.3 (or 'none')")
-            last = float(item[1])
-        if fresh and self.vision_from and not (Path(self.vision_from) / "config.json").is_file():
-            bad("vision_from", self.vision_from, "holds no saved embedded model (config.json)")
-
-
-# --- data ---------------------------------------------------------------------------------------
-class Vocab:
-    """Fast word -> id for the world's own (space-separated) text; checked against the tokenizer."""
-
-    def __init__(self, tok):
-        self.tok = tok
-        self.v = tok.get_vocab()
-        self.bos, self.eos, self.pad = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
-        self.image = self.v["<image>"]
-
-    def ids(self, text: str) -> list[int]:
-        return [self.v[w] for w in text.lower().split()]
-
-
-def _turns(seed: int, index: int, cfg: TrainConfig):
-    """(scene, [(question, answer)]) for training scene `index`, turns in a seeded random order."""
-    scene, g_items, v_items = W.samples(seed, index, cfg.grounding_turns, cfg.vqa_turns)
-    turns = [(g.question, box_to_tokens(g.box, scene.size, scene.size)) for g in g_items]
-    turns += [(v.question, v.answer) for v in v_items]
-    rng = np.random.default_rng([seed, index, 3])
-    for _ in range(cfg.point_turns):
-        p = W.point_item(scene, rng)
-        if p is not None:
-            turns.append((p.question, p.answer))
-    order = np.random.default_rng([seed, index, 2]).permutation(len(turns))
-    return scene, [turns[int(k)] for k in order]
-
-
-def max_objects_at(step: int, cfg: TrainConfig) -> int:
-    """The curriculum: the most objects a training scene of LM step `step` may have."""
-    frac = step / cfg.lm_steps
-    for cap, until in cfg.curriculum:
-        if frac < float(until):
-            return int(cap)
-    return W.MAX_OBJECTS
-
-
-def next_indices(seed: int, start: int, n: int, max_objects: int) -> tuple[list[int], int]:
-    """The next n training scene indices from `start` with at most `max_objects` objects; new start."""
-    out, i = [], start
-    while len(out) < n:
-        if max_objects >= W.MAX_OBJECTS or len(W.make_scene(seed, i).objects) <= max_objects:
-            out.append(i)
-        i += 1
-    return out, i
-
-
-def lm_batch(seed: int, indices: list[int], cfg: TrainConfig, vocab: Vocab, grid: int):
-    """Token ids, loss weights (answers 1, questions cfg.question_weight, rest 0), pixel values."""
-    n_img = grid * grid
-    seqs, wts, images = [], [], []
-    for idx in indices:
-        scene, turns = _turns(seed, idx, cfg)
-        images.append(scene.render()[0])
-        ids = [vocab.bos] + vocab.ids("user :") + [vocab.image] * n_img
-        w = [0.0] * len(ids)
-        for k, (q, a) in enumerate(turns):
-            if k:
-                ids += vocab.ids("user :")
-                w += [0.0, 0.0]
-            q_ids = vocab.ids(q) + vocab.ids("assistant :")
-            a_ids = vocab.ids(a) + [vocab.eos]
-            ids += q_ids + a_ids
-            w += [cfg.question_weight] * len(q_ids) + [1.0] * len(a_ids)
-        seqs.append(ids)
-        wts.append(w)
-    L = max(len(s) for s in seqs)
-    B = len(seqs)
-    input_ids = torch.full((B, L), vocab.pad, dtype=torch.long)
-    mask = torch.zeros((B, L), dtype=torch.long)
-    weights = torch.zeros((B, L))
-    for b, (s, w) in enumerate(zip(seqs, wts)):
-        input_ids[b, : len(s)] = torch.tensor(s)
-        mask[b, : len(s)] = 1
-        weights[b, : len(w)] = torch.tensor(w)
-    return {"input_ids": input_ids, "attention_mask": mask, "weights": weights, "pixel_values": pixel_values(images)}
-
-
-N_CLS_OUT = len(W.COLOR_NAMES) + len(W.SHAPES) + len(W.COLOR_NAMES) * len(W.SHAPES) + (W.MAX_OBJECTS + 1)
-
-
-def vision_batch(seed: int, indices: list[int], grid: int):
-    imgs, labels, attrs, counts = [], [], [], []
-    for idx in indices:
-        scene = W.make_scene(seed, idx)
-        imgs.append(scene.render()[0])
-        labels.append(scene.patch_labels().reshape(-1))
-        a = np.zeros(N_CLS_OUT - (W.MAX_OBJECTS + 1), dtype=np.float32)
-        for o in scene.objects:
-            c, s = W.COLOR_NAMES.index(o.color), W.SHAPES.index(o.shape)
-            a[c] = 1
-            a[len(W.COLOR_NAMES) + s] = 1
-            a[len(W.COLOR_NAMES) + len(W.SHAPES) + c * len(W.SHAPES) + s] = 1
-        attrs.append(a)
-        counts.append(len(scene.objects))
-    return (pixel_values(imgs), torch.from_numpy(np.stack(labels)).long(), torch.from_numpy(np.stack(attrs)),
-            torch.tensor(counts))
+from .build import WEIGHTS_DIR, build_model, load_embedded, save_embedded
+from .train_checkpoint import _say, _sha256, _Stop, _write_json, load_checkpoint, save_checkpoint
+from .train_cli import RESUME_OVERRIDES, build_parser
+from .train_config import CHECKPOINT, EVAL_WORLD_OFFSET, LOG_FILE, MODEL_DIR, RECIPE, STATE_FILE, TrainConfig
+from .train_data import N_CLS_OUT, Vocab, _turns, lm_batch, max_objects_at, next_indices, vision_batch
+from .train_eval import SLICE_N, eval_set, evaluate, slice_accuracy
 
 
 class VisionHeads(torch.nn.Module):
@@ -244,158 +65,6 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
     p = (step - warmup) / max(1, total - warmup)
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
 
-
-# --- evaluation ---------------------------------------------------------------------------------
-def eval_set(seed: int, n: int):
-    """n held-out grounding and n VQA samples: (image, question, truth, kind) from world seed + offset."""
-    ws = seed + EVAL_WORLD_OFFSET
-    g, v = [], []
-    i = 0
-    while len(g) < n or len(v) < n:
-        scene, gi, vi = W.samples(ws, i, 1, 1)
-        img = scene.render()[0]
-        if gi and len(g) < n:
-            g.append((img, gi[0].question, gi[0].box, gi[0].kind))
-        if vi and len(v) < n:
-            v.append((img, vi[0].question, vi[0].answer, vi[0].kind))
-        i += 1
-    return g, v
-
-
-@torch.no_grad()
-def generate_answers(model, tok, items, max_new_tokens: int, batch: int = 64) -> list[str]:
-    from .build import prompt
-    out = []
-    for s in range(0, len(items), batch):
-        chunk = items[s: s + batch]
-        enc = tok([prompt(q) for _, q, _, _ in chunk], return_tensors="pt", padding=True)
-        enc["input_ids"] = _expand_image(enc["input_ids"], tok, model.config.image_seq_length)
-        enc["attention_mask"] = (enc["input_ids"] != tok.pad_token_id).long()
-        gen = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                             pixel_values=pixel_values([img for img, _, _, _ in chunk]),
-                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-        out += tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    return out
-
-
-def _expand_image(ids: torch.Tensor, tok, n: int) -> torch.Tensor:
-    """Left-padded ids with one <image> -> n <image> placeholders (what LlavaProcessor does)."""
-    image = tok.convert_tokens_to_ids("<image>")
-    rows = []
-    for r in ids.tolist():
-        r = [t for t in r if t != tok.pad_token_id]
-        k = r.index(image)
-        rows.append(r[:k] + [image] * n + r[k + 1:])
-    L = max(len(r) for r in rows)
-    return torch.tensor([[tok.pad_token_id] * (L - len(r)) + r for r in rows])
-
-
-def evaluate(model, tok, g_items, v_items) -> dict:
-    """Grounding Acc@0.5 (+ mean IoU, parse rate) and VQA exact match, overall and per kind."""
-    was_training = model.training
-    model.eval()
-    res: dict = {}
-    if g_items:
-        preds = generate_answers(model, tok, g_items, 5)
-        ious = [iou(parse_box(p, img.shape[1], img.shape[0]), box) for p, (img, _, box, _) in zip(preds, g_items)]
-        res["grounding_acc50"] = float(np.mean([x >= 0.5 for x in ious]))
-        res["grounding_miou"] = float(np.mean(ious))
-        res["grounding_parsed"] = float(np.mean([parse_box(p, img.shape[1], img.shape[0]) is not None
-                                                 for p, (img, *_) in zip(preds, g_items)]))
-        res["grounding_by_kind"] = _by_kind([x >= 0.5 for x in ious], [k for *_, k in g_items])
-        res["grounding_examples"] = [(q, p) for (_, q, _, _), p in list(zip(g_items, preds))[:3]]
-    if v_items:
-        preds = generate_answers(model, tok, v_items, 2)
-        ok = [exact_match(p, [a]) for p, (_, _, a, _) in zip(preds, v_items)]
-        res["vqa_em"] = float(np.mean(ok))
-        res["vqa_by_kind"] = _by_kind(ok, [k for *_, k in v_items])
-        res["vqa_examples"] = [(q, p) for (_, q, _, _), p in list(zip(v_items, preds))[:3]]
-    model.train(was_training)
-    return res
-
-
-SLICE_N = 100  # the fixed check slice: the first 100 grounding and 100 VQA samples of the held-out eval set
-
-
-def slice_accuracy(path: str | Path | None = None, seed: int = 0, n: int = SLICE_N) -> dict:
-    """Grounding Acc@0.5 and VQA EM of a saved model (default: the shipped weights) on the fixed
-    slice; docs/embedded.md records the shipped model's values and a test holds it to them."""
-    model, proc = load_embedded(path)
-    g, v = eval_set(seed, n)
-    r = evaluate(model, proc.tokenizer, g, v)
-    return {"grounding_acc50": r["grounding_acc50"], "vqa_em": r["vqa_em"], "n": n}
-
-
-def _by_kind(ok, kinds) -> dict:
-    out: dict = {}
-    for o, k in zip(ok, kinds):
-        out.setdefault(str(k), []).append(float(o))
-    return {k: round(float(np.mean(v)), 4) for k, v in sorted(out.items())}
-
-
-# --- checkpoints --------------------------------------------------------------------------------
-def save_checkpoint(run_dir: Path, model, opt, state: dict, cfg: TrainConfig, log: dict) -> Path:
-    """Atomically write run_dir/checkpoint/state.pt (and the running training_log.json)."""
-    ck = run_dir / CHECKPOINT
-    ck.mkdir(parents=True, exist_ok=True)
-    blob = {"model": model.state_dict(), "optimizer": opt.state_dict(), "state": dict(state),
-            "config": asdict(cfg), "log": log, "torch_rng": torch.get_rng_state(), "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
-    tmp = ck / (STATE_FILE + ".tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, ck / STATE_FILE)
-    _write_json(run_dir / LOG_FILE, log)
-    return ck / STATE_FILE
-
-
-def load_checkpoint(run_dir: str | Path) -> dict:
-    p = Path(run_dir) / CHECKPOINT / STATE_FILE
-    if not p.is_file():
-        raise FileNotFoundError(f"--resume {run_dir}: no checkpoint at {p}")
-    return torch.load(p, map_location="cpu", weights_only=False)
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=_json_default) + "\n")
-    os.replace(tmp, path)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-class _Stop:
-    """SIGTERM / SIGINT -> finish the current step, checkpoint, exit cleanly."""
-
-    def __init__(self):
-        self.signal: str | None = None
-        self._old: dict = {}
-
-    def __enter__(self):
-        import threading
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.signal = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-def _say(console, text: str) -> None:
-    if console is None:
-        print(text, flush=True)
-    else:
-        console.print(text, soft_wrap=True, highlight=False, markup=False)
 
 
 # --- training -----------------------------------------------------------------------------------
@@ -632,12 +301,6 @@ def _finish(model, processor, cfg: TrainConfig, log: dict, run_dir: Path, consol
     return log
 
 
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    return str(o)
-
-
 def _check_vocab(vocab: Vocab, cfg: TrainConfig):
     """The fast path (split on spaces) must give exactly the tokenizer's ids."""
     from .build import prompt
@@ -650,73 +313,6 @@ def _check_vocab(vocab: Vocab, cfg: TrainConfig):
             if want != got:
                 raise RuntimeError(f"fast tokenisation differs from the tokenizer for {q!r} -> {a!r}")
 
-
-# --- command line -------------------------------------------------------------------------------
-RESUME_OVERRIDES = ("minutes", "stop_after", "threads", "ckpt_minutes")   # what --resume may change (not the schedule)
-
-
-def _curriculum(text: str) -> list:
-    if text.strip().lower() in ("none", ""):
-        return []
-    try:
-        return [[int(a), float(b)] for a, b in (part.split(":") for part in text.split(","))]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: want MAX:UNTIL pairs, e.g. 3:0.1,4:0.2,5:0.3, or 'none'") from None
-
-
-def _dims(text: str) -> dict:
-    from .build import DEFAULT_DIMS
-    out = {}
-    for part in filter(None, text.split(",")):
-        k, _, v = part.partition("=")
-        if k not in DEFAULT_DIMS or not v.isdigit() or int(v) <= 0:
-            raise argparse.ArgumentTypeError(f"{part!r}: want NAME=POSITIVE_INT with NAME in {sorted(DEFAULT_DIMS)}")
-        out[k] = int(v)
-    return out
-
-
-def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
-    d = TrainConfig()
-    kw = {"argument_default": argparse.SUPPRESS} if suppress else {}
-    p = argparse.ArgumentParser(prog="train_embedded", description="Train the embedded LLaVA on the shapes world "
-                                "(recipe in docs/embedded.md).", **kw)
-    dflt = (lambda v: {}) if suppress else (lambda v: {"default": v})
-    p.add_argument("--out", **dflt(d.out), help="run folder (required): checkpoint/, model/, training_log.json")
-    p.add_argument("--out-package", action="store_true", **dflt(False),
-                   help=f"also copy the finished model into the shipped weights folder {WEIGHTS_DIR}")
-    p.add_argument("--resume", metavar="DIR", **dflt(None),
-                   help="continue the run in DIR from its checkpoint (only --minutes, --stop-after, --threads may change)")
-    p.add_argument("--seed", type=int, **dflt(d.seed))
-    p.add_argument("--minutes", type=float, **dflt(d.minutes), help="time cap of this session (0 = none); "
-                   "the run checkpoints and stops, --resume continues it")
-    p.add_argument("--stop-after", type=int, **dflt(d.stop_after), help="checkpoint and stop after N LM steps")
-    p.add_argument("--vision-from", **dflt(d.vision_from),
-                   help="saved embedded model whose (frozen) CLIP tower is reused; '' to pre-train one")
-    p.add_argument("--vision-steps", type=int, **dflt(d.vision_steps), help="pre-train the tower (with --vision-from '')")
-    p.add_argument("--lm-steps", type=int, **dflt(d.lm_steps))
-    p.add_argument("--batch", type=int, **dflt(d.batch))
-    p.add_argument("--vision-lr", type=float, **dflt(d.vision_lr))
-    p.add_argument("--lm-lr", type=float, **dflt(d.lm_lr))
-    p.add_argument("--weight-decay", type=float, **dflt(d.weight_decay))
-    p.add_argument("--warmup", type=int, **dflt(d.warmup), help="linear warm-up steps")
-    p.add_argument("--grounding-turns", type=int, **dflt(d.grounding_turns))
-    p.add_argument("--vqa-turns", type=int, **dflt(d.vqa_turns))
-    p.add_argument("--point-turns", type=int, **dflt(d.point_turns))
-    p.add_argument("--question-weight", type=float, **dflt(d.question_weight))
-    p.add_argument("--curriculum", type=_curriculum, **dflt(d.curriculum),
-                   help="MAX:UNTIL,...: at most MAX objects per training scene until fraction UNTIL of the run")
-    p.add_argument("--dims", type=_dims, **dflt(d.dims), help="model sizes, e.g. text_layers=16,text_hidden=128")
-    p.add_argument("--position-weight", type=float, **dflt(d.position_weight))
-    p.add_argument("--tune-vision", action="store_true", **dflt(False))
-    p.add_argument("--eval-every", type=int, **dflt(d.eval_every))
-    p.add_argument("--eval-n", type=int, **dflt(d.eval_n))
-    p.add_argument("--final-eval-n", type=int, **dflt(d.final_eval_n))
-    p.add_argument("--ckpt-every", type=int, **dflt(d.ckpt_every), help="LM steps between checkpoints")
-    p.add_argument("--ckpt-minutes", type=float, **dflt(d.ckpt_minutes),
-                   help="also checkpoint after this many minutes since the last one (0 = steps only)")
-    p.add_argument("--save-dtype", choices=["float16", "bfloat16", "float32"], **dflt(d.save_dtype))
-    p.add_argument("--threads", type=int, **dflt(d.threads))
-    return p
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -739,3 +335,33 @@ def main(argv: list[str] | None = None) -> dict:
         return train(TrainConfig(**args), command=command)
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
+
+
+# The trainer's pieces live in train_config, train_data, train_eval, train_checkpoint and
+# train_cli; their public names stay importable from here (tests, docs/embedded.md, the CLI).
+__all__ = [
+    "CHECKPOINT",
+    "EVAL_WORLD_OFFSET",
+    "LOG_FILE",
+    "MODEL_DIR",
+    "RECIPE",
+    "RESUME_OVERRIDES",
+    "SLICE_N",
+    "STATE_FILE",
+    "TrainConfig",
+    "VisionHeads",
+    "Vocab",
+    "build_parser",
+    "eval_set",
+    "evaluate",
+    "load_checkpoint",
+    "lm_batch",
+    "lr_at",
+    "main",
+    "max_objects_at",
+    "next_indices",
+    "save_checkpoint",
+    "slice_accuracy",
+    "train",
+    "vision_batch",
+]

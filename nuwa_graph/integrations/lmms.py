@@ -126,10 +126,10 @@ class NuwaGraph(lmms):
         import torch
 
         from ..adapters import load_adapter
+        from ..apps.models import default_model
+        from ..apps.runner import resolve_device, resolve_dtype
         from ..errors import PipelineError, RunError
-        from ..evaluate import default_model
         from ..pipeline import load
-        from ..runner import resolve_device, resolve_dtype
 
         rank, world, local = _launch()
         if world > 1 and torch.cuda.is_available() and device in (None, "", "auto", "cuda"):
@@ -267,7 +267,7 @@ class NuwaGraph(lmms):
     def generate_until(self, requests: list[Instance]) -> list[str]:
         from tqdm import tqdm
 
-        from ..prompts import chat_text
+        from ..apps.prompts import chat_text
 
         # batches of one task, split and generation options, in request order
         groups: dict[tuple, list[int]] = {}

@@ -54,7 +54,7 @@ def parse_box(text: str, width: int, height: int, bins: int = BINS):
         ks = [int(g) for g in m.groups()]
         if any(k >= bins for k in ks):
             return None
-        return tokens_to_box(*ks, width, height, bins)
+        return tokens_to_box(ks[0], ks[1], ks[2], ks[3], width, height, bins)
     m = _NUMBERS.search(text)
     if m:
         v = [float(g) for g in m.groups()]

@@ -1,4 +1,4 @@
-"""Write shapes-world splits in the formats the real-data loaders read (nuwa_graph.data).
+"""Write shapes-world splits in the formats the real-data loaders read (nuwa_graph.apps.data).
 
 A split folder holds
 - `images/NNNNNN.png`: the scenes;
@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..data import GroundingSample, VQASample, load_grounding, load_vqa
+from ..apps.data import GroundingSample, VQASample, load_grounding, load_vqa
 from .shapes import IMAGE_SIZE, samples
 
 

@@ -27,8 +27,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .evaluate import EvalError, Task, add_relative, full_mean, reference_index, summarize
-from .flops import mean_flops
+from ..flops import mean_flops
+from .errors import EvalError
+from .evaluate import add_relative, full_mean, reference_index
+from .scoring import summarize
+from .tasks import Task
 
 SHARD_DIR = "shards"
 FORMAT = 1
@@ -103,7 +106,7 @@ def shard_payload(result: dict[str, Any] | None, tasks: list[Task], part: list[T
     """What a shard writes: its result (with `raw`, or None when it got no sample) and where its
     samples lie in each task."""
     ranges = {}
-    for t, p in zip(tasks, part):
+    for t, _p in zip(tasks, part):
         lo, hi = shard.bounds(len(t.samples))
         ranges[t.kind] = [lo, hi]
     return {"format": FORMAT, "shard": shard.index, "count": shard.count, "grid": grid, "labels": labels,

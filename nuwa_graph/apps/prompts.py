@@ -128,7 +128,8 @@ def chat_text(adapter, context: str, system_prompt: str | None = None, chat_temp
 def lmms_eval_style(adapter):
     """(prompt_fn, score_fn) for `evaluate(...)`: lmms-eval's chat text and RefCOCO scoring."""
     from .data import GroundingSample
-    from .evaluate import EvalError, vqa_score
+    from .errors import EvalError
+    from .scoring import vqa_score
 
     family = getattr(adapter, "family", "")
     if family not in ("llava", "qwen2_5_vl"):

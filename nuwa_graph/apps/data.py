@@ -98,7 +98,7 @@ class VQASample:
 
 
 def _open(image: str | bytes) -> Image.Image:
-    from .safe_io import open_image
+    from ..safe_io import open_image
 
     return open_image(image, "image")
 

@@ -16,14 +16,17 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from .errors import PipelineError
-from .pipeline import Pipeline, load, parse_override
-from .safe_io import atomic_write
+from ..errors import PipelineError
+from ..pipeline import Pipeline, load, parse_override
+from ..safe_io import atomic_write
 
 
 def split_values(text: str) -> list[str]:
     """Split `a,b,[c,d]` at top-level commas (brackets and quotes protect commas)."""
-    parts, depth, quote, cur = [], 0, None, []
+    parts: list[str] = []
+    cur: list[str] = []
+    depth = 0
+    quote: str | None = None
     for ch in text:
         if quote:
             quote = None if ch == quote else quote

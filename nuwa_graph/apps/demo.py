@@ -16,10 +16,13 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import PipelineError, RunError
-from .evaluate import EvalError, EvalRun, default_model, evaluate, load_data, sample_data
-from .pipeline import Pipeline, load
-from .resources import pipelines_dir
+from ..errors import PipelineError, RunError
+from ..pipeline import Pipeline, load
+from ..resources import pipelines_dir
+from .errors import EvalError
+from .evaluate import EvalRun, evaluate
+from .models import default_model
+from .tasks import load_data, sample_data
 
 PIPELINES = pipelines_dir()  # the shipped pipelines (installed, or the checkout's pipelines/)
 VANILLA = PIPELINES / "vanilla.yaml"
@@ -65,7 +68,7 @@ def run_demo(pipeline: Pipeline, out: str | Path = "runs/run", samples: int = DE
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
 
-    from .adapters import load_adapter
+    from ..adapters import load_adapter
     from .runner import describe_schedule
     from .viz import draw_kept, safe_name
 
@@ -98,7 +101,7 @@ def run_demo(pipeline: Pipeline, out: str | Path = "runs/run", samples: int = DE
         sys.stdout.write(json.dumps(slim, indent=2, default=str) + "\n")
         return 0
     n = {d["task"]: d["n"] for d in result["data"]}
-    from .embedded import WEIGHTS_DIR
+    from ..embedded import WEIGHTS_DIR
 
     shown = "the embedded model" if Path(model).resolve() == WEIGHTS_DIR.resolve() else Path(model).name
     layers = len(result["results"][0]["visual_tokens_per_layer"])

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from .errors import BudgetError, PipelineError, RunError
-from .pipeline import Pipeline, load
-from .preflight import check_context, check_prompt_text
-from .safe_io import open_image
+from ..errors import BudgetError, PipelineError, RunError
+from ..pipeline import Pipeline, load
+from ..preflight import check_context, check_prompt_text
+from ..safe_io import open_image
 
 DEFAULT_PROMPT = "What shapes are in the image, and what colour is each one?"
 
@@ -38,7 +38,7 @@ def load_image(image: Any):
     """A PIL image from a path (or a PIL image as is); None = the built-in synthetic picture."""
     from PIL import Image
 
-    from .adapters.tiny import synthetic_image
+    from ..adapters.tiny import synthetic_image
 
     if image is None:
         return synthetic_image()
@@ -74,7 +74,7 @@ def _explain(exc: RunError, pipe: Pipeline | None = None) -> str:
 _VARIABLE = re.compile(r"\$\{\s*([A-Za-z_][A-Za-z0-9_]*)")  # a `${name}` in a node's params text
 
 
-def _fmt_bytes(n: int) -> str:
+def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
@@ -112,7 +112,7 @@ def print_report(rep, console=None) -> None:
     t.add_row("peak memory", f"{_fmt_bytes(rep.peak_memory_bytes)} ({rep.peak_memory_source})")
     if rep.peak_memory_above_start_bytes is not None:
         t.add_row("peak memory above the weights", _fmt_bytes(rep.peak_memory_above_start_bytes))
-    for b, fl in enumerate(rep.flops[:1]):
+    for _b, fl in enumerate(rep.flops[:1]):
         if "prefill" in fl:
             t.add_row("FLOPs (prefill)", f"{fl['prefill'] / 1e9:.3f} G ({100 * fl['prefill_ratio']:.1f} % of vanilla; "
                                          f"vision {fl['vision'] / 1e9:.3f} G, LLM {fl['llm_prefill'] / 1e9:.3f} G)")
@@ -160,8 +160,8 @@ def run_command(pipeline: Pipeline | str | Path, model: str | None = None, image
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         img = load_image(image)
-        from .adapters import load_adapter
-        from .evaluate import default_model
+        from ..adapters import load_adapter
+        from .models import default_model
 
         adapter = load_adapter(model or default_model(), dt, dev, attn_implementation=attn_implementation,
                                device_map=device_map)
