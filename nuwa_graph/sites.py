@@ -59,11 +59,3 @@ class Site:
 
     def __str__(self) -> str:
         return self.name
-
-
-def is_valid_site(name: str) -> bool:
-    try:
-        Site(name)
-        return True
-    except ValueError:
-        return False
