@@ -322,7 +322,7 @@ class External(SignalRequest):
     """A tensor given by the caller under `name` (model-free runs, tests, user scores)."""
 
     KIND: ClassVar[str] = "external"
-    SHAPE: ClassVar[str] = "(n,) or (n, d)"
+    SHAPE: ClassVar[str] = "(n_present,) or (n_present, d)"
     name: str = arg("", _str, "the name the caller gives the tensor under", required=True)
 
     def synthetic(self, geom, present, rand):
@@ -332,10 +332,10 @@ class External(SignalRequest):
 @signal_kind
 @dataclass(frozen=True)
 class PreLLMVisual(SignalRequest):
-    """Projected visual tokens."""
+    """Projected visual tokens (those present after any prune at the vision site)."""
 
     KIND: ClassVar[str] = "pre_llm.visual"
-    SHAPE: ClassVar[str] = "(n, d_llm)"
+    SHAPE: ClassVar[str] = "(n_present, d_llm)"
 
     def synthetic(self, geom, present, rand):
         return rand(present, geom.llm_width)
