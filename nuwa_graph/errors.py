@@ -37,3 +37,19 @@ class PipelineError(ValueError):
 
 class RunError(RuntimeError):
     """A run-time problem the user can fix (bad model id, budget too large, ...)."""
+
+
+class BudgetError(RunError, ValueError):
+    """A budget larger than what there is, as data: the node asked for `asked` (its param
+    `param`, e.g. k) where only `limit` tokens are; `node` and `site` are set once the
+    executor has seen it (`at`). A node raises it instead of a bare ValueError so that the CLI
+    can name the pipeline variable to lower from these fields, not from the message text."""
+
+    def __init__(self, message: str, asked: int, limit: int, param: str = "k", node: str | None = None,
+                 site: str | None = None):
+        super().__init__(message)
+        self.message, self.asked, self.limit, self.param, self.node, self.site = message, asked, limit, param, node, site
+
+    def at(self, node: str, site: str, prefix: str) -> BudgetError:
+        """The same error located at `node` and `site`, its message after `prefix`."""
+        return BudgetError(prefix + self.message, self.asked, self.limit, self.param, node, site)

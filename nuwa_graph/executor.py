@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .context import Keep, SampleContext
-from .errors import RunError
+from .errors import BudgetError, RunError
 from .pipeline import Pipeline
 from .signals import SignalRequest
 from .sites import Site
@@ -93,6 +93,11 @@ class Executor:
                                     node_name=name, reader=reader, actions=issued[b])
                 try:
                     out_vals = node.run(ctx, **kwargs) or {}
+                except BudgetError as exc:
+                    if exc.node is not None:
+                        raise
+                    raise exc.at(name, site.name, f"node {name!r} ({node.type_name}) failed on sample {b} at site "
+                                 f"{site}: {type(exc).__name__}: ") from exc
                 except RunError:
                     raise
                 except Exception as exc:
