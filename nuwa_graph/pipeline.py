@@ -22,7 +22,7 @@ problem and raises one PipelineError.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,30 +32,19 @@ from pydantic import ValidationError
 
 from .errors import PipelineError, Problem
 from .loader import MODEL_VARIABLES, NodeSpec, PipelineSpec, parse_override, read_bounded, read_spec
-from .node import Node
 from .resources import resolve_pipeline, shipped_names
 from .safe_yaml import YamlLimitError, load_yaml
 from .sites import Site
-from .validation import check_spec
+from .validation import CheckedSpec, check_spec
 
 __all__ = ["MODEL_VARIABLES", "NodeSpec", "Pipeline", "PipelineSpec", "load", "load_text", "parse_override"]
 
 
 @dataclass
-class Pipeline:
-    """A loaded, validated pipeline: node instances, the graph, and each node's site."""
+class Pipeline(CheckedSpec):
+    """A loaded, validated pipeline: node instances, the graph, and each node's site (the
+    fields of validation.CheckedSpec), with what the engine and the CLI do with it."""
 
-    spec: PipelineSpec
-    source: str
-    variables: dict[str, Any]
-    nodes: dict[str, Node]
-    graph: nx.DiGraph
-    sites: dict[str, Site]  # effective site of every node
-    edges: list[tuple[str, str, str, str]] = field(default_factory=list)  # (src, out_port, dst, in_port)
-    model_vars: dict[str, Any] = field(default_factory=lambda: dict(MODEL_VARIABLES))
-    model_vars_used: frozenset[str] = frozenset()
-    overrides: dict[str, Any] = field(default_factory=dict)  # what the user set (--set), exact
-    derived: dict[str, str] = field(default_factory=dict)  # variable -> default expression it was computed from
     chosen_from: str | None = None  # the file whose family_files picked this one for the model
 
     def bind_model(self, model_vars: dict[str, Any]) -> Pipeline:

@@ -194,54 +194,64 @@ def signal_kind(cls: type[SignalRequest]) -> type[SignalRequest]:
     return cls
 
 
-_LAYER_DOC = "vision layer (negative counts from the end; omitted: the adapter's default)"
 _ORDER_DOC = "Qwen2.5-VL: 'raster' (default) or the tower's 'window' order"
+_MERGER_DOC = "Qwen2.5-VL: apply the patch merger (rows then have width d_llm)"
 
 
 # --- vision ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _VisionLayer(SignalRequest):
+    """A vision signal of one layer."""
+
+    layer: int | None = arg(None, _opt_int, "hidden_states index (hidden kinds) or encoder layer (attention kinds), "
+                            "negative from the end; omitted: the adapter's default")
+
+
+@dataclass(frozen=True)
+class _VisionRange(SignalRequest):
+    """A vision signal averaged over a range of layers."""
+
+    start: int | None = arg(None, _opt_int, "first index averaged")
+    stop: int | None = arg(None, _opt_int, "one past the last index averaged")
+    order: str = arg("raster", _choice("raster", "window"), _ORDER_DOC)
+
+
 @signal_kind
 @dataclass(frozen=True)
-class VisionHidden(SignalRequest):
+class VisionHidden(_VisionLayer):
     """Vision hidden_states[layer] without CLS."""
 
     KIND: ClassVar[str] = "vision.hidden"
-    SHAPE: ClassVar[str] = "(n, d_vision)"
-    layer: int | None = arg(None, _opt_int, "index into the vision hidden_states (negative from the end)")
+    SHAPE: ClassVar[str] = "(n, d_vision) or (n, d_llm) with merger"
     order: str = arg("raster", _choice("raster", "window"), _ORDER_DOC)
-    merger: bool = arg(False, _bool, "Qwen2.5-VL: apply the patch merger (rows in d_llm)")
+    merger: bool = arg(False, _bool, _MERGER_DOC)
 
     def synthetic(self, geom, present, rand):
-        return rand(geom.n_visual, geom.vision_width)
+        return rand(geom.n_visual, geom.llm_width if self.merger else geom.vision_width)
 
 
 @signal_kind
 @dataclass(frozen=True)
-class VisionHiddenMean(SignalRequest):
+class VisionHiddenMean(_VisionRange):
     """Mean of vision hidden_states[start:stop] without CLS."""
 
     KIND: ClassVar[str] = "vision.hidden_mean"
-    SHAPE: ClassVar[str] = "(n, d_vision)"
-    start: int | None = arg(None, _opt_int, "first hidden_states index averaged")
-    stop: int | None = arg(None, _opt_int, "one past the last hidden_states index averaged")
-    order: str = arg("raster", _choice("raster", "window"), _ORDER_DOC)
-    merger: bool = arg(False, _bool, "Qwen2.5-VL: apply the patch merger (rows in d_llm)")
+    SHAPE: ClassVar[str] = "(n, d_vision) or (n, d_llm) with merger"
+    merger: bool = arg(False, _bool, _MERGER_DOC)
 
     def synthetic(self, geom, present, rand):
-        return rand(geom.n_visual, geom.vision_width)
+        return rand(geom.n_visual, geom.llm_width if self.merger else geom.vision_width)
 
 
 @signal_kind
 @dataclass(frozen=True)
-class VisionMergedHiddenMean(SignalRequest):
+class VisionMergedHiddenMean(_VisionRange):
     """Qwen2.5-VL: the patch merger applied to the mean of the outputs of vision blocks
     start..stop-1 (Nüwa's Qwen code: blocks 7..23), one row per merged token in raster order
     (window order undone)."""
 
     KIND: ClassVar[str] = "vision.merged_hidden_mean"
     SHAPE: ClassVar[str] = "(n, d_llm)"
-    start: int | None = arg(None, _opt_int, "first vision block averaged")
-    stop: int | None = arg(None, _opt_int, "one past the last vision block averaged")
-    order: str = arg("raster", _choice("raster", "window"), _ORDER_DOC)
 
     def synthetic(self, geom, present, rand):
         return rand(geom.n_visual, geom.llm_width)
@@ -249,12 +259,11 @@ class VisionMergedHiddenMean(SignalRequest):
 
 @signal_kind
 @dataclass(frozen=True)
-class VisionClsHidden(SignalRequest):
+class VisionClsHidden(_VisionLayer):
     """CLS row of vision hidden_states[layer]."""
 
     KIND: ClassVar[str] = "vision.cls_hidden"
     SHAPE: ClassVar[str] = "(d_vision,)"
-    layer: int | None = arg(None, _opt_int, "index into the vision hidden_states (negative from the end)")
 
     def synthetic(self, geom, present, rand):
         return rand(geom.vision_width)
@@ -262,12 +271,11 @@ class VisionClsHidden(SignalRequest):
 
 @signal_kind
 @dataclass(frozen=True)
-class VisionClsAttention(SignalRequest):
+class VisionClsAttention(_VisionLayer):
     """Post-softmax CLS->patch attention of vision layer `layer`."""
 
     KIND: ClassVar[str] = "vision.cls_attention"
     SHAPE: ClassVar[str] = "(heads, n)"
-    layer: int | None = arg(None, _opt_int, _LAYER_DOC)
 
     def synthetic(self, geom, present, rand):
         return torch.softmax(rand(geom.vision_heads, geom.n_visual) * 8, dim=-1)
@@ -275,13 +283,12 @@ class VisionClsAttention(SignalRequest):
 
 @signal_kind
 @dataclass(frozen=True)
-class VisionAttentionReceived(SignalRequest):
+class VisionAttentionReceived(_VisionLayer):
     """Attention each patch receives at vision layer `layer` (mean over heads, sum over
     queries), per merged token."""
 
     KIND: ClassVar[str] = "vision.attention_received"
     SHAPE: ClassVar[str] = "(n,)"
-    layer: int | None = arg(None, _opt_int, _LAYER_DOC)
     order: str = arg("raster", _choice("raster", "window"), _ORDER_DOC)
 
     def synthetic(self, geom, present, rand):
@@ -290,12 +297,11 @@ class VisionAttentionReceived(SignalRequest):
 
 @signal_kind
 @dataclass(frozen=True)
-class VisionKeys(SignalRequest):
+class VisionKeys(_VisionLayer):
     """Key states of vision layer `layer`, CLS first where the model has one."""
 
     KIND: ClassVar[str] = "vision.keys"
     SHAPE: ClassVar[str] = "(heads, n + cls, head_dim)"
-    layer: int | None = arg(None, _opt_int, _LAYER_DOC)
 
     def synthetic(self, geom, present, rand):
         return rand(geom.vision_heads, geom.n_visual + int(geom.has_cls), geom.vision_head_dim)
@@ -303,13 +309,12 @@ class VisionKeys(SignalRequest):
 
 @signal_kind
 @dataclass(frozen=True)
-class VisionQKSingleHead(SignalRequest):
+class VisionQKSingleHead(_VisionLayer):
     """q and k of vision layer `layer` as one head over the full width, after its LayerNorm
     (PruMerge+)."""
 
     KIND: ClassVar[str] = "vision.qk_single_head"
     SHAPE: ClassVar[str] = "(2, n + cls, d)"
-    layer: int | None = arg(None, _opt_int, _LAYER_DOC)
 
     def synthetic(self, geom, present, rand):
         return rand(2, geom.n_visual + int(geom.has_cls), geom.vision_width)
