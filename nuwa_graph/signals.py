@@ -90,7 +90,7 @@ def _bool(value: object) -> bool:
 
 
 def _str(value: object) -> str:
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str):
         raise TypeError
     return value
 
@@ -105,7 +105,7 @@ def _choice(*valid: str) -> Callable[[object], str]:
     return parse
 
 
-_EXPECTS = {_int: "an integer", _opt_int: "an integer", _bool: "true or false", _str: "a non-empty string"}
+_EXPECTS = {_int: "an integer", _opt_int: "an integer", _bool: "true or false", _str: "a string"}
 
 
 def arg(default: Any, parse: Callable[[object], Any], doc: str, required: bool = False) -> Any:
