@@ -28,10 +28,8 @@ Rand = Callable[..., torch.Tensor]  # rand(*shape) -> uniform [0, 1) tensor (see
 
 
 class SignalError(ValueError):
-    """A request that cannot be made: unknown kind or argument, a bad value, a wrong site.
-
-    `arg` names the offending argument ("site" for the site, None for the kind) so that the
-    loader can point at the node's field."""
+    """A request that cannot be made; `arg` names the culprit ("site", None for the kind) so
+    that the loader can point at the node's field."""
 
     def __init__(self, kind: str, arg: str | None, message: str):
         self.kind, self.arg, self.message = kind, arg, message
@@ -101,7 +99,6 @@ def _choice(*valid: str) -> Callable[[object], str]:
             raise ValueError(f"must be {' or '.join(repr(v) for v in valid)}, got {value!r}")
         return str(value)
 
-    parse.__doc__ = " or ".join(repr(v) for v in valid)
     return parse
 
 
@@ -147,11 +144,6 @@ class SignalRequest:
         return sub._parse(str(site), args)
 
     @classmethod
-    def arguments(cls) -> dict[str, str]:
-        """name -> meaning of this kind's arguments."""
-        return {f.name: f.metadata["doc"] for f in fields(cls) if "parse" in f.metadata}
-
-    @classmethod
     def _parse(cls, site: str, args: dict[str, object]) -> SignalRequest:
         kind = cls.KIND
         known = {f.name: f for f in fields(cls) if "parse" in f.metadata}
@@ -169,7 +161,7 @@ class SignalRequest:
             try:
                 typed[name] = parse(args[name])
             except (TypeError, ValueError) as exc:
-                expects = _EXPECTS.get(parse) or parse.__doc__ or "a valid value"
+                expects = _EXPECTS.get(parse, "a valid value")
                 detail = str(exc) if isinstance(exc, ValueError) and str(exc) else f"must be {expects}, got {args[name]!r}"
                 raise SignalError(kind, name, f"signal {kind}: {name} {detail.removeprefix(name + ' ')}") from None
         try:
@@ -359,10 +351,12 @@ class PreLLMText(SignalRequest):
 
 
 # --- inside the LLM -------------------------------------------------------------------------
+@dataclass(frozen=True)
 class _AtLLMLayer(SignalRequest):
     """Rules shared by the signals read inside the LLM: site llm.K, layer 0..K."""
 
-    layer: int
+    layer: int = arg(0, _int, "decoder layer (<= the site's K; K: rows of layer K's own q/k at its input)",
+                     required=True)
 
     def _check_site(self, site: Site) -> None:
         if site.layer is None:
@@ -381,7 +375,6 @@ class LLMAttention(_AtLLMLayer):
 
     KIND: ClassVar[str] = "llm.attention"
     SHAPE: ClassVar[str] = "(heads, q, n_present)"
-    layer: int = arg(0, _int, "decoder layer whose attention rows are read (<= the site's K)", required=True)
     queries: Queries = arg(Queries("last"), Queries.parse, f"query rows: {Queries.VALID}")
     rope: bool = arg(True, _bool, "apply RoPE to q and k")
     softmax_over: str = arg("all", _choice("all", "image"), "normalise over all keys (causal) or the image keys only")
@@ -397,8 +390,6 @@ class LLMHidden(_AtLLMLayer):
 
     KIND: ClassVar[str] = "llm.hidden"
     SHAPE: ClassVar[str] = "(n_present, d)"
-    layer: int = arg(0, _int, "decoder layer at whose input the hidden states are read (<= the site's K)",
-                     required=True)
 
     def synthetic(self, geom, present, rand):
         return rand(present, geom.llm_width)
