@@ -84,11 +84,12 @@ def decode(data: bytes | str, source: str) -> str:
         raise YamlLimitError(source, f"file is {size} bytes; a pipeline file may have at most {MAX_FILE_BYTES} "
                              f"bytes (limit MAX_FILE_BYTES)")
     if isinstance(data, bytes):
+        raw = data
         try:
-            data = data.decode("utf-8")
+            data = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            line = data[:exc.start].count(b"\n") + 1
-            raise YamlLimitError(source, f"not UTF-8 text (byte {exc.start} is 0x{data[exc.start]:02x}); "
+            line = raw[:exc.start].count(b"\n") + 1
+            raise YamlLimitError(source, f"not UTF-8 text (byte {exc.start} is 0x{raw[exc.start]:02x}); "
                                  f"a pipeline file must be UTF-8 YAML", line) from None
     if "\x00" in data:
         raise YamlLimitError(source, "binary data (a NUL character); a pipeline file must be UTF-8 YAML text",

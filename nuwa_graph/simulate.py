@@ -1,7 +1,7 @@
 """Model-free runs on synthetic signals: a pipeline's token schedule without a model.
 
-`SyntheticSignals` answers every signal request with random tensors of the documented
-shape (nuwa_graph/signals.py) for a model geometry, so a pipeline can be executed with no
+`SyntheticSignals` answers every signal request with a random tensor of its documented
+shape (each request class's `synthetic`, nuwa_graph/signals.py) for a model geometry, so a pipeline can be executed with no
 weights. What comes out is exactly the token schedule (tokens per LLM layer), which does
 not depend on the values for fixed-budget methods (it does for adaptive ones such as
 PruMerge+, so those numbers are examples). Used by docs/methods.md and by tests.
@@ -57,38 +57,8 @@ class SyntheticSignals:
         return torch.rand(*shape, generator=self.gen)
 
     def __call__(self, req: SignalRequest, sample: int) -> torch.Tensor:
-        g = self.geom
-        n = g.n_visual
-        present = int(self.state.present[sample].numel())
-        cls = 1 if g.has_cls else 0
-        kind = req.kind
-        if kind in ("vision.hidden", "vision.hidden_mean"):
-            return self._rand(n, g.vision_width)
-        if kind == "vision.merged_hidden_mean":
-            return self._rand(n, g.llm_width)
-        if kind == "vision.cls_hidden":
-            return self._rand(g.vision_width)
-        if kind == "vision.cls_attention":
-            return torch.softmax(self._rand(g.vision_heads, n) * 8, dim=-1)
-        if kind == "vision.attention_received":
-            return self._rand(n)
-        if kind == "vision.keys":
-            return self._rand(g.vision_heads, n + cls, g.vision_head_dim)
-        if kind == "vision.qk_single_head":
-            return self._rand(2, n + cls, g.vision_width)
-        if kind == "pre_llm.visual":
-            return self._rand(present, g.llm_width)
-        if kind == "pre_llm.text":
-            return self._rand(g.text_after, g.llm_width)
-        if kind == "llm.hidden":
-            return self._rand(present, g.llm_width)
-        if kind == "llm.attention":
-            q = str(req.arg("queries", "last"))
-            nq = 1 if q == "last" else g.text_after if q == "text" else int(q.split(":")[1])
-            return torch.softmax(self._rand(g.llm_heads, nq, present) * 8, dim=-1)
-        if kind == "external":
-            return self._rand(present)
-        raise ValueError(f"no synthetic form for signal {req.key}")
+        """The request's own synthetic form (signals.py), for the tokens present in `sample`."""
+        return req.synthetic(self.geom, int(self.state.present[sample].numel()), self._rand)
 
 
 def simulate(pipeline: Pipeline, geom: ModelGeometry = LLAVA_15, seed: int = 0) -> tuple[RunState, list[int]]:

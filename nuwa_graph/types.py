@@ -4,7 +4,7 @@ Every value describes ONE sample (the executor carries a list of them for a batc
 every value that talks about tokens carries their original indices (`ids`): the index of
 the token in the image grid, row-major, without CLS (a merged token keeps its anchor's id,
 a CLS token, where a method keeps it, has id -1). Selections in original indices are what
-lets nodes at different sites compose (DESIGN.md, invariant 6).
+lets nodes at different sites compose.
 
 Port types are compared by identity when two nodes are connected: a `Scores` output never
 feeds a `Selection` input, and nothing is converted silently.
@@ -12,7 +12,7 @@ feeds a `Selection` input, and nothing is converted silently.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -131,15 +131,6 @@ class PositionPlan(PortType):
 
 
 @dataclass
-class AttentionMap(PortType):
-    """Attention rows (heads x queries x keys) over the current image tokens `ids`."""
-
-    values: torch.Tensor
-    ids: torch.Tensor
-    doc: ClassVar[str] = "attention rows (heads x queries x image keys) with key ids"
-
-
-@dataclass
 class Applied(PortType):
     """What an applier did; lets a later node depend on a prune having happened."""
 
@@ -148,18 +139,12 @@ class Applied(PortType):
     doc: ClassVar[str] = "marker: the token set was changed at this site"
 
 
-PORT_TYPES: dict[str, type[PortType]] = {
-    t.__name__: t for t in (Scores, Selection, Roles, Regions, Tokens, PositionPlan, AttentionMap, Applied)
-}
-
-
 @dataclass
 class Geometry:
     """Static facts of one sample that any node may read (not a signal: no site)."""
 
     grid: tuple[int, int]  # (rows, cols) of the token grid the pipeline sees
     image_start: int = 0  # sequence position of the first image token
-    extras: dict = field(default_factory=dict)
 
     @property
     def n_tokens(self) -> int:

@@ -1,15 +1,17 @@
 """Load-time validation: one pass that collects every problem, then raises once.
 
 Checks, each naming file, node and field: variables (undefined, unused, bad overrides),
-unknown node types (with "did you mean"), params (pydantic, with the path), duplicate
-names, inputs (format, unknown node or port, listing the ports with their types; missing
-required; type mismatch, never converted), cycles (listing their nodes), and sites (a node
+unknown node types (with "did you mean"), params (pydantic, with the path), the signals a
+node requests (kind, arguments and site: signals.py), duplicate names, inputs (format,
+unknown node or port, listing the ports with their types; missing required; type mismatch,
+never converted), cycles (listing their nodes), and sites (a node
 that must act at a site earlier than a signal it needs).
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from typing import Any
 
 import networkx as nx
@@ -18,23 +20,43 @@ from pydantic import ValidationError
 from . import registry
 from .errors import PipelineError, Problem
 from .expressions import ExpressionError, substitute
+from .loader import MODEL_VARIABLES, PipelineSpec, pydantic_problems
 from .node import Node
-from .pipeline import MODEL_VARIABLES, Pipeline, PipelineSpec, _pydantic_problems
+from .signals import SignalError
 from .sites import MAX_LLM_LAYERS, Site
+
+
+@dataclass
+class CheckedSpec:
+    """A spec that passed every check: node instances, the graph, each node's effective site and
+    the variable values; pipeline.Pipeline is made from these fields."""
+
+    spec: PipelineSpec
+    source: str
+    variables: dict[str, Any]
+    nodes: dict[str, Node]
+    graph: nx.DiGraph
+    sites: dict[str, Site]  # effective site of every node
+    edges: list[tuple[str, str, str, str]] = field(default_factory=list)  # (src, out_port, dst, in_port)
+    model_vars: dict[str, Any] = field(default_factory=lambda: dict(MODEL_VARIABLES))
+    model_vars_used: frozenset[str] = frozenset()
+    overrides: dict[str, Any] = field(default_factory=dict)  # what the user set (--set), exact
+    derived: dict[str, str] = field(default_factory=dict)  # variable -> default expression it was computed from
 
 
 def _ports_text(ports) -> str:
     return ", ".join(f"{n}: {p.describe()}" for n, p in ports.items()) or "none"
 
 
-def build_pipeline(
+def check_spec(
     spec: PipelineSpec,
     source: str,
     overrides: dict[str, Any],
     problems: list[Problem],
     node_lines: dict[str, int | None],
     model_vars: dict[str, Any] | None = None,
-) -> Pipeline:
+) -> CheckedSpec:
+    """Every check on `spec` (adding to `problems`, found while reading it); PipelineError if any."""
     model_known = model_vars is not None and "llm_layers" in model_vars
     model_vars = {**MODEL_VARIABLES, **(model_vars or {})}
     variables = dict(spec.variables)
@@ -85,7 +107,8 @@ def build_pipeline(
             continue
         seen.add(ns.name)
         if "." in ns.name or not ns.name:
-            problems.append(Problem(source, "node names must be non-empty and contain no '.'", node=ns.name, field="name", line=line))
+            problems.append(Problem(source, "node names must be non-empty and contain no '.'", node=ns.name, field="name",
+                                    line=line))
         try:
             cls = registry.get(ns.type)
         except KeyError as exc:
@@ -96,10 +119,16 @@ def build_pipeline(
         try:
             node = cls(ns.name, params)
         except ValidationError as exc:
-            problems += _pydantic_problems(source, exc, ns.name, "params.", line)
+            problems += pydantic_problems(source, exc, ns.name, "params.", line)
             continue
-        for msg in node.check():
+        checks = node.check()
+        for msg in checks:
             problems.append(Problem(source, msg, node=ns.name, field="params", line=line))
+        signal_problem = _signal_problem(source, node, line, spec, variables)
+        if signal_problem is not None:
+            if not checks:  # the node's own check usually says the same thing in its words
+                problems.append(signal_problem)
+            continue
         nodes[ns.name] = node
         accepted.add(id(ns))
 
@@ -111,9 +140,9 @@ def build_pipeline(
     graph.add_nodes_from(nodes)
     edges: list[tuple[str, str, str, str]] = []
     for ns in spec.nodes:
-        node = nodes.get(ns.name)
-        if node is None or id(ns) not in accepted:
+        if ns.name not in nodes or id(ns) not in accepted:
             continue
+        node = nodes[ns.name]
         line = node_lines.get(ns.name)
         for port, refs in ns.inputs.items():
             field = f"inputs.{port}"
@@ -130,12 +159,14 @@ def build_pipeline(
             for ref in ref_list:
                 src, dot, out = ref.partition(".")
                 if not dot or not src or not out:
-                    problems.append(Problem(source, f"{ref!r} is not of the form 'node.port'", node=ns.name, field=field, line=line))
+                    problems.append(Problem(source, f"{ref!r} is not of the form 'node.port'", node=ns.name, field=field,
+                                            line=line))
                     continue
                 if src not in nodes:
                     if src in seen:
                         continue  # that node is already reported broken
-                    problems.append(Problem(source, f"unknown node {src!r}{_close(src, seen)}", node=ns.name, field=field, line=line))
+                    problems.append(Problem(source, f"unknown node {src!r}{_close(src, seen)}", node=ns.name, field=field,
+                                            line=line))
                     continue
                 sn = nodes[src]
                 if out not in sn.outputs:
@@ -145,7 +176,8 @@ def build_pipeline(
                 have = sn.outputs[out].type
                 if have is not want.type:
                     problems.append(Problem(source, f"type mismatch: {ref} is {have.type_name()} but {port!r} needs "
-                                            f"{want.type.type_name()} (no conversion is made)", node=ns.name, field=field, line=line))
+                                            f"{want.type.type_name()} (no conversion is made)", node=ns.name, field=field,
+                                            line=line))
                     continue
                 graph.add_edge(src, ns.name)
                 edges.append((src, out, ns.name, port))
@@ -183,9 +215,25 @@ def build_pipeline(
 
     if problems:
         raise PipelineError(problems)
-    return Pipeline(spec=spec, source=source, variables=variables, nodes=nodes, graph=graph, sites=sites, edges=edges,
-                    model_vars=model_vars, model_vars_used=frozenset(used & set(model_vars)),
-                    overrides={k: v for k, v in overrides.items() if k in spec.variables}, derived=derived)
+    return CheckedSpec(spec=spec, source=source, variables=variables, nodes=nodes, graph=graph, sites=sites, edges=edges,
+                       model_vars=model_vars, model_vars_used=frozenset(used & set(model_vars)),
+                       overrides={k: v for k, v in overrides.items() if k in spec.variables}, derived=derived)
+
+
+def _signal_problem(source: str, node: Node, line: int | None, spec: PipelineSpec,
+                    variables: dict[str, Any]) -> Problem | None:
+    """The node's signal requests, made (and so checked: signals.py) once here; the first one
+    that cannot be made, as a problem pointing at the param of the same name where there is one."""
+    try:
+        node.requests()
+    except SignalError as exc:
+        params = type(node.params).model_fields
+        field = f"params.{exc.arg}" if exc.arg in params else "params"
+        msg = exc.message
+        if exc.arg in ("layer", "site"):
+            msg += "; " + layer_variable_hint(spec, {node.name}, variables)
+        return Problem(source, msg, node=node.name, field=field, line=line)
+    return None
 
 
 def _family_hint(spec: PipelineSpec) -> str:

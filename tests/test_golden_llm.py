@@ -34,7 +34,7 @@ from nuwa_graph.pipeline import load, load_text
 from nuwa_graph.sites import Site
 from nuwa_graph.types import Geometry
 
-from tests._golden import GOLDEN  # noqa: E402
+from tests._golden import golden_file  # noqa: E402
 PIPES = Path(__file__).resolve().parents[1] / "pipelines"
 S = 35  # image start in every golden file (read from params where they give it)
 N = 576
@@ -44,7 +44,7 @@ GRID = (24, 24)
 
 
 def golden(name: str):
-    path = GOLDEN / f"{name}.safetensors"
+    path = golden_file(f"{name}.safetensors")
     t = load_file(str(path))
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()

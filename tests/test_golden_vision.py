@@ -28,16 +28,14 @@ from nuwa_graph.executor import Executor
 from nuwa_graph.pipeline import load, load_text
 from nuwa_graph.types import CLS_ID, POOLED_ID, Geometry
 
-from tests._golden import GOLDEN  # noqa: E402
+from tests._golden import golden_file  # noqa: E402
 PIPES = Path(__file__).resolve().parents[1] / "pipelines"
 TOL = 1e-5
 LLAVA = (24, 24)
 
 
 def golden(name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    path = GOLDEN / f"{name}.safetensors"
-    if not path.is_file():
-        pytest.fail(f"golden file {path} not found: set NUWA_GOLDEN to the shared/golden folder")
+    path = golden_file(f"{name}.safetensors")
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     return load_file(str(path)), meta

@@ -18,7 +18,7 @@ from nuwa_graph import Executor, RunError, load_text, registry
 from nuwa_graph.context import SampleContext
 from nuwa_graph.types import Geometry, Regions, Scores, Selection
 
-from tests._golden import GOLDEN  # noqa: E402
+from tests._golden import GOLDEN, MISSING  # noqa: E402
 FAST = settings(max_examples=60, deadline=None)
 
 
@@ -286,7 +286,8 @@ def test_rpme_golden(path):
 
 
 def test_rpme_golden_files_exist():
-    assert list(GOLDEN.glob("rpme_*.safetensors"))
+    assert not MISSING, MISSING
+    assert list(GOLDEN.glob("rpme_*.safetensors")), f"no rpme_*.safetensors in {GOLDEN}"
 
 
 @FAST

@@ -64,7 +64,7 @@ from ..context import Keep
 from ..errors import PipelineError, RunError
 from ..executor import Executor, RunState
 from ..pipeline import Pipeline
-from ..signals import SignalRequest
+from ..signals import LLMAttention, LLMHidden, Queries, SignalRequest
 from ..sites import Site
 from ..types import Geometry, PositionPlan
 
@@ -97,7 +97,6 @@ def check_attn_implementation(name: str) -> str:
 
 
 LLM_SIGNALS = frozenset({"external", "pre_llm.visual", "pre_llm.text", "llm.attention", "llm.hidden"})
-_QUERIES = re.compile(r"^(last|text|last:(\d+))$")
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,19 +240,19 @@ class _Run:
         self.q_len = 0
         # what to capture in the LLM, from the requests
         self.llm_sites = {s.layer for s in self.sites if s.layer is not None}
-        self.rows_attn: dict[int, list[SignalRequest]] = {}  # layer -> rope=True rows from the attention fn
-        self.rows_pre: dict[int, list[SignalRequest]] = {}  # layer -> rows computed in the layer pre-hook
+        self.rows_attn: dict[int, list[LLMAttention]] = {}  # layer -> rope=True rows from the attention fn
+        self.rows_pre: dict[int, list[LLMAttention]] = {}  # layer -> rows computed in the layer pre-hook
         self.hidden_at: dict[int, list[SignalRequest]] = {}
         for req in ex.requests():
-            if req.kind == "llm.attention":
-                L = int(req.arg("layer"))
+            if isinstance(req, LLMAttention):
+                L = req.layer
                 K = Site(req.site).layer
-                if bool(req.arg("rope", True)) and K is not None and L < K:
+                if req.rope and K is not None and L < K:
                     self.rows_attn.setdefault(L, []).append(req)
                 else:
                     self.rows_pre.setdefault(L, []).append(req)
-            elif req.kind == "llm.hidden":
-                self.hidden_at.setdefault(int(req.arg("layer")), []).append(req)
+            elif isinstance(req, LLMHidden):
+                self.hidden_at.setdefault(req.layer, []).append(req)
 
     def segment_of(self, layer: int) -> Segment:
         seg = self.segments[0]
@@ -490,20 +489,6 @@ class VLMAdapter:
                 problems.append(f"signal {req.kind!r} (read at {req.site}) is not available for the {self.family} "
                                 f"family; it gives: {', '.join(sorted(self.supported_signals))}")
                 continue
-            if req.kind in ("llm.attention", "llm.hidden"):
-                K = Site(req.site).layer
-                L = req.arg("layer")
-                if K is None:
-                    problems.append(f"signal {req.key} must be read at an llm.K site, not {req.site}")
-                elif L is None or not (0 <= int(L) <= K):
-                    problems.append(f"signal {req.key} at {req.site}: layer must be in 0..{K}; "
-                                    + layer_variable_hint(ex.pipeline, Site(req.site)))
-                if req.kind == "llm.attention":
-                    q = str(req.arg("queries", "last"))
-                    if not _QUERIES.match(q):
-                        problems.append(f"signal {req.key}: queries must be last, last:N or text, got {q!r}")
-                    if req.arg("softmax_over", "all") not in ("all", "image"):
-                        problems.append(f"signal {req.key}: softmax_over must be 'all' or 'image'")
             msg = self.check_request(req)
             if msg:
                 problems.append(msg)
@@ -692,15 +677,14 @@ class VLMAdapter:
 
     # signals inside the LLM ---------------------------------------------------------------
     @staticmethod
-    def _query_index(seg: Segment, b: int, queries: str) -> torch.Tensor:
+    def _query_index(seg: Segment, b: int, queries: Queries) -> torch.Tensor:
         """Sequence indices of the query rows; "last" is the last PROMPT token, also in a
         cache-free recompute that appends generated tokens (so both select the same)."""
         L = seg.valid.shape[1] - (seg.n_extra[b] if seg.n_extra else 0)
-        if queries == "last":
+        if queries.which == "last":
             return torch.tensor([L - 1])
-        if queries.startswith("last:"):
-            n = int(queries.split(":")[1])
-            n = min(n, L - seg.post_start[b])
+        if queries.which == "last_n":
+            n = min(queries.n, L - seg.post_start[b])
             return torch.arange(L - n, L)
         return torch.arange(seg.post_start[b], L)
 
@@ -727,10 +711,10 @@ class VLMAdapter:
         for req in r.rows_attn[layer]:
             vals = []
             for b in range(r.B):
-                qidx = self._query_index(seg, b, str(req.arg("queries", "last")))
+                qidx = self._query_index(seg, b, req.queries)
                 k = key[b].repeat_interleave(groups, dim=0)
                 rows = self._rows(query[b][:, qidx.to(query.device)], k, seg, b, qidx, module.scaling,
-                                  req.arg("softmax_over", "all"))
+                                  req.softmax_over)
                 vals.append((rows, seg.img_ids[b]))
             r.captured[req.key] = vals
 
@@ -744,17 +728,17 @@ class VLMAdapter:
         hd = attn.head_dim
         x = module.input_layernorm(h)
         for req in reqs:
-            rope = bool(req.arg("rope", True))
+            rope = req.rope
             vals = []
             for b in range(r.B):
-                qidx = self._query_index(seg, b, str(req.arg("queries", "last"))).to(h.device)
+                qidx = self._query_index(seg, b, req.queries).to(h.device)
                 q = attn.q_proj(x[b, qidx]).view(qidx.numel(), -1, hd).transpose(0, 1)
                 k = attn.k_proj(x[b]).view(x.shape[1], -1, hd).transpose(0, 1)
                 if rope:
                     q = apply_rope(q, cos[b, qidx], sin[b, qidx])
                     k = apply_rope(k, cos[b], sin[b])
                 k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
-                rows = self._rows(q, k, seg, b, qidx, attn.scaling, req.arg("softmax_over", "all"))
+                rows = self._rows(q, k, seg, b, qidx, attn.scaling, req.softmax_over)
                 vals.append((rows, seg.img_ids[b]))
             r.captured[req.key] = vals
 

@@ -110,7 +110,7 @@ class LlavaAdapter(VLMAdapter):
         lay = run.layouts[b]
         if lay.n_image != self.grid[0] * self.grid[1]:
             raise RunError(f"the prompt has {lay.n_image} image tokens but the grid is {self.grid}")
-        return Geometry(grid=self.grid, image_start=int(lay.pos_image[0, 0]), extras={"cls": True})
+        return Geometry(grid=self.grid, image_start=int(lay.pos_image[0, 0]))
 
     # ---- signals -----------------------------------------------------------------------
     def _vision_layer(self, req: SignalRequest) -> int:

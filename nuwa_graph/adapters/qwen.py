@@ -370,8 +370,6 @@ class QwenAdapter(VLMAdapter):
                 _hidden_indices(req, depth)
         except (RunError, TypeError, ValueError) as exc:
             return f"signal {req.key}: {exc}"
-        if req.arg("order", "raster") not in ("raster", "window"):
-            return f"signal {req.key}: order must be 'raster' or 'window'"
         return None
 
     # ---- inputs --------------------------------------------------------------------------
@@ -414,9 +412,7 @@ class QwenAdapter(VLMAdapter):
 
     def geometry(self, run: _Run, b: int) -> Geometry:
         vg: VisionGeometry = run.vision["geometry"]
-        return Geometry(grid=vg.merged_grid(b), image_start=run.layouts[b].image_start,
-                        extras={"family": self.family, "patch_grid": tuple(int(x) for x in vg.grid_thw[b][1:]),
-                                "merge": vg.merge})
+        return Geometry(grid=vg.merged_grid(b), image_start=run.layouts[b].image_start)
 
     def visual_positions(self, layout: SampleLayout, ids: torch.Tensor, plan: PositionPlan | None) -> torch.Tensor:
         if plan is not None and plan.offsets.numel() != ids.numel():

@@ -12,7 +12,7 @@ import csv
 import io
 import itertools
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -87,17 +87,6 @@ def load_all(path: str | Path, grid: dict[str, list[Any]]) -> list[tuple[dict[st
 
 def _label(combo: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in combo.items())
-
-
-def run_sweep(path: str | Path, grid: dict[str, list[Any]], job: Callable[[Pipeline], dict[str, Any]],
-              progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Run `job` on every combination; rows = the combination's values + the job's metrics."""
-    rows = []
-    for combo, pipe in load_all(path, grid):
-        if progress:
-            progress(_label(combo))
-        rows.append({**combo, **job(pipe)})
-    return rows
 
 
 def write_rows(rows: list[dict[str, Any]], out: str | Path) -> list[Path]:
