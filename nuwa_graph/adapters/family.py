@@ -33,7 +33,7 @@ from __future__ import annotations
 import itertools
 import uuid
 from collections import OrderedDict
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import torch
 from torch import nn
@@ -97,10 +97,10 @@ class FamilyHooks:
     # ---- family hooks (override) -------------------------------------------------------
     @classmethod
     def from_pretrained(cls, id_or_path: str, dtype: torch.dtype, device: str, attn_implementation: str = "sdpa",
-                        device_map: str | dict | None = None) -> FamilyHooks:
+                        device_map: str | dict | None = None) -> Self:
         raise NotImplementedError
 
-    def set_attn_implementation(self, name: str) -> FamilyHooks:
+    def set_attn_implementation(self, name: str) -> Self:
         """Run the model's own attention with `name` (sdpa | flash_attention_2 | eager)."""
         self.attn_implementation = check_attn_implementation(name)
         self.model.set_attn_implementation(name)

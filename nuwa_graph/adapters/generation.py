@@ -235,6 +235,7 @@ class Generation(HookSession):
                 out = self.text_model()(inputs_embeds=self.embed(nxt_dev[:, None]), attention_mask=seg0.key_valid.long(),
                                         position_ids=self.llm_position_ids(pos0), cache=cache, use_cache=True)
                 for seg in r.segments:
+                    assert seg.last_pos is not None
                     seg.last_pos = seg.last_pos + 1
                 last_logits = self.lm_head()(out.last_hidden_state[:, -1]).float()
                 sync(self.device)

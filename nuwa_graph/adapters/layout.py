@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 
@@ -64,7 +64,7 @@ class SampleLayout:
         return self.post_ids[: self.post_ids.numel() - self.n_extra]
 
 
-Projected = torch.Tensor | list[torch.Tensor]
+Projected: TypeAlias = "torch.Tensor | list[torch.Tensor]"
 
 
 @dataclass

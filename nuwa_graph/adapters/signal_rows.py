@@ -56,11 +56,12 @@ class SignalRows(FamilyHooks):
     def _visual_block(self, r: AdapterRun, b: int) -> Block:
         """Sample b's image block as it stands (before the LLM: the full projected tokens
         until a Keep changes them; the projector runs only when they are needed)."""
-        if r.blocks[b] is None:
+        block = r.blocks[b]
+        if block is None:
             assert r.vision_out is not None, "the vision pass has not run"
             rows = r.vision_out.projected_rows(b)
-            r.blocks[b] = Block(torch.arange(rows.shape[0]), rows)
-        return r.blocks[b]
+            block = r.blocks[b] = Block(torch.arange(rows.shape[0]), rows)
+        return block
 
     def _rows_from_attention(self, r: AdapterRun, layer: int, module: nn.Module, query: torch.Tensor,
                              key: torch.Tensor) -> None:
