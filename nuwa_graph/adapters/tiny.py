@@ -80,6 +80,22 @@ def build_config(vocab_size: int, image_token_id: int, pad_id: int, bos_id: int,
                        vision_feature_select_strategy="default", pad_token_id=pad_id)
 
 
+def seeded_model(model_cls, config, tok, seed: int):
+    """`model_cls(config)` in eval mode with weights drawn from `seed` (the global RNG is left
+    untouched) and the tokenizer's pad and EOS ids in its generation config."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_cls(config)
+        # the default init is small; widen it a little so that attention rows are not uniform
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() >= 2:
+                    p.normal_(0.0, 0.08)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return model.eval()
+
+
 def build_tiny_llava(seed: int = TINY_SEED):
     """(model, processor) with weights drawn from `seed`; the global RNG is left untouched."""
     from transformers import LlavaForConditionalGeneration
@@ -88,16 +104,7 @@ def build_tiny_llava(seed: int = TINY_SEED):
     tok = proc.tokenizer
     cfg = build_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id, tok.bos_token_id,
                        tok.eos_token_id)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(cfg)
-        # the default init is small; widen it a little so that attention rows are not uniform
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() >= 2:
-                    p.normal_(0.0, 0.08)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
+    model = seeded_model(LlavaForConditionalGeneration, cfg, tok, seed)
     return model.eval(), proc
 
 
@@ -207,19 +214,7 @@ def build_tiny_qwen(seed: int = 0):
     config = tiny_qwen_config(len(tok), ids)
     processor = qwen_processor(tok, patch_size=config.vision_config.patch_size, merge_size=2,
                                min_pixels=8 * 8, max_pixels=64 * 8 * 8 * 16)
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() >= 2:
-                    p.normal_(0.0, 0.08)
-    finally:
-        torch.random.set_rng_state(state)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    return model.eval(), processor
+    return seeded_model(Qwen2_5_VLForConditionalGeneration, config, tok, seed), processor
 
 
 def tiny_qwen(dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0) -> QwenAdapter:
