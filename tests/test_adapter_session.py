@@ -4,7 +4,9 @@ tables of a pruned segment are built once per segment and step, not per layer.""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,3 +154,24 @@ def test_prefill_and_decode_masks():
     assert torch.equal(m[1, 0], torch.ones(3, 3, dtype=torch.bool).tril())
     d = decode_mask(torch.tensor([[False, True, True, True]]), 1)
     assert d.shape == (1, 1, 1, 4) and d[0, 0, 0].tolist() == [False, True, True, True]
+
+
+# --- the adapters' shape ------------------------------------------------------------------------------
+ADAPTERS_DIR = Path(generation.__file__).parent
+
+
+def test_rpme_offsets_live_in_the_engine_and_no_adapter_imports_the_node_library():
+    from nuwa_graph.nodes import positions as node_positions
+    from nuwa_graph.positions import rpme_offsets
+
+    assert node_positions.rpme_offsets is rpme_offsets
+    for path in [*ADAPTERS_DIR.glob("*.py"), ADAPTERS_DIR.parent / "positions.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            assert not any(n == "nodes" or n.startswith(("nodes.", "nuwa_graph.nodes")) for n in names), path
+
+
+def test_every_adapter_module_stays_small():
+    sizes = {p.name: len(p.read_text().splitlines()) for p in ADAPTERS_DIR.glob("*.py")}
+    assert {name: n for name, n in sizes.items() if n > 400} == {}
