@@ -47,8 +47,8 @@ sys.path.insert(0, str(ROOT))
 
 from nuwa_graph import RunError, load  # noqa: E402
 from nuwa_graph.adapters import load_adapter  # noqa: E402
-from nuwa_graph.adapters.base import _PeakMemory, _sync  # noqa: E402
 from nuwa_graph.adapters.llava import LlavaAdapter  # noqa: E402
+from nuwa_graph.adapters.report import PeakMemory, sync  # noqa: E402
 from nuwa_graph.adapters.tiny import build_processor, synthetic_image  # noqa: E402
 
 LLAVA_METHODS = ["vanilla", "random", "downsample", "fastv", "fastv_fix", "pdrop", "sparsevlm", "sparsevlm_v2",
@@ -89,8 +89,8 @@ def random_llava(dtype, device, attn, args, seed: int = 0) -> LlavaAdapter:
 def random_qwen(dtype, device, attn, args, seed: int = 0):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from nuwa_graph.adapters.qwen import (TINY_SPECIALS, TINY_VISION_TOKENS, QwenAdapter, qwen_processor,
-                                          tiny_qwen_config, tiny_qwen_tokenizer)
+    from nuwa_graph.adapters.qwen import QwenAdapter, qwen_processor
+    from nuwa_graph.adapters.tiny import TINY_SPECIALS, TINY_VISION_TOKENS, tiny_qwen_config, tiny_qwen_tokenizer
 
     tok = tiny_qwen_tokenizer()
     ids = {t: tok.convert_tokens_to_ids(t) for t in TINY_SPECIALS + TINY_VISION_TOKENS}
@@ -107,7 +107,7 @@ def random_qwen(dtype, device, attn, args, seed: int = 0):
 
 def qwen_inputs(adapter, grid, seed: int = 0):
     """A random image whose merged grid is `grid` for this model (unit = patch x merge pixels)."""
-    from nuwa_graph.adapters.qwen import tiny_qwen_image, tiny_qwen_prompt
+    from nuwa_graph.adapters.tiny import tiny_qwen_image, tiny_qwen_prompt
 
     vc = adapter.model.config.vision_config
     unit = int(vc.patch_size) * int(vc.spatial_merge_size)
@@ -159,9 +159,9 @@ def bench_oracle(adapter, image, prompt, k: int, new_tokens: int, repeats: int):
     lm, head, emb = model.model.language_model, model.lm_head, model.get_input_embeddings()
     rows = []
     for i in range(repeats + WARMUP):
-        mem = _PeakMemory(dev)
+        mem = PeakMemory(dev)
         with mem:
-            _sync(dev)
+            sync(dev)
             t0 = time.perf_counter()
             feats = model.model.get_image_features(pixel_values=pix).pooler_output[0][:k]
             e_ids = emb(ids)
@@ -169,7 +169,7 @@ def bench_oracle(adapter, image, prompt, k: int, new_tokens: int, repeats: int):
             cache = DynamicCache(config=model.config.text_config)
             out = lm(inputs_embeds=x, cache=cache, use_cache=True)
             logits = head(out.last_hidden_state[:, -1])
-            _sync(dev)
+            sync(dev)
             prefill = (time.perf_counter() - t0) * 1e3
             n = x.shape[1]
             steps, t_dec = 0, 0.0
@@ -179,7 +179,7 @@ def bench_oracle(adapter, image, prompt, k: int, new_tokens: int, repeats: int):
                 pos = torch.full((1, 1), n + step, device=dev, dtype=torch.long)
                 out = lm(inputs_embeds=emb(nxt[:, None]), position_ids=pos, cache=cache, use_cache=True)
                 logits = head(out.last_hidden_state[:, -1])
-                _sync(dev)
+                sync(dev)
                 t_dec += time.perf_counter() - t1
                 steps += 1
         if i >= WARMUP:

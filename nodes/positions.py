@@ -18,22 +18,9 @@ import torch
 from pydantic import Field
 
 from nuwa_graph.node import Node, NodeParams, Port
+from nuwa_graph.positions import rpme_offsets
 from nuwa_graph.registry import register
 from nuwa_graph.types import PositionPlan, Selection
-
-
-def rpme_offsets(sorted_index: torch.Tensor, span: int) -> torch.Tensor:
-    """RPME offsets (relative to s) for ascending indices I; span = e - s. Exact integer ceil."""
-    k = sorted_index.numel()
-    out = torch.zeros(k, dtype=torch.long, device=sorted_index.device)
-    if k <= 1:
-        return out
-    last = int(sorted_index[-1])
-    if last == 0:
-        return out
-    num = sorted_index[1:] * span
-    out[1:] = (num + last - 1) // last
-    return out
 
 
 def plan_positions(ids: torch.Tensor, policy: str, n_image: int) -> PositionPlan:

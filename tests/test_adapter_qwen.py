@@ -13,8 +13,9 @@ from nuwa_graph.signals import SignalRequest
 from nuwa_graph.types import PositionPlan, Scores
 
 qwen = pytest.importorskip("nuwa_graph.adapters.qwen")
+tiny = pytest.importorskip("nuwa_graph.adapters.tiny")
 
-GRID_A = qwen.TINY_GRID  # 5 x 7
+GRID_A = tiny.TINY_GRID  # 5 x 7
 GRID_B = (4, 6)
 N_A = GRID_A[0] * GRID_A[1]
 N_B = GRID_B[0] * GRID_B[1]
@@ -58,13 +59,13 @@ class QwenTestProbe(Node):
 # ---- fixtures ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def adapter():
-    return qwen.tiny_qwen()
+    return tiny.tiny_qwen()
 
 
 @pytest.fixture(scope="module")
 def reference():
     """An independent copy of the same tiny model (same seed) for stock / eager references."""
-    model, processor = qwen.build_tiny_qwen()
+    model, processor = tiny.build_tiny_qwen()
     return model, processor
 
 
@@ -74,8 +75,8 @@ def _clear_probe():
 
 
 def images_prompts():
-    return ([qwen.tiny_qwen_image(GRID_A, seed=1), qwen.tiny_qwen_image(GRID_B, seed=2)],
-            [qwen.tiny_qwen_prompt("what is the color of the shape ?"), qwen.tiny_qwen_prompt("how many ?")])
+    return ([tiny.tiny_qwen_image(GRID_A, seed=1), tiny.tiny_qwen_image(GRID_B, seed=2)],
+            [tiny.tiny_qwen_prompt("what is the color of the shape ?"), tiny.tiny_qwen_prompt("how many ?")])
 
 
 def keep_pipeline(k: int, site: str, policy: str | None, score_site: str | None = None) -> nuwa_graph.Pipeline:
@@ -122,8 +123,8 @@ def scores(n: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("site,policy", [("pre_llm", "pesp"), ("vision", None), ("llm.2", "pesp"), ("llm.1", None)])
 def test_keep_everything_is_identical(adapter, reference, site, policy):
     model, processor = reference
-    img = qwen.tiny_qwen_image(GRID_A, seed=1)
-    prompt = qwen.tiny_qwen_prompt()
+    img = tiny.tiny_qwen_image(GRID_A, seed=1)
+    prompt = tiny.tiny_qwen_prompt()
     enc = processor(images=[img], text=[prompt], return_tensors="pt")
     with torch.no_grad():
         ref = model(**enc).logits

@@ -60,7 +60,7 @@ def test_eager_and_sdpa_agree_on_tiny_llava(tiny_image, name, monkeypatch):
 
 @pytest.mark.parametrize("name", list(QWEN))
 def test_eager_and_sdpa_agree_on_tiny_qwen(name):
-    from nuwa_graph.adapters.qwen import tiny_qwen, tiny_qwen_image
+    from nuwa_graph.adapters.tiny import tiny_qwen, tiny_qwen_image
 
     image = tiny_qwen_image((6, 8), seed=1)
     kept_s, logits_s, _ = _run(tiny_qwen(), image, name, QWEN[name])

@@ -36,7 +36,7 @@ def llava_bf16():
 
 @pytest.fixture(scope="module")
 def qwen_bf16():
-    from nuwa_graph.adapters.qwen import tiny_qwen, tiny_qwen_image
+    from nuwa_graph.adapters.tiny import tiny_qwen, tiny_qwen_image
 
     return tiny_qwen(dtype=DTYPE), tiny_qwen_image((6, 8), seed=1)
 

@@ -71,7 +71,7 @@ def test_llava_1_5_7b_by_hand():
 
 
 def test_qwen_windows_are_counted_per_window():
-    from nuwa_graph.adapters.qwen import tiny_qwen
+    from nuwa_graph.adapters.tiny import tiny_qwen
 
     cfg = tiny_qwen().model.config
     vc = cfg.vision_config  # d 32, m 64 (gated), depth 4, full attention at 1 and 3, window 16 px, patch 4, merge 2

@@ -119,7 +119,7 @@ QWEN_CASES = {
 
 @pytest.fixture(scope="module")
 def tiny_qwen():
-    from nuwa_graph.adapters.qwen import tiny_qwen, tiny_qwen_image
+    from nuwa_graph.adapters.tiny import tiny_qwen, tiny_qwen_image
 
     return tiny_qwen(), tiny_qwen_image((6, 8), seed=1)
 
@@ -163,7 +163,7 @@ SHIPPED = sorted(str(p.relative_to(ROOT / "pipelines"))[:-5] for p in (ROOT / "p
 @pytest.fixture(scope="module")
 def big_qwen_image():
     """A 12x12 merged grid (144 tokens): room for the default budget of 64 (a count on Qwen)."""
-    from nuwa_graph.adapters.qwen import tiny_qwen_image
+    from nuwa_graph.adapters.tiny import tiny_qwen_image
 
     return tiny_qwen_image((12, 12), seed=2)
 

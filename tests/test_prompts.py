@@ -73,7 +73,7 @@ QWEN_LIKE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['conte
 
 
 def test_qwen_chat_text_has_system_and_image_first():
-    from nuwa_graph.adapters.qwen import tiny_qwen
+    from nuwa_graph.adapters.tiny import tiny_qwen
 
     adapter = tiny_qwen()
     with pytest.raises(ValueError, match="no chat template"):
@@ -87,7 +87,7 @@ def test_qwen_chat_text_has_system_and_image_first():
 
 def test_qwen_full_tokens_are_counted_per_sample():
     """Two images of different sizes in one batch: `full` is the mean of both, not the first."""
-    from nuwa_graph.adapters.qwen import TINY_GRID, tiny_qwen, tiny_qwen_image
+    from nuwa_graph.adapters.tiny import TINY_GRID, tiny_qwen, tiny_qwen_image
 
     def png(img):
         buf = io.BytesIO()

@@ -5,7 +5,7 @@
     report = adapter.generate(pipeline, [image], ["What is in the image?"], max_new_tokens=16)
 
 Presets: `tiny-llava` (nuwa_graph.adapters.tiny) and `tiny-qwen` (built by
-`nuwa_graph.adapters.qwen.tiny_qwen(dtype=..., device=...)`).
+`nuwa_graph.adapters.tiny.tiny_qwen(dtype=..., device=...)`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ FAMILY_MODULES = {
 # preset -> (module, factory(dtype=..., device=...) -> adapter)
 PRESETS = {
     "tiny-llava": ("nuwa_graph.adapters.tiny", "tiny_llava"),
-    "tiny-qwen": ("nuwa_graph.adapters.qwen", "tiny_qwen"),
+    "tiny-qwen": ("nuwa_graph.adapters.tiny", "tiny_qwen"),
 }
 
 

@@ -32,7 +32,7 @@ from torch import nn
 from ..errors import RunError
 from ..signals import SignalRequest
 from ..types import Geometry
-from .base import LLM_SIGNALS, Encoded, VisionOut, VLMAdapter, _Run, load_checkpoint, register_adapter
+from .base import LLM_SIGNALS, AdapterRun, Encoded, VisionOut, VLMAdapter, load_checkpoint, register_adapter
 
 _ATTN_KINDS = {"vision.cls_attention", "vision.keys", "vision.qk_single_head"}
 _HIDDEN_KINDS = {"vision.hidden", "vision.cls_hidden", "vision.hidden_mean"}
@@ -106,7 +106,7 @@ class LlavaAdapter(VLMAdapter):
         enc = self.processor(images=images, text=texts, return_tensors="pt", padding=True)
         return Encoded(enc["input_ids"], enc["attention_mask"], {"pixel_values": enc["pixel_values"]}, texts)
 
-    def geometry(self, run: _Run, b: int) -> Geometry:
+    def geometry(self, run: AdapterRun, b: int) -> Geometry:
         lay = run.layouts[b]
         if lay.n_image != self.grid[0] * self.grid[1]:
             raise RunError(f"the prompt has {lay.n_image} image tokens but the grid is {self.grid}")
@@ -138,7 +138,7 @@ class LlavaAdapter(VLMAdapter):
                 return f"signal {req.key}: hidden_states[{req.arg('start')}:{req.arg('stop')}] is empty ({n} entries)"
         return None
 
-    def on_vision_attention(self, run: _Run, layer: int, module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+    def on_vision_attention(self, run: AdapterRun, layer: int, module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                             kwargs: dict) -> None:
         wants = run.vision.get("attn_layers", {}).get(layer)
         if not wants:
@@ -156,7 +156,7 @@ class LlavaAdapter(VLMAdapter):
             k = key.transpose(1, 2).reshape(B, N, H * hd)
             store[("qk", layer)] = torch.stack([q, k], dim=1)
 
-    def read_vision_signal(self, run: _Run, req: SignalRequest, b: int) -> torch.Tensor:
+    def read_vision_signal(self, run: AdapterRun, req: SignalRequest, b: int) -> torch.Tensor:
         hs = run.vision["hidden_states"]
         if req.kind == "vision.hidden":
             return hs[self._vision_layer(req)][b, 1:]
@@ -173,7 +173,7 @@ class LlavaAdapter(VLMAdapter):
         return attn[(name, L)][b]
 
     # ---- the vision pass -----------------------------------------------------------------
-    def vision_forward(self, run: _Run) -> VisionOut:
+    def vision_forward(self, run: AdapterRun) -> VisionOut:
         attn_layers: dict[int, set[str]] = {}
         for req in run.ex.requests():
             if req.kind in _ATTN_KINDS:
@@ -197,11 +197,13 @@ class LlavaAdapter(VLMAdapter):
             feats = torch.cat(pool, dim=-1)
         if strategy != "default":
             raise RunError(f"vision_feature_select_strategy={strategy!r} is not supported (LLaVA-1.5 uses 'default')")
-        projected = self.project(feats)
         cls_rows: list[Any] = []
         for b in range(feats.shape[0]):
             if isinstance(layer, int):
                 cls_rows.append(hs[layer][b, 0])
             else:
                 cls_rows.append(torch.cat([hs[i][b, 0] for i in layer], dim=-1))
-        return VisionOut(tokens=[feats[b] for b in range(feats.shape[0])], projected=projected, cls=cls_rows)
+        # the projector runs on the whole batch, as the stock model does, when a Block first needs it:
+        # a pipeline that replaces every token before the LLM (a vision-space merger) never pays for it
+        return VisionOut(tokens=[feats[b] for b in range(feats.shape[0])], projected=lambda: self.project(feats),
+                         cls=cls_rows)

@@ -1,0 +1,220 @@
+"""What a model family provides, with its defaults, and the checks of a pipeline against it.
+
+Extension points (what a family subclass implements; LLaVA in llava.py is the example):
+
+- class attributes `family`, `model_types` (config.model_type values handled) and
+  `supported_signals` (the SIGNAL_KINDS this family can give); decorate the class with
+  `@register_adapter` so `load_adapter` finds it by model_type.
+- `from_pretrained(cls, id_or_path, dtype, device)`: load model + processor (real hub
+  code path; tests use tiny presets).
+- `text_model()`, `decoder_layers()`, `lm_head()`, `embed(ids)`; `rotary(h, pos)` if the
+  text model's rotary embedding is not `text_model().rotary_emb(h, pos)`.
+- `vision_attention_modules()`: attention modules of the vision tower (they get the
+  registered attention function; `on_vision_attention` is called for them).
+- `encode(images, prompts) -> Encoded` (processor, left padding) and
+  `split_sample(enc, b) -> SampleLayout` (where the image block sits, full positions;
+  the default finds the run of `image_token_id` and numbers 1-D positions from 0).
+- `vision_forward(run) -> VisionOut`: run the vision tower (with the captures the
+  requests need), give per-sample vision-space tokens and the full projected tokens.
+- `project(x)`: vision space -> LLM space (for merged vision-space tokens and CLS).
+- `read_vision_signal(run, req, b)`: the `vision.*` signals; `check_request(req)` checks
+  one request's arguments, `unavailable_signal(req)` says why a signal cannot be given
+  and `refusal_hint(ex)` adds advice to a refused pipeline.
+- `visual_positions(layout, ids, plan)`: absolute position ids (P, k) of the kept visual
+  tokens for a PositionPlan (1-D default: image_start + offsets; None = contiguous).
+  Position tensors are always (P, n) per sample (P = 1 for LLaVA, 3 for M-RoPE) and
+  (P, B, L) for a batch; `llm_position_ids` turns them into what the text model takes.
+- `llm_position_ids(pos)`: (P, B, L) -> the text model's `position_ids` (default: pos[0]).
+- `geometry(run, b)`: the sample's `Geometry` (grid the pipeline sees, image_start).
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections import OrderedDict
+from typing import Any, ClassVar, Self
+
+import torch
+from torch import nn
+
+from ..errors import RunError
+from ..executor import Executor
+from ..pipeline import Pipeline
+from ..signals import SignalRequest
+from ..sites import Site
+from ..types import Geometry, PositionPlan
+from .layout import Encoded, SampleLayout, VisionOut
+from .state import AdapterRun
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
+LLM_SIGNALS = frozenset({"external", "pre_llm.visual", "pre_llm.text", "llm.attention", "llm.hidden"})
+_counter = itertools.count()
+
+
+def check_attn_implementation(name: str) -> str:
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise RunError(f"unknown attention implementation {name!r}; use one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    if name.startswith("flash"):
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None:
+            raise RunError("attn_implementation='flash_attention_2' needs the flash-attn package (pip install "
+                           "flash-attn, CUDA only); use sdpa")
+    return name
+
+
+def layer_variable_hint(pipe: Pipeline, site: Site) -> str:
+    """'change K (now 40), e.g. --set K=...': the pipeline variables that put a node at `site`."""
+    from ..validation import layer_variable_hint as hint
+
+    return hint(pipe.spec, {n for n, s in pipe.sites.items() if s == site}, pipe.variables)
+
+
+class FamilyHooks:
+    """The family extension points with their defaults (see the module docstring)."""
+
+    family: ClassVar[str] = ""
+    model_types: ClassVar[tuple[str, ...]] = ()
+    supported_signals: ClassVar[frozenset[str]] = LLM_SIGNALS
+
+    def __init__(self, model: nn.Module, processor: Any, name: str = "", dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu", attn_implementation: str = "sdpa"):
+        self.model = model.eval()
+        self.processor = processor
+        self.name = name or self.family
+        self.dtype = dtype
+        self.device = torch.device(device)
+        # layers no scorer reads run this implementation (sdpa | flash_attention_2 | eager)
+        self.attn_implementation = check_attn_implementation(attn_implementation)
+        self.attn_name = f"nuwa_rows_{self.family}_{next(_counter)}_{uuid.uuid4().hex[:6]}"
+        self._run: AdapterRun | None = None
+        self._attn_index: dict[int, tuple[str, int]] = {}
+        # pipeline object -> (that pipeline, bound to this model, and its executor); see Generation._bind
+        self._bound: OrderedDict[int, tuple[Pipeline, Executor]] = OrderedDict()
+
+    # ---- family hooks (override) -------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, id_or_path: str, dtype: torch.dtype, device: str, attn_implementation: str = "sdpa",
+                        device_map: str | dict | None = None) -> Self:
+        raise NotImplementedError
+
+    def set_attn_implementation(self, name: str) -> Self:
+        """Run the model's own attention with `name` (sdpa | flash_attention_2 | eager)."""
+        self.attn_implementation = check_attn_implementation(name)
+        self.model.set_attn_implementation(name)
+        return self
+
+    def text_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.text_model().layers
+
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.text_model().embed_tokens(ids.to(self.device))
+
+    def rotary(self, h: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) for position ids `pos` as the text model takes them."""
+        return self.text_model().rotary_emb(h, pos)
+
+    def llm_position_ids(self, pos: torch.Tensor) -> torch.Tensor:
+        """(P, B, L) -> the text model's position_ids (1-D RoPE: (B, L))."""
+        return pos[0]
+
+    def vision_attention_modules(self) -> list[nn.Module]:
+        return []
+
+    def on_vision_attention(self, run: AdapterRun, layer: int, module: nn.Module, query: torch.Tensor,
+                            key: torch.Tensor, kwargs: dict) -> None:
+        """Called (in the vision pass) for each vision attention module; capture rows/keys."""
+
+    def encode(self, images: list, prompts: list[str]) -> Encoded:
+        raise NotImplementedError
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    def split_sample(self, enc: Encoded, b: int) -> SampleLayout:
+        """Default: one contiguous run of `image_token_id`; 1-D positions from 0."""
+        ids = enc.input_ids[b][enc.attention_mask[b].bool()]
+        where = (ids == self.image_token_id).nonzero().flatten()
+        if where.numel() == 0:
+            raise RunError("the prompt has no image placeholder token; the processor did not insert the image")
+        s, e = int(where[0]), int(where[-1]) + 1
+        if e - s != where.numel():
+            raise RunError("the image placeholders are not one contiguous block (one image per prompt is supported)")
+        pos = torch.arange(ids.numel())[None]
+        return SampleLayout(ids[:s].cpu(), ids[e:].cpu(), e - s, s, pos[:, :s], pos[:, s:e], pos[:, e:])
+
+    def vision_forward(self, run: AdapterRun) -> VisionOut:
+        raise NotImplementedError
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def read_vision_signal(self, run: AdapterRun, req: SignalRequest, b: int) -> torch.Tensor:
+        raise RunError(f"{self.family} adapter cannot give signal {req.kind}")
+
+    def check_request(self, req: SignalRequest) -> str | None:
+        """Family checks of one request's arguments (e.g. layer range); a message or None."""
+        return None
+
+    def unavailable_signal(self, req: SignalRequest) -> str | None:
+        """Why this family cannot give `req`'s signal kind at all (None: it can)."""
+        if req.kind in self.supported_signals:
+            return None
+        return (f"signal {req.kind!r} (read at {req.site}) is not available for the {self.family} "
+                f"family; it gives: {', '.join(sorted(self.supported_signals))}")
+
+    def refusal_hint(self, ex: Executor) -> str:
+        """Advice appended to the refusal of a pipeline this model cannot run ('' = none)."""
+        return ""
+
+    def geometry(self, run: AdapterRun, b: int) -> Geometry:
+        raise NotImplementedError
+
+    def visual_positions(self, layout: SampleLayout, ids: torch.Tensor, plan: PositionPlan | None) -> torch.Tensor:
+        """Absolute positions (P, k) for kept visual tokens `ids` (1-D default)."""
+        s = layout.pos_image[:, :1]
+        if plan is None:
+            return s + torch.arange(ids.numel())[None]
+        if plan.offsets.numel() != ids.numel():
+            raise RunError("the position plan does not match the kept tokens")
+        return s + plan.offsets.reshape(1, -1).long()
+
+    # ---- checks --------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return len(self.decoder_layers())
+
+    def model_variables(self) -> dict[str, Any]:
+        """Values of the pipeline model variables (pipeline.MODEL_VARIABLES) for this model."""
+        vc = getattr(self.model.config, "vision_config", None)
+        depth = getattr(vc, "num_hidden_layers", None) or getattr(vc, "depth", None)
+        out: dict[str, Any] = {"family": self.family, "llm_layers": self.n_layers}
+        if depth:
+            out["vision_layers"] = int(depth)
+        return out
+
+    def check_pipeline(self, ex: Executor) -> list[str]:
+        """What this model cannot do of a bound pipeline, found before any forward pass
+        (one line per problem; an empty list: it can run)."""
+        problems = []
+        for site in ex.sites():
+            if site.layer is not None and site.layer >= self.n_layers:
+                problems.append(f"site {site} is past the last LLM layer ({self.n_layers - 1}); "
+                                + layer_variable_hint(ex.pipeline, site))
+        for req in ex.requests():
+            missing = self.unavailable_signal(req)
+            if missing:
+                problems.append(missing)
+                continue
+            msg = self.check_request(req)
+            if msg:
+                problems.append(msg)
+        return problems

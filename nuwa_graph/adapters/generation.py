@@ -1,0 +1,265 @@
+"""A request from start to answer: bind the pipeline, run the vision pass and the sites
+before the LLM, assemble the LLM input, prefill, and decode with a KV cache.
+
+The LLM input is left padded with explicit position ids; the image block of each sample is
+what the `vision` and `pre_llm` sites left of the projected tokens (`Block`). A pipeline is
+bound to the model (`bind_model`, an Executor, the checks) once per pipeline object.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..context import Keep
+from ..errors import PipelineError, RunError
+from ..executor import Executor
+from ..pipeline import Pipeline
+from ..sites import Site
+from .layout import Block, Segment, VisionOut, host_keeps
+from .report import PeakMemory, RunReport, build_report, kv_cache_bytes, sync
+from .sampling import GREEDY, Sampling
+from .session import HookSession
+from .state import AdapterRun
+
+#: bound pipelines an adapter keeps (the most recently used)
+BOUND_CACHE_SIZE = 32
+
+
+class Generation(HookSession):
+    """Adapter layer: the run life cycle (`generate`, `forward_logits`)."""
+
+    def _bind(self, pipeline: Pipeline) -> Executor:
+        """An Executor for `pipeline` bound to this model, checked against it; made once per
+        pipeline object (the last BOUND_CACHE_SIZE are kept), not on every call."""
+        hit = self._bound.get(id(pipeline))
+        if hit is not None and hit[0] is pipeline:
+            self._bound.move_to_end(id(pipeline))
+            return hit[1]
+        try:
+            bound = pipeline.bind_model(self.model_variables())
+        except PipelineError as exc:
+            raise RunError(f"pipeline {pipeline.name!r} does not fit this model "
+                           f"({self.model_variables()}):\n{exc}") from None
+        ex = Executor(bound)
+        problems = self.check_pipeline(ex)
+        if problems:
+            raise RunError(f"pipeline {ex.pipeline.name!r} cannot run on {self.name}:\n  - " + "\n  - ".join(problems)
+                           + self.refusal_hint(ex))
+        self._bound[id(pipeline)] = (pipeline, ex)  # the pipeline is held, so its id is not reused
+        while len(self._bound) > BOUND_CACHE_SIZE:
+            self._bound.popitem(last=False)
+        return ex
+
+    def _pre_llm(self, r: AdapterRun, vis: VisionOut) -> None:
+        """Vision and pre_llm sites; leaves r.blocks."""
+        reader = self._reader(r)
+        vis_site, pre_site = Site("vision"), Site("pre_llm")
+        for s in r.sites:
+            if s.layer is None and s not in (vis_site, pre_site):
+                raise RunError(f"unsupported site {s}")
+        r.vision_out = vis
+        r.blocks = [None] * r.B  # built from the projected tokens when first needed
+        for site in (vis_site, pre_site):
+            if site not in r.sites:
+                continue
+            assert r.state is not None
+            acts = host_keeps(r.ex.run_site(r.state, site, reader, r.seed))
+            for b in range(r.B):
+                for act in acts[b]:
+                    r.blocks[b] = self._apply_pre_keep(r, b, act, vis)
+        for b in range(r.B):
+            self._visual_block(r, b)
+
+    def _apply_pre_keep(self, r: AdapterRun, b: int, act: Keep, vis: VisionOut) -> Block:
+        ids = act.ids.long()
+        if act.tokens is not None:  # new rows: the tokens present before are not needed
+            vals = act.tokens.values
+            if act.tokens.space == "vision":
+                rows = self.project(vals.to(self.device, self.dtype)[None])[0]
+            elif act.tokens.space == "llm":
+                rows = vals.to(self.device, self.dtype)
+            else:
+                raise RunError(f"node {act.node!r}: unknown token space {act.tokens.space!r} (vision or llm)")
+        else:
+            block = self._visual_block(r, b)
+            where = {int(t): j for j, t in enumerate(block.ids.tolist())}
+            parts = []
+            for t in ids.tolist():
+                if t in where:
+                    parts.append(block.rows[where[t]])
+                elif t == -1 and (cls := vis.cls[b]) is not None:
+                    parts.append(self.project(cls.to(self.device, self.dtype)[None, None])[0, 0])
+                else:
+                    raise RunError(f"node {act.node!r} keeps token {t} at {act.site}, which is not present there")
+            rows = torch.stack(parts) if parts else block.rows[:0]
+        layout = r.layouts[b]
+        if act.positions is not None:
+            return Block(ids, rows, self.visual_positions(layout, ids, act.positions), act.positions.text_follows)
+        return Block(ids, rows, None, "compact")
+
+    def _assemble(self, r: AdapterRun) -> tuple[torch.Tensor, torch.Tensor, Segment]:
+        """inputs_embeds (B, L, d), 2-D mask, and segment 0 for the LLM."""
+        blocks = [self._visual_block(r, b) for b in range(r.B)]
+        embs, poss, lens, img_idx, img_ids, post_start, n_text = [], [], [], [], [], [], []
+        for b in range(r.B):
+            lay, blk = r.layouts[b], blocks[b]
+            k = blk.ids.numel()
+            vpos = blk.positions if blk.positions is not None else self.visual_positions(lay, blk.ids, None)
+            post = lay.pos_post
+            follows = blk.text_follows if blk.positions is not None else "compact"
+            if follows == "compact" and post.shape[1]:
+                top = vpos.max() if k else (lay.pos_pre.max() if lay.pos_pre.numel() else -1)
+                post = post - post[:, :1] + top + 1
+            ids_all = torch.cat([lay.pre_ids, lay.post_ids])
+            e = self.embed(ids_all)
+            npre = lay.pre_ids.numel()
+            embs.append(torch.cat([e[:npre], blk.rows.to(e), e[npre:]]))
+            poss.append(torch.cat([lay.pos_pre, vpos.to(lay.pos_pre), post], dim=1))
+            lens.append(embs[-1].shape[0])
+            img_ids.append(blk.ids)
+            n_text.append(ids_all.numel())
+        L = max(lens)
+        d = embs[0].shape[-1]
+        P = poss[0].shape[0]
+        x = torch.zeros(r.B, L, d, dtype=embs[0].dtype, device=self.device)
+        am = torch.zeros(r.B, L, dtype=torch.long)
+        pos = torch.ones(P, r.B, L, dtype=torch.long)
+        for b in range(r.B):
+            sh = L - lens[b]
+            x[b, sh:] = embs[b]
+            am[b, sh:] = 1
+            pos[:, b, sh:] = poss[b]
+            npre = r.layouts[b].pre_ids.numel()
+            k = blocks[b].ids.numel()
+            img_idx.append(torch.arange(sh + npre, sh + npre + k))
+            post_start.append(sh + npre + k)
+        seg = Segment(0, am.bool(), pos, img_idx, img_ids, post_start, n_text,
+                      [r.layouts[b].n_extra for b in range(r.B)])
+        return x, am, seg
+
+    def _start(self, pipeline: Pipeline, images, prompts, external, seed, extra_ids=None) -> AdapterRun:
+        ex = self._bind(pipeline)
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        if len(images) != len(prompts):
+            raise RunError(f"{len(images)} images for {len(prompts)} prompts; give one image per prompt")
+        enc = self.encode(list(images), list(prompts))
+        r = AdapterRun(self, ex, enc, external, seed)
+        r.layouts = [self.split_sample(enc, b) for b in range(r.B)]
+        if extra_ids is not None:
+            for b in range(r.B):
+                r.layouts[b].extend(torch.as_tensor(extra_ids[b]))
+        r.counts = [[] for _ in range(r.B)]
+        return r
+
+    @torch.no_grad()
+    def _prefill(self, r: AdapterRun, use_cache: bool, all_logits: bool = False):
+        from transformers import DynamicCache
+
+        r.phase = "vision"
+        vis = self.vision_forward(r)
+        r.state = r.ex.start([self.geometry(r, b) for b in range(r.B)], device=self.device)
+        self._pre_llm(r, vis)
+        x, am, seg0 = self._assemble(r)
+        r.segments = [seg0]
+        cache = DynamicCache(config=self.text_model().config) if use_cache else None
+        r.phase = "prefill"
+        out = self.text_model()(inputs_embeds=x, attention_mask=am.to(self.device),
+                                position_ids=self.llm_position_ids(seg0.pos).to(self.device),
+                                cache=cache, use_cache=use_cache)
+        hs = out.last_hidden_state
+        logits = self.lm_head()(hs if all_logits else hs[:, -1:])
+        return logits, cache
+
+    def forward_logits(self, pipeline: Pipeline, images, prompts, external: dict | None = None,
+                       seed: int | None = None, extra_ids=None) -> tuple[torch.Tensor, AdapterRun]:
+        """Cache-free prefill; logits for every position of the (pruned) sequence.
+        `extra_ids[b]` are appended after the prompt (recompute of generated tokens)."""
+        r = self._start(pipeline, images, prompts, external, seed, extra_ids)
+        with self.session(r):
+            logits, _ = self._prefill(r, use_cache=False, all_logits=True)
+        r.phase = "idle"
+        return logits, r
+
+    @torch.no_grad()
+    def generate(self, pipeline: Pipeline, images, prompts, max_new_tokens: int = 16, external: dict | None = None,
+                 seed: int | None = None, stop_at_eos: bool = True, return_logits: bool = False,
+                 sampling: Sampling | None = None) -> RunReport:
+        """Decoding with a KV cache over a left-padded batch, greedy unless `sampling` says
+        otherwise; returns a RunReport (with `.step_logits`, a list of (B, V) tensors, when
+        return_logits)."""
+        r = self._start(pipeline, images, prompts, external, seed)
+        pick = (sampling or GREEDY).picker(self.device, pipeline.spec.seed if seed is None else seed)
+        eos = self._eos_ids()
+        step_logits = []
+        new_tokens: list[list[int]] = [[] for _ in range(r.B)]
+        finished = torch.zeros(r.B, dtype=torch.bool)
+        decode_s = 0.0
+        steps = 0
+        mem = PeakMemory(self.device)
+        with self.session(r), mem:
+            sync(self.device)
+            t0 = time.perf_counter()
+            logits, cache = self._prefill(r, use_cache=True)
+            sync(self.device)
+            prefill_s = time.perf_counter() - t0
+            r.phase = "decode"
+            for seg in r.segments:  # decoding state lives on the device: no per-step copies
+                seg.key_valid = seg.valid.to(self.device, copy=True)
+                seg.last_pos = seg.pos[:, :, -1].to(self.device, copy=True)
+            grow = torch.ones(r.B, 1, dtype=torch.bool, device=self.device)
+            last_logits = logits[:, -1].float()
+            for step in range(max_new_tokens):
+                if return_logits:
+                    step_logits.append(last_logits.cpu())
+                nxt_dev = pick(last_logits)
+                nxt = nxt_dev.cpu()  # the one host copy per step: the token ids
+                for b in range(r.B):
+                    if not finished[b]:
+                        new_tokens[b].append(int(nxt[b]))
+                        if stop_at_eos and int(nxt[b]) in eos:
+                            finished[b] = True
+                if step == max_new_tokens - 1 or bool(finished.all()):
+                    break
+                t1 = time.perf_counter()
+                for seg in r.segments:
+                    seg.key_valid = torch.cat([seg.key_valid, grow], dim=1)
+                seg0 = r.segments[0]
+                assert seg0.key_valid is not None and seg0.last_pos is not None
+                pos0 = seg0.last_pos[:, :, None] + 1
+                r.step = step
+                out = self.text_model()(inputs_embeds=self.embed(nxt_dev[:, None]), attention_mask=seg0.key_valid.long(),
+                                        position_ids=self.llm_position_ids(pos0), cache=cache, use_cache=True)
+                for seg in r.segments:
+                    assert seg.last_pos is not None
+                    seg.last_pos = seg.last_pos + 1
+                last_logits = self.lm_head()(out.last_hidden_state[:, -1]).float()
+                sync(self.device)
+                decode_s += time.perf_counter() - t1
+                steps += 1
+            r.phase = "idle"
+        rep = build_report(self, r, new_tokens, prefill_s, decode_s, steps, mem, kv_cache_bytes(cache))
+        rep.schedule = r.ex.pipeline.schedule()
+        rep.signals = [f"{q.key} at {q.site}" for q in r.ex.requests()]
+        if return_logits:
+            rep.step_logits = step_logits  # type: ignore[attr-defined]
+        return rep
+
+    def _eos_ids(self) -> set[int]:
+        ids = set()
+        for src in (getattr(self.model, "generation_config", None), self.model.config,
+                    getattr(self.model.config, "text_config", None)):
+            e = getattr(src, "eos_token_id", None) if src is not None else None
+            if isinstance(e, int):
+                ids.add(e)
+            elif isinstance(e, (list, tuple)):
+                ids.update(int(x) for x in e)
+        return ids
+
+    def decode_text(self, ids: list[int]) -> str:
+        tok = getattr(self.processor, "tokenizer", self.processor)
+        return tok.decode(ids, skip_special_tokens=True)

@@ -1,0 +1,133 @@
+"""LLM signals: attention rows and hidden states read inside the decoder, and the reader
+the executor calls for every model signal of a run.
+
+`llm.attention` rows are post-softmax rows of chosen query tokens (`queries`) over the image
+keys of the current segment, computed either inside the registered attention function (rope
+rows at a layer before the site: the model's own q and k) or in the layer pre-hook from the
+layer's own projections (`_capture_pre`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..errors import RunError
+from ..signals import SignalRequest
+from .family import FamilyHooks
+from .layout import Block, Segment, columns
+from .queries import query_index
+from .state import AdapterRun
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (H, n, hd); cos/sin (n, hd) -> rotated (standard half-rotation RoPE)."""
+    return x * cos[None] + _rotate_half(x) * sin[None]
+
+
+def attention_rows(q: torch.Tensor, k: torch.Tensor, seg: Segment, b: int, qidx: torch.Tensor, scaling: float,
+                   softmax_over: str) -> torch.Tensor:
+    """q (H, nq, hd) rows at sequence indices qidx; k (H, L, hd) all keys of sample b.
+    Returns (H, nq, n_img) post-softmax rows over the image keys of the segment."""
+    img = seg.img_idx[b].to(k.device)
+    qi = qidx.to(k.device)[:, None]
+    if softmax_over == "image":
+        logits = torch.einsum("hqd,hkd->hqk", q.float(), k[:, img].float()) * scaling
+        allowed = img[None, :] <= qi
+        logits = logits.masked_fill(~allowed[None], float("-inf"))
+        return torch.softmax(logits, dim=-1)
+    logits = torch.einsum("hqd,hkd->hqk", q.float(), k.float()) * scaling
+    kj = torch.arange(k.shape[1], device=k.device)[None]
+    allowed = (kj <= qi) & seg.valid[b].to(k.device)[None]
+    logits = logits.masked_fill(~allowed[None], float("-inf"))
+    return torch.softmax(logits, dim=-1)[:, :, img]
+
+
+class SignalRows(FamilyHooks):
+    """Adapter layer: captures LLM signals during prefill and reads every signal kind."""
+
+    def _visual_block(self, r: AdapterRun, b: int) -> Block:
+        """Sample b's image block as it stands (before the LLM: the full projected tokens
+        until a Keep changes them; the projector runs only when they are needed)."""
+        block = r.blocks[b]
+        if block is None:
+            assert r.vision_out is not None, "the vision pass has not run"
+            rows = r.vision_out.projected_rows(b)
+            block = r.blocks[b] = Block(torch.arange(rows.shape[0]), rows)
+        return block
+
+    def _rows_from_attention(self, r: AdapterRun, layer: int, module: nn.Module, query: torch.Tensor,
+                             key: torch.Tensor) -> None:
+        seg = r.segment_of(layer)
+        groups = query.shape[1] // key.shape[1]
+        for req in r.rows_attn[layer]:
+            vals = []
+            for b in range(r.B):
+                qidx = query_index(seg, b, req.queries)
+                k = key[b].repeat_interleave(groups, dim=0)
+                rows = attention_rows(query[b][:, qidx.to(query.device)], k, seg, b, qidx, module.scaling,
+                                      req.softmax_over)
+                vals.append((rows, seg.img_ids[b]))
+            r.captured[req.key] = vals
+
+    def _capture_pre(self, r: AdapterRun, layer: int, module: nn.Module, h: torch.Tensor, cos, sin,
+                     seg: Segment) -> None:
+        for req in r.hidden_at.get(layer, []):
+            r.captured[req.key] = [(h[b, seg.img_idx[b].to(h.device)], seg.img_ids[b]) for b in range(r.B)]
+        reqs = r.rows_pre.get(layer, [])
+        if not reqs:
+            return
+        attn = module.self_attn
+        hd = attn.head_dim
+        x = module.input_layernorm(h)
+        for req in reqs:
+            rope = req.rope
+            vals = []
+            for b in range(r.B):
+                qidx = query_index(seg, b, req.queries).to(h.device)
+                q = attn.q_proj(x[b, qidx]).view(qidx.numel(), -1, hd).transpose(0, 1)
+                k = attn.k_proj(x[b]).view(x.shape[1], -1, hd).transpose(0, 1)
+                if rope:
+                    q = apply_rope(q, cos[b, qidx], sin[b, qidx])
+                    k = apply_rope(k, cos[b], sin[b])
+                k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
+                rows = attention_rows(q, k, seg, b, qidx, attn.scaling, req.softmax_over)
+                vals.append((rows, seg.img_ids[b]))
+            r.captured[req.key] = vals
+
+    def _reader(self, r: AdapterRun) -> Callable[[SignalRequest, int], torch.Tensor]:
+        def read(req: SignalRequest, b: int) -> torch.Tensor:
+            kind = req.kind
+            if kind == "external":
+                name = req.arg("name")
+                if name not in r.external:
+                    raise RunError(f"the pipeline reads external values {name!r}; pass them to the run "
+                                   f"(external={{{name!r}: tensor}}); given: {', '.join(r.external) or 'none'}")
+                v = r.external[name]
+                return v[b] if isinstance(v, (list, tuple)) else v
+            if kind == "pre_llm.visual":
+                return self._visual_block(r, b).rows
+            if kind == "pre_llm.text":
+                return self.embed(r.layouts[b].prompt_post_ids)
+            if kind in ("llm.attention", "llm.hidden"):
+                if req.key not in r.captured:
+                    raise RunError(f"internal: signal {req.key} was not captured")
+                assert r.state is not None
+                val, ids = r.captured[req.key][b]
+                cols = columns(ids.to(val.device), r.state.present[b].to(val.device))
+                if cols is None:
+                    raise RunError(f"signal {req.key}: a token present now was not present at layer {req.arg('layer')}")
+                out = val[..., cols, :] if kind == "llm.hidden" else val[..., cols]
+                return out.to(self.device)  # a no-op unless a device_map put layer L elsewhere
+            if kind.startswith("vision."):
+                return self.read_vision_signal(r, req, b)
+            raise RunError(f"{self.family} adapter cannot give signal {kind}")
+
+        return read

@@ -1,0 +1,58 @@
+"""The state of one request (one prefill + decode) as the adapter's hooks see it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..executor import Executor, RunState
+from ..signals import LLMAttention, LLMHidden, SignalRequest
+from ..sites import Site
+from .layout import Block, Encoded, SampleLayout, Segment, VisionOut
+
+if TYPE_CHECKING:
+    from .family import FamilyHooks
+
+
+class AdapterRun:
+    """Per-request state: the layouts, blocks and segments, what the hooks capture, and
+    which layers capture what (from the pipeline's signal requests)."""
+
+    def __init__(self, adapter: FamilyHooks, ex: Executor, enc: Encoded, external: dict | None, seed: int | None):
+        self.adapter = adapter
+        self.ex = ex
+        self.enc = enc
+        self.external = external or {}
+        self.seed = seed
+        self.B = enc.input_ids.shape[0]
+        self.sites = ex.sites()
+        self.state: RunState | None = None
+        self.layouts: list[SampleLayout] = []
+        self.captured: dict[str, list[Any]] = {}  # signal key -> per sample value
+        self.vision: dict[str, Any] = {}  # family scratch for vision captures
+        self.vision_out: VisionOut | None = None  # the family's vision pass
+        self.blocks: list[Block | None] = []  # None: the full projected block, not built yet
+        self.segments: list[Segment] = []
+        self.phase = "idle"  # vision | prefill | decode
+        self.step = 0  # decoding step (keys the per-step mask and RoPE tables)
+        self.counts: list[list[int]] = []  # per sample, per layer visual tokens (prefill)
+        # what to capture in the LLM, from the requests
+        self.llm_sites = {s.layer for s in self.sites if s.layer is not None}
+        self.rows_attn: dict[int, list[LLMAttention]] = {}  # layer -> rope=True rows from the attention fn
+        self.rows_pre: dict[int, list[LLMAttention]] = {}  # layer -> rows computed in the layer pre-hook
+        self.hidden_at: dict[int, list[SignalRequest]] = {}
+        for req in ex.requests():  # typed and checked when the pipeline loaded (signals.py)
+            if isinstance(req, LLMAttention):
+                K = Site(req.site).layer
+                if req.rope and K is not None and req.layer < K:
+                    self.rows_attn.setdefault(req.layer, []).append(req)
+                else:
+                    self.rows_pre.setdefault(req.layer, []).append(req)
+            elif isinstance(req, LLMHidden):
+                self.hidden_at.setdefault(req.layer, []).append(req)
+
+    def segment_of(self, layer: int) -> Segment:
+        seg = self.segments[0]
+        for s in self.segments:
+            if s.start <= layer:
+                seg = s
+        return seg
