@@ -14,7 +14,6 @@ Which rows (signal `llm.attention`, docs/CONTRACTS.md), for a node at site `llm.
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Literal
 
 import torch
@@ -22,11 +21,9 @@ from pydantic import Field, field_validator
 
 from nuwa_graph.node import Node, NodeParams, Port
 from nuwa_graph.registry import register
-from nuwa_graph.signals import SignalRequest
+from nuwa_graph.signals import Queries, SignalRequest
 from nuwa_graph.sites import LLMSiteName, Site
 from nuwa_graph.types import Scores
-
-_QUERIES = re.compile(r"^(last|text|last:[1-9]\d*)$")
 
 
 def drop_heads(rows: torch.Tensor, exclude: list[int], node: str) -> torch.Tensor:
@@ -106,8 +103,7 @@ class LLMAttentionParams(NodeParams):
     @field_validator("queries")
     @classmethod
     def _queries(cls, v: str) -> str:
-        if not _QUERIES.match(v):
-            raise ValueError(f"queries must be 'last', 'last:N' (N >= 1) or 'text', got {v!r}")
+        Queries.parse(v)  # the one rule for `queries` (signals.py); its error names the valid forms
         return v
 
 

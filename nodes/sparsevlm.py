@@ -17,7 +17,7 @@ Two nodes; the pruning itself is `selector.top-k-int` + `applier.keep`:
   cluster centre (the anchor), so it stays a visual token for later stages. The hidden
   states arrive on the `hidden` port from `signal.llm-hidden` at the same site.
 
-Tie-break in DPC-KNN (documented choice, DESIGN invariant 8): the official code adds
+Tie-break in DPC-KNN (a documented choice, docs/methods.md): the official code adds
 unseeded `torch.rand(n) * 1e-6` to the densities. `tie_break` makes it explicit:
 - `seeded-noise` (default): the same uniform noise, drawn from the pipeline seed (per node
   and sample), so runs are reproducible and distributed as in the official code;

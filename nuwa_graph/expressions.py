@@ -27,7 +27,7 @@ MAX_INT_BITS = 4_096      # an integer result (about 1233 decimal digits)
 MAX_SEQ_LEN = 100_000     # a string, list or dict result
 MAX_TEMPLATE_CHARS = 10_000  # a params string that holds ${...}
 
-_FUNCS = {"int": int, "float": float, "round": round, "min": min, "max": max, "abs": abs,
+_FUNCS: dict[str, Any] = {"int": int, "float": float, "round": round, "min": min, "max": max, "abs": abs,
           "ceil": math.ceil, "floor": math.floor}
 _BIN = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
         ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
@@ -105,7 +105,7 @@ def scale_layers(layers: int | list[int], llm_layers: int, lo: int = 1, hi: int 
     """
     hi = llm_layers - 1 if hi is None else hi
     single = not isinstance(layers, list)
-    ks = [layers] if single else list(layers)
+    ks: list[int] = [layers] if isinstance(layers, int) else list(layers)
     if not all(isinstance(k, int) and not isinstance(k, bool) for k in ks) or not ks:
         raise ExpressionError(f"scale32 takes a layer or a non-empty list of layers (integers), got {layers!r}")
     if len(ks) > hi - lo + 1:
@@ -154,7 +154,9 @@ def _eval(node: ast.AST, env: dict[str, Any], used: set[str]) -> Any:
     if isinstance(node, ast.Tuple):
         return [_eval(e, env, used) for e in node.elts]
     if isinstance(node, ast.Dict):
-        return {_eval(k, env, used): _eval(v, env, used) for k, v in zip(node.keys, node.values)}
+        if any(k is None for k in node.keys):
+            raise ExpressionError("'**' inside a table is not supported; write each key: value")
+        return {_eval(k, env, used): _eval(v, env, used) for k, v in zip(node.keys, node.values) if k is not None}
     if isinstance(node, ast.Subscript):
         base = _eval(node.value, env, used)
         key = _eval(node.slice, env, used)

@@ -96,7 +96,8 @@ def probe_image(src: str | Path | bytes) -> str | None:
     from PIL import Image
 
     if not isinstance(src, (bytes, bytearray)) and not Path(str(src)).is_file():
-        return f"image {str(src)!r} does not exist (relative paths are read from the data file's folder or --image-root; see also --image-template)"
+        return (f"image {str(src)!r} does not exist (relative paths are read from the data file's folder or "
+                "--image-root; see also --image-template)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -115,6 +116,7 @@ def open_image(src: str | Path | bytes, where: str = "image"):
     """An RGB PIL image from a path or encoded bytes; ImageError (naming `where`) when it cannot be used."""
     from PIL import Image
 
+    fh: io.BytesIO | str
     if isinstance(src, (bytes, bytearray)):
         fh, name = io.BytesIO(src), "<bytes>"
     else:

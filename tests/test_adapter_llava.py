@@ -590,3 +590,12 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(tiny_llava, tiny_image):
     for bad in (dict(temperature=0.0), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5)):
         with pytest.raises(RunError):
             Sampling(do_sample=True, **bad)
+
+
+def test_run_command_exit_code_for_a_bad_pipeline_file_is_1(tmp_path):
+    """docs/cli.md: 1 = an error in an input (a pipeline file); 2 is kept for usage errors."""
+    from nuwa_graph.apps.runner import run_command
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nnodes:\n  - {name: a, type: selector.no-such-type}\n")
+    assert run_command(str(bad), model="tiny-llava", max_new_tokens=1) == 1

@@ -141,8 +141,8 @@ def run_command(pipeline: Pipeline | str | Path, model: str | None = None, image
     """Run `pipeline` on `model` (default: the embedded model) with one image and prompt; print the report.
 
     `batch` repeats the image and prompt in one generate call (batched timings on a GPU).
-    Returns 0 on success, 1 for a run error (bad model, image, budget, unsupported signal),
-    2 for an invalid pipeline file.
+    Returns 0 on success, 1 for an error in an input (an invalid pipeline file, a bad model,
+    image or budget, an unsupported signal), as `nuwa-graph run` and docs/cli.md say.
     """
     from rich.console import Console
     from rich.markup import escape
@@ -167,9 +167,9 @@ def run_command(pipeline: Pipeline | str | Path, model: str | None = None, image
                                device_map=device_map)
         check_context(adapter, img, prompt, max_new_tokens)
         rep = adapter.generate(pipe, [img] * batch, [prompt] * batch, max_new_tokens=max_new_tokens, seed=seed)
-    except PipelineError as exc:
+    except PipelineError as exc:  # an input error, as in docs/cli.md "Exit codes" (2 is for usage errors)
         err.print(f"[bold red]error:[/] {escape(str(exc))}")
-        return 2
+        return 1
     except RunError as exc:
         err.print(f"[bold red]error:[/] {escape(_explain(exc, pipe))}")
         return 1

@@ -237,7 +237,8 @@ class NuwaGraph(lmms):
                 return qwen_image_as_lmms(v, int(vc.patch_size) * int(vc.spatial_merge_size), self.min_pixels,
                                           self.max_pixels)
             return v.convert("RGB")
-        raise PluginError(f"{where}: a {type(v).__name__} visual ({'video or audio' if isinstance(v, (str, dict)) else 'unknown'}); "
+        what = "video or audio" if isinstance(v, (str, dict)) else "unknown"
+        raise PluginError(f"{where}: a {type(v).__name__} visual ({what}); "
                           f"only images are served")
 
     def _options(self, gen_kwargs: dict) -> tuple[int, list[str], Sampling]:
