@@ -28,7 +28,7 @@ from results_report import (  # noqa: E402
     with_heads_excluded,
 )
 
-EMBEDDED_VARS = {"llm_layers": 4, "vision_layers": 6, "grid_tokens": 144}
+EMBEDDED_VARS = {"llm_layers": 16, "vision_layers": 6, "grid_tokens": 144}  # the deep embedded model
 
 
 # --- head masking --------------------------------------------------------------------------------
@@ -42,22 +42,22 @@ def test_drop_heads_removes_the_head_and_rejects_bad_ones():
         drop_heads(rows, [0, 1, 2], "n")
 
 
-@pytest.mark.parametrize("file, overrides, changed", [
-    ("nuwa", {}, 1),                          # stage 2 reads layer llm_layers // 2 - 1 = 1
-    ("fastv", {"K": 2}, 1),                   # layer K - 1 = 1
-    ("pdrop", {"layers": [1, 2, 3]}, 1),      # only the first stage reads layer 1
-    ("sparsevlm", {"layers": [0, 1, 2]}, 1),
-    ("feather", {"K": [2, 3]}, 1),
-    ("visionzip", {}, 0),                     # reads no LLM attention
+@pytest.mark.parametrize("file, layer, changed", [
+    ("nuwa", 7, 1),       # stage 2 reads layer llm_layers // 2 - 1
+    ("fastv", 0, 1),      # K = scale32(2) = 1 on 16 layers: reads layer 0
+    ("pdrop", 5, 1),      # layers scale32([8, 16, 24]) - 1 = [1, 5, 10]: only the second stage reads 5
+    ("sparsevlm", 3, 1),  # raters at layers [1, 3, 8]
+    ("feather", 7, 1),    # K = [4, 8]: reads 3 and 7
+    ("visionzip", 0, 0),  # reads no LLM attention
 ])
-def test_with_heads_excluded_touches_only_scorers_of_that_layer(file, overrides, changed):
-    pipe = load(ROOT / f"pipelines/{file}.yaml", overrides, model_vars=EMBEDDED_VARS)
-    masked, n = with_heads_excluded(pipe, 1, [0], EMBEDDED_VARS)
+def test_with_heads_excluded_touches_only_scorers_of_that_layer(file, layer, changed):
+    pipe = load(ROOT / f"pipelines/{file}.yaml", {}, model_vars=EMBEDDED_VARS)
+    masked, n = with_heads_excluded(pipe, layer, [0], EMBEDDED_VARS)
     assert n == changed
     for name, node in masked.nodes.items():
         excluded = getattr(node.params, "exclude_heads", None)
         if excluded is not None:
-            assert excluded == ([0] if node.params.layer == 1 else [])
+            assert excluded == ([0] if node.params.layer == layer else [])
         assert type(node) is type(pipe.nodes[name])
 
 
@@ -69,11 +69,12 @@ def test_plan_runs_every_pipeline_at_every_budget():
     by = {r.label: r for r in runs}
     assert by["fastv budget=64"].pipeline.nodes["topk"].params.k == 16  # 64 of 576 -> 16 of 144
     assert by["visionzip budget=192"].pipeline.nodes["zip"].params.contextual == 48 - 48 * 27 // 32
-    masked = plan(model_vars=EMBEDDED_VARS, mask=(1, [0]))
-    # every text-attention pipeline but FastV K=1, whose scorer reads layer 0, not the masked layer 1
-    assert {r.label.split(" ")[0] for r in masked} == {e.name for e in ENTRIES if e.text_attention} - {"fastv_k1"}
-    assert all(r.label.endswith(" -head") for r in masked) and len(masked) == 3 * 6
-    assert by["fastv_k1 budget=64"].pipeline.nodes["attn"].params.layer == 0
+    masked = plan(model_vars=EMBEDDED_VARS, mask=(0, [0]))
+    # only the text-attention pipelines with a scorer reading layer 0: FastV and FastV-fix (K=1 on 16 layers)
+    assert {r.label.split(" ")[0] for r in masked} == {"fastv", "fastv_fix"}
+    assert all(r.label.endswith(" -head") for r in masked) and len(masked) == 3 * 2
+    assert by["fastv budget=64"].pipeline.nodes["attn"].params.layer == 0
+    assert all(not e.fixed for e in ENTRIES)  # every method file runs unchanged
 
 
 # --- the words are computed from the numbers -------------------------------------------------------
@@ -148,19 +149,40 @@ def test_run_all_and_render(untrained, tmp_path):
     totals = []
     res = run_all(str(untrained), 2, tmp_path, batch=2, max_new_tokens=2, budgets=(64,), entries=entries,
                   on_total=totals.append)
-    assert totals == [(4 + 2) * 2 * 2]  # (main + masked runs) x 2 tasks x 2 samples
+    # this 4-layer model's log records a supervised head at layer 1: FastV (K = scale32(2) = 1) reads
+    # layer 0, Nüwa's stage 2 layer 1, so only Nüwa is rerun with the head masked
+    assert totals == [(4 + 1) * 2 * 2]  # (main + masked runs) x 2 tasks x 2 samples
     main, caveat = res["main"], res["caveat"]
     assert [r["label"] for r in main["results"]] == ["vanilla", "fastv budget=64", "visionzip budget=64", "nuwa budget=64"]
-    assert [r["label"] for r in caveat["results"]] == ["fastv budget=64 -head", "nuwa budget=64 -head"]
+    assert [r["label"] for r in caveat["results"]] == ["nuwa budget=64 -head"]
     by = {r["label"]: r for r in main["results"]}
     assert by["visionzip budget=64"]["visual_tokens_avg"] == 16 and by["vanilla"]["visual_tokens_avg"] == 144
-    assert by["fastv budget=64"]["visual_tokens_per_layer"] == [144, 144, 16, 16]
+    assert by["fastv budget=64"]["visual_tokens_per_layer"] == [144, 16, 16, 16]
     assert res["settings"]["budgets"] == [64]
     text = render(res, "python scripts/gen_results.py --n 2")
     assert "## Budget 64 of 576 (16 of 144 visual tokens)" in text and "| Nüwa | 16.0 |" in text
     assert "Does the paper's effect appear?" in text and "head masked" in text
     assert (tmp_path / "main/results.csv").is_file() and (tmp_path / "caveat/results.json").is_file()
     assert render(load_run(tmp_path), "python scripts/gen_results.py --n 2") == text  # --render-only path
+    # the agreement with the paper and the schedules are part of the page
+    assert "## Agreement with the paper" in text and "| Nüwa | 47.19 |" in text and "Kendall's tau: **" in text
+    assert "## Schedules used" in text and "- FastV: `" in text
+
+
+def test_a_model_trained_without_attention_supervision_gets_no_caveat_rerun(untrained, tmp_path):
+    import json
+
+    log = json.loads((untrained / "training_log.json").read_text())
+    (untrained / "training_log.json").write_text(json.dumps({**log, "supervised_attention_head": None,
+                                                             "attention_loss": None}))
+    try:
+        entries = [e for e in ENTRIES if e.name in ("vanilla", "nuwa")]
+        res = run_all(str(untrained), 1, tmp_path, batch=1, max_new_tokens=1, budgets=(64,), entries=entries)
+    finally:
+        (untrained / "training_log.json").write_text(json.dumps(log))
+    assert res["caveat"] is None
+    text = render(res, "gen")
+    assert "## Attention supervision" in text and "`attention_loss` null" in text and "head masked" not in text
 
 
 # --- `nuwa-graph run FILE` with nothing else: the comparison ---------------------------------------
