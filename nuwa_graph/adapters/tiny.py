@@ -17,7 +17,7 @@ Nothing here touches the network; building takes well under a second.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -38,7 +38,7 @@ WORDS = (
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
 
 
-def build_tokenizer():
+def build_tokenizer() -> Any:
     """A word-level fast tokenizer with `<image>` as a special token; pads on the left."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast

@@ -254,7 +254,7 @@ def _record_id(rec: dict, keys: tuple[str, ...]) -> str | None:
 class _Ids:
     """Duplicate ids within one file: a second record with an id already seen is bad."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.seen: dict[str, int] = {}
 
     def check(self, rid: str | None, n: int, field: str) -> None:

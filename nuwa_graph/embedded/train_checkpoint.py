@@ -59,7 +59,7 @@ def _sha256(path: Path) -> str:
 class _Stop:
     """SIGTERM / SIGINT -> finish the current step, checkpoint, exit cleanly."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.signal: str | None = None
         self._old: dict = {}
 
