@@ -41,8 +41,11 @@ def main(argv=None) -> int:
     ap.add_argument("--vision-hidden", type=int, default=128)
     ap.add_argument("--llm-layers", type=int, default=32)
     ap.add_argument("--llm-hidden", type=int, default=1024)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--cprofile", type=int, default=0, help="also profile one run; print this many functions")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     adapter = random_llava(DTYPES[args.dtype], args.device, args.attn_implementation, args)
     image = synthetic_image(336)
     for name, budget, pipe in _pipelines(args.methods, args.budgets, qwen=False):
