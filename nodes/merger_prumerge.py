@@ -5,6 +5,8 @@ selection order, then the dropped ones ascending) take the `neighbours` whose ke
 cosine-similar to i's key, and add their features weighted by their CLS attention:
 x_i + sum_j a_j x_j (not normalised, as the official code). One extra token, the
 CLS-attention-weighted sum of every dropped token, is appended last (id POOLED_ID = -2).
+
+The per-token loop runs as blocks of kept tokens, bit-exact with it (see `_neighbours`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,36 @@ from nuwa_graph.types import POOLED_ID, Scores, Selection, Tokens
 
 from .selectors import gather_scores
 from .signal_vision import grid_rows
+
+# Elements of one block's candidate keys (B, n - 1, c): cache-sized on a CPU, where the
+# block is memory-bound; larger elsewhere, where the count of kernel launches dominates.
+_BLOCK_ELEMS = {"cpu": 1 << 20}
+_BLOCK_ELEMS_ACCELERATOR = 1 << 26
+
+
+def _block_rows(n: int, k_all: torch.Tensor) -> int:
+    budget = _BLOCK_ELEMS.get(k_all.device.type, _BLOCK_ELEMS_ACCELERATOR)
+    return max(1, budget // max(1, (n - 1) * k_all.shape[1]))
+
+
+def _rest_index(start: int, stop: int, n: int, device: torch.device) -> torch.Tensor:
+    """(stop - start, n - 1): for kept token i, every other row in candidate order (i skipped)."""
+    cols = torch.arange(n - 1, device=device)
+    rows = torch.arange(start, stop, device=device)
+    return cols[None, :] + (cols[None, :] >= rows[:, None])
+
+
+def _neighbours(k_rows: torch.Tensor, k_all: torch.Tensor, rest: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k cosine neighbours of each row of k_rows among its `rest` rows (indices into rest).
+
+    Each row's candidate keys are materialised (B, n - 1, c) and multiplied as one
+    (1, c) x (c, n - 1) product per row, as the official per-token bmm: the GEMM's rounding
+    depends on the column count and layout (one product over all n keys, or k k^T, differs
+    in the last bits, which flips near-ties), so this copy is what keeps the neighbours
+    bit-exact; batching the rows is what saves the per-token loop."""
+    cand = k_all.index_select(0, rest.reshape(-1)).view(rest.shape[0], rest.shape[1], k_all.shape[1])
+    cos = torch.bmm(k_rows[:, None, :], cand.transpose(1, 2))
+    return torch.topk(cos, k=k, dim=2).indices[:, 0, :]
 
 
 class PruMergeParams(NodeParams):
@@ -59,19 +91,17 @@ class PruMergePlusMerger(Node[PruMergeParams]):
         if L - 1 + dropped.numel() < p.neighbours:
             raise ValueError(f"PruMerge: {L - 1 + dropped.numel()} other tokens for {p.neighbours} neighbours "
                              "(the official topk fails here); lower `neighbours`")
-        x_kept, a_kept = hidden[kept], attn[kept]
-        k_kept = F.normalize(key_rows[kept], p=2, dim=-1)
-        x_drop, a_drop = hidden[dropped], attn[dropped]
-        k_drop = F.normalize(key_rows[dropped], p=2, dim=-1)
-        out = torch.zeros_like(x_kept)
-        for i in range(L):
-            rest_k = torch.cat([k_kept[:i], k_kept[i + 1:], k_drop])
-            rest_x = torch.cat([x_kept[:i], x_kept[i + 1:], x_drop])
-            rest_a = torch.cat([a_kept[:i], a_kept[i + 1:], a_drop])
-            # (1, 1, c) x (1, c, m) as the official bmm, so near-equal similarities tie alike
-            cos = torch.bmm(k_kept[None, i:i + 1], rest_k[None].transpose(1, 2))
-            nb = torch.topk(cos, k=p.neighbours, dim=2).indices[0, 0]
-            out[i] = x_kept[i] + torch.sum(rest_x[nb] * rest_a[nb].unsqueeze(-1), dim=0)
+        order = torch.cat([kept, dropped])  # row r of these: the official candidate order
+        x_all, a_all = hidden[order], attn[order]
+        k_all = F.normalize(key_rows[order], p=2, dim=-1)
+        out = torch.empty_like(x_all[:L])
+        step = _block_rows(n, k_all)
+        for start in range(0, L, step):  # a block of kept tokens at a time (all at once on a GPU)
+            stop = min(L, start + step)
+            rest = _rest_index(start, stop, n, order.device)  # (B, n - 1) rows of *_all
+            nb = rest.gather(1, _neighbours(k_all[start:stop], k_all, rest, p.neighbours))
+            out[start:stop] = x_all[start:stop] + torch.sum(x_all[nb] * a_all[nb].unsqueeze(-1), dim=1)
+        x_drop, a_drop = x_all[L:], a_all[L:]
         ids = kept.clone()
         if p.extra_token:
             extra = torch.sum(x_drop * a_drop.unsqueeze(-1), dim=0, keepdim=True)

@@ -140,6 +140,31 @@ def test_rope_and_masks_are_built_once_per_segment_and_step(tiny_llava, tiny_ima
     assert counts == {"rotary": 1 + rep.decode_steps, "prefill_mask": 1, "decode_mask": rep.decode_steps}
 
 
+@pytest.mark.parametrize("name,overrides,hooked_steps", [("random", {"budget": 64}, False), ("fastv", {}, True)])
+def test_one_segment_decodes_as_the_stock_model(tiny_llava, tiny_image, monkeypatch, name, overrides, hooked_steps):
+    """A run that keeps one segment (no llm.K prune) decodes without layer hooks and, unpadded,
+    without a mask, as the stock model does; a pruned segment keeps its hooks in every step."""
+    phases, masks = [], []
+    layer_pre = tiny_llava._layer_pre
+
+    def counting(r, *args):
+        phases.append(r.phase)
+        return layer_pre(r, *args)
+
+    lm = tiny_llava.text_model()
+    handle = lm.register_forward_pre_hook(lambda m, a, kw: masks.append(kw.get("attention_mask")), with_kwargs=True)
+    monkeypatch.setattr(tiny_llava, "_layer_pre", counting)
+    try:
+        rep = tiny_llava.generate(shipped(name, **overrides), tiny_image, PROMPT, max_new_tokens=4, stop_at_eos=False)
+    finally:
+        handle.remove()
+    n_layers = len(tiny_llava.decoder_layers())
+    assert phases.count("prefill") == n_layers
+    assert phases.count("decode") == (rep.decode_steps * n_layers if hooked_steps else 0)
+    assert len(masks) == 1 + rep.decode_steps and all(m is None for m in masks[1:])
+    assert not any(layer._forward_pre_hooks for layer in tiny_llava.decoder_layers())  # all removed at the end
+
+
 # --- the layout as data --------------------------------------------------------------------------------
 def test_segment_says_how_it_is_gathered_with_real_fields():
     names = {f.name for f in dataclasses.fields(Segment)}

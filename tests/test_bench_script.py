@@ -35,3 +35,17 @@ def test_growth_mode_on_tiny_qwen(tmp_path):
     assert code == 0
     text = out.read_text()
     assert "| 12 (3x4) | vanilla | 12.0 |" in text and "| 20 (4x5) | fastv 8 |" in text
+
+
+def test_profile_nodes_names_the_nodes(capsys):
+    _bench()
+    import profile_nodes
+
+    code = profile_nodes.main(["--methods", "visionzip", "--budgets", "64", "--repeats", "1", "--warmup", "0",
+                               "--vision-layers", "2", "--vision-hidden", "32", "--llm-layers", "2", "--llm-hidden", "64",
+                               "--cprofile", "3"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "## visionzip 64: prefill" in out
+    assert out.count(" ms\n") >= 3  # one line per node
+    assert "cumulative" in out or "Ordered by" in out

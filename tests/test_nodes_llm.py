@@ -180,3 +180,14 @@ def test_llm_pipelines_run_on_embedded_model(name, sets, counts):
     r = CliRunner().invoke(cli.app, args)
     assert r.exit_code == 0, r.output
     assert counts in " ".join(r.output.split())
+
+
+@pytest.mark.parametrize("n,c", [(154, 1024), (37, 4096), (9, 8)])
+def test_pairwise_dist_blocks_are_bit_identical(n, c):
+    """Any row-block size gives the official difference-then-norm distances bit for bit."""
+    from nuwa_graph.nodes.sparsevlm import _pairwise_dist
+
+    x = torch.randn(n, c, generator=torch.Generator().manual_seed(n))
+    full = (x[:, None, :] - x[None, :, :]).norm(dim=-1, p=2)  # the official one-shot form
+    for chunk in (None, 1, 3, 64, n):
+        assert torch.equal(_pairwise_dist(x, chunk), full)

@@ -90,6 +90,7 @@ class FamilyHooks:
         self.attn_name = f"nuwa_rows_{self.family}_{next(_counter)}_{uuid.uuid4().hex[:6]}"
         self._run: AdapterRun | None = None
         self._attn_index: dict[int, tuple[str, int]] = {}
+        self._layer_hooks: list[Any] = []  # the session's decoder-layer hook handles
         # pipeline object -> (that pipeline, bound to this model, and its executor); see Generation._bind
         self._bound: OrderedDict[int, tuple[Pipeline, Executor]] = OrderedDict()
 

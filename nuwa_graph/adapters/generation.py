@@ -211,6 +211,13 @@ class Generation(HookSession):
             for seg in r.segments:  # decoding state lives on the device: no per-step copies
                 seg.key_valid = seg.valid.to(self.device, copy=True)
                 seg.last_pos = seg.pos[:, :, -1].to(self.device, copy=True)
+            # an unpadded first segment needs no mask in the steps (the stock model skips an
+            # all-ones one after reading it, a sync per step on a GPU), and one segment alone
+            # (no llm.K prune) needs no layer hooks: the steps then run as the stock model's
+            unpadded = bool(r.segments[0].valid.all())  # on the host: no sync
+            growing = r.segments[1:] if unpadded else r.segments
+            if len(r.segments) == 1:
+                self._release_layer_hooks()
             grow = torch.ones(r.B, 1, dtype=torch.bool, device=self.device)
             last_logits = logits[:, -1].float()
             for step in range(max_new_tokens):
@@ -226,13 +233,14 @@ class Generation(HookSession):
                 if step == max_new_tokens - 1 or bool(finished.all()):
                     break
                 t1 = time.perf_counter()
-                for seg in r.segments:
+                for seg in growing:
                     seg.key_valid = torch.cat([seg.key_valid, grow], dim=1)
                 seg0 = r.segments[0]
                 assert seg0.key_valid is not None and seg0.last_pos is not None
                 pos0 = seg0.last_pos[:, :, None] + 1
                 r.step = step
-                out = self.text_model()(inputs_embeds=self.embed(nxt_dev[:, None]), attention_mask=seg0.key_valid.long(),
+                mask0 = None if unpadded else seg0.key_valid.long()
+                out = self.text_model()(inputs_embeds=self.embed(nxt_dev[:, None]), attention_mask=mask0,
                                         position_ids=self.llm_position_ids(pos0), cache=cache, use_cache=True)
                 for seg in r.segments:
                     assert seg.last_pos is not None

@@ -83,10 +83,12 @@ class HookSession(SignalRows):
             self.model.set_attn_implementation({k: self.attn_name for k in saved})
             for i, layer in enumerate(self.decoder_layers()):
                 handles.append(layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True))
+            self._layer_hooks = handles
             self._run = run
             yield self
         finally:
             self._run = None
+            self._layer_hooks = []
             for h in handles:
                 h.remove()
             try:
@@ -98,6 +100,14 @@ class HookSession(SignalRows):
                 ALL_ATTENTION_FUNCTIONS._global_mapping.pop(self.attn_name, None)
                 ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.pop(self.attn_name, None)
                 self._attn_index = {}
+
+    def _release_layer_hooks(self) -> None:
+        """Remove the decoder-layer hooks before the session ends: `generate` does so after a
+        prefill that left one segment, whose decode steps the hooks would only pass through
+        (a hook makes every layer call take torch's slow path)."""
+        for h in self._layer_hooks:
+            h.remove()
+        self._layer_hooks = []
 
     def _make_layer_hook(self, layer: int):
         def hook(module, args, kwargs):
