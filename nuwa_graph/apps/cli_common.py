@@ -109,6 +109,14 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 SET_HELP = "Override a pipeline variable, NAME=VALUE (value read as YAML); repeatable."
 
+# Model options shared by run, sweep and eval (one declaration, one help text).
+MODEL_OPTION = typer.Option(None, "--model", "-m", help="Model id or local path (default: the embedded model).")
+DTYPE_OPTION = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16.")
+DEVICE_OPTION = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
+ATTN_OPTION = typer.Option("sdpa", "--attn-implementation",
+                           help="Attention the model's layers run: sdpa, flash_attention_2 or eager.")
+DEVICE_MAP_OPTION = typer.Option(None, "--device-map", help="Spread a checkpoint over devices (e.g. auto; needs accelerate).")
+
 
 # --- helpers --------------------------------------------------------------------------------
 def _overrides(sets: list[str] | None) -> dict[str, Any]:

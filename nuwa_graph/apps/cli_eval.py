@@ -13,6 +13,11 @@ from rich.table import Table
 from ..errors import PipelineError, RunError
 from ..preflight import check_template
 from .cli_common import (
+    ATTN_OPTION,
+    DEVICE_MAP_OPTION,
+    DEVICE_OPTION,
+    DTYPE_OPTION,
+    MODEL_OPTION,
     _output_or_exit,
     _print_problems,
     _sweep_grid,
@@ -25,7 +30,7 @@ from .cli_common import (
 @app.command("eval")
 def eval_(
     files: list[Path] = typer.Argument(..., metavar="PIPELINE...", help="Pipeline YAML files.", show_default=False),
-    model: str | None = typer.Option(None, "--model", "-m", help="Model id or local path (default: the embedded model)."),
+    model: str | None = MODEL_OPTION,
     data: list[str] | None = typer.Option(None, "--data", "-d", metavar="FILE",
                                              help="RefCOCO-style JSON (grounding) or VQA JSONL; repeatable; prefix "
                                                   "grounding: or vqa: to force the kind (default: a built-in "
@@ -39,12 +44,10 @@ def eval_(
                                 help="Folder for results.json, results.csv, predictions.jsonl and the pictures."),
     seed: int | None = typer.Option(None, "--seed", help="Random seed (default: each pipeline's seed)."),
     max_new_tokens: int = typer.Option(16, "--max-new-tokens", min=1, help="Tokens to generate per answer."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    attn_implementation: str = typer.Option("sdpa", "--attn-implementation",
-                                            help="Attention the model's layers run: sdpa, flash_attention_2 or eager."),
-    device_map: str | None = typer.Option(None, "--device-map",
-                                             help="Spread a checkpoint over devices (e.g. auto; needs accelerate)."),
+    dtype: str = DTYPE_OPTION,
+    device: str = DEVICE_OPTION,
+    attn_implementation: str = ATTN_OPTION,
+    device_map: str | None = DEVICE_MAP_OPTION,
     grounding_prompt: str | None = typer.Option(None, "--grounding-prompt",
                                                    help="Prompt for grounding, with {expression}; \\n is a newline "
                                                         "(default: 'where is {expression} ?'; lmms-eval's RefCOCO "
