@@ -127,7 +127,7 @@ def untrained(tmp_path_factory):
 
     from nuwa_graph.embedded import build_model, save_embedded
 
-    model, proc = build_model(seed=0)
+    model, proc = build_model(seed=0, text_layers=4)  # 4 LLM layers: faster
     d = save_embedded(model, proc, tmp_path_factory.mktemp("embedded") / "model")
     (Path(d) / "training_log.json").write_text(json.dumps(
         {"minutes": 0, "final": {"grounding_acc50": 0.0, "vqa_em": 0.0, "n": 0},
@@ -220,8 +220,8 @@ def test_run_demo_on_the_embedded_model(tmp_path, monkeypatch, untrained):
     L = int(re.search(r"\((\d+) LLM layers\)", text).group(1))
     K = scale_layers(2, L)
 
-    def per_layer(*runs):
-        return " ".join(str(c) for n, c in runs for _ in range(n)) + " "
+    def per_layer(*runs):  # run-length, as `tokens_runs` prints them: 144x2 16x2
+        return " " + " ".join(f"{c}x{n}" if n > 1 else f"{c}" for n, c in runs) + " "
 
     rows = {line.split("│")[1].strip(): line for line in text.splitlines() if line.count("│") > 3}
     assert per_layer((L, 144)) in rows["vanilla"]
