@@ -30,6 +30,7 @@ Multiply by 2 for hardware FLOPs (a multiply and an add).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,14 +157,17 @@ def run_flops(config, n_text: int, visual_per_layer: list[int], n_visual_full: i
 
 
 def mean_flops(per_sample: list[dict[str, Any]]) -> dict[str, Any]:
-    """The mean of every numeric entry over samples (eval results), with the convention."""
+    """The mean of every numeric entry over samples (eval results), with the convention.
+
+    `math.fsum` is exact, so the mean does not depend on the order of the samples: shards
+    merged in any order give the single process's numbers bit for bit."""
     ok = [f for f in per_sample if "unavailable" not in f]
     if not ok:
         return per_sample[0] if per_sample else {}
     out: dict[str, Any] = {}
     for k, v in ok[0].items():
         if isinstance(v, (int, float)):
-            out[k] = sum(f[k] for f in ok) / len(ok)
+            out[k] = math.fsum(f[k] for f in ok) / len(ok)
     out["convention"] = ok[0]["convention"]
     return out
 

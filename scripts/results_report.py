@@ -164,6 +164,9 @@ def training_info(model: str) -> dict[str, Any]:
 SHIPPED_WEIGHTS = "nuwa_graph/embedded/weights"   # how the docs name the committed model
 
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
 def shown_model(model: str) -> str:
     """The model as the generated docs name it: the shipped weights by their place in the
     repository, never by this machine's absolute path; any other model as it was given."""
@@ -318,11 +321,12 @@ def schedule_lines(main: dict[str, Any], titles: dict[str, str]) -> list[str]:
     for r in main["results"]:
         key = _key(r)
         if key not in seen and r.get("schedule"):
-            seen[key] = describe_schedule(r["schedule"])
+            # files by their place in the repository, never by this machine's absolute path
+            seen[key] = describe_schedule(r["schedule"]).replace(f"{REPO_ROOT}/", "")
     if not seen:
         return []
     return ["## Schedules used", "", "What each file resolved to on this model (variables, where each value came "
-            "from, and the sites), as the run reports it:", ""] + \
+            "from, and the sites), as the run reports it at the first budget:", ""] + \
         [f"- {titles.get(k, k)}: `{v}`" for k, v in seen.items()] + [""]
 
 

@@ -537,7 +537,7 @@ def test_image_that_fails_to_load(tmp_path, capsys):
 
 
 def test_run_command_defaults_and_json(capsys):
-    """Default model: the embedded one (12x12 = 144 visual tokens, 4 LLM layers)."""
+    """Default model: the embedded one (12x12 = 144 visual tokens, 16 LLM layers)."""
     from nuwa_graph.apps.runner import run_command
 
     text = """
@@ -554,8 +554,8 @@ nodes:
 """
     assert run_command(load_text(text), max_new_tokens=3, as_json=True) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["visual_tokens_per_layer"] == [[144, 144, 16, 16]]
-    assert data["visual_tokens_avg"] == [80.0]
+    assert data["visual_tokens_per_layer"] == [[144, 144] + [16] * 14]  # pruned at the input of llm.2
+    assert data["visual_tokens_avg"] == [(2 * 144 + 14 * 16) / 16]
     assert len(data["kept"][0]["llm.2"]) == 16
     assert run_command(load_text(text), max_new_tokens=2) == 0
     out = capsys.readouterr().out

@@ -85,7 +85,7 @@ def test_plan_runs_sweeps_only_declared_variables():
 def embedded_dir(tmp_path_factory):
     from nuwa_graph.embedded import build_model, save_embedded
 
-    model, proc = build_model(seed=0)
+    model, proc = build_model(seed=0, text_layers=4)  # 4 LLM layers: faster
     return save_embedded(model, proc, tmp_path_factory.mktemp("embedded") / "model")
 
 

@@ -48,7 +48,7 @@ def setup(tmp_path_factory):
     from nuwa_graph.embedded import build_model, save_embedded
 
     base = tmp_path_factory.mktemp("shards")
-    model, proc = build_model(seed=0)
+    model, proc = build_model(seed=0, text_layers=4)  # 4 LLM layers: faster
     adapter = load_adapter(str(save_embedded(model, proc, base / "model")), "float32", "cpu")
     tasks = load_data(sample_data(base / "data", n_images=5, seed=11))
     grid = {"budget": [32]}

@@ -6,8 +6,9 @@ has an integer `budget` - VisionZip and FastV at that same budget (the methods i
 often compared with: a vision-side and an LLM-side pruner). It prints accuracy, % of
 vanilla, average visual tokens per LLM layer and prefill time side by side, the schedule
 each file used on this model (layer schedules are scaled to its depth, docs/pipelines.md),
-and draws the pipeline's kept tokens of the first sample over its image. About 60 s of CPU
-time with the committed 4-layer model (docs/cli.md); nothing here depends on its depth.
+and draws the pipeline's kept tokens of the first sample over its image. About 12 s on 2
+idle CPU cores with the committed 16-layer model (docs/cli.md); nothing here depends on its
+depth.
 """
 
 from __future__ import annotations
