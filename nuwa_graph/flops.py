@@ -159,8 +159,8 @@ def run_flops(config, n_text: int, visual_per_layer: list[int], n_visual_full: i
 def mean_flops(per_sample: list[dict[str, Any]]) -> dict[str, Any]:
     """The mean of every numeric entry over samples (eval results), with the convention.
 
-    `math.fsum` is exact, so the mean does not depend on the order of the samples: shards
-    merged in any order give the single process's numbers bit for bit."""
+    `math.fsum` rounds the exact sum once, so the mean does not depend on the order of the
+    samples: shards merged in any order give the single process's numbers bit for bit."""
     ok = [f for f in per_sample if "unavailable" not in f]
     if not ok:
         return per_sample[0] if per_sample else {}
