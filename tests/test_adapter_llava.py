@@ -7,8 +7,7 @@ import json
 import pytest
 import torch
 
-from nuwa_graph import RunError, load_text
-from nuwa_graph import registry
+from nuwa_graph import RunError, load_text, registry
 from nuwa_graph.adapters import load_adapter
 from nuwa_graph.adapters.tiny import build_tiny_llava
 from nuwa_graph.node import Node, NodeParams, Port
@@ -565,11 +564,10 @@ nodes:
 def test_sampling_is_seeded_and_top_k_1_is_greedy(tiny_llava, tiny_image):
     """Sampling draws from the run's seed (same seed, same answers); top_k=1 keeps only the
     argmax, so it equals greedy; bad settings are clear errors."""
-    from nuwa_graph.adapters.base import Sampling
-    from nuwa_graph.errors import RunError
-
     from pathlib import Path
 
+    from nuwa_graph.adapters.base import Sampling
+    from nuwa_graph.errors import RunError
     from nuwa_graph.pipeline import load
 
     adapter, image = tiny_llava, tiny_image

@@ -10,7 +10,7 @@ from nuwa_graph.errors import RunError
 from nuwa_graph.node import Node, NodeParams, Port
 from nuwa_graph.registry import register
 from nuwa_graph.signals import SignalRequest
-from nuwa_graph.types import PositionPlan, Scores
+from nuwa_graph.types import Scores
 
 qwen = pytest.importorskip("nuwa_graph.adapters.qwen")
 tiny = pytest.importorskip("nuwa_graph.adapters.tiny")

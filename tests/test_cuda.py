@@ -26,8 +26,7 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 @pytest.fixture(scope="module", params=list(DTYPES))
 def models(request):
     from nuwa_graph.adapters import load_adapter
-    from nuwa_graph.adapters.tiny import tiny_qwen, tiny_qwen_image
-    from nuwa_graph.adapters.tiny import synthetic_image
+    from nuwa_graph.adapters.tiny import synthetic_image, tiny_qwen, tiny_qwen_image
     from nuwa_graph.apps.models import default_model
 
     dt = DTYPES[request.param]

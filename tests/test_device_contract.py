@@ -54,7 +54,7 @@ def test_llava_signals_and_nodes_keep_the_contract_in_bf16(llava_bf16, name):
     audit, _ = _audit(adapter, image, load(ROOT / "pipelines" / f"{name}.yaml", LLAVA_CASES[name][0]))
     if name != "vanilla":
         assert audit.outputs, "no node ran"
-    for kind, dev, dt in audit.signals:
+    for kind, _dev, dt in audit.signals:
         assert dt == (torch.float32 if kind.endswith(("attention", "attention_received")) else DTYPE), kind
 
 

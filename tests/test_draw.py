@@ -29,7 +29,7 @@ def test_mermaid_has_every_node_edge_and_site(sample):
         if node.summary():
             assert node.summary() in text
     assert len(set(ids.values())) == len(ids)
-    for (src, out, dst, port), label in zip(sample.edges, _edge_labels(sample)):
+    for (src, _out, dst, _port), label in zip(sample.edges, _edge_labels(sample)):
         assert f'{ids[src]} -->|"{label}"| {ids[dst]}' in text
     assert text.count("-->") == len(sample.edges) == 9
     # one subgraph per site, in stream order
@@ -46,7 +46,7 @@ def test_dot_has_every_node_edge_and_cluster(sample):
         m = re.search(r"^\s*(n\d+) \[label=\"" + re.escape(f"{name}\\n{node.type_name}"), text, re.M)
         assert m, f"node {name} missing"
         ids[name] = m.group(1)
-    for (src, out, dst, port), label in zip(sample.edges, _edge_labels(sample)):
+    for (src, _out, dst, _port), label in zip(sample.edges, _edge_labels(sample)):
         assert f'{ids[src]} -> {ids[dst]} [label="{label}"];' in text
     assert len(re.findall(r"^\s*n\d+ -> n\d+", text, re.M)) == len(sample.edges)
     assert re.findall(r'label="site ([^"]+)"', text) == ["vision", "pre_llm", "llm.2"]

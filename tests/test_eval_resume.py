@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from nuwa_graph.apps import cli
 from nuwa_graph.adapters.base import RunReport
+from nuwa_graph.apps import cli
 from nuwa_graph.apps.evaluate import (
     PARTIAL_PREDICTIONS,
     evaluate,

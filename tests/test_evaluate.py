@@ -8,9 +8,21 @@ import pytest
 from typer.testing import CliRunner
 
 from nuwa_graph.apps.cli import app
-from nuwa_graph.apps.evaluate import (EvalError, add_relative, evaluate, grounding_score, load_data, plan_runs,
-                                 reference_index, relative_pct, sample_data, summarize, sweep_axis, vqa_score,
-                                 write_results)
+from nuwa_graph.apps.evaluate import (
+    EvalError,
+    add_relative,
+    evaluate,
+    grounding_score,
+    load_data,
+    plan_runs,
+    reference_index,
+    relative_pct,
+    sample_data,
+    summarize,
+    sweep_axis,
+    vqa_score,
+    write_results,
+)
 from nuwa_graph.world.boxes import iou
 
 PIPELINES = Path(__file__).parent.parent / "pipelines"
@@ -165,7 +177,6 @@ def test_cli_eval_bad_data_is_a_clear_error(tmp_path):
 
 def test_cli_eval_no_model_is_a_clear_error(tmp_path, monkeypatch):
     import nuwa_graph.embedded as emb
-
     from nuwa_graph.adapters import PRESETS
 
     monkeypatch.setattr(emb, "WEIGHTS_DIR", tmp_path / "no-weights")

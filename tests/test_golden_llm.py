@@ -33,8 +33,8 @@ from nuwa_graph.executor import Executor, tokens_per_layer
 from nuwa_graph.pipeline import load, load_text
 from nuwa_graph.sites import Site
 from nuwa_graph.types import Geometry
-
 from tests._golden import golden_file  # noqa: E402
+
 PIPES = Path(__file__).resolve().parents[1] / "pipelines"
 S = 35  # image start in every golden file (read from params where they give it)
 N = 576
@@ -77,7 +77,7 @@ class Stream:
         for i in prefix:
             new_rows.append(("p", self.ref[i], self.pos[i], self.orig[i], False, i))
         vis_rows = []
-        for j, vid in enumerate(ids):
+        for vid in ids:
             merged = vid not in vis  # a merged row whose anchor was not in the stream
             src = None if merged or vid not in vis else vis[vid]
             pos = self.pos[src] if src is not None else None

@@ -16,7 +16,6 @@ elsewhere; without them these tests fail (a missing reference is not a pass).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -27,8 +26,8 @@ from safetensors.torch import load_file
 from nuwa_graph.executor import Executor
 from nuwa_graph.pipeline import load, load_text
 from nuwa_graph.types import CLS_ID, POOLED_ID, Geometry
-
 from tests._golden import golden_file  # noqa: E402
+
 PIPES = Path(__file__).resolve().parents[1] / "pipelines"
 TOL = 1e-5
 LLAVA = (24, 24)

@@ -13,10 +13,10 @@ import torch
 from pydantic import ValidationError
 
 from nuwa_graph import Executor, load_text, registry
+from nuwa_graph.apps.runner import _explain
 from nuwa_graph.context import SampleContext
 from nuwa_graph.errors import BudgetError, RunError
 from nuwa_graph.node import Node, NodeParams, Port
-from nuwa_graph.apps.runner import _explain
 from nuwa_graph.sites import LLMSiteName, SiteName
 from nuwa_graph.types import Geometry, Scores, Selection, Tokens
 

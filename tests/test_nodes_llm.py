@@ -6,12 +6,13 @@ import math
 
 import pytest
 import torch
+from pydantic import ValidationError
 
+from nuwa_graph.context import SampleContext
+from nuwa_graph.errors import PipelineError
 from nuwa_graph.nodes.scorer_llm import LLMAttentionScores
 from nuwa_graph.nodes.selectors_llm import TopKInt, count_for
 from nuwa_graph.nodes.sparsevlm import SparseVLMRaters, dpc_knn_merge, rope_ones_pattern, select_raters
-from nuwa_graph.context import SampleContext
-from nuwa_graph.errors import PipelineError
 from nuwa_graph.pipeline import load_text
 from nuwa_graph.types import Geometry, Scores
 
@@ -38,9 +39,9 @@ def test_llm_attention_interface_and_defaults():
     for q in ("last", "last:3", "text"):
         LLMAttentionScores("a", {"layer": 1, "queries": q})
     for bad in ("last:0", "first", "last:"):
-        with pytest.raises(Exception):
+        with pytest.raises(ValidationError, match="queries must be 'last'"):
             LLMAttentionScores("a", {"layer": 1, "queries": bad})
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="site must be an LLM site"):
         LLMAttentionScores("a", {"layer": 1, "site": "vision"})
 
 
@@ -71,7 +72,7 @@ def test_top_k_int_count_rules():
     for order, want in [("score", [3, 1]), ("index", [1, 3]), ("stream", [3, 1])]:
         node = TopKInt("s", {"k": 2, "order": order})
         assert node.run(ctx_with({}), scores=sc)["selection"].ids.tolist() == want
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="exactly one of 'k' or 'ratio'"):
         TopKInt("s", {"k": 2, "ratio": 0.5})
 
 
@@ -142,8 +143,8 @@ def test_sparsevlm_raters_v2_options():
 
 def test_sparsevlm_recycle_multistage_ids_unique():
     """Merged tokens carry a pruned token's id: ids stay unique over three stages."""
-    from tests.test_golden_llm import PIPES, run_pipeline, random_reader  # noqa: E402
     from nuwa_graph.pipeline import load
+    from tests.test_golden_llm import PIPES, random_reader, run_pipeline  # noqa: E402
 
     pipe = load(PIPES / "sparsevlm.yaml", {"budget": 128})
     _, state = run_pipeline(pipe, random_reader(3))

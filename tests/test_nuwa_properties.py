@@ -17,11 +17,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nuwa_graph.context import SampleContext
+from nuwa_graph.executor import Executor
 from nuwa_graph.nodes.region_cohesion import RegionCohesion, cohesion_radius
 from nuwa_graph.nodes.regions import GridCells
 from nuwa_graph.nodes.selectors import TopK, TopKPerRegion
-from nuwa_graph.context import SampleContext
-from nuwa_graph.executor import Executor
 from nuwa_graph.pipeline import load_text
 from nuwa_graph.types import Geometry, Roles, Scores, Selection, Tokens
 

@@ -248,7 +248,8 @@ def test_llava_run_reports_schedule_and_signals(tiny_llava, tiny_image):
 def test_a_layer_error_names_the_variable(tiny_llava, tiny_image):
     from nuwa_graph import RunError
 
-    with pytest.raises(RunError, match=r"llm.9 is past the last LLM layer \(this model has 4 LLM layers: llm.0 .. llm.3\); change K \(now 9\), e.g. --set K="):
+    with pytest.raises(RunError, match=r"llm.9 is past the last LLM layer \(this model has 4 LLM layers: llm.0 .. llm.3\); "
+                                       r"change K \(now 9\), e.g. --set K="):
         tiny_llava.generate(load(ROOT / "pipelines/fastv.yaml", {"K": 9}), [tiny_image], [PROMPT], max_new_tokens=1)
     with pytest.raises(RunError, match=r"change layers \(now \[1, 2, 8\]\)"):
         tiny_llava.generate(load(ROOT / "pipelines/pdrop.yaml", {"layers": [1, 2, 8]}), [tiny_image], [PROMPT],

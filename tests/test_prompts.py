@@ -12,8 +12,16 @@ from typer.testing import CliRunner
 from nuwa_graph.apps.cli import app
 from nuwa_graph.apps.data import VQASample
 from nuwa_graph.apps.evaluate import EvalError, Task, evaluate, load_data, plan_runs, sample_data
-from nuwa_graph.apps.prompts import (LMMS_REC_PROMPT, VICUNA_SYSTEM, chat_text, llava_chat_text, lmms_grounding_score,
-                                lmms_iou, parse_lmms_box, unescape)
+from nuwa_graph.apps.prompts import (
+    LMMS_REC_PROMPT,
+    VICUNA_SYSTEM,
+    chat_text,
+    llava_chat_text,
+    lmms_grounding_score,
+    lmms_iou,
+    parse_lmms_box,
+    unescape,
+)
 from tests.test_evaluate import PIPELINES
 
 
@@ -49,8 +57,9 @@ def test_lmms_grounding_score_normalises_the_target():
 
 
 def test_llava_chat_text_as_llava_hf():
-    from nuwa_graph.embedded import WEIGHTS_DIR
     from transformers import AutoProcessor
+
+    from nuwa_graph.embedded import WEIGHTS_DIR
 
     proc = AutoProcessor.from_pretrained(WEIGHTS_DIR)
     # the checkpoint's template is written for list contents: the text must survive

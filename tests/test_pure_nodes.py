@@ -6,7 +6,6 @@ import json
 import math
 from collections import Counter
 from fractions import Fraction
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +15,9 @@ from safetensors import safe_open
 
 from nuwa_graph import Executor, RunError, load_text, registry
 from nuwa_graph.context import SampleContext
-from nuwa_graph.types import Geometry, Regions, Scores, Selection
-
+from nuwa_graph.types import Geometry, Scores, Selection
 from tests._golden import GOLDEN, MISSING  # noqa: E402
+
 FAST = settings(max_examples=60, deadline=None)
 
 

@@ -82,10 +82,9 @@ def _check_vqa(scene, v):
         assert len(ids) == 1 and getattr(objs[ids[0]], v.kind) == v.answer
     elif v.kind == "relation":
         body = " ".join(words[1:-1])
-        for rel, (axis, sign) in W.RELATIONS.items():
-            if f" {rel} the " in body:
-                a_txt, b_txt = body.split(f" {rel} ", 1)
-                break
+        rel = next(r for r in W.RELATIONS if f" {r} the " in body)
+        axis, sign = W.RELATIONS[rel]
+        a_txt, b_txt = body.split(f" {rel} ", 1)
         (a,), (b,) = W.resolve(scene, a_txt), W.resolve(scene, b_txt)
         delta = objs[b].center[axis] - objs[a].center[axis]
         assert abs(delta) >= W.RELATION_MARGIN
