@@ -277,14 +277,25 @@ def growth_mode(adapter, args) -> str:
     return "\n".join(lines)
 
 
+def add_model_args(ap: argparse.ArgumentParser, vision_layers: int | None, vision_hidden: int | None,
+                   llm_layers: int, llm_hidden: int, vision_help: str | None = None) -> None:
+    """Device, dtype, attention, threads and the random model's sizes: the flags this script and
+    profile_nodes.py share (each with its own default sizes)."""
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    ap.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "flash_attention_2", "eager"])
+    ap.add_argument("--vision-layers", type=int, default=vision_layers, help=vision_help)
+    ap.add_argument("--vision-hidden", type=int, default=vision_hidden, help=vision_help)
+    ap.add_argument("--llm-layers", type=int, default=llm_layers)
+    ap.add_argument("--llm-hidden", type=int, default=llm_hidden)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=["methods", "growth"], default="methods")
     ap.add_argument("--model", default=None, help="random-llava (methods default), random-qwen (growth default), "
                                                   "a preset, a local directory or a hub id")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    ap.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "flash_attention_2", "eager"])
     ap.add_argument("--device-map", default=None, help="e.g. auto (checkpoints only; needs accelerate)")
     ap.add_argument("--methods", type=lambda s: s.split(","), default=None, help="comma-separated pipeline names")
     ap.add_argument("--budgets", type=lambda s: [int(x) for x in s.split(",")], default=[64, 128, 192])
@@ -297,12 +308,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--vision-layers", type=int, default=None, help="random models: default 6 (llava) / 4 (qwen)")
-    ap.add_argument("--vision-hidden", type=int, default=None, help="random models: default 256 (llava) / 128 (qwen)")
-    ap.add_argument("--llm-layers", type=int, default=8)
-    ap.add_argument("--llm-hidden", type=int, default=512)
-    ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--write", type=Path, default=None, help="replace this mode's results block of a markdown file")
+    add_model_args(ap, vision_layers=None, vision_hidden=None, llm_layers=8, llm_hidden=512,
+                   vision_help="random models: default 6 layers x 256 (llava), 4 x 128 (qwen)")
     args = ap.parse_args(argv)
     global WARMUP
     WARMUP = args.warmup

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from bench_adapters import DTYPES, _median, _pipelines, random_llava  # noqa: E402
+from bench_adapters import DTYPES, _median, _pipelines, add_model_args, random_llava  # noqa: E402
 
 from nuwa_graph.adapters.tiny import synthetic_image  # noqa: E402
 
@@ -34,14 +34,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--new-tokens", type=int, default=1)
-    ap.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--attn-implementation", default="sdpa")
-    ap.add_argument("--vision-layers", type=int, default=2)
-    ap.add_argument("--vision-hidden", type=int, default=128)
-    ap.add_argument("--llm-layers", type=int, default=32)
-    ap.add_argument("--llm-hidden", type=int, default=1024)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    add_model_args(ap, vision_layers=2, vision_hidden=128, llm_layers=32, llm_hidden=1024)
     ap.add_argument("--cprofile", type=int, default=0, help="also profile one run; print this many functions")
     args = ap.parse_args(argv)
     if args.threads:

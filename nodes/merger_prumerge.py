@@ -26,12 +26,12 @@ from .signal_vision import grid_rows
 
 # Elements of one block's candidate keys (B, n - 1, c): cache-sized on a CPU, where the
 # block is memory-bound; larger elsewhere, where the count of kernel launches dominates.
-_BLOCK_ELEMS = {"cpu": 1 << 20}
-_BLOCK_ELEMS_ACCELERATOR = 1 << 26
+_CPU_BLOCK_ELEMS = 1 << 20
+_BLOCK_ELEMS_ELSEWHERE = 1 << 26
 
 
 def _block_rows(n: int, k_all: torch.Tensor) -> int:
-    budget = _BLOCK_ELEMS.get(k_all.device.type, _BLOCK_ELEMS_ACCELERATOR)
+    budget = _CPU_BLOCK_ELEMS if k_all.device.type == "cpu" else _BLOCK_ELEMS_ELSEWHERE
     return max(1, budget // max(1, (n - 1) * k_all.shape[1]))
 
 
