@@ -133,6 +133,17 @@ def rope_llama(x: torch.Tensor, pos: torch.Tensor, base: float = 10000.0) -> tor
     return x * cos + rot * sin
 
 
+def full_row_pdrop(t) -> torch.Tensor:
+    """The last row of the rank layer's attention over all L keys, (heads, L) in fp32: the map
+    the official code reduces (mean over heads of the whole row, then the image columns)."""
+    k = t["k_pre_rope"]  # (L, H, d)
+    q = t["q_last_pre_rope"]  # (H, d)
+    L, H, d = k.shape
+    pos = torch.arange(L)
+    logits = torch.einsum("hd,lhd->hl", rope_llama(q[None], pos[-1:])[0], rope_llama(k, pos)) / math.sqrt(d)
+    return torch.softmax(logits, dim=-1, dtype=torch.float32)
+
+
 def rows_pdrop(t, image_start=S, n_image=N):
     """Last-row attention at the input of the rank layer: RoPE at arange(L), causal softmax
     over all L keys in fp32, image columns -> (heads, 1, n_image)."""
@@ -229,8 +240,14 @@ def test_pdrop_golden(name, budget):
     ex = Executor(pipe)
     state = ex.start([Geometry(GRID, image_start=S)])
     ex.run_site(state, Site(f"llm.{layer}"), lambda r, b: reader(r, b, state))
-    # the node's head mean over the rows is the official one, bit for bit
-    assert torch.equal(state.values[("attn1", "scores")][0].values, t["derived_head_mean_image_scores"])
+    # the node's head mean over the image columns is the official reduction (mean over heads of
+    # the whole row, then the image columns), bit for bit, on the same rows. The rows here are
+    # recomputed from the golden q and k, which reproduces the official rows bit for bit only on
+    # CPUs whose matmul kernels round as the golden machine's did (not on AVX512-FP16/AMX parts),
+    # so against the golden scores themselves the check is to 1e-8; the kept ids below are exact.
+    scores = state.values[("attn1", "scores")][0].values
+    assert torch.equal(scores, full_row_pdrop(t).mean(0)[S:S + N])
+    assert torch.allclose(scores, t["derived_head_mean_image_scores"], atol=1e-8, rtol=0)
     acts = state.actions[0]
     assert len(acts) == 1
     assert acts[0].ids.numel() == params["keep_length"]
