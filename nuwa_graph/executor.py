@@ -17,6 +17,7 @@ import torch
 
 from .context import Keep, SampleContext
 from .errors import BudgetError, RunError
+from .part_views import image_reader, scope_of, to_block, to_local, unit_present, unit_reader
 from .pipeline import Pipeline
 from .signals import SignalRequest
 from .sites import Site
@@ -81,6 +82,7 @@ class Executor:
             node = self.pipeline.nodes[name]
             t0 = time.perf_counter()
             outs_per_sample = []
+            scope = scope_of(node, getattr(node, "per", None))
             for b in range(state.batch):
                 kwargs: dict[str, Any] = {}
                 for port, src, out in self.inputs_of[name]:
@@ -89,10 +91,16 @@ class Executor:
                         kwargs.setdefault(port, []).append(v)
                     else:
                         kwargs[port] = v
-                ctx = SampleContext(sample=b, geometry=state.geometries[b], present=state.present[b], seed=seed,
-                                    node_name=name, reader=reader, actions=issued[b])
+                geom = state.geometries[b]
                 try:
-                    out_vals = node.run(ctx, **kwargs) or {}
+                    if scope == "image" or geom.simple:
+                        ctx = SampleContext(sample=b, geometry=geom, present=state.present[b], seed=seed,
+                                            node_name=name, reader=reader if geom.simple else
+                                            image_reader(reader, name, getattr(node, "per", None)),
+                                            actions=issued[b])
+                        out_vals = node.run(ctx, **kwargs) or {}
+                    else:
+                        out_vals = self._run_units(node, name, scope, state, b, site, kwargs, reader, seed, issued[b])
                 except BudgetError as exc:  # the same data, now naming the node
                     raise exc.at(name, f"node {name!r} ({node.type_name}) failed on sample {b} at site {site}") from exc
                 except RunError:
@@ -114,6 +122,27 @@ class Executor:
             state.actions[b].extend(issued[b])
         state.done_sites.append(site.name)
         return issued
+
+    def _run_units(self, node: Any, name: str, scope: str, state: RunState, b: int, site: Site,
+                   kwargs: dict[str, Any], reader: Any, seed: int, issued: list[Keep]) -> dict[str, Any]:
+        """Run `node` once per crop or spatial part of sample b's image (part_views.py)."""
+        geom = state.geometries[b]
+        units = geom.units(scope)
+        if not units:
+            what = "spatial part (a grid)" if scope == "part" else "vision crop"
+            raise RunError(f"node {name!r} ({node.type_name}) runs per {scope}, but this image has no "
+                           f"{what}: {geom.describe()}; it cannot run on this model (a spatial node never runs "
+                           f"over the flat sequence)")
+        untouched = site.name == "vision" and not state.actions[b]
+        outs = []
+        for u in units:
+            local = {port: to_local(v, u, units, port, name) for port, v in kwargs.items()}
+            present = unit_present(geom, u, state.present[b], untouched)
+            ctx = SampleContext(sample=b, geometry=Geometry(u.shape, geom.image_start), present=present, seed=seed,
+                                node_name=name, reader=unit_reader(reader, u, state.present[b], name),
+                                actions=issued, unit=u)
+            outs.append(node.run(ctx, **local) or {})
+        return {port: to_block([o[port] for o in outs], units, port, name) for port in outs[0]}
 
     def run_all(self, geometries: list[Geometry], signals: dict[str, Any] | Callable | None = None,
                 seed: int | None = None) -> RunState:

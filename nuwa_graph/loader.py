@@ -9,7 +9,7 @@ two can use this module without importing each other.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -32,6 +32,10 @@ class NodeSpec(BaseModel):
     type: str = Field(description="registered node type, e.g. selector.top-k")
     params: dict[str, Any] = Field(default_factory=dict, description="node parameters")
     inputs: dict[str, str | list[str]] = Field(default_factory=dict, description="port -> 'node.port' (or a list)")
+    per: Literal["image", "crop", "part"] | None = Field(
+        None, description="on an image made of several crops or parts (LLaVA-NeXT, InternVL): run once for the whole "
+        "image, once per vision crop (its budget then counts per crop) or once per spatial part; default: spatial "
+        "nodes per part, nodes reading a vision signal per crop, the rest per image (nuwa_graph/part_views.py)")
     _line: int | None = PrivateAttr(default=None)  # line of the entry in its file (not dumped)
 
 
@@ -63,6 +67,13 @@ MODEL_VARIABLES: dict[str, Any] = {
     # `budget=64` keeps 1/9 of the tokens on any fixed grid (16 of 144 on the embedded model).
     # Models whose grid depends on the image (Qwen2.5-VL) do not bind it: there budget is a count.
     "grid_tokens": 576,
+    # tiled families (LLaVA-NeXT, OneVision, InternVL): the most crops (vision passes) an image
+    # can have, the tokens of one crop's grid, and the most visual tokens of one image. One-grid
+    # families: crops 1, crop_tokens = visual_tokens = the grid. Papers count LLaVA-NeXT
+    # budgets over 5 crops (640/320/160 = 5 x 128/64/32), so `budget // crops` is a per-crop count.
+    "crops": 1,
+    "crop_tokens": 576,
+    "visual_tokens": 576,
 }
 
 

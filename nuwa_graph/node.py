@@ -214,6 +214,9 @@ class Node(Generic[P]):
     inputs: ClassVar[dict[str, Port]] = {}
     outputs: ClassVar[dict[str, Port]] = {}
     Params: ClassVar[type[NodeParams]] = NoParams
+    # reads the image's grid (regions, uniform grids, distances): on an image of several parts
+    # it runs per spatial part by default and never over the flat sequence (part_views.py)
+    spatial: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -233,6 +236,7 @@ class Node(Generic[P]):
             params = {}
         validated = params if isinstance(params, self.Params) else self.Params.model_validate(params)
         self.params: P = cast(P, validated)
+        self.per: str | None = None  # the file's `per:` (image | crop | part); None: the node's default
 
     # --- site and signals -------------------------------------------------------------
     def site(self) -> Site | None:

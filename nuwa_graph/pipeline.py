@@ -125,6 +125,8 @@ class Pipeline(CheckedSpec):
                 n.pop("params")
             if not n["inputs"]:
                 n.pop("inputs")
+            if n.get("per") is None:
+                n.pop("per", None)
         return data
 
     def dumps(self) -> str:

@@ -1,0 +1,339 @@
+"""The geometry of one image's visual block: an ordered list of PARTS, each made of CROPS.
+
+A block is what one image puts into the prompt: a run of `n_tokens` slots with ids
+0..n-1 in stream order (the order the stock model feeds them). Its parts say what the ids
+mean (docs/families.md draws each family's):
+
+- `grid`: a rows x cols grid of tokens (LLaVA-1.5, Qwen2.5-VL: the only part; LLaVA-NeXT:
+  the base crop);
+- `tiles`: several crops stitched into one grid, possibly cropped (LLaVA-NeXT's AnyRes
+  canvas after `unpad_image`); its rows may be separated by newline slots (`row_stride`);
+- `tile` / `thumbnail`: one crop of a tiled image (InternVL's tiles, its thumbnail last);
+- `newline`: slots with no vision row (LLaVA-NeXT's learned `image_newline` per row);
+- `sequence`: tokens of unknown layout (a family that gives no structure).
+
+Stream id of cell (r, c) of a part = offset + r * row_stride + c. A `Crop` is one pass of
+the vision tower (one batch row: LLaVA-NeXT's base image and each tile); its cells sit on
+the part's uncut canvas at `at`, and the part's stream window starts at canvas cell `cut`.
+A crop cell outside the window (cut away by unpad) has no stream slot: it is VISION-ONLY and
+gets an id >= n_tokens, so that a vision-space method that keeps it (VisionZip's official
+LLaVA-NeXT path does) still names it. On a geometry of several crops the CLS token of crop
+c and a pooled token of crop c get ids of their own past those (`cls_id`, `pooled_id`); a
+geometry of one crop keeps CLS_ID / POOLED_ID, so single-grid families are unchanged.
+
+`grid` is the shape of the single grid part; on a geometry of several parts (or a flat one)
+reading it is an error (GeometryError): a node that needs a grid runs per part or per crop
+(the executor's `per`), never with a silent 1-D meaning.
+
+Later work (several blocks per prompt: multi-image, video frames) composes blocks = ordered
+parts with id offsets the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+CLS_ID = -1  # the id a kept CLS token carries (VisionZip keeps it)
+POOLED_ID = -2  # the id of a token pooled from dropped tokens with no anchor (PruMerge+'s extra token)
+
+PART_KINDS = ("grid", "tiles", "tile", "thumbnail", "newline", "sequence")
+SPATIAL_KINDS = frozenset({"grid", "tiles", "tile", "thumbnail"})
+
+
+class GeometryError(ValueError):
+    """A node asked the geometry for something this image's parts do not have (a grid)."""
+
+
+@dataclass(frozen=True)
+class Crop:
+    """One crop of the vision pass (its batch row `index`) and where it sits in its part."""
+
+    index: int
+    shape: tuple[int, int]  # the crop's cell grid (vision side)
+    at: tuple[int, int] = (0, 0)  # its top-left cell on the part's uncut canvas
+
+
+@dataclass(frozen=True)
+class Part:
+    """A contiguous piece of the block's geometry (see the module docstring)."""
+
+    kind: str
+    offset: int  # stream id of cell (0, 0)
+    shape: tuple[int, int]  # (rows, cols) of the cells in the stream
+    row_stride: int | None = None  # stream id step between rows (default cols)
+    crops: tuple[Crop, ...] = ()
+    cut: tuple[int, int] = (0, 0)  # canvas cell of stream cell (0, 0)
+
+    def __post_init__(self) -> None:
+        if self.kind not in PART_KINDS:
+            raise ValueError(f"part kind {self.kind!r}; valid: {', '.join(PART_KINDS)}")
+        if self.shape[0] < 0 or self.shape[1] < 0:
+            raise ValueError(f"part shape {self.shape} must be non-negative")
+
+    @property
+    def spatial(self) -> bool:
+        return self.kind in SPATIAL_KINDS
+
+    @property
+    def stride(self) -> int:
+        return self.shape[1] if self.row_stride is None else self.row_stride
+
+    @property
+    def n(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def stream_ids(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Stream ids of the part's cells in raster order."""
+        r = torch.arange(self.shape[0], device=device)[:, None]
+        c = torch.arange(self.shape[1], device=device)[None, :]
+        return (self.offset + r * self.stride + c).reshape(-1)
+
+    def window_id(self, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+        """Stream ids of canvas cells (row, col); -1 where the cell is outside the stream window."""
+        r, c = row - self.cut[0], col - self.cut[1]
+        inside = (r >= 0) & (r < self.shape[0]) & (c >= 0) & (c < self.shape[1])
+        return torch.where(inside, self.offset + r * self.stride + c, torch.full_like(r, -1))
+
+
+@dataclass(frozen=True, eq=False)
+class Unit:
+    """What a node running `per: crop` or `per: part` sees as its whole image: a grid of
+    `shape` whose local raster id l is block id `block_ids[l]`."""
+
+    kind: str  # crop | part
+    index: int  # crop index (kind crop) or part index (kind part)
+    shape: tuple[int, int]
+    block_ids: torch.Tensor
+    crop: int | None  # the vision crop whose signals this unit reads (None: several or none)
+    cls_id: int | None
+    pooled_id: int | None
+
+    @cached_property
+    def _sorted(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.sort(self.block_ids)
+
+    def to_local(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mask of `ids` that belong to this unit, their local ids)."""
+        srt, order = self._sorted
+        srt, order = srt.to(ids.device), order.to(ids.device)
+        local = torch.full_like(ids, -100)
+        if srt.numel():
+            at = torch.searchsorted(srt, ids).clamp(max=srt.numel() - 1)
+            hit = srt[at] == ids
+            local = torch.where(hit, order[at], local)
+        for special, marker in ((self.cls_id, CLS_ID), (self.pooled_id, POOLED_ID)):
+            if special is not None:
+                local = torch.where(ids == special, torch.full_like(ids, marker), local)
+        keep = local != -100
+        return keep, local[keep]
+
+    def to_block(self, local: torch.Tensor) -> torch.Tensor:
+        """Block ids of local ids (CLS_ID / POOLED_ID -> this unit's own; other markers kept)."""
+        bids = self.block_ids.to(local.device)
+        out = torch.where(local >= 0, bids[local.clamp(min=0, max=max(bids.numel() - 1, 0))], local)
+        for special, marker in ((self.cls_id, CLS_ID), (self.pooled_id, POOLED_ID)):
+            if (local == marker).any():
+                if special is None:
+                    raise GeometryError(f"a token with id {marker} ({'CLS' if marker == CLS_ID else 'pooled'}) "
+                                        f"came out of a {self.kind} that has no such token")
+                out = torch.where(local == marker, torch.full_like(local, special), out)
+        return out
+
+
+class Geometry:
+    """Static facts of one sample that any node may read (not a signal: no site).
+
+    `Geometry((24, 24), image_start=35)` is one grid of one crop (LLaVA-1.5); families with
+    tiles pass `parts` (see the module docstring). `grid` is only defined for one grid part.
+    """
+
+    def __init__(self, grid: tuple[int, int] | None = None, image_start: int = 0,
+                 parts: tuple[Part, ...] | list[Part] | None = None):
+        if not parts:
+            if grid is None:
+                raise ValueError("Geometry needs a grid (rows, cols) or its parts")
+            g = (int(grid[0]), int(grid[1]))
+            parts = (Part("grid", 0, g, crops=(Crop(0, g),)),)
+        self.parts: tuple[Part, ...] = tuple(parts)
+        self.image_start = int(image_start)  # sequence position of the first image token
+        self._units: dict[str, list[Unit]] = {}
+
+    def __repr__(self) -> str:
+        return f"Geometry({self.describe()}, image_start={self.image_start})"
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, Geometry) and self.parts == other.parts
+                and self.image_start == other.image_start)
+
+    # ---- the single-grid view ------------------------------------------------------------
+    @property
+    def simple(self) -> bool:
+        """One grid part holding one crop that fills it: every node runs as on LLaVA-1.5."""
+        p = self.parts[0]
+        return (len(self.parts) == 1 and p.kind == "grid" and len(p.crops) == 1 and p.crops[0].shape == p.shape
+                and p.cut == (0, 0) and p.stride == p.shape[1])
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        if not self.simple:
+            raise GeometryError(f"this image is made of parts ({self.describe()}), not one grid; a node that needs "
+                                f"a grid runs per part or per crop (per: part | crop), never over the flat sequence")
+        return self.parts[0].shape
+
+    @property
+    def n_tokens(self) -> int:
+        """Slots in the stream (the stock model's image tokens)."""
+        return max((p.offset + (p.shape[0] - 1) * p.stride + p.shape[1] for p in self.parts if p.n), default=0)
+
+    def describe(self) -> str:
+        return ", ".join(f"{p.kind} {p.shape[0]}x{p.shape[1]}" + (f" ({len(p.crops)} crops)" if len(p.crops) > 1 else "")
+                         for p in self.parts)
+
+    # ---- crops and ids ---------------------------------------------------------------------
+    @cached_property
+    def crops(self) -> list[tuple[Part, Crop]]:
+        """Every crop with its part, by crop index (the vision pass's batch order)."""
+        return sorted(((p, c) for p in self.parts for c in p.crops), key=lambda pc: pc[1].index)
+
+    @cached_property
+    def _crop_ids(self) -> dict[int, torch.Tensor]:
+        """Block id of every cell of every crop (raster within the crop); vision-only cells get
+        ids n_tokens, n_tokens + 1, ... in crop order."""
+        out = {}
+        nxt = self.n_tokens
+        for part, crop in self.crops:
+            h, w = crop.shape
+            rows = (crop.at[0] + torch.arange(h))[:, None].expand(h, w).reshape(-1)
+            cols = (crop.at[1] + torch.arange(w))[None, :].expand(h, w).reshape(-1)
+            ids = part.window_id(rows, cols)
+            vo = ids < 0
+            k = int(vo.sum())
+            ids[vo] = torch.arange(nxt, nxt + k)
+            nxt += k
+            out[crop.index] = ids
+        return out
+
+    @cached_property
+    def vision_only(self) -> int:
+        """Crop cells with no stream slot (cut away), each with an id >= n_tokens."""
+        return sum(int((ids >= self.n_tokens).sum()) for ids in self._crop_ids.values())
+
+    def crop_ids(self, crop: int) -> torch.Tensor:
+        return self._crop_ids[crop]
+
+    def cls_id(self, crop: int) -> int:
+        """The id of crop `crop`'s CLS token (CLS_ID on a one-crop geometry)."""
+        if len(self.crops) <= 1:
+            return CLS_ID
+        return self.n_tokens + self.vision_only + [c.index for _, c in self.crops].index(crop)
+
+    def pooled_id(self, crop: int) -> int:
+        if len(self.crops) <= 1:
+            return POOLED_ID
+        return self.n_tokens + self.vision_only + len(self.crops) + [c.index for _, c in self.crops].index(crop)
+
+    def locate(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(crop index, canvas row, canvas col) of block ids (-1 where an id is no crop cell:
+        newline slots, CLS and pooled ids, markers)."""
+        crop = torch.full_like(ids, -1)
+        row = torch.full_like(ids, -1)
+        col = torch.full_like(ids, -1)
+        for part, c in self.crops:
+            cids = self._crop_ids[c.index].to(ids.device)
+            srt, order = torch.sort(cids)
+            at = torch.searchsorted(srt, ids).clamp(max=max(srt.numel() - 1, 0))
+            hit = srt[at] == ids
+            local = order[at]
+            crop = torch.where(hit, torch.full_like(ids, c.index), crop)
+            row = torch.where(hit, c.at[0] + local // c.shape[1], row)
+            col = torch.where(hit, c.at[1] + local % c.shape[1], col)
+        return crop, row, col
+
+    def newline_ids(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Stream ids of the newline slots."""
+        parts = [p.stream_ids(device) for p in self.parts if p.kind == "newline"]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
+
+    # ---- units a node runs over (`per: crop | part`) ------------------------------------------
+    def units(self, per: str) -> list[Unit]:
+        """The crops (vision passes) or the spatial parts of the block, as Units."""
+        if per in self._units:
+            return self._units[per]
+        out: list[Unit] = []
+        if per == "crop":
+            for part, c in self.crops:
+                out.append(Unit("crop", c.index, c.shape, self._crop_ids[c.index], c.index, self.cls_id(c.index),
+                                self.pooled_id(c.index)))
+        elif per == "part":
+            for i, p in enumerate(self.parts):
+                if not p.spatial:
+                    continue
+                one = p.crops[0] if len(p.crops) == 1 else None
+                whole = one is not None and one.shape == p.shape and one.at == p.cut
+                crop = one.index if whole and one is not None else None
+                out.append(Unit("part", i, p.shape, p.stream_ids(), crop,
+                                self.cls_id(crop) if crop is not None else None,
+                                self.pooled_id(crop) if crop is not None else None))
+        else:
+            raise ValueError(f"per {per!r}; valid: image, crop, part")
+        self._units[per] = out
+        return out
+
+
+# ---- the families' geometries ------------------------------------------------------------------
+def unpad_window(size_hw: tuple[int, int], canvas_hw: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(top, left, rows, cols) of the canvas cells LLaVA-NeXT keeps for an image of `size_hw`
+    pixels resized and padded onto a canvas of `canvas_hw` cells (`unpad_image`: the padding
+    the image processor added is cut off, evenly on both sides)."""
+    h0, w0 = size_hw
+    ch, cw = canvas_hw
+    if w0 / h0 > cw / ch:
+        new_h = int(round(h0 * (cw / w0), 7))
+        pad = (ch - new_h) // 2
+        return pad, 0, ch - 2 * pad, cw
+    new_w = int(round(w0 * (ch / h0), 7))
+    pad = (cw - new_w) // 2
+    return 0, pad, ch, cw - 2 * pad
+
+
+def anyres_geometry(base: tuple[int, int], tiles_hw: tuple[int, int], size_hw: tuple[int, int] | None,
+                    image_start: int = 0, newline: bool = True) -> Geometry:
+    """LLaVA-NeXT / OneVision AnyRes: the base crop's grid first, then the tiles (tiles_hw =
+    tile rows x tile cols, crops 1.. row-major) stitched onto one canvas, cut to the unpad
+    window of an image of `size_hw` pixels (None: no unpad), one newline slot after every
+    canvas row. With no tiles (tiles_hw (0, 0)) the base grid is followed by one newline."""
+    h, w = base
+    parts = [Part("grid", 0, (h, w), crops=(Crop(0, (h, w)),))]
+    if tiles_hw[0] * tiles_hw[1] == 0:
+        if newline:
+            parts.append(Part("newline", h * w, (1, 1)))
+        return Geometry(image_start=image_start, parts=parts)
+    th, tw = tiles_hw
+    canvas = (th * h, tw * w)
+    top, left, rows, cols = unpad_window(size_hw, canvas) if size_hw is not None else (0, 0, *canvas)
+    stride = cols + 1 if newline else cols
+    crops = tuple(Crop(1 + i * tw + j, (h, w), (i * h, j * w)) for i in range(th) for j in range(tw))
+    parts.append(Part("tiles", h * w, (rows, cols), stride, crops, (top, left)))
+    if newline:
+        parts.append(Part("newline", h * w + cols, (rows, 1), stride))
+    return Geometry(image_start=image_start, parts=parts)
+
+
+def tiled_geometry(tile: tuple[int, int], n_tiles: int, thumbnail: bool, image_start: int = 0) -> Geometry:
+    """InternVL: `n_tiles` tiles of `tile` tokens, each its own part in raster order, then the
+    thumbnail (a downscaled whole image) last; one tile and no thumbnail is one grid."""
+    h, w = tile
+    if n_tiles == 1 and not thumbnail:
+        return Geometry((h, w), image_start)
+    parts = [Part("tile", i * h * w, (h, w), crops=(Crop(i, (h, w)),)) for i in range(n_tiles)]
+    if thumbnail:
+        parts.append(Part("thumbnail", n_tiles * h * w, (h, w), crops=(Crop(n_tiles, (h, w)),)))
+    return Geometry(image_start=image_start, parts=parts)
+
+
+def flat_geometry(n: int, image_start: int = 0) -> Geometry:
+    """n tokens of unknown layout: LLM-side methods run, spatial and vision nodes refuse."""
+    return Geometry(image_start=image_start, parts=(Part("sequence", 0, (1, n)),))
