@@ -23,11 +23,13 @@ from .base import ADAPTERS, ATTN_IMPLEMENTATIONS, RunReport, VLMAdapter, check_a
 FAMILY_MODULES = {
     "llava": "nuwa_graph.adapters.llava",
     "qwen2_5_vl": "nuwa_graph.adapters.qwen",
+    "llava_next": "nuwa_graph.adapters.llava_next",
 }
 # preset -> (module, factory(dtype=..., device=...) -> adapter)
 PRESETS = {
     "tiny-llava": ("nuwa_graph.adapters.tiny", "tiny_llava"),
     "tiny-qwen": ("nuwa_graph.adapters.tiny", "tiny_qwen"),
+    "tiny-llava-next": ("nuwa_graph.adapters.tiny_tiled", "tiny_llava_next"),
 }
 
 
