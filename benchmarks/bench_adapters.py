@@ -16,7 +16,8 @@ Two modes:
   `--growth-methods` at `--growth-budget`.
 
 Models: `random-llava` (random weights at LLaVA-1.5-like shapes, sizes from the flags; 336
-px CLIP grid = 576 tokens), `random-qwen` (growth mode), or any local directory / hub id /
+px CLIP grid = 576 tokens), `random-llava-next` (LLaVA-NeXT v1.6 token geometry: 336 px crops,
+a 640x480 image = 5 crops, 2340 tokens), `random-qwen` (growth mode), or any local directory / hub id /
 preset `load_adapter` takes. Every number is the median of `--repeats` runs after one
 warm-up run.
 
@@ -84,6 +85,36 @@ def random_llava(dtype, device, attn, args, seed: int = 0) -> LlavaAdapter:
     name = (f"random LLaVA (CLIP {args.vision_hidden}x{args.vision_layers} on 336 px = 576 tokens, "
             f"Llama {args.llm_hidden}x{args.llm_layers})")
     return LlavaAdapter(model, proc, name=name, dtype=dtype, device=device, attn_implementation=attn)
+
+
+def random_llava_next(dtype, device, attn, args, seed: int = 0):
+    """LLaVA-NeXT (v1.6) token geometry at the flags' widths: 336 px crops of 24x24, the v1.6
+    pinpoints; a 640x480 image gives 5 crops and 576 + 36 x 49 = 2340 stream tokens."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    from nuwa_graph.adapters.llava_next import LlavaNextAdapter
+    from nuwa_graph.adapters.tiny_tiled import next_processor
+
+    tok = build_processor().tokenizer
+    proc = next_processor(tok, image_size=336)
+    vision = CLIPVisionConfig(hidden_size=args.vision_hidden, intermediate_size=4 * args.vision_hidden,
+                              num_hidden_layers=args.vision_layers, num_attention_heads=max(1, args.vision_hidden // 64),
+                              image_size=336, patch_size=14, projection_dim=args.vision_hidden)
+    text = LlamaConfig(hidden_size=args.llm_hidden, intermediate_size=int(args.llm_hidden * 2.6875),
+                       num_hidden_layers=args.llm_layers, num_attention_heads=max(1, args.llm_hidden // 128),
+                       num_key_value_heads=max(1, args.llm_hidden // 128), vocab_size=32064,
+                       max_position_embeddings=4096, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id)
+    cfg = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                          vision_feature_layer=-2, vision_feature_select_strategy="default",
+                          image_grid_pinpoints=proc.image_processor.image_grid_pinpoints, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlavaNextForConditionalGeneration(cfg).to(dtype).eval()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    name = (f"random LLaVA-NeXT (CLIP {args.vision_hidden}x{args.vision_layers}, 336 px crops, v1.6 pinpoints, "
+            f"Llama {args.llm_hidden}x{args.llm_layers})")
+    return LlavaNextAdapter(model, proc, name=name, dtype=dtype, device=device, attn_implementation=attn)
 
 
 def random_qwen(dtype, device, attn, args, seed: int = 0):
@@ -155,7 +186,8 @@ def bench_oracle(adapter, image, prompt, k: int, new_tokens: int, repeats: int):
     ids = enc.input_ids[0].to(dev)
     where = (ids == model.config.image_token_id).nonzero().flatten()
     s, e = int(where[0]), int(where[-1]) + 1
-    pix = enc.vision_inputs["pixel_values"].to(dev, adapter.dtype)
+    vision = {k: (v.to(dev, adapter.dtype) if k == "pixel_values" else v.to(dev))
+              for k, v in enc.vision_inputs.items()}
     lm, head, emb = model.model.language_model, model.lm_head, model.get_input_embeddings()
     rows = []
     for i in range(repeats + WARMUP):
@@ -163,7 +195,7 @@ def bench_oracle(adapter, image, prompt, k: int, new_tokens: int, repeats: int):
         with mem:
             sync(dev)
             t0 = time.perf_counter()
-            feats = model.model.get_image_features(pixel_values=pix).pooler_output[0][:k]
+            feats = model.model.get_image_features(**vision).pooler_output[0][:k]
             e_ids = emb(ids)
             x = torch.cat([e_ids[:s], feats.to(e_ids), e_ids[e:]])[None]
             cache = DynamicCache(config=model.config.text_config)
@@ -224,9 +256,11 @@ def _method_row(name, budget, r) -> str:
 
 
 def methods_mode(adapter, args) -> str:
-    qwen = adapter.family != "llava"
+    qwen = adapter.family == "qwen2_5_vl"
     if qwen:
         image, prompt = qwen_inputs(adapter, GROWTH_GRIDS[576])
+    elif adapter.family != "llava":  # tiled families: a 640x480 picture (LLaVA-NeXT: 2x2 tiles, 5 crops)
+        image, prompt = synthetic_image(640).resize((640, 480)), "What shapes are in the image, and what colour is each one?"
     else:
         image, prompt = synthetic_image(336), "What shapes are in the image, and what colour is each one?"
     rows, oracles = [], {}
@@ -294,7 +328,8 @@ def add_model_args(ap: argparse.ArgumentParser, vision_layers: int | None, visio
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=["methods", "growth"], default="methods")
-    ap.add_argument("--model", default=None, help="random-llava (methods default), random-qwen (growth default), "
+    ap.add_argument("--model", default=None, help="random-llava (methods default), random-llava-next, random-qwen "
+                                                  "(growth default), "
                                                   "a preset, a local directory or a hub id")
     ap.add_argument("--device-map", default=None, help="e.g. auto (checkpoints only; needs accelerate)")
     ap.add_argument("--methods", type=lambda s: s.split(","), default=None, help="comma-separated pipeline names")
@@ -324,6 +359,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     if model == "random-llava":
         adapter = random_llava(dtype, args.device, args.attn_implementation, args)
+    elif model == "random-llava-next":
+        adapter = random_llava_next(dtype, args.device, args.attn_implementation, args)
     elif model == "random-qwen":
         adapter = random_qwen(dtype, args.device, args.attn_implementation, args)
     else:

@@ -94,11 +94,12 @@ def _window_sizes(rows: int, cols: int, window: int) -> list[int]:
     return [r * c for r in rs for c in cs]
 
 
-def vision_flops(config, grid: tuple[int, int] | None = None) -> dict[str, int]:
+def vision_flops(config, grid: tuple[int, int] | None = None, crops: int = 1) -> dict[str, int]:
     """{'vision': tower FLOPs, 'projector': projector FLOPs} for one image.
 
     LLaVA (model_type llava): the CLIP grid from the config. Qwen2.5-VL: `grid` is the
-    merged-token grid (rows, cols) of the image."""
+    merged-token grid (rows, cols) of the image. Tiled families (llava_next): the tower and
+    the projector run once per crop, `crops` of them (the base image and its tiles)."""
     vc = config.vision_config
     s = layer_shape(vc)
     d_llm = int(config.text_config.hidden_size)
@@ -128,11 +129,11 @@ def vision_flops(config, grid: tuple[int, int] | None = None) -> dict[str, int]:
     layer = getattr(config, "vision_feature_layer", -2)
     width = s.d * (len(layer) if isinstance(layer, (list, tuple)) else 1)
     projector = n_patches * (width * d_llm + d_llm * d_llm)
-    return {"vision": tower, "projector": projector}
+    return {"vision": tower * crops, "projector": projector * crops}
 
 
 def run_flops(config, n_text: int, visual_per_layer: list[int], n_visual_full: int,
-              grid: tuple[int, int] | None = None) -> dict[str, Any]:
+              grid: tuple[int, int] | None = None, crops: int = 1) -> dict[str, Any]:
     """The FLOPs of one sample's run and of the vanilla run of the same prompt.
 
     Keys: vision, projector, llm_prefill, prefill (the three together), decode_step, their
@@ -140,7 +141,7 @@ def run_flops(config, n_text: int, visual_per_layer: list[int], n_visual_full: i
     prefill_ratio (pruned / vanilla) and the convention."""
     tc = config.text_config
     full = [n_visual_full] * len(visual_per_layer)
-    vis = vision_flops(config, grid)
+    vis = vision_flops(config, grid, crops)
     out: dict[str, Any] = dict(vis)
     out["llm_prefill"] = llm_prefill(tc, n_text, visual_per_layer)
     out["vanilla_llm_prefill"] = llm_prefill(tc, n_text, full)

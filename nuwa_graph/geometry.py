@@ -160,6 +160,8 @@ class Geometry:
         self.parts: tuple[Part, ...] = tuple(parts)
         self.image_start = int(image_start)  # sequence position of the first image token
         self._units: dict[str, list[Unit]] = {}
+        # pictures: (label, rows x cols block ids) each covering the whole image (`views`)
+        self._views: list[tuple[str, torch.Tensor]] | None = None
 
     def __repr__(self) -> str:
         return f"Geometry({self.describe()}, image_start={self.image_start})"
@@ -241,7 +243,7 @@ class Geometry:
         crop = torch.full_like(ids, -1)
         row = torch.full_like(ids, -1)
         col = torch.full_like(ids, -1)
-        for part, c in self.crops:
+        for _part, c in self.crops:
             cids = self._crop_ids[c.index].to(ids.device)
             srt, order = torch.sort(cids)
             at = torch.searchsorted(srt, ids).clamp(max=max(srt.numel() - 1, 0))
@@ -257,6 +259,14 @@ class Geometry:
         parts = [p.stream_ids(device) for p in self.parts if p.kind == "newline"]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
 
+    def views(self) -> list[tuple[str, list[list[int]]]]:
+        """How the block covers the picture: (label, rows x cols ids), each spread over the whole
+        image (kept-token pictures draw one panel per view). Default: every spatial part."""
+        views = self._views
+        if views is None:
+            views = [(p.kind, p.stream_ids().reshape(p.shape)) for p in self.parts if p.spatial]
+        return [(label, ids.tolist()) for label, ids in views]
+
     # ---- units a node runs over (`per: crop | part`) ------------------------------------------
     def units(self, per: str) -> list[Unit]:
         """The crops (vision passes) or the spatial parts of the block, as Units."""
@@ -264,7 +274,7 @@ class Geometry:
             return self._units[per]
         out: list[Unit] = []
         if per == "crop":
-            for part, c in self.crops:
+            for _part, c in self.crops:
                 out.append(Unit("crop", c.index, c.shape, self._crop_ids[c.index], c.index, self.cls_id(c.index),
                                 self.pooled_id(c.index)))
         elif per == "part":
@@ -322,16 +332,24 @@ def anyres_geometry(base: tuple[int, int], tiles_hw: tuple[int, int], size_hw: t
     return Geometry(image_start=image_start, parts=parts)
 
 
-def tiled_geometry(tile: tuple[int, int], n_tiles: int, thumbnail: bool, image_start: int = 0) -> Geometry:
+def tiled_geometry(tile: tuple[int, int], n_tiles: int, thumbnail: bool, image_start: int = 0,
+                   layout: tuple[int, int] | None = None) -> Geometry:
     """InternVL: `n_tiles` tiles of `tile` tokens, each its own part in raster order, then the
-    thumbnail (a downscaled whole image) last; one tile and no thumbnail is one grid."""
+    thumbnail (a downscaled whole image) last; one tile and no thumbnail is one grid. `layout`
+    (tile rows, tile cols) says how the tiles cover the image (for pictures)."""
     h, w = tile
     if n_tiles == 1 and not thumbnail:
         return Geometry((h, w), image_start)
     parts = [Part("tile", i * h * w, (h, w), crops=(Crop(i, (h, w)),)) for i in range(n_tiles)]
     if thumbnail:
         parts.append(Part("thumbnail", n_tiles * h * w, (h, w), crops=(Crop(n_tiles, (h, w)),)))
-    return Geometry(image_start=image_start, parts=parts)
+    geom = Geometry(image_start=image_start, parts=parts)
+    if layout is not None and layout[0] * layout[1] == n_tiles:  # the tiles cover the image row-major
+        tiles = torch.arange(n_tiles * h * w).reshape(layout[0], layout[1], h, w).permute(0, 2, 1, 3)
+        geom._views = [("tiles", tiles.reshape(layout[0] * h, layout[1] * w))]
+        if thumbnail:
+            geom._views.append(("thumbnail", parts[-1].stream_ids().reshape(h, w)))
+    return geom
 
 
 def flat_geometry(n: int, image_start: int = 0) -> Geometry:

@@ -28,6 +28,11 @@ from .signals import SignalRequest
 from .types import Applied, PositionPlan, Regions, Roles, Scores, Selection, Tokens
 
 PER_CHOICES = ("image", "crop", "part")
+# signal kind -> the axis of its SHAPE that runs over the image tokens present (signals.py): a
+# node run per crop or part reads the columns of its own tokens; `vision.*` signals come per
+# crop (CropSignals); other kinds (pre_llm.text) are not per token and pass as they are
+PRESENT_AXIS = {"external": 0, "pre_llm.visual": 0, "llm.attention": -1, "llm.hidden": 0}
+PER_TOKEN_FREE = {"pre_llm.text"}
 
 
 class PerUnit(list):
@@ -132,9 +137,12 @@ def unit_reader(reader: Callable[[SignalRequest, int], Any] | None, unit: Unit, 
                 raise RunError(f"node {node!r} reads {req.kind} per {unit.kind}, but {unit.kind} {unit.index} stitches "
                                f"several vision crops; read vision signals per crop (per: crop)")
             return v[unit.crop]
-        axis = type(req).PRESENT_AXIS
-        if axis is None or req.kind.startswith("vision."):
+        if req.kind.startswith("vision.") or req.kind in PER_TOKEN_FREE:
             return v
+        axis = PRESENT_AXIS.get(req.kind)
+        if axis is None:
+            raise RunError(f"node {node!r} runs per {unit.kind} and reads {req.kind}, whose per-token axis is not "
+                           f"known (part_views.PRESENT_AXIS); run it per image")
         return v.index_select(axis if axis >= 0 else v.dim() + axis, cols.to(v.device))
 
     return read

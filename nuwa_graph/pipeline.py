@@ -96,7 +96,22 @@ class Pipeline(CheckedSpec):
             vals[k] = {"value": v, "from": how}
         return {"file": self.source, "chosen_for_family": self.model_vars.get("family") if self.chosen_from else None,
                 "instead_of": self.chosen_from, "model": {k: self.model_vars.get(k) for k in sorted(self.model_vars)},
-                "variables": vals, "sites": [str(s) for s in self.site_order()]}
+                "variables": vals, "sites": [str(s) for s in self.site_order()], "resolved": self.resolved()}
+
+    def resolved(self) -> dict[str, dict[str, Any]]:
+        """Per node, what its expressions resolved to for this model (budgets as counts) and its
+        `per` when the file gives one (a budget then counts per crop or part)."""
+        out: dict[str, dict[str, Any]] = {}
+        for ns in self.spec.nodes:
+            node = self.nodes.get(ns.name)
+            if node is None:
+                continue
+            vals = {k: getattr(node.params, k) for k, v in ns.params.items() if isinstance(v, str) and "${" in v}
+            if ns.per:
+                vals["per"] = ns.per
+            if vals:
+                out[ns.name] = vals
+        return out
 
     @property
     def name(self) -> str:

@@ -124,9 +124,6 @@ class SignalRequest:
 
     KIND: ClassVar[str] = ""
     SHAPE: ClassVar[str] = ""  # the per-sample tensor the adapter returns
-    # the axis of SHAPE that runs over the image tokens present (None: not per present token);
-    # a node run per crop or part reads the columns of its own tokens (nuwa_graph/part_views.py)
-    PRESENT_AXIS: ClassVar[int | None] = None
 
     def arg(self, name: str, default=None):
         """An argument as given (prefer the typed field)."""
@@ -322,7 +319,6 @@ class External(SignalRequest):
 
     KIND: ClassVar[str] = "external"
     SHAPE: ClassVar[str] = "(n_present,) or (n_present, d)"
-    PRESENT_AXIS: ClassVar[int | None] = 0
     name: str = arg("", _str, "the name the caller gives the tensor under", required=True)
 
     def synthetic(self, geom, present, rand):
@@ -336,7 +332,6 @@ class PreLLMVisual(SignalRequest):
 
     KIND: ClassVar[str] = "pre_llm.visual"
     SHAPE: ClassVar[str] = "(n_present, d_llm)"
-    PRESENT_AXIS: ClassVar[int | None] = 0
 
     def synthetic(self, geom, present, rand):
         return rand(present, geom.llm_width)
@@ -379,7 +374,6 @@ class LLMAttention(_AtLLMLayer):
 
     KIND: ClassVar[str] = "llm.attention"
     SHAPE: ClassVar[str] = "(heads, q, n_present)"
-    PRESENT_AXIS: ClassVar[int | None] = -1
     queries: Queries = arg(Queries("last"), Queries.parse, f"query rows: {Queries.VALID}")
     rope: bool = arg(True, _bool, "apply RoPE to q and k")
     softmax_over: str = arg("all", _choice("all", "image"), "normalise over all keys (causal) or the image keys only")
@@ -395,7 +389,6 @@ class LLMHidden(_AtLLMLayer):
 
     KIND: ClassVar[str] = "llm.hidden"
     SHAPE: ClassVar[str] = "(n_present, d)"
-    PRESENT_AXIS: ClassVar[int | None] = 0
 
     def synthetic(self, geom, present, rand):
         return rand(present, geom.llm_width)

@@ -90,8 +90,9 @@ class LlavaAdapter(VLMAdapter):
         return (n, n)
 
     def model_variables(self) -> dict[str, int]:
-        """LLaVA's grid is fixed by the CLIP config, so budgets scale to it (grid_tokens)."""
-        return {**super().model_variables(), "grid_tokens": self.grid[0] * self.grid[1]}
+        """LLaVA's grid is fixed by the CLIP config, so budgets scale to it (grid_tokens); one crop."""
+        n = self.grid[0] * self.grid[1]
+        return {**super().model_variables(), "grid_tokens": n, "crops": 1, "crop_tokens": n, "visual_tokens": n}
 
     # ---- inputs ------------------------------------------------------------------------
     def format_prompt(self, prompt: str) -> str:

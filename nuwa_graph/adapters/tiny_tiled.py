@@ -17,15 +17,16 @@ NEXT_PINPOINTS = [[IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE], [2
                   [3 * IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 3 * IMAGE_SIZE]]
 
 
-def next_processor(tokenizer=None):
-    """An offline LlavaNextProcessor (PIL image processing, CLIP normalisation, 112 px crops)."""
+def next_processor(tokenizer=None, image_size: int = IMAGE_SIZE):
+    """An offline LlavaNextProcessor (PIL image processing, CLIP normalisation, `image_size` px
+    crops, the v1.6 pinpoints scaled to them)."""
     from transformers import LlavaNextProcessor
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
     tok = tokenizer or build_tokenizer()
-    ip = LlavaNextImageProcessorPil(size={"shortest_edge": IMAGE_SIZE},
-                                    crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-                                    image_grid_pinpoints=NEXT_PINPOINTS)
+    pins = [[h * image_size // IMAGE_SIZE, w * image_size // IMAGE_SIZE] for h, w in NEXT_PINPOINTS]
+    ip = LlavaNextImageProcessorPil(size={"shortest_edge": image_size},
+                                    crop_size={"height": image_size, "width": image_size}, image_grid_pinpoints=pins)
     return LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=PATCH, vision_feature_select_strategy="default",
                               num_additional_image_tokens=1, image_token="<image>")
 

@@ -27,6 +27,8 @@ STYLES = ("native", "lmms-eval")
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
                  "helpful, detailed, and polite answers to the user's questions.")
 QWEN_SYSTEM = "You are a helpful assistant."
+# families lmms-eval's `llava_hf` model runs (it loads LLaVA-1.5 and LLaVA-NeXT checkpoints alike)
+LLAVA_HF_FAMILIES = ("llava", "llava_next")
 
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
 _NUM = r"(-?\d+(?:\.\d+)?)"
@@ -117,12 +119,13 @@ def chat_text(adapter, context: str, system_prompt: str | None = None, chat_temp
     family = getattr(adapter, "family", "")
     if family == "qwen2_5_vl":
         return qwen_chat_text(adapter.processor, context, QWEN_SYSTEM if system_prompt is None else system_prompt)
-    if family == "llava":
+    if family in LLAVA_HF_FAMILIES:
         if system_prompt is not None:
             raise ValueError("system_prompt: lmms-eval's llava_hf has none (the chat template decides); "
                              "leave it out for LLaVA")
         return llava_chat_text(adapter.processor, context, chat_template)
-    raise ValueError(f"no lmms-eval prompt format for model family {family!r} (known: llava, qwen2_5_vl)")
+    raise ValueError(f"no lmms-eval prompt format for model family {family!r} (known: "
+                     f"{', '.join(LLAVA_HF_FAMILIES)}, qwen2_5_vl)")
 
 
 def lmms_eval_style(adapter):
@@ -132,9 +135,10 @@ def lmms_eval_style(adapter):
     from .scoring import vqa_score
 
     family = getattr(adapter, "family", "")
-    if family not in ("llava", "qwen2_5_vl"):
-        raise EvalError(f"--prompt-style lmms-eval: lmms-eval's prompt format is known for LLaVA (llava_hf) and "
-                        f"Qwen2.5-VL (qwen2_5_vl), not for model family {family!r}; use --prompt-style native")
+    if family not in LLAVA_HF_FAMILIES + ("qwen2_5_vl",):
+        raise EvalError(f"--prompt-style lmms-eval: lmms-eval's prompt format is known for LLaVA and LLaVA-NeXT "
+                        f"(llava_hf) and Qwen2.5-VL (qwen2_5_vl), not for model family {family!r}; use "
+                        f"--prompt-style native")
 
     def prompt_fn(sample, text: str) -> str:
         return chat_text(adapter, text)

@@ -160,10 +160,12 @@ class NuwaGraph(lmms):
             raise PluginError(f"pipeline {path}: " + "; ".join(str(p) for p in exc.problems)) from None
         except RunError as exc:
             raise PluginError(str(exc)) from None
-        if getattr(self.adapter, "family", "") not in ("llava", "qwen2_5_vl"):
+        from ..apps.prompts import LLAVA_HF_FAMILIES
+
+        if getattr(self.adapter, "family", "") not in LLAVA_HF_FAMILIES + ("qwen2_5_vl",):
             raise PluginError(f"model family {getattr(self.adapter, 'family', '?')!r}: the plugin builds lmms-eval's "
-                              f"prompts for llava (llava_hf) and qwen2_5_vl only")
-        if system_prompt is not None and self.adapter.family == "llava":
+                              f"prompts for {', '.join(LLAVA_HF_FAMILIES)} (llava_hf) and qwen2_5_vl only")
+        if system_prompt is not None and self.adapter.family in LLAVA_HF_FAMILIES:
             raise PluginError("model_args system_prompt: lmms-eval's llava_hf has none (the checkpoint's chat "
                               "template decides); leave it out for LLaVA, or pass chat_template")
         self._device = torch.device(dev)
