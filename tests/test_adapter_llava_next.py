@@ -3,6 +3,8 @@ per-crop vision signals in stream ids, and VisionZip's official per-crop path en
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -205,3 +207,17 @@ nodes:
 """
     with pytest.raises(RunError, match="'g'.*made of parts"):
         nxt.generate(load_text(text), [img], [PROMPT], max_new_tokens=1)
+
+
+PIPES = Path(__file__).resolve().parents[1] / "pipelines"
+SHIPPED = sorted(str(p.relative_to(PIPES)) for p in PIPES.glob("**/*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED)
+def test_every_shipped_pipeline_runs_or_is_refused_with_a_hint(nxt, img, path):
+    try:
+        rep = nxt.generate(load(PIPES / path), [img], [PROMPT], max_new_tokens=1)
+    except RunError as exc:
+        assert "hint:" in str(exc), str(exc)
+        return
+    assert rep.visual_tokens_per_layer[0] and rep.geometry == ["grid 8x8, tiles 12x16 (4 crops), newline 12x1"]

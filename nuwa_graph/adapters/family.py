@@ -176,6 +176,15 @@ class FamilyHooks:
         """Advice appended to the refusal of a pipeline this model cannot run ('' = none)."""
         return ""
 
+    def variables_hint(self) -> str:
+        """Advice appended when a pipeline's expressions do not fit this model's variables ('' = none)."""
+        crops = self.model_variables().get("crops", 1)
+        if crops > 1:
+            return (f"\nhint: this model cuts an image into up to {crops} crops and files that count a budget per "
+                    f"crop divide it by {crops} (LLaVA-NeXT papers: 160 / 320 / 640 = {crops} x 32 / 64 / 128): "
+                    f"raise it, e.g. --set budget=320")
+        return ""
+
     def geometry(self, run: AdapterRun, b: int) -> Geometry:
         raise NotImplementedError
 

@@ -144,4 +144,7 @@ class LlavaNextAdapter(LlavaAdapter):
         return CropSignals([super(LlavaNextAdapter, self).read_vision_signal(run, req, start + c) for c in range(n)])
 
     def refusal_hint(self, ex) -> str:
+        if any(req.kind == "vision.attention_received" for req in ex.requests()):
+            return (f"\nhint: {ex.pipeline.name} reads a Qwen vision signal; LLaVA-NeXT has a CLS token per crop: "
+                    f"run pipelines/nuwa.yaml (Nüwa's LLaVA recipe, per crop and part) or visionzip.yaml")
         return ""
