@@ -95,8 +95,7 @@ class Executor:
                 try:
                     if scope == "image" or geom.simple:
                         ctx = SampleContext(sample=b, geometry=geom, present=state.present[b], seed=seed,
-                                            node_name=name, reader=reader if geom.simple else
-                                            image_reader(reader, name, getattr(node, "per", None)),
+                                            node_name=name, reader=image_reader(reader, name, getattr(node, "per", None)),
                                             actions=issued[b])
                         out_vals = node.run(ctx, **kwargs) or {}
                     else:

@@ -150,12 +150,15 @@ def unit_reader(reader: Callable[[SignalRequest, int], Any] | None, unit: Unit, 
 
 def image_reader(reader: Callable[[SignalRequest, int], Any] | None, node: str, per: str | None
                  ) -> Callable[[SignalRequest, int], torch.Tensor] | None:
-    """The image-wise reader: refuses a per-crop vision signal (it has no block-wide form)."""
+    """The image-wise reader: a one-crop image's vision signal is that crop's; a per-crop vision
+    signal of several crops is refused (it has no block-wide form)."""
     if reader is None:
         return None
 
     def read(req: SignalRequest, b: int) -> torch.Tensor:
         v = reader(req, b)
+        if isinstance(v, CropSignals) and len(v) == 1:
+            return v[0]
         if isinstance(v, CropSignals):
             how = "it says per: image" if per == "image" else "it runs image-wise"
             raise RunError(f"node {node!r} reads {req.kind}, which this image gives per crop ({len(v)} crops), but "

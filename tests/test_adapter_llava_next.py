@@ -44,6 +44,7 @@ def test_geometry_is_the_stock_packing(nxt, img):
     rows = run.vision_out.projected_rows(0)
     assert torch.equal(rows[g.newline_ids()], nxt.model.model.image_newline.expand(12, -1))
     assert nxt.model_variables()["crops"] == 5 and nxt.model_variables()["crop_tokens"] == 64
+    assert "grid_tokens" not in nxt.model_variables()  # the count depends on the image: budgets are counts
 
 
 def test_keep_everything_is_the_stock_model(nxt, img):
@@ -143,8 +144,8 @@ def test_visionzip_per_crop_end_to_end(nxt, img):
     assert rep.schedule["model"]["crops"] == 5
 
 
-@pytest.mark.parametrize("pipeline,overrides", [("visionzip.yaml", {"budget": 320}), ("fastv.yaml", {"budget": 320}),
-                                                ("random.yaml", {"budget": 320})])
+@pytest.mark.parametrize("pipeline,overrides", [("visionzip.yaml", {"budget": 320}), ("fastv.yaml", {"budget": 64}),
+                                                ("random.yaml", {"budget": 64})])
 def test_cached_decoding_equals_recompute(nxt, img, pipeline, overrides):
     pipe = load(f"pipelines/{pipeline}", overrides)
     T = 4
@@ -153,10 +154,10 @@ def test_cached_decoding_equals_recompute(nxt, img, pipeline, overrides):
     assert (torch.stack(rep.step_logits)[:, 0] - full[0, -T:].float()).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("pipeline", ["visionzip.yaml", "fastv.yaml"])
-def test_left_padded_batch_of_different_crop_counts_equals_singles(nxt, img, pipeline):
+@pytest.mark.parametrize("pipeline,budget", [("visionzip.yaml", 320), ("fastv.yaml", 64)])
+def test_left_padded_batch_of_different_crop_counts_equals_singles(nxt, img, pipeline, budget):
     other = wide_image(200, 90, seed=3)  # 1x2 tiles: 3 crops
-    pipe = load(f"pipelines/{pipeline}", {"budget": 320})
+    pipe = load(f"pipelines/{pipeline}", {"budget": budget})
     T = 3
     batch = nxt.generate(pipe, [img, other], [PROMPT, PROMPT2], max_new_tokens=T, stop_at_eos=False,
                          return_logits=True)
@@ -192,9 +193,9 @@ def test_saved_folder_loads_through_the_same_path(nxt, img, tmp_path):
 
 
 def test_spatial_pipeline_runs_per_part(nxt, img):
-    rep = nxt.generate(load("pipelines/downsample.yaml", {"budget": 144}), [img], [PROMPT], max_new_tokens=1)
+    rep = nxt.generate(load("pipelines/downsample.yaml", {"budget": 16}), [img], [PROMPT], max_new_tokens=1)
     kept = rep.kept[0]["vision"]
-    assert len(kept) == 2 * 16  # 144 * 64 // 576 = 16 per spatial part (base grid, stitched tiles)
+    assert len(kept) == 2 * 16  # a count per spatial part (base grid, stitched tiles)
     assert not set(kept) & set(range(64 + 16, 64 + 12 * 17, 17))  # no newline slot
 
 
@@ -218,6 +219,6 @@ def test_every_shipped_pipeline_runs_or_is_refused_with_a_hint(nxt, img, path):
     try:
         rep = nxt.generate(load(PIPES / path), [img], [PROMPT], max_new_tokens=1)
     except RunError as exc:
-        assert "hint:" in str(exc), str(exc)
+        assert "hint:" in str(exc) or "lower the budget" in str(exc), str(exc)
         return
     assert rep.visual_tokens_per_layer[0] and rep.geometry == ["grid 8x8, tiles 12x16 (4 crops), newline 12x1"]

@@ -24,12 +24,14 @@ FAMILY_MODULES = {
     "llava": "nuwa_graph.adapters.llava",
     "qwen2_5_vl": "nuwa_graph.adapters.qwen",
     "llava_next": "nuwa_graph.adapters.llava_next",
+    "internvl": "nuwa_graph.adapters.internvl",
 }
 # preset -> (module, factory(dtype=..., device=...) -> adapter)
 PRESETS = {
     "tiny-llava": ("nuwa_graph.adapters.tiny", "tiny_llava"),
     "tiny-qwen": ("nuwa_graph.adapters.tiny", "tiny_qwen"),
     "tiny-llava-next": ("nuwa_graph.adapters.tiny_tiled", "tiny_llava_next"),
+    "tiny-internvl": ("nuwa_graph.adapters.tiny_tiled", "tiny_internvl"),
 }
 
 

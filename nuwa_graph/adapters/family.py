@@ -176,8 +176,8 @@ class FamilyHooks:
         """Advice appended to the refusal of a pipeline this model cannot run ('' = none)."""
         return ""
 
-    def variables_hint(self) -> str:
-        """Advice appended when a pipeline's expressions do not fit this model's variables ('' = none)."""
+    def variables_hint(self, pipeline: Pipeline) -> str:
+        """Advice appended when `pipeline`'s expressions do not fit this model's variables ('' = none)."""
         crops = self.model_variables().get("crops", 1)
         if crops > 1:
             return (f"\nhint: this model cuts an image into up to {crops} crops and files that count a budget per "

@@ -41,7 +41,7 @@ class Generation(HookSession):
             bound = pipeline.bind_model(self.model_variables())
         except PipelineError as exc:
             raise RunError(f"pipeline {pipeline.name!r} does not fit this model "
-                           f"({self.model_variables()}):\n{exc}{self.variables_hint()}") from None
+                           f"({self.model_variables()}):\n{exc}{self.variables_hint(pipeline)}") from None
         ex = Executor(bound)
         problems = self.check_pipeline(ex)
         if problems:

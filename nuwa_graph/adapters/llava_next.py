@@ -79,8 +79,9 @@ class LlavaNextAdapter(LlavaAdapter):
         tiles = pinpoint_tiles(self.model.config.image_grid_pinpoints, self.model.config.vision_config.image_size)
         most = max(th * tw for th, tw in tiles)
         widest = max(th * h * (tw * w + 1) for th, tw in tiles)  # no unpad: the largest block
-        return {**super().model_variables(), "crops": 1 + most, "crop_tokens": h * w, "grid_tokens": h * w,
-                "visual_tokens": h * w + widest}
+        out = {**super().model_variables(), "crops": 1 + most, "crop_tokens": h * w, "visual_tokens": h * w + widest}
+        out.pop("grid_tokens")  # the token count depends on the image: a budget is a count (as on Qwen2.5-VL)
+        return out
 
     def geometry(self, run: AdapterRun, b: int) -> Geometry:
         lay = run.layouts[b]

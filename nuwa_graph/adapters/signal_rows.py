@@ -32,6 +32,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[None] + _rotate_half(x) * sin[None]
 
 
+def qk_norm(attn: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    """`attn.q_norm` / `attn.k_norm` applied to (n, heads, head_dim) rows when the layer has one."""
+    norm = getattr(attn, name, None)
+    return x if norm is None else norm(x)
+
+
 def attention_rows(q: torch.Tensor, k: torch.Tensor, seg: Segment, b: int, qidx: torch.Tensor, scaling: float,
                    softmax_over: str) -> torch.Tensor:
     """q (H, nq, hd) rows at sequence indices qidx; k (H, L, hd) all keys of sample b.
@@ -92,8 +98,9 @@ class SignalRows(FamilyHooks):
             vals = []
             for b in range(r.B):
                 qidx = query_index(seg, b, req.queries).to(h.device)
-                q = attn.q_proj(x[b, qidx]).view(qidx.numel(), -1, hd).transpose(0, 1)
-                k = attn.k_proj(x[b]).view(x.shape[1], -1, hd).transpose(0, 1)
+                # per-head QK-norm where the LLM has it (Qwen3: InternVL3.5, Qwen3-VL), before RoPE as the layer does
+                q = qk_norm(attn, "q_norm", attn.q_proj(x[b, qidx]).view(qidx.numel(), -1, hd)).transpose(0, 1)
+                k = qk_norm(attn, "k_norm", attn.k_proj(x[b]).view(x.shape[1], -1, hd)).transpose(0, 1)
                 if rope:
                     q = apply_rope(q, cos[b, qidx], sin[b, qidx])
                     k = apply_rope(k, cos[b], sin[b])

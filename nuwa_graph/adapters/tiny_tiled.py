@@ -71,3 +71,76 @@ def wide_image(width: int = 200, height: int = 150, seed: int = 0):
     from .tiny import synthetic_image
 
     return synthetic_image(336, seed).resize((width, height))
+
+
+# --- tiny-internvl: InternVL3.5 shape (InternViT with CLS, pixel shuffle, Qwen3 LLM with QK-norm) ---
+INTERNVL_TILE = 64  # px per tile: 4 px patches -> 16 x 16 patches -> 8 x 8 = 64 tokens per tile after the shuffle
+INTERNVL_SPECIALS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+                     "video_token": "<video>"}
+
+
+def internvl_tokenizer():
+    """A word-level tokenizer with Qwen's chat tokens and InternVL's image tokens (offline)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from .tiny import TINY_SPECIALS, TINY_WORDS
+
+    words = list(TINY_SPECIALS) + list(INTERNVL_SPECIALS.values()) + ["user", "assistant"] + TINY_WORDS
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>",
+                                   eos_token="<|im_end|>", padding_side="left", extra_special_tokens=INTERNVL_SPECIALS)
+
+
+def internvl_processor(tok=None, tile: int = INTERNVL_TILE, units: int = 64, max_patches: int = 6):
+    """InternVLProcessor with PIL GotOcr2 processing (tiles of `tile` px, thumbnail last), no torchvision."""
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    from .internvl import internvl_processor_class
+
+    tok = tok or internvl_tokenizer()
+    ip = GotOcr2ImageProcessorPil(size={"height": tile, "width": tile}, crop_to_patches=True, min_patches=1,
+                                  max_patches=max_patches)
+    return internvl_processor_class()(image_processor=ip, tokenizer=tok, video_processor=None,
+                                      image_seq_length=units)
+
+
+def internvl_config(tok, tile: int = INTERNVL_TILE, patch: int = 4, vision_hidden: int = 32, vision_layers: int = 4,
+                    text_hidden: int = 64, text_layers: int = 4):
+    from transformers import InternVLConfig, Qwen3Config
+    from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
+
+    vision = InternVLVisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                                  num_hidden_layers=vision_layers, num_attention_heads=max(2, vision_hidden // 64),
+                                  image_size=[tile, tile], patch_size=[patch, patch], use_mean_pooling=True)
+    heads = max(4, text_hidden // 128)
+    text = Qwen3Config(hidden_size=text_hidden, intermediate_size=2 * text_hidden, num_hidden_layers=text_layers,
+                       num_attention_heads=heads, num_key_value_heads=max(2, heads // 2),
+                       head_dim=text_hidden // heads, vocab_size=len(tok), max_position_embeddings=4096,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+    return InternVLConfig(vision_config=vision, text_config=text, image_token_id=tok.context_image_token_id,
+                          downsample_ratio=0.5, vision_feature_layer=-1, vision_feature_select_strategy="default")
+
+
+def build_tiny_internvl(seed: int = TINY_SEED):
+    """(model, processor), eval mode, fp32; the global RNG is left untouched."""
+    from transformers import InternVLForConditionalGeneration
+
+    proc = internvl_processor()
+    model = seeded_model(InternVLForConditionalGeneration, internvl_config(proc.tokenizer), proc.tokenizer, seed)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():  # the CLS token: a visible, seeded vector
+        torch.manual_seed(seed + 1)
+        model.model.vision_tower.embeddings.cls_token.normal_(0.0, 0.5)
+        for layer in model.model.vision_tower.encoder.layer:  # layer scale: let every block count
+            layer.lambda_1.fill_(1.0)
+            layer.lambda_2.fill_(1.0)
+    return model, proc
+
+
+def tiny_internvl(dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = TINY_SEED):
+    """The `tiny-internvl` preset (InternVL3.5 shape) as a ready adapter."""
+    from .internvl import InternVLAdapter
+
+    model, proc = build_tiny_internvl(seed)
+    return InternVLAdapter(model.to(device=device, dtype=dtype), proc, name="tiny-internvl", dtype=dtype, device=device)
