@@ -94,6 +94,10 @@ def _window_sizes(rows: int, cols: int, window: int) -> list[int]:
     return [r * c for r in rs for c in cs]
 
 
+def _first(x) -> int:
+    return int(x[0] if isinstance(x, (list, tuple)) else x)
+
+
 def vision_flops(config, grid: tuple[int, int] | None = None, crops: int = 1) -> dict[str, int]:
     """{'vision': tower FLOPs, 'projector': projector FLOPs} for one image.
 
@@ -121,14 +125,19 @@ def vision_flops(config, grid: tuple[int, int] | None = None, crops: int = 1) ->
         width = u * s.d
         projector = (n // u) * (width * width + width * int(getattr(vc, "out_hidden_size", d_llm)))
         return {"vision": tower, "projector": projector}
-    side = int(vc.image_size) // int(vc.patch_size)
+    px, patch = _first(vc.image_size), _first(vc.patch_size)  # InternVL gives [h, w] pairs
+    side = px // patch
     n_patches = side * side
-    n = n_patches + 1  # CLS
+    n = n_patches + (0 if mt.startswith("llava_onevision") else 1)  # CLS (SigLIP has none)
     tower = int(vc.num_hidden_layers) * s.prefill(n)
-    tower += n_patches * int(getattr(vc, "num_channels", 3)) * int(vc.patch_size) ** 2 * s.d
+    tower += n_patches * int(getattr(vc, "num_channels", 3)) * patch ** 2 * s.d
     layer = getattr(config, "vision_feature_layer", -2)
     width = s.d * (len(layer) if isinstance(layer, (list, tuple)) else 1)
-    projector = n_patches * (width * d_llm + d_llm * d_llm)
+    rows = n_patches
+    if mt.startswith("internvl"):  # the projector takes 2x2 patch units (pixel shuffle)
+        u = int(round(1 / float(config.downsample_ratio) ** 2))
+        rows, width = n_patches // u, width * u
+    projector = rows * (width * d_llm + d_llm * d_llm)
     return {"vision": tower * crops, "projector": projector * crops}
 
 

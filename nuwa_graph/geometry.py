@@ -310,11 +310,14 @@ def unpad_window(size_hw: tuple[int, int], canvas_hw: tuple[int, int]) -> tuple[
 
 
 def anyres_geometry(base: tuple[int, int], tiles_hw: tuple[int, int], size_hw: tuple[int, int] | None,
-                    image_start: int = 0, newline: bool = True) -> Geometry:
+                    image_start: int = 0, newline: bool = True, resized: tuple[int, int] | None = None) -> Geometry:
     """LLaVA-NeXT / OneVision AnyRes: the base crop's grid first, then the tiles (tiles_hw =
     tile rows x tile cols, crops 1.. row-major) stitched onto one canvas, cut to the unpad
     window of an image of `size_hw` pixels (None: no unpad), one newline slot after every
-    canvas row. With no tiles (tiles_hw (0, 0)) the base grid is followed by one newline."""
+    canvas row. With no tiles (tiles_hw (0, 0)) the base grid is followed by one newline.
+    `resized` (OneVision's anyres_max_N on a large canvas): the cut canvas was interpolated to
+    that shape in LLM space, so its tokens are mixtures of patches: a grid with no crop (vision
+    signals of the tiles have no stream ids there)."""
     h, w = base
     parts = [Part("grid", 0, (h, w), crops=(Crop(0, (h, w)),))]
     if tiles_hw[0] * tiles_hw[1] == 0:
@@ -326,6 +329,10 @@ def anyres_geometry(base: tuple[int, int], tiles_hw: tuple[int, int], size_hw: t
     top, left, rows, cols = unpad_window(size_hw, canvas) if size_hw is not None else (0, 0, *canvas)
     stride = cols + 1 if newline else cols
     crops = tuple(Crop(1 + i * tw + j, (h, w), (i * h, j * w)) for i in range(th) for j in range(tw))
+    if resized is not None and tuple(resized) != (rows, cols):
+        rows, cols = resized
+        stride = cols + 1 if newline else cols
+        crops, top, left = (), 0, 0
     parts.append(Part("tiles", h * w, (rows, cols), stride, crops, (top, left)))
     if newline:
         parts.append(Part("newline", h * w + cols, (rows, 1), stride))

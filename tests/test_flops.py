@@ -113,3 +113,21 @@ def test_mean_flops_does_not_depend_on_the_order_of_the_samples():
         random.Random(seed).shuffle(shuffled)
         assert mean_flops(shuffled) == want
     assert want["convention"] == "x"
+
+
+def test_tiled_families_count_the_tower_once_per_crop():
+    """LLaVA-NeXT: CLIP and the projector run per crop; InternVL: the projector takes 2x2 units."""
+    from nuwa_graph.adapters.tiny import build_tokenizer
+    from nuwa_graph.adapters.tiny_tiled import internvl_config, internvl_tokenizer, next_config
+    from nuwa_graph.flops import layer_shape, vision_flops
+
+    cfg = next_config(build_tokenizer())
+    one = vision_flops(cfg, crops=1)
+    five = vision_flops(cfg, crops=5)
+    assert five == {k: 5 * v for k, v in one.items()}
+    s = layer_shape(cfg.vision_config)
+    assert one["vision"] == 4 * s.prefill(65) + 64 * 3 * 14 ** 2 * 64  # 4 layers over CLS + 8x8, patch embedding
+    icfg = internvl_config(internvl_tokenizer())
+    fl = vision_flops(icfg, crops=7)
+    d, d_llm = icfg.vision_config.hidden_size, icfg.text_config.hidden_size
+    assert fl["projector"] == 7 * 64 * (4 * d * d_llm + d_llm * d_llm)  # 8x8 units of 4 patches per tile

@@ -25,6 +25,7 @@ FAMILY_MODULES = {
     "qwen2_5_vl": "nuwa_graph.adapters.qwen",
     "llava_next": "nuwa_graph.adapters.llava_next",
     "internvl": "nuwa_graph.adapters.internvl",
+    "llava_onevision": "nuwa_graph.adapters.llava_onevision",
 }
 # preset -> (module, factory(dtype=..., device=...) -> adapter)
 PRESETS = {
@@ -32,6 +33,7 @@ PRESETS = {
     "tiny-qwen": ("nuwa_graph.adapters.tiny", "tiny_qwen"),
     "tiny-llava-next": ("nuwa_graph.adapters.tiny_tiled", "tiny_llava_next"),
     "tiny-internvl": ("nuwa_graph.adapters.tiny_tiled", "tiny_internvl"),
+    "tiny-llava-onevision": ("nuwa_graph.adapters.tiny_tiled", "tiny_llava_onevision"),
 }
 
 

@@ -74,6 +74,10 @@ class LlavaNextAdapter(LlavaAdapter):
         nph, npw = get_anyres_image_grid_shape(image_size_hw, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
         return int(nph), int(npw)
 
+    def resized(self, size_hw: list[int]) -> tuple[int, int] | None:
+        """The tile canvas's shape after the family resizes it in LLM space (None: it does not)."""
+        return None
+
     def model_variables(self) -> dict[str, Any]:
         h, w = self.grid
         tiles = pinpoint_tiles(self.model.config.image_grid_pinpoints, self.model.config.vision_config.image_size)
@@ -86,7 +90,8 @@ class LlavaNextAdapter(LlavaAdapter):
     def geometry(self, run: AdapterRun, b: int) -> Geometry:
         lay = run.layouts[b]
         size = [int(x) for x in run.enc.vision_inputs["image_sizes"][b].tolist()]
-        geom = anyres_geometry(self.grid, self.tiles_of(size), (size[0], size[1]), int(lay.pos_image[0, 0]))
+        geom = anyres_geometry(self.grid, self.tiles_of(size), (size[0], size[1]), int(lay.pos_image[0, 0]),
+                               resized=self.resized(size))
         if geom.n_tokens != lay.n_image:
             raise RunError(f"sample {b}: the prompt has {lay.n_image} image tokens but the stock packing of a "
                            f"{size[1]}x{size[0]} image gives {geom.n_tokens} ({geom.describe()})")
@@ -112,9 +117,9 @@ class LlavaNextAdapter(LlavaAdapter):
                 attn_layers.setdefault(self._vision_layer(req), set()).add(req.kind)
         run.vision["attn_layers"] = attn_layers
         cfg = self.model.config
-        if cfg.vision_feature_select_strategy != "default":
+        if cfg.vision_feature_select_strategy != self.feature_strategy:
             raise RunError(f"vision_feature_select_strategy={cfg.vision_feature_select_strategy!r} is not supported "
-                           f"(LLaVA-NeXT uses 'default')")
+                           f"({self.family} uses {self.feature_strategy!r})")
         counts = self.crop_counts(run)
         pix = run.enc.vision_inputs["pixel_values"]
         flat = torch.cat([pix[b, :n] for b, n in enumerate(counts)]).to(self.device, self.dtype)
@@ -125,20 +130,25 @@ class LlavaNextAdapter(LlavaAdapter):
         run.vision["crop_rows"] = [(s, n) for s, n in zip(starts, counts)]
         layer = cfg.vision_feature_layer
         feats = hs[layer] if isinstance(layer, int) else torch.cat([hs[i] for i in layer], dim=-1)
-        feats = feats[:, 1:]
+        if self.feature_strategy == "default":
+            feats = feats[:, 1:]
         sizes = run.enc.vision_inputs["image_sizes"]
 
         def packed() -> list[torch.Tensor]:
             # exactly the stock get_image_features: one projector batch, split per image, packed
             proj = self.project(feats)
-            per_image = list(torch.split(proj, counts, dim=0))
-            rows, _ = self.model.model.pack_image_features(per_image, sizes.to(proj.device),
-                                                           cfg.vision_feature_select_strategy,
-                                                           image_newline=self.model.model.image_newline)
-            return rows
+            return self.pack(list(torch.split(proj, counts, dim=0)), sizes.to(proj.device))
 
         return VisionOut(tokens=[feats[s:s + n].reshape(-1, feats.shape[-1]) for s, n in zip(starts, counts)],
                          projected=packed, cls=[None] * len(counts))
+
+    feature_strategy = "default"  # CLIP: the CLS row is dropped before the projector
+
+    def pack(self, per_image: list[torch.Tensor], sizes: torch.Tensor) -> list[torch.Tensor]:
+        """The stock packing of projected crops into each image's stream rows."""
+        rows, _ = self.model.model.pack_image_features(per_image, sizes, self.feature_strategy,
+                                                       image_newline=self.model.model.image_newline)
+        return rows
 
     def read_vision_signal(self, run: AdapterRun, req: SignalRequest, b: int) -> Any:
         start, n = run.vision["crop_rows"][b]

@@ -144,3 +144,57 @@ def tiny_internvl(dtype: torch.dtype = torch.float32, device: str = "cpu", seed:
 
     model, proc = build_tiny_internvl(seed)
     return InternVLAdapter(model.to(device=device, dtype=dtype), proc, name="tiny-internvl", dtype=dtype, device=device)
+
+
+# --- tiny-llava-onevision: SigLIP (no CLS) + Qwen2, AnyRes with anyres_max_4 ----------------
+ONEVISION_PINPOINTS = [[IMAGE_SIZE * i, IMAGE_SIZE * j] for i in range(1, 4) for j in range(1, 4)]
+
+
+def onevision_processor(tok=None):
+    """An offline LlavaOnevisionProcessor (PIL, 112 px crops, pinpoints up to 3x3, anyres_max_4)."""
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    from .llava_onevision import onevision_processor_class
+
+    if tok is None:
+        tok = build_tokenizer()
+        tok.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
+    ip = LlavaOnevisionImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                                         image_grid_pinpoints=ONEVISION_PINPOINTS)
+    n = (IMAGE_SIZE // PATCH) ** 2
+    return onevision_processor_class()(image_processor=ip, tokenizer=tok, video_processor=None, num_image_tokens=n,
+                                       vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_4",
+                                       image_token="<image>")
+
+
+def build_tiny_llava_onevision(seed: int = TINY_SEED):
+    """(model, processor), eval mode, fp32; the global RNG is left untouched."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+
+    proc = onevision_processor()
+    tok = proc.tokenizer
+    vision = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                image_size=IMAGE_SIZE, patch_size=PATCH, vision_use_head=False)
+    text = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=2048,
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                               vision_feature_layer=-1, vision_feature_select_strategy="full",
+                               vision_aspect_ratio="anyres_max_4", image_grid_pinpoints=ONEVISION_PINPOINTS,
+                               pad_token_id=tok.pad_token_id)
+    model = seeded_model(LlavaOnevisionForConditionalGeneration, cfg, tok, seed)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed + 1)
+        model.model.image_newline.normal_(0.0, 0.5)
+    return model, proc
+
+
+def tiny_llava_onevision(dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = TINY_SEED):
+    """The `tiny-llava-onevision` preset as a ready adapter."""
+    from .llava_onevision import LlavaOnevisionAdapter
+
+    model, proc = build_tiny_llava_onevision(seed)
+    return LlavaOnevisionAdapter(model.to(device=device, dtype=dtype), proc, name="tiny-llava-onevision", dtype=dtype,
+                                 device=device)
