@@ -17,7 +17,7 @@ import torch
 
 from .context import Keep, SampleContext
 from .errors import BudgetError, RunError
-from .part_views import image_reader, scope_of, to_block, to_local, unit_present, unit_reader
+from .part_views import image_reader, memo_reader, scope_of, to_block, to_local, unit_present, unit_reader
 from .pipeline import Pipeline
 from .signals import SignalRequest
 from .sites import Site
@@ -133,6 +133,7 @@ class Executor:
                            f"{what}: {geom.describe()}; it cannot run on this model (a spatial node never runs "
                            f"over the flat sequence)")
         untouched = site.name == "vision" and not state.actions[b]
+        reader = memo_reader(reader)
         outs = []
         for u in units:
             local = {port: to_local(v, u, units, port, name) for port, v in kwargs.items()}

@@ -110,20 +110,23 @@ class Unit:
     crop: int | None  # the vision crop whose signals this unit reads (None: several or none)
     cls_id: int | None
     pooled_id: int | None
+    id_space: int = 0  # every block id is below this (stream, vision-only, CLS and pooled ids)
 
     @cached_property
-    def _sorted(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.sort(self.block_ids)
+    def _table(self) -> torch.Tensor:
+        """block id -> local id (-100: not in this unit), one gather per lookup."""
+        size = max(self.id_space, int(self.block_ids.max()) + 1 if self.block_ids.numel() else 0)
+        table = torch.full((size,), -100, dtype=torch.long)
+        table[self.block_ids] = torch.arange(self.block_ids.numel())
+        return table
 
     def to_local(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mask of `ids` that belong to this unit, their local ids)."""
-        srt, order = self._sorted
-        srt, order = srt.to(ids.device), order.to(ids.device)
-        local = torch.full_like(ids, -100)
-        if srt.numel():
-            at = torch.searchsorted(srt, ids).clamp(max=srt.numel() - 1)
-            hit = srt[at] == ids
-            local = torch.where(hit, order[at], local)
+        table = self._table
+        if table.device != ids.device:  # once per device: the units are cached per geometry
+            table = self.__dict__["_table"] = table.to(ids.device)
+        inside = (ids >= 0) & (ids < table.numel())
+        local = torch.where(inside, table[ids.clamp(0, max(table.numel() - 1, 0))], torch.full_like(ids, -100))
         for special, marker in ((self.cls_id, CLS_ID), (self.pooled_id, POOLED_ID)):
             if special is not None:
                 local = torch.where(ids == special, torch.full_like(ids, marker), local)
@@ -223,6 +226,11 @@ class Geometry:
         """Crop cells with no stream slot (cut away), each with an id >= n_tokens."""
         return sum(int((ids >= self.n_tokens).sum()) for ids in self._crop_ids.values())
 
+    @property
+    def id_space(self) -> int:
+        """One past the largest block id: stream slots, vision-only cells, then a CLS and a pooled id per crop."""
+        return self.n_tokens + self.vision_only + 2 * len(self.crops)
+
     def crop_ids(self, crop: int) -> torch.Tensor:
         return self._crop_ids[crop]
 
@@ -276,7 +284,7 @@ class Geometry:
         if per == "crop":
             for _part, c in self.crops:
                 out.append(Unit("crop", c.index, c.shape, self._crop_ids[c.index], c.index, self.cls_id(c.index),
-                                self.pooled_id(c.index)))
+                                self.pooled_id(c.index), self.id_space))
         elif per == "part":
             for i, p in enumerate(self.parts):
                 if not p.spatial:
@@ -286,7 +294,7 @@ class Geometry:
                 crop = one.index if whole and one is not None else None
                 out.append(Unit("part", i, p.shape, p.stream_ids(), crop,
                                 self.cls_id(crop) if crop is not None else None,
-                                self.pooled_id(crop) if crop is not None else None))
+                                self.pooled_id(crop) if crop is not None else None, self.id_space))
         else:
             raise ValueError(f"per {per!r}; valid: image, crop, part")
         self._units[per] = out
@@ -336,7 +344,9 @@ def anyres_geometry(base: tuple[int, int], tiles_hw: tuple[int, int], size_hw: t
     parts.append(Part("tiles", h * w, (rows, cols), stride, crops, (top, left)))
     if newline:
         parts.append(Part("newline", h * w + cols, (rows, 1), stride))
-    return Geometry(image_start=image_start, parts=parts)
+    geom = Geometry(image_start=image_start, parts=parts)
+    geom._views = [("base", parts[0].stream_ids().reshape(h, w)), ("tiles", parts[1].stream_ids().reshape(rows, cols))]
+    return geom
 
 
 def tiled_geometry(tile: tuple[int, int], n_tiles: int, thumbnail: bool, image_start: int = 0,

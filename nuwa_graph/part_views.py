@@ -122,13 +122,26 @@ def unit_present(geom: Geometry, unit: Unit, present: torch.Tensor, untouched_vi
     return local[local >= 0]
 
 
+def memo_reader(reader: Callable[[SignalRequest, int], Any] | None) -> Callable[[SignalRequest, int], Any] | None:
+    """`reader` reading each (signal, sample) once: the units of one node share what it returns."""
+    if reader is None:
+        return None
+    seen: dict[tuple[str, str, int], Any] = {}
+
+    def read(req: SignalRequest, b: int) -> Any:
+        key = (req.key, req.site, b)
+        if key not in seen:
+            seen[key] = reader(req, b)
+        return seen[key]
+
+    return read
+
+
 def unit_reader(reader: Callable[[SignalRequest, int], Any] | None, unit: Unit, present: torch.Tensor,
                 node: str) -> Callable[[SignalRequest, int], torch.Tensor] | None:
     """A signal reader that gives the unit's part of every signal."""
     if reader is None:
         return None
-    keep, local = unit.to_local(present)
-    cols = torch.nonzero(keep).reshape(-1)[local >= 0]
 
     def read(req: SignalRequest, b: int) -> torch.Tensor:
         v = reader(req, b)
@@ -143,6 +156,8 @@ def unit_reader(reader: Callable[[SignalRequest, int], Any] | None, unit: Unit, 
         if axis is None:
             raise RunError(f"node {node!r} runs per {unit.kind} and reads {req.kind}, whose per-token axis is not "
                            f"known (part_views.PRESENT_AXIS); run it per image")
+        keep, local = unit.to_local(present)
+        cols = torch.nonzero(keep).reshape(-1)[local >= 0]
         return v.index_select(axis if axis >= 0 else v.dim() + axis, cols.to(v.device))
 
     return read

@@ -136,3 +136,15 @@ def test_tiles_then_thumbnail():
     assert g.n_tokens == 16 and len(g.units("part")) == 4 and len(g.units("crop")) == 4
     assert g.cls_id(3) != g.cls_id(0) and g.cls_id(0) >= g.n_tokens
     assert tiled_geometry((2, 2), 1, thumbnail=False).simple
+
+
+def test_views_cover_the_picture_for_kept_token_pictures(tmp_path):
+    from nuwa_graph.adapters.tiny import synthetic_image
+    from nuwa_graph.apps.viz import draw_kept
+
+    g = anyres_geometry((2, 2), (1, 2), None)
+    assert g.views() == [("base", [[0, 1], [2, 3]]), ("tiles", [[4, 5, 6, 7], [9, 10, 11, 12]])]
+    t = tiled_geometry((2, 2), 2, thumbnail=True, layout=(1, 2))
+    assert t.views() == [("tiles", [[0, 1, 4, 5], [2, 3, 6, 7]]), ("thumbnail", [[8, 9], [10, 11]])]
+    path = draw_kept(synthetic_image(64), {"vision": [0, 5, 8, 13]}, None, tmp_path / "k.png", views=g.views())
+    assert path.stat().st_size > 0

@@ -151,3 +151,25 @@ def test_cli_eval_prompt_options_are_checked(tmp_path):
                                  str(tmp_path)])
     assert r.exit_code == 1 and "bbox-format" in r.output
     assert "{expression}" in LMMS_REC_PROMPT
+
+
+def test_lmms_prompts_per_tiled_family():
+    """LLaVA-NeXT checkpoints go through lmms-eval's llava_hf (the same text as LLaVA); InternVL and
+    OneVision have no llava_hf / qwen2_5_vl form here: a clear error naming --prompt-style native."""
+    from nuwa_graph.apps.errors import EvalError
+    from nuwa_graph.apps.prompts import chat_text, lmms_eval_style
+
+    class NoTemplate:
+        chat_template = None
+
+    class Adapter:
+        processor = NoTemplate()
+
+    nxt = Adapter()
+    nxt.family = "llava_next"  # type: ignore[attr-defined]
+    assert chat_text(nxt, "q ?") == f"{VICUNA_SYSTEM} USER: <image>\nq ? ASSISTANT:"
+    for family in ("internvl", "llava_onevision"):
+        other = Adapter()
+        other.family = family  # type: ignore[attr-defined]
+        with pytest.raises(EvalError, match="prompt-style native"):
+            lmms_eval_style(other)

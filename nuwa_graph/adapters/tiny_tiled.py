@@ -5,6 +5,13 @@ transformers classes at toy size, random weights: compare logits, not texts).
   = 64 tokens per crop, 4 layers) + Llama (4 layers, GQA), pinpoints the v1.6 set scaled to
   112 px (1x2, 2x1, 2x2, 3x1, 1x3 tiles): a wide image gives 5 crops and 64 + rows x 17 tokens;
   the word-level tokenizer of tiny-llava, a PIL `LlavaNextImageProcessorPil`.
+- `tiny-internvl` (InternVL3.5 shape): InternViT with a CLS token (64 px tiles of 4 px patches,
+  4 layers), 0.5 pixel shuffle -> 8 x 8 = 64 tokens per tile, up to 6 tiles + a thumbnail,
+  Qwen3 LLM with QK-norm (4 layers); GotOcr2 PIL processing.
+- `tiny-llava-onevision`: SigLIP without CLS (112 px crops, 8 x 8 tokens), Qwen2 LLM, pinpoints
+  up to 3x3 tiles with `anyres_max_4`, so a large image's canvas is interpolated as in the
+  released models (`anyres_max_9`).
+Builders take sizes, so the benchmark makes real-shape random models from the same code.
 """
 
 from __future__ import annotations
@@ -147,11 +154,9 @@ def tiny_internvl(dtype: torch.dtype = torch.float32, device: str = "cpu", seed:
 
 
 # --- tiny-llava-onevision: SigLIP (no CLS) + Qwen2, AnyRes with anyres_max_4 ----------------
-ONEVISION_PINPOINTS = [[IMAGE_SIZE * i, IMAGE_SIZE * j] for i in range(1, 4) for j in range(1, 4)]
-
-
-def onevision_processor(tok=None):
-    """An offline LlavaOnevisionProcessor (PIL, 112 px crops, pinpoints up to 3x3, anyres_max_4)."""
+def onevision_processor(tok=None, image_size: int = IMAGE_SIZE, patch: int = PATCH, pinpoints=None,
+                        aspect: str = "anyres_max_4"):
+    """An offline LlavaOnevisionProcessor (PIL, `image_size` px crops, pinpoints up to 3x3 crops)."""
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
         LlavaOnevisionImageProcessorPil,
     )
@@ -161,30 +166,39 @@ def onevision_processor(tok=None):
     if tok is None:
         tok = build_tokenizer()
         tok.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
-    ip = LlavaOnevisionImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-                                         image_grid_pinpoints=ONEVISION_PINPOINTS)
-    n = (IMAGE_SIZE // PATCH) ** 2
-    return onevision_processor_class()(image_processor=ip, tokenizer=tok, video_processor=None, num_image_tokens=n,
-                                       vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_4",
-                                       image_token="<image>")
+    pins = pinpoints or [[image_size * i, image_size * j] for i in range(1, 4) for j in range(1, 4)]
+    ip = LlavaOnevisionImageProcessorPil(size={"height": image_size, "width": image_size}, image_grid_pinpoints=pins)
+    return onevision_processor_class()(image_processor=ip, tokenizer=tok, video_processor=None,
+                                       num_image_tokens=(image_size // patch) ** 2, vision_feature_select_strategy="full",
+                                       vision_aspect_ratio=aspect, image_token="<image>")
+
+
+def onevision_config(proc, image_size: int = IMAGE_SIZE, patch: int = PATCH, vision_hidden: int = 64,
+                     vision_layers: int = 4, text_hidden: int = 64, text_layers: int = 4):
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+    tok = proc.tokenizer
+    vision = SiglipVisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                                num_hidden_layers=vision_layers, num_attention_heads=max(4, vision_hidden // 64),
+                                image_size=image_size, patch_size=patch, vision_use_head=False)
+    heads = max(4, text_hidden // 128)
+    text = Qwen2Config(hidden_size=text_hidden, intermediate_size=2 * text_hidden, num_hidden_layers=text_layers,
+                       num_attention_heads=heads, num_key_value_heads=max(2, heads // 2), vocab_size=len(tok),
+                       max_position_embeddings=8192, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id)
+    return LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                                vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                vision_aspect_ratio=proc.vision_aspect_ratio,
+                                image_grid_pinpoints=proc.image_processor.image_grid_pinpoints,
+                                pad_token_id=tok.pad_token_id)
 
 
 def build_tiny_llava_onevision(seed: int = TINY_SEED):
     """(model, processor), eval mode, fp32; the global RNG is left untouched."""
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+    from transformers import LlavaOnevisionForConditionalGeneration
 
     proc = onevision_processor()
-    tok = proc.tokenizer
-    vision = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                                image_size=IMAGE_SIZE, patch_size=PATCH, vision_use_head=False)
-    text = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=2048,
-                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
-                               vision_feature_layer=-1, vision_feature_select_strategy="full",
-                               vision_aspect_ratio="anyres_max_4", image_grid_pinpoints=ONEVISION_PINPOINTS,
-                               pad_token_id=tok.pad_token_id)
-    model = seeded_model(LlavaOnevisionForConditionalGeneration, cfg, tok, seed)
+    model = seeded_model(LlavaOnevisionForConditionalGeneration, onevision_config(proc), proc.tokenizer, seed)
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed + 1)
         model.model.image_newline.normal_(0.0, 0.5)
