@@ -64,6 +64,25 @@ def test_qwen_signals_and_nodes_keep_the_contract_in_bf16(qwen_bf16, name):
     _audit(adapter, image, load(ROOT / "pipelines" / f"{name}.yaml", QWEN_CASES[name]))
 
 
+_TILED: dict = {}  # one bf16 adapter per preset for this module
+TILED_CASES = [("tiny-llava-next", "visionzip", {"budget": 320}), ("tiny-llava-next", "nuwa", {}),
+               ("tiny-llava-next", "fastv", {}), ("tiny-internvl", "nuwa", {}), ("tiny-internvl", "downsample", {}),
+               ("tiny-llava-onevision", "pdrop", {}), ("tiny-llava-onevision", "vanilla", {})]
+
+
+@pytest.mark.parametrize("preset,name,over", TILED_CASES, ids=lambda x: x if isinstance(x, str) else "")
+def test_tiled_families_keep_the_contract_in_bf16(preset, name, over):
+    """Per-crop signals (each crop's tensor) and per-crop / per-part node outputs on the model's
+    device with the contract dtype, nothing made without device= (meta)."""
+    from nuwa_graph.adapters import load_adapter
+    from nuwa_graph.adapters.tiny_tiled import wide_image
+
+    adapter = _TILED.get(preset) or _TILED.setdefault(preset, load_adapter(preset, DTYPE, "cpu"))
+    image = wide_image(192, 120) if preset == "tiny-internvl" else wide_image()
+    audit, _ = _audit(adapter, image, load(ROOT / "pipelines" / f"{name}.yaml", over))
+    assert name == "vanilla" or audit.outputs
+
+
 def test_the_audit_catches_a_node_that_makes_a_tensor_without_device(llava_bf16, monkeypatch):
     """The meta trick is what makes the check above able to fail on a CPU."""
     adapter, image = llava_bf16
