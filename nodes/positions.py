@@ -51,4 +51,11 @@ class PositionReencoder(Node[ReencodeParams]):
     outputs = {"positions": Port(PositionPlan)}
 
     def run(self, ctx, selection: Annotated[Selection, "the kept tokens, in sequence order"]):
-        return {"positions": plan_positions(selection.ids, self.params.policy, ctx.geometry.n_tokens)}
+        n = ctx.geometry.n_tokens
+        if self.params.policy != "perc" and bool((selection.ids >= n).any()):
+            # a tiled image: a crop's CLS or a cell the stock model cuts away has no stream position
+            raise ValueError(f"policy {self.params.policy!r} gives each token a position from its id, but "
+                             f"{int((selection.ids >= n).sum())} kept tokens have no place in the {n}-token stream (a "
+                             f"crop's CLS, cells cut away by unpad); hint: use policy perc (as VisionZip's official "
+                             f"LLaVA-NeXT path), or keep stream tokens only")
+        return {"positions": plan_positions(selection.ids, self.params.policy, n)}

@@ -222,3 +222,10 @@ def test_every_shipped_pipeline_runs_or_is_refused_with_a_hint(nxt, img, path):
         assert "hint:" in str(exc) or "lower the budget" in str(exc), str(exc)
         return
     assert rep.visual_tokens_per_layer[0] and rep.geometry == ["grid 8x8, tiles 12x16 (4 crops), newline 12x1"]
+
+
+def test_positions_from_ids_are_refused_for_tokens_outside_the_stream(nxt, img):
+    """VisionZip-fix (RPME) on LLaVA-NeXT: the crops' CLS rows and the cut cells VisionZip keeps have
+    no stream position, so a position from the id would be a silent wrong meaning."""
+    with pytest.raises(RunError, match="no place in the 268-token stream.*hint: use policy perc"):
+        nxt.generate(load(PIPES / "visionzip_fix.yaml", {"budget": 320}), [img], [PROMPT], max_new_tokens=1)
