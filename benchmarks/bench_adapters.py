@@ -65,11 +65,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 # ---- models ------------------------------------------------------------------------------------
-def random_llava(dtype, device, attn, args, seed: int = 0) -> LlavaAdapter:
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+def _clip_llama(args, tok):
+    """(CLIP-L/336-shaped vision config, Llama config) at the flags' widths: 576 tokens a crop."""
+    from transformers import CLIPVisionConfig, LlamaConfig
 
-    proc = build_processor(image_size=336)
-    tok = proc.tokenizer
     vision = CLIPVisionConfig(hidden_size=args.vision_hidden, intermediate_size=4 * args.vision_hidden,
                               num_hidden_layers=args.vision_layers, num_attention_heads=max(1, args.vision_hidden // 64),
                               image_size=336, patch_size=14, projection_dim=args.vision_hidden)
@@ -78,12 +77,27 @@ def random_llava(dtype, device, attn, args, seed: int = 0) -> LlavaAdapter:
                        num_key_value_heads=max(1, args.llm_hidden // 128), vocab_size=32064,
                        max_position_embeddings=4096, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                        eos_token_id=tok.eos_token_id)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
-                      vision_feature_layer=-2, vision_feature_select_strategy="default", pad_token_id=tok.pad_token_id)
+    return vision, text
+
+
+def _random_model(model_cls, cfg, dtype, device, seed: int, pad_token_id=None):
     torch.manual_seed(seed)
     with torch.device(device):
-        model = LlavaForConditionalGeneration(cfg).to(dtype).eval()
-    model.generation_config.pad_token_id = tok.pad_token_id
+        model = model_cls(cfg).to(dtype).eval()
+    if pad_token_id is not None:
+        model.generation_config.pad_token_id = pad_token_id
+    return model
+
+
+def random_llava(dtype, device, attn, args, seed: int = 0) -> LlavaAdapter:
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    proc = build_processor(image_size=336)
+    tok = proc.tokenizer
+    vision, text = _clip_llama(args, tok)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                      vision_feature_layer=-2, vision_feature_select_strategy="default", pad_token_id=tok.pad_token_id)
+    model = _random_model(LlavaForConditionalGeneration, cfg, dtype, device, seed, tok.pad_token_id)
     name = (f"random LLaVA (CLIP {args.vision_hidden}x{args.vision_layers} on 336 px = 576 tokens, "
             f"Llama {args.llm_hidden}x{args.llm_layers})")
     return LlavaAdapter(model, proc, name=name, dtype=dtype, device=device, attn_implementation=attn)
@@ -92,28 +106,18 @@ def random_llava(dtype, device, attn, args, seed: int = 0) -> LlavaAdapter:
 def random_llava_next(dtype, device, attn, args, seed: int = 0):
     """LLaVA-NeXT (v1.6) token geometry at the flags' widths: 336 px crops of 24x24, the v1.6
     pinpoints; a 640x480 image gives 5 crops and 576 + 36 x 49 = 2340 stream tokens."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
     from nuwa_graph.adapters.llava_next import LlavaNextAdapter
     from nuwa_graph.adapters.tiny_tiled import next_processor
 
     tok = build_processor().tokenizer
     proc = next_processor(tok, image_size=336)
-    vision = CLIPVisionConfig(hidden_size=args.vision_hidden, intermediate_size=4 * args.vision_hidden,
-                              num_hidden_layers=args.vision_layers, num_attention_heads=max(1, args.vision_hidden // 64),
-                              image_size=336, patch_size=14, projection_dim=args.vision_hidden)
-    text = LlamaConfig(hidden_size=args.llm_hidden, intermediate_size=int(args.llm_hidden * 2.6875),
-                       num_hidden_layers=args.llm_layers, num_attention_heads=max(1, args.llm_hidden // 128),
-                       num_key_value_heads=max(1, args.llm_hidden // 128), vocab_size=32064,
-                       max_position_embeddings=4096, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                       eos_token_id=tok.eos_token_id)
+    vision, text = _clip_llama(args, tok)
     cfg = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
                           vision_feature_layer=-2, vision_feature_select_strategy="default",
                           image_grid_pinpoints=proc.image_processor.image_grid_pinpoints, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = LlavaNextForConditionalGeneration(cfg).to(dtype).eval()
-    model.generation_config.pad_token_id = tok.pad_token_id
+    model = _random_model(LlavaNextForConditionalGeneration, cfg, dtype, device, seed, tok.pad_token_id)
     name = (f"random LLaVA-NeXT (CLIP {args.vision_hidden}x{args.vision_layers}, 336 px crops, v1.6 pinpoints, "
             f"Llama {args.llm_hidden}x{args.llm_layers})")
     return LlavaNextAdapter(model, proc, name=name, dtype=dtype, device=device, attn_implementation=attn)
@@ -131,9 +135,7 @@ def random_internvl(dtype, device, attn, args, seed: int = 0):
     proc = internvl_processor(tok, tile=448, units=256, max_patches=12)
     cfg = internvl_config(tok, tile=448, patch=14, vision_hidden=args.vision_hidden, vision_layers=args.vision_layers,
                           text_hidden=args.llm_hidden, text_layers=args.llm_layers)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = InternVLForConditionalGeneration(cfg).to(dtype).eval()
+    model = _random_model(InternVLForConditionalGeneration, cfg, dtype, device, seed)
     name = (f"random InternVL3.5 (InternViT {args.vision_hidden}x{args.vision_layers}, 448 px tiles, "
             f"Qwen3 {args.llm_hidden}x{args.llm_layers})")
     return InternVLAdapter(model, proc, name=name, dtype=dtype, device=device, attn_implementation=attn)
@@ -154,9 +156,7 @@ def random_llava_onevision(dtype, device, attn, args, seed: int = 0):
                                pinpoints=LlavaOnevisionImageProcessorPil.image_grid_pinpoints)
     cfg = onevision_config(proc, image_size=384, patch=14, vision_hidden=args.vision_hidden,
                            vision_layers=args.vision_layers, text_hidden=args.llm_hidden, text_layers=args.llm_layers)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = LlavaOnevisionForConditionalGeneration(cfg).to(dtype).eval()
+    model = _random_model(LlavaOnevisionForConditionalGeneration, cfg, dtype, device, seed)
     name = (f"random LLaVA-OneVision (SigLIP {args.vision_hidden}x{args.vision_layers}, 384 px crops, anyres_max_9, "
             f"Qwen2 {args.llm_hidden}x{args.llm_layers})")
     return LlavaOnevisionAdapter(model, proc, name=name, dtype=dtype, device=device, attn_implementation=attn)
@@ -173,9 +173,7 @@ def random_qwen(dtype, device, attn, args, seed: int = 0):
     cfg = tiny_qwen_config(len(tok), ids, depth=args.vision_layers, patch_size=14, window_size=112,
                            vision_hidden=args.vision_hidden, text_hidden=args.llm_hidden, text_layers=args.llm_layers)
     proc = qwen_processor(tok, patch_size=14, merge_size=2, min_pixels=28 * 28, max_pixels=3000 * 28 * 28)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration(cfg).to(dtype).eval()
+    model = _random_model(Qwen2_5_VLForConditionalGeneration, cfg, dtype, device, seed)
     name = (f"random Qwen2.5-VL (vision {args.vision_hidden}x{args.vision_layers}, windows 112 px, "
             f"LLM {args.llm_hidden}x{args.llm_layers})")
     return QwenAdapter(model, proc, name=name, dtype=dtype, device=device, attn_implementation=attn)

@@ -108,16 +108,3 @@ def test_saved_folder_loads_through_the_same_path(ov, img, tmp_path):
     a, _ = again.forward_logits(load(PIPES / "vanilla.yaml"), [img], [PROMPT])
     b, _ = ov.forward_logits(load(PIPES / "vanilla.yaml"), [img], [PROMPT])
     assert torch.equal(a, b)
-
-
-SHIPPED = sorted(str(p.relative_to(PIPES)) for p in PIPES.glob("**/*.yaml"))
-
-
-@pytest.mark.parametrize("path", SHIPPED)
-def test_every_shipped_pipeline_runs_or_is_refused_with_a_hint(ov, big, path):
-    try:
-        rep = ov.generate(load(PIPES / path), [big], [PROMPT], max_new_tokens=1)
-    except RunError as exc:
-        assert "hint:" in str(exc) or "lower the budget" in str(exc), str(exc)
-        return
-    assert rep.visual_tokens_per_layer[0]

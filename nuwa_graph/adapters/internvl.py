@@ -42,18 +42,12 @@ NO_UNIT_SIGNALS = frozenset({"vision.cls_hidden", "vision.qk_single_head"})
 
 
 def internvl_processor_class():
+    """The stock InternVLProcessor with `video_processor=None` accepted (no torchvision needed)."""
     from transformers import InternVLProcessor
 
-    class InternVLProcessorNoVideo(InternVLProcessor):
-        """InternVLProcessor usable without torchvision: `video_processor=None` is accepted (the
-        stock check looks the video base class up in a mapping that needs torchvision)."""
+    from .processors import without_video
 
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument is None and argument_name == "video_processor":
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    return InternVLProcessorNoVideo
+    return without_video(InternVLProcessor)
 
 
 @register_adapter

@@ -27,17 +27,12 @@ from .llava_next import LlavaNextAdapter
 
 
 def onevision_processor_class():
+    """The stock LlavaOnevisionProcessor with `video_processor=None` accepted (no torchvision needed)."""
     from transformers import LlavaOnevisionProcessor
 
-    class LlavaOnevisionProcessorNoVideo(LlavaOnevisionProcessor):
-        """LlavaOnevisionProcessor usable without torchvision (`video_processor=None`)."""
+    from .processors import without_video
 
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument is None and argument_name == "video_processor":
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    return LlavaOnevisionProcessorNoVideo
+    return without_video(LlavaOnevisionProcessor)
 
 
 @register_adapter
