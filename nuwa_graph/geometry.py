@@ -245,22 +245,24 @@ class Geometry:
             return POOLED_ID
         return self.n_tokens + self.vision_only + len(self.crops) + [c.index for _, c in self.crops].index(crop)
 
+    @cached_property
+    def _cell_table(self) -> torch.Tensor:
+        """(id_space, 3): crop index, canvas row, canvas col of every block id (-1: not a crop cell)."""
+        table = torch.full((self.id_space, 3), -1, dtype=torch.long)
+        for _part, c in self.crops:
+            local = torch.arange(c.shape[0] * c.shape[1])
+            rows = torch.stack([torch.full_like(local, c.index), c.at[0] + local // c.shape[1],
+                                c.at[1] + local % c.shape[1]], dim=1)
+            table[self._crop_ids[c.index]] = rows
+        return table
+
     def locate(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(crop index, canvas row, canvas col) of block ids (-1 where an id is no crop cell:
         newline slots, CLS and pooled ids, markers)."""
-        crop = torch.full_like(ids, -1)
-        row = torch.full_like(ids, -1)
-        col = torch.full_like(ids, -1)
-        for _part, c in self.crops:
-            cids = self._crop_ids[c.index].to(ids.device)
-            srt, order = torch.sort(cids)
-            at = torch.searchsorted(srt, ids).clamp(max=max(srt.numel() - 1, 0))
-            hit = srt[at] == ids
-            local = order[at]
-            crop = torch.where(hit, torch.full_like(ids, c.index), crop)
-            row = torch.where(hit, c.at[0] + local // c.shape[1], row)
-            col = torch.where(hit, c.at[1] + local % c.shape[1], col)
-        return crop, row, col
+        table = self._cell_table.to(ids.device)
+        inside = (ids >= 0) & (ids < table.shape[0])
+        got = torch.where(inside[:, None], table[ids.clamp(0, table.shape[0] - 1)], torch.full_like(table[:1], -1))
+        return got[:, 0], got[:, 1], got[:, 2]
 
     def newline_ids(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """Stream ids of the newline slots."""
