@@ -219,3 +219,19 @@ def test_positions_from_ids_are_refused_for_tokens_outside_the_stream(nxt, img):
     no stream position, so a position from the id would be a silent wrong meaning."""
     with pytest.raises(RunError, match="no place in the 268-token stream.*hint: use policy perc"):
         nxt.generate(load(PIPES / "visionzip_fix.yaml", {"budget": 320}), [img], [PROMPT], max_new_tokens=1)
+
+
+def test_eval_records_the_crop_views_and_draws_them(nxt, tmp_path):
+    """`nuwa-graph eval`'s loop on a tiled model: results carry the image's views (base crop,
+    tile canvas) and the kept-token picture has a panel per view."""
+    from nuwa_graph.apps.evaluate import evaluate, load_data, plan_runs, sample_data
+    from nuwa_graph.apps.viz import write_pictures
+
+    tasks = load_data(sample_data(tmp_path / "data", n_images=1, seed=3), limit=1)
+    runs = plan_runs([PIPES / "fastv.yaml"], {"budget": [64]})
+    result = evaluate(nxt, runs, tasks, batch=1, max_new_tokens=2, warmup=False)
+    (res,) = result["results"]
+    assert [label for label, _ in res["views"]] == ["base", "tiles"] and res["grid"] is None
+    assert res["flops"]["prefill_ratio"] < 1 if "flops" in res else True
+    pics = write_pictures(result, tmp_path / "out")
+    assert pics and pics[0].stat().st_size > 0
