@@ -116,8 +116,8 @@ class Unit:
     def _table(self) -> torch.Tensor:
         """block id -> local id (-100: not in this unit), one gather per lookup."""
         size = max(self.id_space, int(self.block_ids.max()) + 1 if self.block_ids.numel() else 0)
-        table = torch.full((size,), -100, dtype=torch.long)
-        table[self.block_ids] = torch.arange(self.block_ids.numel())
+        table = torch.full((size,), -100, dtype=torch.long, device="cpu")
+        table[self.block_ids.cpu()] = torch.arange(self.block_ids.numel(), device="cpu")
         return table
 
     def to_local(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,12 +211,12 @@ class Geometry:
         nxt = self.n_tokens
         for part, crop in self.crops:
             h, w = crop.shape
-            rows = (crop.at[0] + torch.arange(h))[:, None].expand(h, w).reshape(-1)
-            cols = (crop.at[1] + torch.arange(w))[None, :].expand(h, w).reshape(-1)
+            rows = (crop.at[0] + torch.arange(h, device="cpu"))[:, None].expand(h, w).reshape(-1)
+            cols = (crop.at[1] + torch.arange(w, device="cpu"))[None, :].expand(h, w).reshape(-1)
             ids = part.window_id(rows, cols)
             vo = ids < 0
             k = int(vo.sum())
-            ids[vo] = torch.arange(nxt, nxt + k)
+            ids[vo] = torch.arange(nxt, nxt + k, device="cpu")
             nxt += k
             out[crop.index] = ids
         return out
@@ -248,9 +248,9 @@ class Geometry:
     @cached_property
     def _cell_table(self) -> torch.Tensor:
         """(id_space, 3): crop index, canvas row, canvas col of every block id (-1: not a crop cell)."""
-        table = torch.full((self.id_space, 3), -1, dtype=torch.long)
+        table = torch.full((self.id_space, 3), -1, dtype=torch.long, device="cpu")
         for _part, c in self.crops:
-            local = torch.arange(c.shape[0] * c.shape[1])
+            local = torch.arange(c.shape[0] * c.shape[1], device="cpu")
             rows = torch.stack([torch.full_like(local, c.index), c.at[0] + local // c.shape[1],
                                 c.at[1] + local % c.shape[1]], dim=1)
             table[self._crop_ids[c.index]] = rows
@@ -274,7 +274,7 @@ class Geometry:
         image (kept-token pictures draw one panel per view). Default: every spatial part."""
         views = self._views
         if views is None:
-            views = [(p.kind, p.stream_ids().reshape(p.shape)) for p in self.parts if p.spatial]
+            views = [(p.kind, p.stream_ids("cpu").reshape(p.shape)) for p in self.parts if p.spatial]
         return [(label, ids.tolist()) for label, ids in views]
 
     # ---- units a node runs over (`per: crop | part`) ------------------------------------------
@@ -364,7 +364,7 @@ def tiled_geometry(tile: tuple[int, int], n_tiles: int, thumbnail: bool, image_s
         parts.append(Part("thumbnail", n_tiles * h * w, (h, w), crops=(Crop(n_tiles, (h, w)),)))
     geom = Geometry(image_start=image_start, parts=parts)
     if layout is not None and layout[0] * layout[1] == n_tiles:  # the tiles cover the image row-major
-        tiles = torch.arange(n_tiles * h * w).reshape(layout[0], layout[1], h, w).permute(0, 2, 1, 3)
+        tiles = torch.arange(n_tiles * h * w, device="cpu").reshape(layout[0], layout[1], h, w).permute(0, 2, 1, 3)
         geom._views = [("tiles", tiles.reshape(layout[0] * h, layout[1] * w))]
         if thumbnail:
             geom._views.append(("thumbnail", parts[-1].stream_ids().reshape(h, w)))
