@@ -64,7 +64,7 @@ def ivl():
 
 @pytest.fixture(scope="module")
 def img():
-    return wide_image(192, 120)  # 2 x 3 tiles + thumbnail: 7 crops of 8x8 = 448 tokens
+    return wide_image(160, 64)  # 1 x 3 tiles + thumbnail: 4 crops of 8x8 = 256 tokens
 
 
 def stock(adapter, images, prompts, **kw):
@@ -79,7 +79,7 @@ def test_keep_everything_is_the_stock_model(ivl, img):
     logits, run = ivl.forward_logits(load("pipelines/vanilla.yaml"), [img], [PROMPT])
     assert torch.equal(logits, ref)
     g = run.state.geometries[0]
-    assert [p.kind for p in g.parts] == ["tile"] * 6 + ["thumbnail"] and g.n_tokens == 448
+    assert [p.kind for p in g.parts] == ["tile"] * 3 + ["thumbnail"] and g.n_tokens == 256
     enc = ivl.encode([img], [PROMPT])
     rep = ivl.generate(load("pipelines/vanilla.yaml"), [img], [PROMPT], max_new_tokens=4, stop_at_eos=False)
     with torch.no_grad():
@@ -106,7 +106,7 @@ def test_per_crop_signals_follow_the_stock_token_order(ivl, img):
                                                                                                    "per: crop")),
                                 [img], [PROMPT])
     g = run.state.geometries[0]
-    hidden = CropSignals(SEEN[:7])
+    hidden = CropSignals(SEEN[:4])
     SEEN.clear()
     rows = run.vision_out.projected_rows(0)
     for c, h in enumerate(hidden):
@@ -114,7 +114,7 @@ def test_per_crop_signals_follow_the_stock_token_order(ivl, img):
     ivl.forward_logits(load_text(_probe_yaml("vision.cls_attention", "vision", layer=-2).replace("per: image",
                                                                                                  "per: crop")),
                        [img], [PROMPT])
-    got = torch.stack(SEEN[:7])  # (crops, heads, 64)
+    got = torch.stack(SEEN[:4])  # (crops, heads, 64)
     tower = ivl.vision_tower()
     tower.config._attn_implementation = "eager"
     try:
@@ -123,7 +123,7 @@ def test_per_crop_signals_follow_the_stock_token_order(ivl, img):
     finally:
         tower.config._attn_implementation = "sdpa"
     cls = out.attentions[-2][:, :, 0, 1:]  # (crops, heads, 256 patches) raster 16 x 16
-    ref = cls.reshape(7, -1, 8, 2, 8, 2).sum(dim=(3, 5)).reshape(7, -1, 64)  # 2x2 units, raster
+    ref = cls.reshape(4, -1, 8, 2, 8, 2).sum(dim=(3, 5)).reshape(4, -1, 64)  # 2x2 units, raster
     assert (got - ref).abs().max().item() <= 1e-6
 
 
@@ -158,7 +158,7 @@ def test_left_padded_batch_of_different_tile_counts_equals_singles(ivl, img, pip
     T = 3
     batch = ivl.generate(pipe, [img, other], [PROMPT, PROMPT2], max_new_tokens=T, stop_at_eos=False,
                          return_logits=True)
-    assert batch.visual_tokens_full_per_sample == [448, 64]
+    assert batch.visual_tokens_full_per_sample == [256, 64]
     for b, (im, pr) in enumerate([(img, PROMPT), (other, PROMPT2)]):
         single = ivl.generate(pipe, [im], [pr], max_new_tokens=T, stop_at_eos=False, return_logits=True)
         assert single.new_tokens[0] == batch.new_tokens[b]
@@ -175,7 +175,7 @@ def test_nuwa_runs_its_regions_per_tile(ivl, img):
     region = tile * 16 + (local // 8 // 2) * 4 + (local % 8) // 2
     assert region.unique().numel() == region.numel()
     assert rep.schedule["resolved"]["align"]["ratio"] == pytest.approx(112 / 576)
-    assert len(kept) == round(448 * 112 / 576)  # K1 of the whole image (ratio of its stream tokens)
+    assert len(kept) == round(256 * 112 / 576)  # K1 of the whole image (ratio of its stream tokens)
 
 
 def test_error_inside_a_run_removes_the_hooks(ivl, img):

@@ -78,7 +78,7 @@ def test_tiled_families_keep_the_contract_in_bf16(preset, name, over):
     from nuwa_graph.adapters.tiny_tiled import wide_image
 
     adapter = _TILED.get(preset) or _TILED.setdefault(preset, load_adapter(preset, DTYPE, "cpu"))
-    image = wide_image(192, 120) if preset == "tiny-internvl" else wide_image()
+    image = wide_image(160, 64) if preset == "tiny-internvl" else wide_image()
     audit, _ = _audit(adapter, image, load(ROOT / "pipelines" / f"{name}.yaml", over))
     assert name == "vanilla" or audit.outputs
 

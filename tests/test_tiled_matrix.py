@@ -15,7 +15,9 @@ from nuwa_graph.adapters.tiny_tiled import wide_image
 
 PIPES = Path(__file__).resolve().parents[1] / "pipelines"
 SHIPPED = sorted(str(p.relative_to(PIPES)) for p in PIPES.glob("**/*.yaml"))
-PRESETS = {"tiny-llava-next": (200, 150), "tiny-internvl": (192, 120), "tiny-llava-onevision": (330, 300)}
+# a wide picture each: LLaVA-NeXT and OneVision 2x2 tiles cut by unpad (5 crops), InternVL 1x3 tiles +
+# thumbnail; OneVision's interpolated canvas is covered in test_adapter_llava_onevision.py
+PRESETS = {"tiny-llava-next": (200, 150), "tiny-internvl": (160, 64), "tiny-llava-onevision": (200, 150)}
 _ADAPTERS: dict = {}
 
 
