@@ -4,8 +4,9 @@
     adapter = load_adapter("llava-hf/llava-1.5-7b-hf", "bfloat16", "cuda")
     report = adapter.generate(pipeline, [image], ["What is in the image?"], max_new_tokens=16)
 
-Presets: `tiny-llava` (nuwa_graph.adapters.tiny) and `tiny-qwen` (built by
-`nuwa_graph.adapters.tiny.tiny_qwen(dtype=..., device=...)`).
+Presets: `tiny-llava` and `tiny-qwen` (Qwen2.5-VL) in nuwa_graph.adapters.tiny,
+`tiny-qwen2-vl` and `tiny-qwen3-vl` in nuwa_graph.adapters.tiny_qwen_vl (each a factory
+`(dtype=..., device=...) -> adapter`).
 """
 
 from __future__ import annotations
@@ -22,12 +23,16 @@ from .base import ADAPTERS, ATTN_IMPLEMENTATIONS, RunReport, VLMAdapter, check_a
 # model_type -> module that defines (and @register_adapter-s) its adapter
 FAMILY_MODULES = {
     "llava": "nuwa_graph.adapters.llava",
+    "qwen2_vl": "nuwa_graph.adapters.qwen_vl",
     "qwen2_5_vl": "nuwa_graph.adapters.qwen",
+    "qwen3_vl": "nuwa_graph.adapters.qwen_vl",
 }
 # preset -> (module, factory(dtype=..., device=...) -> adapter)
 PRESETS = {
     "tiny-llava": ("nuwa_graph.adapters.tiny", "tiny_llava"),
     "tiny-qwen": ("nuwa_graph.adapters.tiny", "tiny_qwen"),
+    "tiny-qwen2-vl": ("nuwa_graph.adapters.tiny_qwen_vl", "tiny_qwen2_vl"),
+    "tiny-qwen3-vl": ("nuwa_graph.adapters.tiny_qwen_vl", "tiny_qwen3_vl"),
 }
 
 

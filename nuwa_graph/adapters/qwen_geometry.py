@@ -1,4 +1,4 @@
-"""Qwen2.5-VL's vision geometry: window order <-> raster order of the merged tokens, and the
+"""The Qwen-VL line's vision geometry: window order <-> raster order of the merged tokens, and the
 3-D (M-RoPE) position ids of a kept set of visual tokens under a PositionPlan."""
 
 from __future__ import annotations
@@ -22,12 +22,10 @@ class VisionGeometry:
     counts: list[int]  # merged tokens per image
 
     @classmethod
-    def of(cls, visual, grid_thw: torch.Tensor) -> VisionGeometry:
-        from transformers.vision_utils import get_vision_window_index
-
+    def of(cls, visual, grid_thw: torch.Tensor, window_index: torch.Tensor) -> VisionGeometry:
+        """The geometry of a batch; `window_index` is the family's order of merge units
+        (`QwenAdapter.window_index`: windows on Qwen2.5-VL, arange without windows)."""
         merge = visual.spatial_merge_size
-        window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=merge, window_size=visual.window_size,
-                                                  patch_size=visual.patch_size)
         counts = (grid_thw.prod(-1) // (merge * merge)).tolist()
         return cls(grid_thw, merge, window_index.to(grid_thw.device), [int(c) for c in counts])
 
