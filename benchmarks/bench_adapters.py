@@ -8,15 +8,20 @@ Two modes:
   vanilla, the pipeline nodes' time as % of the prefill, and `prefill / oracle`: the oracle
   is the stock model (no adapter, no hooks) fed the same number of visual tokens directly
   (vision tower + projector, then the first k projected rows as inputs_embeds, greedy
-  decoding with a cache), the cheapest possible run at that count. LLaVA-family models only
-  for the oracle.
+  decoding with a cache; on Qwen3-VL the first k rows of each DeepStack level too), the
+  cheapest possible run at that count. Also `Stock`: the unmodified model's own `generate`
+  (its placeholder scatter, M-RoPE, DeepStack and cache), which keep-everything through the
+  adapter (vanilla) is compared with.
 - `growth`: how cost grows with the number of visual tokens (`--tokens 576,1152,2304,2880`,
   as with LLaVA-NeXT / Qwen2.5-VL dynamic resolution), on a Qwen2.5-VL-architecture model
   whose merged grid is sized per row (24x24, 24x48, 48x48, 48x60): vanilla and the
   `--growth-methods` at `--growth-budget`.
 
 Models: `random-llava` (random weights at LLaVA-1.5-like shapes, sizes from the flags; 336
-px CLIP grid = 576 tokens), `random-qwen` (growth mode), or any local directory / hub id /
+px CLIP grid = 576 tokens), `random-qwen` (Qwen2.5-VL; growth mode), `random-qwen2-vl`,
+`random-qwen3-vl` (the real classes and structure: patch 14 / 16, Qwen3-VL's DeepStack levels
+at 8/27, 16/27, 24/27 of the vision depth, QK-norm, head_dim 128; widths and depths from the
+flags; a 24 x 24 merged grid = 576 tokens in methods mode), or any local directory / hub id /
 preset `load_adapter` takes. Every number is the median of `--repeats` runs after one
 warm-up run.
 
@@ -105,6 +110,56 @@ def random_qwen(dtype, device, attn, args, seed: int = 0):
     return QwenAdapter(model, proc, name=name, dtype=dtype, device=device, attn_implementation=attn)
 
 
+def random_qwen_line(kind: str, dtype, device, attn, args, seed: int = 0):
+    """A random-weight Qwen2-VL (`kind` qwen2_vl) or Qwen3-VL (qwen3_vl) with the real classes
+    and structure at the flags' widths and depths (heads of 64 dims in the tower, 128 in the LLM)."""
+    import transformers
+
+    from nuwa_graph.adapters.qwen_processing import qwen_processor
+    from nuwa_graph.adapters.qwen_vl import Qwen2VLAdapter, Qwen3VLAdapter
+    from nuwa_graph.adapters.tiny import TINY_SPECIALS, TINY_VISION_TOKENS, tiny_qwen_tokenizer
+
+    tok = tiny_qwen_tokenizer()
+    ids = {t: tok.convert_tokens_to_ids(t) for t in TINY_SPECIALS + TINY_VISION_TOKENS}
+    heads, dv = max(1, args.llm_hidden // 128), args.vision_hidden
+    half = args.llm_hidden // heads // 2
+    text = dict(vocab_size=len(tok), hidden_size=args.llm_hidden, intermediate_size=int(args.llm_hidden * 2.6875),
+                num_hidden_layers=args.llm_layers, num_attention_heads=heads, num_key_value_heads=heads,
+                max_position_embeddings=4096, eos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<pad>"])
+    special = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                   vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    if kind == "qwen2_vl":
+        patch, cls, adapter_cls, proc = 14, transformers.Qwen2VLForConditionalGeneration, Qwen2VLAdapter, "Qwen2VLProcessor"
+        section = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
+        cfg = transformers.Qwen2VLConfig(
+            vision_config=dict(depth=args.vision_layers, embed_dim=dv, hidden_size=args.llm_hidden, mlp_ratio=4,
+                               num_heads=max(1, dv // 64), patch_size=patch, spatial_merge_size=2),
+            text_config=dict(text, rope_parameters={"rope_type": "default", "mrope_section": section,
+                                                    "rope_theta": 1000000.0}), **special)
+    else:
+        patch, cls, adapter_cls, proc = 16, transformers.Qwen3VLForConditionalGeneration, Qwen3VLAdapter, "Qwen3VLProcessor"
+        depth = args.vision_layers
+        deepstack = sorted({min(depth - 1, round(depth * f)) for f in (8 / 27, 16 / 27, 24 / 27)})
+        section = [half - 2 * (half * 5 // 16), half * 5 // 16, half * 5 // 16]  # [24, 20, 20] at head_dim 128
+        cfg = transformers.Qwen3VLConfig(
+            vision_config=dict(depth=depth, hidden_size=dv, intermediate_size=4 * dv, num_heads=max(1, dv // 64),
+                               patch_size=patch, spatial_merge_size=2, out_hidden_size=args.llm_hidden,
+                               num_position_embeddings=2304, deepstack_visual_indexes=deepstack),
+            text_config=dict(text, head_dim=128, rope_parameters={"rope_type": "default", "mrope_section": section,
+                                                                  "mrope_interleaved": True, "rope_theta": 5000000.0}),
+            **special)
+    unit = patch * 2
+    processor = qwen_processor(tok, patch_size=patch, merge_size=2, min_pixels=unit * unit,
+                               max_pixels=3000 * unit * unit, processor_class=proc)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = cls(cfg).to(dtype).eval()
+    name = (f"random {adapter_cls.display_name} (vision {dv}x{args.vision_layers}, patch {patch}"
+            + (f", DeepStack after blocks {cfg.vision_config.deepstack_visual_indexes}" if kind == "qwen3_vl" else "")
+            + f", LLM {args.llm_hidden}x{args.llm_layers})")
+    return adapter_cls(model, processor, name=name, dtype=dtype, device=device, attn_implementation=attn)
+
+
 def qwen_inputs(adapter, grid, seed: int = 0):
     """A random image whose merged grid is `grid` for this model (unit = patch x merge pixels)."""
     from nuwa_graph.adapters.tiny import tiny_qwen_image, tiny_qwen_prompt
@@ -188,6 +243,92 @@ def bench_oracle(adapter, image, prompt, k: int, new_tokens: int, repeats: int):
             "peak_bytes": _median([r[2] for r in rows])}
 
 
+@torch.no_grad()
+def bench_oracle_qwen(adapter, image, prompt, k: int, new_tokens: int, repeats: int):
+    """The stock Qwen-VL model (no hooks) fed the first k merged visual tokens directly: its
+    vision tower and merger on the image, then the text model on [text | k rows | text] with
+    contiguous M-RoPE ids (on Qwen3-VL the first k rows of each DeepStack level, added by the
+    stock text model), and cached greedy decoding."""
+    from transformers import DynamicCache
+
+    model, dev = adapter.model, adapter.device
+    enc = adapter.encode([image], [prompt])
+    ids = enc.input_ids[0].to(dev)
+    where = (ids == model.config.image_token_id).nonzero().flatten()
+    s, e = int(where[0]), int(where[-1]) + 1
+    pix = enc.vision_inputs["pixel_values"].to(dev, adapter.dtype)
+    thw = enc.vision_inputs["image_grid_thw"].to(dev)
+    lm, head, emb = model.model.language_model, model.lm_head, model.get_input_embeddings()
+    rows = []
+    for i in range(repeats + WARMUP):
+        mem = PeakMemory(dev)
+        with mem:
+            sync(dev)
+            t0 = time.perf_counter()
+            out = model.model.get_image_features(pixel_values=pix, image_grid_thw=thw)
+            feats = out.pooler_output[0][:k]
+            e_ids = emb(ids)
+            x = torch.cat([e_ids[:s], feats.to(e_ids), e_ids[e:]])[None]
+            n = x.shape[1]
+            pos = torch.arange(n, device=dev).view(1, 1, -1).expand(3, 1, -1)
+            extra = {}
+            if getattr(out, "deepstack_features", None):
+                mask = torch.zeros(1, n, dtype=torch.bool, device=dev)
+                mask[0, s:s + feats.shape[0]] = True
+                extra = {"visual_pos_masks": mask, "deepstack_visual_embeds": [f[0][:k] for f in out.deepstack_features]}
+            cache = DynamicCache(config=model.config.text_config)
+            hs = lm(inputs_embeds=x, position_ids=pos, cache=cache, use_cache=True, **extra).last_hidden_state
+            logits = head(hs[:, -1])
+            sync(dev)
+            prefill = (time.perf_counter() - t0) * 1e3
+            steps, t_dec = 0, 0.0
+            for step in range(new_tokens - 1):
+                t1 = time.perf_counter()
+                nxt = logits.argmax(-1)
+                p = torch.full((3, 1, 1), n + step, device=dev, dtype=torch.long)
+                hs = lm(inputs_embeds=emb(nxt[:, None]), position_ids=p, cache=cache, use_cache=True).last_hidden_state
+                logits = head(hs[:, -1])
+                sync(dev)
+                t_dec += time.perf_counter() - t1
+                steps += 1
+        if i >= WARMUP:
+            rows.append((prefill, t_dec * 1e3 / max(steps, 1), mem.peak))
+    return {"prefill_ms": _median([r[0] for r in rows]), "decode_ms": _median([r[1] for r in rows]),
+            "peak_bytes": _median([r[2] for r in rows])}
+
+
+@torch.no_grad()
+def bench_stock(adapter, image, prompt, new_tokens: int, repeats: int):
+    """The unmodified model's own `generate` on the processor's inputs (its placeholder scatter,
+    M-RoPE, DeepStack, cache; greedy): what keep-everything through the adapter costs next to
+    no adapter at all. Prefill = generate with one new token; decode ms/token = (generate with
+    `new_tokens` - that) / (new_tokens - 1)."""
+    model, dev = adapter.model, adapter.device
+    enc = adapter.encode([image], [prompt])
+    inputs = {"input_ids": enc.input_ids.to(dev), "attention_mask": enc.attention_mask.to(dev)}
+    inputs.update({k: v.to(dev, adapter.dtype) if v.is_floating_point() else v.to(dev)
+                   for k, v in enc.vision_inputs.items()})
+    inputs.update({k: v.to(dev) for k, v in enc.extras.items() if torch.is_tensor(v)})
+
+    def timed(n: int) -> tuple[float, int]:
+        mem = PeakMemory(dev)
+        with mem:
+            sync(dev)
+            t0 = time.perf_counter()
+            model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            sync(dev)
+        return (time.perf_counter() - t0) * 1e3, mem.peak
+
+    rows = []
+    for i in range(repeats + WARMUP):
+        one, peak = timed(1)
+        many, _ = timed(new_tokens) if new_tokens > 1 else (one, peak)
+        if i >= WARMUP:
+            rows.append((one, (many - one) / max(new_tokens - 1, 1), peak))
+    return {"prefill_ms": _median([r[0] for r in rows]), "decode_ms": _median([r[1] for r in rows]),
+            "peak_bytes": _median([r[2] for r in rows])}
+
+
 # ---- the two modes -----------------------------------------------------------------------------
 def _pipelines(methods, budgets, qwen: bool):
     out = []
@@ -224,7 +365,7 @@ def _method_row(name, budget, r) -> str:
 
 
 def methods_mode(adapter, args) -> str:
-    qwen = adapter.family != "llava"
+    qwen = adapter.model_variables().get("family_group") == "qwen-vl"
     if qwen:
         image, prompt = qwen_inputs(adapter, GROWTH_GRIDS[576])
     else:
@@ -238,8 +379,9 @@ def methods_mode(adapter, args) -> str:
             continue
         k = round(r["avg_tokens"])
         wants = args.oracle == "all" or (args.oracle == "pre-llm" and (name in PRE_LLM or name == "vanilla"))
-        if not qwen and wants and k not in oracles:
-            oracles[k] = bench_oracle(adapter, image, prompt, k, args.new_tokens, args.repeats)
+        if wants and k not in oracles:
+            oracle = bench_oracle_qwen if qwen else bench_oracle
+            oracles[k] = oracle(adapter, image, prompt, k, args.new_tokens, args.repeats)
         o = oracles.get(k)
         r["prefill_vs_oracle"] = r["prefill_ms"] / o["prefill_ms"] if o else None
         r["decode_vs_oracle"] = r["decode_ms"] / o["decode_ms"] if o else None
@@ -249,6 +391,13 @@ def methods_mode(adapter, args) -> str:
               "(% of vanilla) | node time % of prefill | prefill / oracle | decode / oracle |"),
              "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [_method_row(name, budget, r) for name, budget, r in rows]
+    vanilla = next((r for name, _, r in rows if name == "vanilla"), None)
+    if vanilla is not None:
+        st = bench_stock(adapter, image, prompt, args.new_tokens, args.repeats)
+        lines += ["", f"Stock (the unmodified model's own generate, no adapter): "
+                      f"{st['prefill_ms']:.0f} ms prefill, {st['decode_ms']:.1f} ms/token; keep-everything through the "
+                      f"adapter (vanilla): prefill / stock {vanilla['prefill_ms'] / st['prefill_ms']:.2f}, decode / "
+                      f"stock {vanilla['decode_ms'] / st['decode_ms']:.2f}"]
     if oracles:
         lines += ["", "Oracle (stock model, k visual tokens fed directly): "
                   + "; ".join(f"k={k}: {o['prefill_ms']:.0f} ms prefill, {o['decode_ms']:.1f} ms/token"
@@ -295,6 +444,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=["methods", "growth"], default="methods")
     ap.add_argument("--model", default=None, help="random-llava (methods default), random-qwen (growth default), "
+                                                  "random-qwen2-vl, random-qwen3-vl, "
                                                   "a preset, a local directory or a hub id")
     ap.add_argument("--device-map", default=None, help="e.g. auto (checkpoints only; needs accelerate)")
     ap.add_argument("--methods", type=lambda s: s.split(","), default=None, help="comma-separated pipeline names")
@@ -318,7 +468,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
     model = args.model or ("random-qwen" if args.mode == "growth" else "random-llava")
-    qwen_sizes = model == "random-qwen"
+    qwen_sizes = model in ("random-qwen", "random-qwen2-vl", "random-qwen3-vl")
     args.vision_layers = args.vision_layers or (4 if qwen_sizes else 6)
     args.vision_hidden = args.vision_hidden or (128 if qwen_sizes else 256)
     t0 = time.perf_counter()
@@ -326,11 +476,15 @@ def main(argv=None) -> int:
         adapter = random_llava(dtype, args.device, args.attn_implementation, args)
     elif model == "random-qwen":
         adapter = random_qwen(dtype, args.device, args.attn_implementation, args)
+    elif model in ("random-qwen2-vl", "random-qwen3-vl"):
+        adapter = random_qwen_line(model[len("random-"):].replace("-", "_"), dtype, args.device,
+                                   args.attn_implementation, args)
     else:
         adapter = load_adapter(model, dtype, args.device, attn_implementation=args.attn_implementation,
                                device_map=args.device_map)
-    if args.mode == "growth" and adapter.family != "qwen2_5_vl":
-        ap.error("growth mode needs a Qwen2.5-VL model (dynamic resolution): --model random-qwen or a checkpoint")
+    if args.mode == "growth" and adapter.model_variables().get("family_group") != "qwen-vl":
+        ap.error("growth mode needs a Qwen-VL model (dynamic resolution): --model random-qwen, random-qwen2-vl, "
+                 "random-qwen3-vl or a checkpoint")
     print(f"model ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     text = methods_mode(adapter, args) if args.mode == "methods" else growth_mode(adapter, args)
     dev = (torch.cuda.get_device_name(adapter.device) if adapter.device.type == "cuda"
