@@ -45,6 +45,7 @@ class LlavaAdapter(VLMAdapter):
     """LLaVA-1.5 layout (also any `llava` model_type with a CLIP-like tower and a Llama-like LLM)."""
 
     family = "llava"
+    has_cls = True  # CLIP-style towers: the CLS-based methods (VisionZip, PruMerge+, Nüwa's LLaVA recipe) run here
     model_types = ("llava",)
     supported_signals = frozenset({"vision.hidden", "vision.hidden_mean", "vision.cls_hidden", "vision.cls_attention",
                                    "vision.keys", "vision.qk_single_head"}) | LLM_SIGNALS
