@@ -200,47 +200,65 @@ def bench_pipeline(adapter, pipe, image, prompt, new_tokens, repeats, batch: int
     }
 
 
-@torch.no_grad()
-def bench_oracle(adapter, image, prompt, k: int, new_tokens: int, repeats: int):
-    """The stock LLaVA model (no hooks) fed the first k projected visual tokens directly."""
-    from transformers import DynamicCache
-
-    model, dev = adapter.model, adapter.device
-    enc = adapter.encode([image], [prompt])
-    ids = enc.input_ids[0].to(dev)
-    where = (ids == model.config.image_token_id).nonzero().flatten()
-    s, e = int(where[0]), int(where[-1]) + 1
-    pix = enc.vision_inputs["pixel_values"].to(dev, adapter.dtype)
-    lm, head, emb = model.model.language_model, model.lm_head, model.get_input_embeddings()
+def _timed_runs(dev, prefill, step, new_tokens: int, repeats: int):
+    """Medians over `repeats` runs after WARMUP: `prefill()` -> (last logits, state) is timed as
+    the prefill, then greedy decoding, `step(next ids, state, i)` -> logits, per step."""
     rows = []
     for i in range(repeats + WARMUP):
         mem = PeakMemory(dev)
         with mem:
             sync(dev)
             t0 = time.perf_counter()
-            feats = model.model.get_image_features(pixel_values=pix).pooler_output[0][:k]
-            e_ids = emb(ids)
-            x = torch.cat([e_ids[:s], feats.to(e_ids), e_ids[e:]])[None]
-            cache = DynamicCache(config=model.config.text_config)
-            out = lm(inputs_embeds=x, cache=cache, use_cache=True)
-            logits = head(out.last_hidden_state[:, -1])
+            logits, state = prefill()
             sync(dev)
-            prefill = (time.perf_counter() - t0) * 1e3
-            n = x.shape[1]
+            prefill_ms = (time.perf_counter() - t0) * 1e3
             steps, t_dec = 0, 0.0
-            for step in range(new_tokens - 1):
+            for j in range(new_tokens - 1):
                 t1 = time.perf_counter()
-                nxt = logits.argmax(-1)
-                pos = torch.full((1, 1), n + step, device=dev, dtype=torch.long)
-                out = lm(inputs_embeds=emb(nxt[:, None]), position_ids=pos, cache=cache, use_cache=True)
-                logits = head(out.last_hidden_state[:, -1])
+                logits = step(logits.argmax(-1), state, j)
                 sync(dev)
                 t_dec += time.perf_counter() - t1
                 steps += 1
         if i >= WARMUP:
-            rows.append((prefill, t_dec * 1e3 / max(steps, 1), mem.peak))
+            rows.append((prefill_ms, t_dec * 1e3 / max(steps, 1), mem.peak))
     return {"prefill_ms": _median([r[0] for r in rows]), "decode_ms": _median([r[1] for r in rows]),
             "peak_bytes": _median([r[2] for r in rows])}
+
+
+def _oracle_parts(adapter, image, prompt):
+    """The encoded prompt, its ids on the model's device, and where its image block starts and ends."""
+    model, dev = adapter.model, adapter.device
+    enc = adapter.encode([image], [prompt])
+    ids = enc.input_ids[0].to(dev)
+    where = (ids == model.config.image_token_id).nonzero().flatten()
+    return enc, ids, int(where[0]), int(where[-1]) + 1
+
+
+@torch.no_grad()
+def bench_oracle(adapter, image, prompt, k: int, new_tokens: int, repeats: int):
+    """The stock LLaVA model (no hooks) fed the first k projected visual tokens directly."""
+    from transformers import DynamicCache
+
+    model, dev = adapter.model, adapter.device
+    enc, ids, s, e = _oracle_parts(adapter, image, prompt)
+    pix = enc.vision_inputs["pixel_values"].to(dev, adapter.dtype)
+    lm, head, emb = model.model.language_model, model.lm_head, model.get_input_embeddings()
+
+    def prefill():
+        feats = model.model.get_image_features(pixel_values=pix).pooler_output[0][:k]
+        e_ids = emb(ids)
+        x = torch.cat([e_ids[:s], feats.to(e_ids), e_ids[e:]])[None]
+        cache = DynamicCache(config=model.config.text_config)
+        out = lm(inputs_embeds=x, cache=cache, use_cache=True)
+        return head(out.last_hidden_state[:, -1]), (cache, x.shape[1])
+
+    def step(nxt, state, j):
+        cache, n = state
+        pos = torch.full((1, 1), n + j, device=dev, dtype=torch.long)
+        return head(lm(inputs_embeds=emb(nxt[:, None]), position_ids=pos, cache=cache,
+                       use_cache=True).last_hidden_state[:, -1])
+
+    return _timed_runs(dev, prefill, step, new_tokens, repeats)
 
 
 @torch.no_grad()
@@ -252,49 +270,34 @@ def bench_oracle_qwen(adapter, image, prompt, k: int, new_tokens: int, repeats: 
     from transformers import DynamicCache
 
     model, dev = adapter.model, adapter.device
-    enc = adapter.encode([image], [prompt])
-    ids = enc.input_ids[0].to(dev)
-    where = (ids == model.config.image_token_id).nonzero().flatten()
-    s, e = int(where[0]), int(where[-1]) + 1
+    enc, ids, s, e = _oracle_parts(adapter, image, prompt)
     pix = enc.vision_inputs["pixel_values"].to(dev, adapter.dtype)
     thw = enc.vision_inputs["image_grid_thw"].to(dev)
     lm, head, emb = model.model.language_model, model.lm_head, model.get_input_embeddings()
-    rows = []
-    for i in range(repeats + WARMUP):
-        mem = PeakMemory(dev)
-        with mem:
-            sync(dev)
-            t0 = time.perf_counter()
-            out = model.model.get_image_features(pixel_values=pix, image_grid_thw=thw)
-            feats = out.pooler_output[0][:k]
-            e_ids = emb(ids)
-            x = torch.cat([e_ids[:s], feats.to(e_ids), e_ids[e:]])[None]
-            n = x.shape[1]
-            pos = torch.arange(n, device=dev).view(1, 1, -1).expand(3, 1, -1)
-            extra = {}
-            if getattr(out, "deepstack_features", None):
-                mask = torch.zeros(1, n, dtype=torch.bool, device=dev)
-                mask[0, s:s + feats.shape[0]] = True
-                extra = {"visual_pos_masks": mask, "deepstack_visual_embeds": [f[0][:k] for f in out.deepstack_features]}
-            cache = DynamicCache(config=model.config.text_config)
-            hs = lm(inputs_embeds=x, position_ids=pos, cache=cache, use_cache=True, **extra).last_hidden_state
-            logits = head(hs[:, -1])
-            sync(dev)
-            prefill = (time.perf_counter() - t0) * 1e3
-            steps, t_dec = 0, 0.0
-            for step in range(new_tokens - 1):
-                t1 = time.perf_counter()
-                nxt = logits.argmax(-1)
-                p = torch.full((3, 1, 1), n + step, device=dev, dtype=torch.long)
-                hs = lm(inputs_embeds=emb(nxt[:, None]), position_ids=p, cache=cache, use_cache=True).last_hidden_state
-                logits = head(hs[:, -1])
-                sync(dev)
-                t_dec += time.perf_counter() - t1
-                steps += 1
-        if i >= WARMUP:
-            rows.append((prefill, t_dec * 1e3 / max(steps, 1), mem.peak))
-    return {"prefill_ms": _median([r[0] for r in rows]), "decode_ms": _median([r[1] for r in rows]),
-            "peak_bytes": _median([r[2] for r in rows])}
+
+    def prefill():
+        out = model.model.get_image_features(pixel_values=pix, image_grid_thw=thw)
+        feats = out.pooler_output[0][:k]
+        e_ids = emb(ids)
+        x = torch.cat([e_ids[:s], feats.to(e_ids), e_ids[e:]])[None]
+        n = x.shape[1]
+        extra = {}
+        if getattr(out, "deepstack_features", None):
+            mask = torch.zeros(1, n, dtype=torch.bool, device=dev)
+            mask[0, s:s + feats.shape[0]] = True
+            extra = {"visual_pos_masks": mask, "deepstack_visual_embeds": [f[0][:k] for f in out.deepstack_features]}
+        cache = DynamicCache(config=model.config.text_config)
+        pos = torch.arange(n, device=dev).view(1, 1, -1).expand(3, 1, -1)
+        hs = lm(inputs_embeds=x, position_ids=pos, cache=cache, use_cache=True, **extra).last_hidden_state
+        return head(hs[:, -1]), (cache, n)
+
+    def step(nxt, state, j):
+        cache, n = state
+        pos = torch.full((3, 1, 1), n + j, device=dev, dtype=torch.long)
+        return head(lm(inputs_embeds=emb(nxt[:, None]), position_ids=pos, cache=cache,
+                       use_cache=True).last_hidden_state[:, -1])
+
+    return _timed_runs(dev, prefill, step, new_tokens, repeats)
 
 
 @torch.no_grad()

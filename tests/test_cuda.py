@@ -1,4 +1,5 @@
-"""The `cuda` suite: every shipped pipeline on tiny LLaVA, tiny Qwen and the embedded model on
+"""The `cuda` suite: every shipped pipeline on tiny LLaVA, the tiny Qwen-VL presets (Qwen2-VL,
+Qwen2.5-VL, Qwen3-VL) and the embedded model on
 CUDA in float16 and bfloat16, under the device/dtype audit of tests/_device_audit.py.
 
 Skipped (cleanly, at collection) where CUDA is absent; runs whenever it is present:
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from _device_audit import DeviceAudit
-from test_pipelines_e2e import LLAVA_CASES, PROMPT, QWEN_CASES, _expected_counts
+from test_pipelines_e2e import LLAVA_CASES, PROMPT, QWEN_CASES, QWEN_PRESETS, _expected_counts
 
 from nuwa_graph import load
 
@@ -26,13 +27,17 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 @pytest.fixture(scope="module", params=list(DTYPES))
 def models(request):
     from nuwa_graph.adapters import load_adapter
-    from nuwa_graph.adapters.tiny import synthetic_image, tiny_qwen, tiny_qwen_image
+    from nuwa_graph.adapters.tiny import synthetic_image, tiny_qwen_image
+    from nuwa_graph.adapters.tiny_qwen_vl import unit_pixels
     from nuwa_graph.apps.models import default_model
 
     dt = DTYPES[request.param]
-    return {"tiny-llava": (load_adapter("tiny-llava", dt, "cuda"), synthetic_image()),
-            "embedded": (load_adapter(default_model(), dt, "cuda"), synthetic_image()),
-            "tiny-qwen": (tiny_qwen(dtype=dt, device="cuda"), tiny_qwen_image((6, 8), seed=1))}
+    out = {"tiny-llava": (load_adapter("tiny-llava", dt, "cuda"), synthetic_image()),
+           "embedded": (load_adapter(default_model(), dt, "cuda"), synthetic_image())}
+    for preset in QWEN_PRESETS:
+        adapter = load_adapter(preset, dt, "cuda")
+        out[preset] = (adapter, tiny_qwen_image((6, 8), seed=1, unit=unit_pixels(adapter)))
+    return out
 
 
 def _run(adapter, image, pipe):
@@ -54,8 +59,9 @@ def test_llava_family_pipeline_on_cuda(models, model, name):
 
 
 @pytest.mark.parametrize("name", list(QWEN_CASES))
-def test_qwen_pipeline_on_cuda(models, name):
-    adapter, image = models["tiny-qwen"]
+@pytest.mark.parametrize("model", QWEN_PRESETS)
+def test_qwen_pipeline_on_cuda(models, model, name):
+    adapter, image = models[model]
     _run(adapter, image, load(ROOT / "pipelines" / f"{name}.yaml", QWEN_CASES[name]))
 
 

@@ -226,3 +226,25 @@ def test_run_json_and_table_say_which_schedule_and_signals(capsys):
     assert run_command(ROOT / "pipelines/feather.yaml", model="tiny-llava", max_new_tokens=1) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "schedule" in out and "signals" in out and "scale32([8, 16])" in out
+
+
+def test_family_files_route_by_family_then_by_group(tmp_path):
+    """A key names a family or a family group; the family's entry wins; a family named alone is
+    its own group; a file that would send the model on again is an error."""
+    from nuwa_graph import PipelineError
+
+    body = "\nnodes:\n  - {name: s, type: selector.uniform-grid, params: {stride: 1}}\n" \
+           "  - {name: k, type: applier.keep, params: {site: vision}, inputs: {selection: s.selection}}\n"
+    (tmp_path / "a.yaml").write_text("name: a\nfamily_files: {qwen-vl: b.yaml, qwen2_vl: c.yaml}" + body)
+    (tmp_path / "b.yaml").write_text("name: b" + body)
+    (tmp_path / "c.yaml").write_text("name: c" + body)
+    a = tmp_path / "a.yaml"
+    assert load(a, model_vars={"family": "qwen3_vl", "family_group": "qwen-vl"}).name == "b"
+    assert load(a, model_vars={"family": "qwen2_vl", "family_group": "qwen-vl"}).name == "c"
+    assert load(a, model_vars={"family": "llava", "family_group": "llava"}).name == "a"
+    assert load(a, model_vars={"family": "qwen3_vl"}).name == "a"  # no group given: the family alone
+    bound = load(a).bind_model({"family": "qwen2_5_vl", "family_group": "qwen-vl", "llm_layers": 4})
+    assert bound.name == "b" and bound.chosen_from == str(a)
+    (tmp_path / "b.yaml").write_text("name: b\nfamily_files: {qwen-vl: a.yaml}" + body)
+    with pytest.raises(PipelineError, match="sends qwen3_vl models on to a.yaml; name the final file"):
+        load(a, model_vars={"family": "qwen3_vl", "family_group": "qwen-vl"})
