@@ -10,8 +10,8 @@ Two modes:
   (vision tower + projector, then the first k projected rows as inputs_embeds, greedy
   decoding with a cache; on Qwen3-VL the first k rows of each DeepStack level too), the
   cheapest possible run at that count. Also `Stock`: the unmodified model's own `generate`
-  (its placeholder scatter, M-RoPE, DeepStack and cache), which keep-everything through the
-  adapter (vanilla) is compared with.
+  (its placeholder scatter, M-RoPE, DeepStack and cache), run in turn with keep-everything
+  through the adapter (vanilla), which is compared with it.
 - `growth`: how cost grows with the number of visual tokens (`--tokens 576,1152,2304,2880`,
   as with LLaVA-NeXT / Qwen2.5-VL dynamic resolution), on a Qwen2.5-VL-architecture model
   whose merged grid is sized per row (24x24, 24x48, 48x48, 48x60): vanilla and the
@@ -22,8 +22,8 @@ px CLIP grid = 576 tokens), `random-qwen` (Qwen2.5-VL; growth mode), `random-qwe
 `random-qwen3-vl` (the real classes and structure: patch 14 / 16, Qwen3-VL's DeepStack levels
 at 8/27, 16/27, 24/27 of the vision depth, QK-norm, head_dim 128; widths and depths from the
 flags; a 24 x 24 merged grid = 576 tokens in methods mode), or any local directory / hub id /
-preset `load_adapter` takes. Every number is the median of `--repeats` runs after one
-warm-up run.
+preset `load_adapter` takes. Every number is the median (`--stat min`: the minimum) of
+`--repeats` runs after `--warmup` warm-up runs.
 
     # CPU, a small model (the command of docs/performance.md)
     python benchmarks/bench_adapters.py --dtype float32 --repeats 2 --new-tokens 8 --write docs/performance.md
@@ -171,21 +171,37 @@ def qwen_inputs(adapter, grid, seed: int = 0):
 
 # ---- timing ------------------------------------------------------------------------------------
 def _median(xs):
-    return statistics.median(xs) if xs else float("nan")
+    """The statistic of a row's timings: the median (default), or the minimum with `--stat min`
+    (the least disturbed run: for a machine that other jobs share)."""
+    if not xs:
+        return float("nan")
+    return min(xs) if STAT == "min" else statistics.median(xs)
 
 
 WARMUP = 1
+STAT = "median"
 
 
-def bench_pipeline(adapter, pipe, image, prompt, new_tokens, repeats, batch: int = 1):
-    rows = []
+def bench_pipeline(adapter, pipe, image, prompt, new_tokens, repeats, batch: int = 1, oracle_of=None):
+    """A row's runs; with `oracle_of(k)` (a one-run oracle at k visual tokens, k from the first
+    run), the oracle runs in turn with the row's runs, so both see the same machine (--interleave)."""
+    rows, oracle_rows, oracle = [], [], None
     for i in range(repeats + WARMUP):
         rep = adapter.generate(pipe, [image] * batch, [prompt] * batch, max_new_tokens=new_tokens, stop_at_eos=False)
+        if oracle_of is not None and oracle is None:
+            oracle = oracle_of(round(rep.visual_tokens_avg[0]))
+        o = oracle() if oracle is not None else None
         if i >= WARMUP:
             rows.append(rep)
+            oracle_rows.append(o)
     last = rows[-1]
     fl = last.flops[0]
+    interleaved = None
+    if oracle is not None:
+        interleaved = {"prefill_ms": _median([o[0] for o in oracle_rows]), "decode_ms": _median([o[1] for o in oracle_rows]),
+                       "peak_bytes": _median([o[2] for o in oracle_rows])}
     return {
+        "oracle": interleaved,
         "prefill_ms": _median([r.prefill_ms for r in rows]),
         "decode_ms": _median([r.decode_ms_per_token for r in rows]),
         "peak_bytes": _median([r.peak_memory_bytes for r in rows]),
@@ -200,27 +216,29 @@ def bench_pipeline(adapter, pipe, image, prompt, new_tokens, repeats, batch: int
     }
 
 
-def _timed_runs(dev, prefill, step, new_tokens: int, repeats: int):
-    """Medians over `repeats` runs after WARMUP: `prefill()` -> (last logits, state) is timed as
-    the prefill, then greedy decoding, `step(next ids, state, i)` -> logits, per step."""
-    rows = []
-    for i in range(repeats + WARMUP):
-        mem = PeakMemory(dev)
-        with mem:
+def _one_run(dev, prefill, step, new_tokens: int) -> tuple[float, float, int]:
+    """(prefill ms, decode ms/token, peak memory) of one run: `prefill()` -> (last logits, state)
+    is timed as the prefill, then greedy decoding, `step(next ids, state, i)` -> logits, per step."""
+    mem = PeakMemory(dev)
+    with mem:
+        sync(dev)
+        t0 = time.perf_counter()
+        logits, state = prefill()
+        sync(dev)
+        prefill_ms = (time.perf_counter() - t0) * 1e3
+        steps, t_dec = 0, 0.0
+        for j in range(new_tokens - 1):
+            t1 = time.perf_counter()
+            logits = step(logits.argmax(-1), state, j)
             sync(dev)
-            t0 = time.perf_counter()
-            logits, state = prefill()
-            sync(dev)
-            prefill_ms = (time.perf_counter() - t0) * 1e3
-            steps, t_dec = 0, 0.0
-            for j in range(new_tokens - 1):
-                t1 = time.perf_counter()
-                logits = step(logits.argmax(-1), state, j)
-                sync(dev)
-                t_dec += time.perf_counter() - t1
-                steps += 1
-        if i >= WARMUP:
-            rows.append((prefill_ms, t_dec * 1e3 / max(steps, 1), mem.peak))
+            t_dec += time.perf_counter() - t1
+            steps += 1
+    return prefill_ms, t_dec * 1e3 / max(steps, 1), mem.peak
+
+
+def _timed_runs(once, repeats: int):
+    """The statistic of `repeats` runs of `once()` after WARMUP."""
+    rows = [once() for _ in range(repeats + WARMUP)][WARMUP:]
     return {"prefill_ms": _median([r[0] for r in rows]), "decode_ms": _median([r[1] for r in rows]),
             "peak_bytes": _median([r[2] for r in rows])}
 
@@ -234,8 +252,18 @@ def _oracle_parts(adapter, image, prompt):
     return enc, ids, int(where[0]), int(where[-1]) + 1
 
 
-@torch.no_grad()
 def bench_oracle(adapter, image, prompt, k: int, new_tokens: int, repeats: int):
+    """The oracle at k visual tokens (`oracle_run`), `repeats` runs after WARMUP."""
+    return _timed_runs(oracle_run(adapter, image, prompt, k, new_tokens), repeats)
+
+
+def oracle_run(adapter, image, prompt, k: int, new_tokens: int):
+    """One-run function of the family's oracle at k tokens (LLaVA or the Qwen-VL line)."""
+    qwen = adapter.model_variables().get("family_group") == "qwen-vl"
+    return (_oracle_qwen if qwen else _oracle_llava)(adapter, image, prompt, k, new_tokens)
+
+
+def _oracle_llava(adapter, image, prompt, k: int, new_tokens: int):
     """The stock LLaVA model (no hooks) fed the first k projected visual tokens directly."""
     from transformers import DynamicCache
 
@@ -258,11 +286,10 @@ def bench_oracle(adapter, image, prompt, k: int, new_tokens: int, repeats: int):
         return head(lm(inputs_embeds=emb(nxt[:, None]), position_ids=pos, cache=cache,
                        use_cache=True).last_hidden_state[:, -1])
 
-    return _timed_runs(dev, prefill, step, new_tokens, repeats)
+    return torch.no_grad()(lambda: _one_run(dev, prefill, step, new_tokens))
 
 
-@torch.no_grad()
-def bench_oracle_qwen(adapter, image, prompt, k: int, new_tokens: int, repeats: int):
+def _oracle_qwen(adapter, image, prompt, k: int, new_tokens: int):
     """The stock Qwen-VL model (no hooks) fed the first k merged visual tokens directly: its
     vision tower and merger on the image, then the text model on [text | k rows | text] with
     contiguous M-RoPE ids (on Qwen3-VL the first k rows of each DeepStack level, added by the
@@ -297,15 +324,19 @@ def bench_oracle_qwen(adapter, image, prompt, k: int, new_tokens: int, repeats: 
         return head(lm(inputs_embeds=emb(nxt[:, None]), position_ids=pos, cache=cache,
                        use_cache=True).last_hidden_state[:, -1])
 
-    return _timed_runs(dev, prefill, step, new_tokens, repeats)
+    return torch.no_grad()(lambda: _one_run(dev, prefill, step, new_tokens))
 
 
 @torch.no_grad()
-def bench_stock(adapter, image, prompt, new_tokens: int, repeats: int):
+def bench_stock(adapter, vanilla, image, prompt, new_tokens: int, repeats: int):
     """The unmodified model's own `generate` on the processor's inputs (its placeholder scatter,
-    M-RoPE, DeepStack, cache; greedy): what keep-everything through the adapter costs next to
-    no adapter at all. Prefill = generate with one new token; decode ms/token = (generate with
-    `new_tokens` - that) / (new_tokens - 1)."""
+    M-RoPE, DeepStack, cache; greedy) and keep-everything through the adapter (`vanilla`), run
+    in turn so that both see the same machine: what the adapter costs next to no adapter at
+    all. Stock times come from a clock logits processor (called once a step, after that step's
+    forward): prefill = start to the first call, decode ms/token = first to last call / steps;
+    the adapter's are its report's."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
     model, dev = adapter.model, adapter.device
     enc = adapter.encode([image], [prompt])
     inputs = {"input_ids": enc.input_ids.to(dev), "attention_mask": enc.attention_mask.to(dev)}
@@ -313,23 +344,28 @@ def bench_stock(adapter, image, prompt, new_tokens: int, repeats: int):
                    for k, v in enc.vision_inputs.items()})
     inputs.update({k: v.to(dev) for k, v in enc.extras.items() if torch.is_tensor(v)})
 
-    def timed(n: int) -> tuple[float, int]:
-        mem = PeakMemory(dev)
-        with mem:
+    class Clock(LogitsProcessor):
+        def __init__(self):
+            self.t: list[float] = []
+
+        def __call__(self, input_ids, scores):
             sync(dev)
-            t0 = time.perf_counter()
-            model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-            sync(dev)
-        return (time.perf_counter() - t0) * 1e3, mem.peak
+            self.t.append(time.perf_counter())
+            return scores
 
     rows = []
     for i in range(repeats + WARMUP):
-        one, peak = timed(1)
-        many, _ = timed(new_tokens) if new_tokens > 1 else (one, peak)
+        rep = adapter.generate(vanilla, [image], [prompt], max_new_tokens=new_tokens, stop_at_eos=False)
+        clock = Clock()
+        sync(dev)
+        t0 = time.perf_counter()
+        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       logits_processor=LogitsProcessorList([clock]))
+        decode = (clock.t[-1] - clock.t[0]) * 1e3 / max(len(clock.t) - 1, 1)
         if i >= WARMUP:
-            rows.append((one, (many - one) / max(new_tokens - 1, 1), peak))
+            rows.append(((clock.t[0] - t0) * 1e3, decode, rep.prefill_ms, rep.decode_ms_per_token))
     return {"prefill_ms": _median([r[0] for r in rows]), "decode_ms": _median([r[1] for r in rows]),
-            "peak_bytes": _median([r[2] for r in rows])}
+            "vanilla_prefill_ms": _median([r[2] for r in rows]), "vanilla_decode_ms": _median([r[3] for r in rows])}
 
 
 # ---- the two modes -----------------------------------------------------------------------------
@@ -375,17 +411,22 @@ def methods_mode(adapter, args) -> str:
         image, prompt = synthetic_image(336), "What shapes are in the image, and what colour is each one?"
     rows, oracles = [], {}
     for name, budget, pipe in _pipelines(args.methods or (QWEN_METHODS if qwen else LLAVA_METHODS), args.budgets, qwen):
+        wants = args.oracle == "all" or (args.oracle == "pre-llm" and (name in PRE_LLM or name == "vanilla"))
+        oracle_of = None
+        if wants and args.interleave:
+            def oracle_of(k):
+                return oracle_run(adapter, image, prompt, k, args.new_tokens)
         try:
-            r = bench_pipeline(adapter, pipe, image, prompt, args.new_tokens, args.repeats, args.batch)
+            r = bench_pipeline(adapter, pipe, image, prompt, args.new_tokens, args.repeats, args.batch, oracle_of)
         except RunError as exc:  # a method this model cannot run (e.g. a layer past the last): say so
             print(f"{name} {budget}: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
             continue
         k = round(r["avg_tokens"])
-        wants = args.oracle == "all" or (args.oracle == "pre-llm" and (name in PRE_LLM or name == "vanilla"))
-        if wants and k not in oracles:
-            oracle = bench_oracle_qwen if qwen else bench_oracle
-            oracles[k] = oracle(adapter, image, prompt, k, args.new_tokens, args.repeats)
-        o = oracles.get(k)
+        if r["oracle"] is not None:  # run in turn with this row (the last such row's is listed below)
+            oracles[k] = r["oracle"]
+        elif wants and k not in oracles:
+            oracles[k] = bench_oracle(adapter, image, prompt, k, args.new_tokens, args.repeats)
+        o = r["oracle"] or oracles.get(k)
         r["prefill_vs_oracle"] = r["prefill_ms"] / o["prefill_ms"] if o else None
         r["decode_vs_oracle"] = r["decode_ms"] / o["decode_ms"] if o else None
         rows.append((name, budget, r))
@@ -394,13 +435,13 @@ def methods_mode(adapter, args) -> str:
               "(% of vanilla) | node time % of prefill | prefill / oracle | decode / oracle |"),
              "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [_method_row(name, budget, r) for name, budget, r in rows]
-    vanilla = next((r for name, _, r in rows if name == "vanilla"), None)
-    if vanilla is not None:
-        st = bench_stock(adapter, image, prompt, args.new_tokens, args.repeats)
-        lines += ["", f"Stock (the unmodified model's own generate, no adapter): "
-                      f"{st['prefill_ms']:.0f} ms prefill, {st['decode_ms']:.1f} ms/token; keep-everything through the "
-                      f"adapter (vanilla): prefill / stock {vanilla['prefill_ms'] / st['prefill_ms']:.2f}, decode / "
-                      f"stock {vanilla['decode_ms'] / st['decode_ms']:.2f}"]
+    if any(name == "vanilla" for name, _, _ in rows):
+        st = bench_stock(adapter, load(ROOT / "pipelines/vanilla.yaml"), image, prompt, args.new_tokens, args.repeats)
+        lines += ["", f"Stock (the unmodified model's own generate, no adapter), run in turn with vanilla through the "
+                      f"adapter: stock {st['prefill_ms']:.0f} ms prefill, {st['decode_ms']:.1f} ms/token; vanilla "
+                      f"{st['vanilla_prefill_ms']:.0f} ms, {st['vanilla_decode_ms']:.1f} ms/token; prefill / stock "
+                      f"{st['vanilla_prefill_ms'] / st['prefill_ms']:.2f}, decode / stock "
+                      f"{st['vanilla_decode_ms'] / st['decode_ms']:.2f}"]
     if oracles:
         lines += ["", "Oracle (stock model, k visual tokens fed directly): "
                   + "; ".join(f"k={k}: {o['prefill_ms']:.0f} ms prefill, {o['decode_ms']:.1f} ms/token"
@@ -457,8 +498,13 @@ def main(argv=None) -> int:
     ap.add_argument("--growth-budget", type=int, default=192)
     ap.add_argument("--oracle", choices=["pre-llm", "all", "none"], default="pre-llm",
                     help="which runs get an oracle (pre-llm: vanilla and the methods that prune before the LLM)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="run each row's oracle in turn with the row's runs (both see the same machine: for a shared "
+                         "machine whose load moves)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
+    ap.add_argument("--stat", choices=["median", "min"], default="median",
+                    help="statistic of the timed runs (min: the least disturbed run, on a shared machine)")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--write", type=Path, default=None, help="replace this mode's results block of a markdown file")
@@ -467,6 +513,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     global WARMUP
     WARMUP = args.warmup
+    global STAT
+    STAT = args.stat
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
@@ -493,7 +541,7 @@ def main(argv=None) -> int:
     dev = (torch.cuda.get_device_name(adapter.device) if adapter.device.type == "cuda"
            else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads")
     env = (f"{adapter.name}; {dev}; torch {torch.__version__}; {args.dtype}, {args.attn_implementation}; batch "
-           f"{args.batch}; {args.new_tokens} new tokens; median of {args.repeats} after {args.warmup} warm-up; "
+           f"{args.batch}; {args.new_tokens} new tokens; {args.stat} of {args.repeats} after {args.warmup} warm-up; "
            f"{time.strftime('%Y-%m-%d %H:%M')}")
     start, end = MARKS[args.mode]
     block = f"{start}\n{env}.\n\n{text}\n{end}"
