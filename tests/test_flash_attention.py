@@ -31,20 +31,11 @@ from nuwa_graph.adapters import PRESETS
 from nuwa_graph.adapters.tiny import synthetic_image
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models on one thread
 PIPELINES = sorted(str(p.relative_to(ROOT / "pipelines"))[:-5] for p in (ROOT / "pipelines").rglob("*.yaml"))
 PROMPTS = ["what colour is the square ?", "how many shapes are there in the image ? describe the image"]
 IMAGES = [synthetic_image(96, seed=0), synthetic_image(96, seed=3)]
 NEW_TOKENS = 3
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU idle threads spinning
-    for their turn cost more than the work (measured: 6 min instead of 40 s under load 7)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module", params=sorted(PRESETS))

@@ -28,6 +28,7 @@ from nuwa_graph.adapters import PRESETS, load_adapter
 from nuwa_graph.adapters.tiny import synthetic_image
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models on one thread
 PROMPT = "what colour is the square ?"
 
 

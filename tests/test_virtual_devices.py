@@ -34,6 +34,7 @@ from nuwa_graph.adapters import PRESETS
 from nuwa_graph.adapters.tiny import synthetic_image
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models on one thread
 PIPELINES = sorted(str(p.relative_to(ROOT / "pipelines"))[:-5] for p in (ROOT / "pipelines").rglob("*.yaml"))
 FAMILIES = sorted(PRESETS) + ["embedded"]
 PROMPTS = ["what colour is the square ?", "how many shapes are there in the image ? describe the image"]
@@ -54,16 +55,6 @@ def _build(name: str):
         return load_adapter(default_model(), "float32", "cpu")
     mod, fn = PRESETS[name]
     return getattr(importlib.import_module(mod), fn)(dtype=torch.float32, device="cpu")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU idle threads spinning
-    for their turn cost more than the work (measured: 6 min instead of 40 s under load 7)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
