@@ -49,11 +49,10 @@ class HookSession(SignalRows):
         adapter = self
         impl = self.attn_implementation
         own: dict[type, Any] = {}  # module class -> its modeling file's eager_attention_forward
-        # the session's name never says "flash": transformers would then load a flash kernel BY
-        # that name (its hub-kernel loader, which fails); under flash the registered function
-        # calls the kernel by its own name (_as_kernel), and the modeling code takes its non-flash
-        # branches (Qwen's vision tower: one call per window instead of one varlen call per block)
-        name = self.attn_name
+        # the session's name (attn_name) never says "flash": transformers would then load a flash
+        # kernel BY that name (its hub-kernel loader, which fails); under flash the registered
+        # function calls the kernel by its own name (_as_kernel), and the modeling code takes its
+        # non-flash branches (Qwen's vision tower: one call per window, not one varlen call)
 
         def forward_of(module):
             if impl == "sdpa":
@@ -81,13 +80,13 @@ class HookSession(SignalRows):
                         adapter._rows_from_attention(r, where[1], module, query, key)
             return out
 
-        AttentionInterface.register(name, attention)
-        AttentionMaskInterface.register(name, sdpa_mask if impl == "sdpa" else ALL_MASK_ATTENTION_FUNCTIONS[impl])
+        AttentionInterface.register(self.attn_name, attention)
+        AttentionMaskInterface.register(self.attn_name, sdpa_mask if impl == "sdpa" else ALL_MASK_ATTENTION_FUNCTIONS[impl])
         self._attn_index = {id(m): ("vision", i) for i, m in enumerate(self.vision_attention_modules())}
         for i, layer in enumerate(self.decoder_layers()):
             self._attn_index[id(layer.self_attn)] = ("llm", i)
         try:
-            self.model.set_attn_implementation({k: name for k in saved})
+            self.model.set_attn_implementation({k: self.attn_name for k in saved})
             for i, layer in enumerate(self.decoder_layers()):
                 handles.append(layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True))
             self._layer_hooks = handles
@@ -104,8 +103,8 @@ class HookSession(SignalRows):
                 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
                 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-                ALL_ATTENTION_FUNCTIONS._global_mapping.pop(name, None)
-                ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.pop(name, None)
+                ALL_ATTENTION_FUNCTIONS._global_mapping.pop(self.attn_name, None)
+                ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.pop(self.attn_name, None)
                 self._attn_index = {}
 
     def _release_layer_hooks(self) -> None:
