@@ -449,8 +449,9 @@ def device_map(adapter, boundary: int | None = None, vision_device: int = 0,
       every other part of the text model (final norm, rotary embedding) and the LM head on
       cuda:1 (the last GPU, as accelerate puts them); `boundary=None`: the LLM on cuda:0;
     - everything else (vision tower, projector, ...) on `vision_device`, except that with
-      `vision_boundary` the vision blocks (the parents of `vision_attention_modules()`) from
-      that index on go to the other GPU."""
+      `vision_boundary` the vision blocks (the parents of `vision_attention_modules()`) before
+      that index go to the other GPU (the tower is split; its last blocks, whose outputs the
+      signals read, stay on `vision_device`)."""
     model = adapter.model
     names = {id(m): n for n, m in model.named_modules()}
     pinned: dict[int, int] = {}
@@ -465,7 +466,7 @@ def device_map(adapter, boundary: int | None = None, vision_device: int = 0,
     if vision_boundary is not None:
         for i, attn in enumerate(adapter.vision_attention_modules()):
             block = model.get_submodule(names[id(attn)].rsplit(".", 1)[0])
-            pinned[id(block)] = vision_device if i < vision_boundary else 1 - vision_device
+            pinned[id(block)] = 1 - vision_device if i < vision_boundary else vision_device
     dmap: dict[str, int] = {}
 
     def assign(module: torch.nn.Module) -> None:
