@@ -53,7 +53,8 @@ sys.path.insert(0, str(ROOT))
 from nuwa_graph import RunError, load  # noqa: E402
 from nuwa_graph.adapters import load_adapter  # noqa: E402
 from nuwa_graph.adapters.llava import LlavaAdapter  # noqa: E402
-from nuwa_graph.adapters.report import PeakMemory, sync  # noqa: E402
+from nuwa_graph.adapters.loading import to_dtype_as_loaded  # noqa: E402
+from nuwa_graph.adapters.report import PeakMemory, model_devices, sync  # noqa: E402
 from nuwa_graph.adapters.tiny import build_processor, synthetic_image  # noqa: E402
 
 LLAVA_METHODS = ["vanilla", "random", "downsample", "fastv", "fastv_fix", "pdrop", "sparsevlm", "sparsevlm_v2",
@@ -84,7 +85,7 @@ def random_llava(dtype, device, attn, args, seed: int = 0) -> LlavaAdapter:
                       vision_feature_layer=-2, vision_feature_select_strategy="default", pad_token_id=tok.pad_token_id)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = LlavaForConditionalGeneration(cfg).to(dtype).eval()
+        model = to_dtype_as_loaded(LlavaForConditionalGeneration(cfg), dtype).eval()  # RoPE tables stay float32
     model.generation_config.pad_token_id = tok.pad_token_id
     name = (f"random LLaVA (CLIP {args.vision_hidden}x{args.vision_layers} on 336 px = 576 tokens, "
             f"Llama {args.llm_hidden}x{args.llm_layers})")
@@ -104,7 +105,7 @@ def random_qwen(dtype, device, attn, args, seed: int = 0):
     proc = qwen_processor(tok, patch_size=14, merge_size=2, min_pixels=28 * 28, max_pixels=3000 * 28 * 28)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration(cfg).to(dtype).eval()
+        model = to_dtype_as_loaded(Qwen2_5_VLForConditionalGeneration(cfg), dtype).eval()
     name = (f"random Qwen2.5-VL (vision {args.vision_hidden}x{args.vision_layers}, windows 112 px, "
             f"LLM {args.llm_hidden}x{args.llm_layers})")
     return QwenAdapter(model, proc, name=name, dtype=dtype, device=device, attn_implementation=attn)
@@ -153,7 +154,7 @@ def random_qwen_line(kind: str, dtype, device, attn, args, seed: int = 0):
                                max_pixels=3000 * unit * unit, processor_class=proc)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = cls(cfg).to(dtype).eval()
+        model = to_dtype_as_loaded(cls(cfg), dtype).eval()  # RoPE tables stay float32, as from_pretrained
     name = (f"random {adapter_cls.display_name} (vision {dv}x{args.vision_layers}, patch {patch}"
             + (f", DeepStack after blocks {cfg.vision_config.deepstack_visual_indexes}" if kind == "qwen3_vl" else "")
             + f", LLM {args.llm_hidden}x{args.llm_layers})")
@@ -216,21 +217,22 @@ def bench_pipeline(adapter, pipe, image, prompt, new_tokens, repeats, batch: int
     }
 
 
-def _one_run(dev, prefill, step, new_tokens: int) -> tuple[float, float, int]:
+def _one_run(devices, prefill, step, new_tokens: int) -> tuple[float, float, int]:
     """(prefill ms, decode ms/token, peak memory) of one run: `prefill()` -> (last logits, state)
-    is timed as the prefill, then greedy decoding, `step(next ids, state, i)` -> logits, per step."""
-    mem = PeakMemory(dev)
+    is timed as the prefill, then greedy decoding, `step(next ids, state, i)` -> logits, per step;
+    `devices`: every device of the model (`model_devices`: all GPUs of a --device-map model)."""
+    mem = PeakMemory(devices)
     with mem:
-        sync(dev)
+        sync(devices)
         t0 = time.perf_counter()
         logits, state = prefill()
-        sync(dev)
+        sync(devices)
         prefill_ms = (time.perf_counter() - t0) * 1e3
         steps, t_dec = 0, 0.0
         for j in range(new_tokens - 1):
             t1 = time.perf_counter()
             logits = step(logits.argmax(-1), state, j)
-            sync(dev)
+            sync(devices)
             t_dec += time.perf_counter() - t1
             steps += 1
     return prefill_ms, t_dec * 1e3 / max(steps, 1), mem.peak
@@ -286,7 +288,7 @@ def _oracle_llava(adapter, image, prompt, k: int, new_tokens: int):
         return head(lm(inputs_embeds=emb(nxt[:, None]), position_ids=pos, cache=cache,
                        use_cache=True).last_hidden_state[:, -1])
 
-    return torch.no_grad()(lambda: _one_run(dev, prefill, step, new_tokens))
+    return torch.no_grad()(lambda: _one_run(model_devices(model, dev), prefill, step, new_tokens))
 
 
 def _oracle_qwen(adapter, image, prompt, k: int, new_tokens: int):
@@ -324,7 +326,7 @@ def _oracle_qwen(adapter, image, prompt, k: int, new_tokens: int):
         return head(lm(inputs_embeds=emb(nxt[:, None]), position_ids=pos, cache=cache,
                        use_cache=True).last_hidden_state[:, -1])
 
-    return torch.no_grad()(lambda: _one_run(dev, prefill, step, new_tokens))
+    return torch.no_grad()(lambda: _one_run(model_devices(model, dev), prefill, step, new_tokens))
 
 
 @torch.no_grad()
@@ -344,12 +346,14 @@ def bench_stock(adapter, vanilla, image, prompt, new_tokens: int, repeats: int):
                    for k, v in enc.vision_inputs.items()})
     inputs.update({k: v.to(dev) for k, v in enc.extras.items() if torch.is_tensor(v)})
 
+    devices = model_devices(model, dev)
+
     class Clock(LogitsProcessor):
         def __init__(self):
             self.t: list[float] = []
 
         def __call__(self, input_ids, scores):
-            sync(dev)
+            sync(devices)
             self.t.append(time.perf_counter())
             return scores
 
@@ -357,7 +361,7 @@ def bench_stock(adapter, vanilla, image, prompt, new_tokens: int, repeats: int):
     for i in range(repeats + WARMUP):
         rep = adapter.generate(vanilla, [image], [prompt], max_new_tokens=new_tokens, stop_at_eos=False)
         clock = Clock()
-        sync(dev)
+        sync(devices)
         t0 = time.perf_counter()
         model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                        logits_processor=LogitsProcessorList([clock]))

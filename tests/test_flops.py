@@ -127,8 +127,8 @@ def test_qwen2_vl_and_qwen3_vl_towers_attend_over_the_whole_image():
     merger = units * (128 * 128 + 128 * 64)
     q2 = vision_flops(tiny_qwen2_vl().model.config, (rows, cols))
     assert q2 == {"vision": 4 * layer + n * 3 * 2 * 4 * 4 * dv, "projector": merger}
-    q3 = vision_flops(tiny_qwen3_vl().model.config, (rows, cols))  # patch 8: 3 x 2 x 8 x 8 inputs per patch
-    assert q3 == {"vision": 4 * layer + n * 3 * 2 * 8 * 8 * dv, "projector": 4 * merger}
+    q3 = vision_flops(tiny_qwen3_vl().model.config, (rows, cols))  # patch 4: 3 x 2 x 4 x 4 inputs per patch
+    assert q3 == {"vision": 4 * layer + n * 3 * 2 * 4 * 4 * dv, "projector": 4 * merger}
 
 
 def test_a_head_dim_wider_than_the_hidden_size_counts_the_query_width():

@@ -22,12 +22,16 @@ class VisionGeometry:
     counts: list[int]  # merged tokens per image
 
     @classmethod
-    def of(cls, visual, grid_thw: torch.Tensor, window_index: torch.Tensor) -> VisionGeometry:
-        """The geometry of a batch; `window_index` is the family's order of merge units
-        (`QwenAdapter.window_index`: windows on Qwen2.5-VL, arange without windows)."""
+    def of(cls, visual, grid_thw: torch.Tensor, window_index: torch.Tensor,
+           device: torch.device | str | None = None) -> VisionGeometry:
+        """The geometry of a batch, computed from `grid_thw` where it lies (give the processor's
+        host copy: no device sync); `window_index` is the family's order of merge units
+        (`QwenAdapter.window_index`: windows on Qwen2.5-VL, arange without windows), moved once
+        to `device` (default: grid_thw's)."""
         merge = visual.spatial_merge_size
         counts = (grid_thw.prod(-1) // (merge * merge)).tolist()
-        return cls(grid_thw, merge, window_index.to(grid_thw.device), [int(c) for c in counts])
+        return cls(grid_thw, merge, window_index.to(grid_thw.device if device is None else device),
+                   [int(c) for c in counts])
 
     def merged_grid(self, image: int) -> tuple[int, int]:
         t, h, w = (int(x) for x in self.grid_thw[image])

@@ -44,6 +44,7 @@ class Qwen2VLAdapter(QwenAdapter):
     display_name = "Qwen2-VL"
     model_class = "Qwen2VLForConditionalGeneration"
     processor_class = "Qwen2VLProcessor"
+    official_dtype_source = "Qwen2-VL's checkpoints' torch_dtype (bfloat16)"
 
     def window_index(self, grid_thw: torch.Tensor) -> torch.Tensor:
         """No window attention: the tower runs its merge units in raster order."""
@@ -61,6 +62,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     display_name = "Qwen3-VL"
     model_class = "Qwen3VLForConditionalGeneration"
     processor_class = "Qwen3VLProcessor"
+    official_dtype_source = "Qwen3-VL's checkpoints' dtype (bfloat16)"
     system_prompt = None  # Qwen3-VL's chat template adds no default system message
 
     @property
@@ -71,29 +73,33 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         return frozenset(range(min(self.deepstack_levels, self.n_layers)))
 
     def after_vision(self, run: AdapterRun, out, vg: VisionGeometry) -> None:
-        """The DeepStack rows of every level, batch-concatenated in raster order, and where each
-        sample's rows start."""
+        """The DeepStack rows of every level, batch-concatenated in raster order with one zero
+        row at the end (what a token without a row of its own adds), and where each sample's
+        rows start."""
         feats = getattr(out, "deepstack_features", None) or []
-        run.vision["deepstack"] = [vg.to_raster(f) for f in feats]
+        run.vision["deepstack"] = [torch.cat([vg.to_raster(f), f.new_zeros(1, f.shape[-1])]) for f in feats]
         run.vision["deepstack_start"] = [sum(vg.counts[:b]) for b in range(len(vg.counts))]
         run.vision["deepstack_count"] = list(vg.counts)
         run.vision["deepstack_where"] = {}
 
     def _deepstack_where(self, run: AdapterRun, seg: Segment, device: torch.device):
-        """(batch index, sequence index, DeepStack row) of every visual token of `seg` that has
-        a row (ids 0..n-1 of its image); built once per segment and device, not per layer."""
+        """(batch index, sequence index, DeepStack row) of every visual token of `seg`; a token
+        whose id has no row (CLS, pooled: id < 0) points at the zero row. Built on the device
+        from the segment's own device copy (`Segment.on`: no further host copy, no sync), once
+        per segment and device, not per layer."""
         key = (id(seg), device)
         cache = run.vision["deepstack_where"]
         if key not in cache:
+            on = seg.on(device)
+            zero_row = sum(run.vision["deepstack_count"])
             bs, ss, rows = [], [], []
             for b in range(run.B):
-                ids = seg.img_ids[b].long().cpu()
+                ids, idx = on.img_ids[b].long(), on.img_idx[b].long()
                 has = (ids >= 0) & (ids < run.vision["deepstack_count"][b])
-                idx = seg.img_idx[b].long().cpu()[has]
                 bs.append(torch.full_like(idx, b))
                 ss.append(idx)
-                rows.append(ids[has] + run.vision["deepstack_start"][b])
-            cache[key] = tuple(torch.cat(t).to(device) for t in (bs, ss, rows))
+                rows.append(torch.where(has, ids + run.vision["deepstack_start"][b], torch.full_like(ids, zero_row)))
+            cache[key] = tuple(torch.cat(t) for t in (bs, ss, rows))
         return cache[key]
 
     def on_layer_output(self, run: AdapterRun, layer: int, seg: Segment, hidden: torch.Tensor) -> torch.Tensor | None:
@@ -102,8 +108,6 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         if layer >= len(levels):
             return None
         b_idx, s_idx, rows = self._deepstack_where(run, seg, hidden.device)
-        if rows.numel() == 0:
-            return None
         add = levels[layer].to(hidden.device, hidden.dtype)[rows]
         out = hidden.clone()
         out[b_idx, s_idx] = out[b_idx, s_idx] + add

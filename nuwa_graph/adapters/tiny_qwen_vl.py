@@ -4,8 +4,9 @@ sizes, random weights from a fixed seed, and the tokenizer and PIL processor mac
 
 - tiny-qwen2-vl: `Qwen2VLForConditionalGeneration`, vision 4 blocks of width 32 (no windows),
   patch 4 (a merged token = 8 x 8 px), LLM 4 layers of width 64 (M-RoPE sections [2, 3, 3]).
-- tiny-qwen3-vl: `Qwen3VLForConditionalGeneration`, vision 4 blocks of width 32, patch 8 (a
-  merged token = 16 x 16 px), DeepStack from blocks 1, 2, 3 (added after LLM layers 0, 1, 2),
+- tiny-qwen3-vl: `Qwen3VLForConditionalGeneration`, vision 4 blocks of width 32, patch 4 (as
+  tiny-qwen: a merged token = 8 x 8 px; the real model's 16 is read from the config everywhere,
+  see the benchmark's random-qwen3-vl), DeepStack from blocks 1, 2, 3 (added after LLM layers 0, 1, 2),
   learned position embeddings on an 8 x 8 grid; LLM 4 layers of width 64 with QK-norm and
   interleaved M-RoPE (sections [4, 2, 2]).
 
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .loading import to_dtype_as_loaded
 from .tiny import TINY_SPECIALS, TINY_VISION_TOKENS, seeded_model, tiny_qwen_tokenizer
 
 if TYPE_CHECKING:
@@ -54,7 +56,7 @@ def tiny_qwen2_vl_config(vocab_size: int, ids: dict[str, int], patch_size: int =
         eos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<pad>"])
 
 
-def tiny_qwen3_vl_config(vocab_size: int, ids: dict[str, int], patch_size: int = 8):
+def tiny_qwen3_vl_config(vocab_size: int, ids: dict[str, int], patch_size: int = 4):
     from transformers import Qwen3VLConfig
 
     return Qwen3VLConfig(
@@ -98,8 +100,8 @@ def tiny_qwen2_vl(dtype: torch.dtype = torch.float32, device: str = "cpu", seed:
     from .qwen_vl import Qwen2VLAdapter
 
     model, processor = build_tiny_qwen2_vl(seed)
-    return Qwen2VLAdapter(model.to(device=device, dtype=dtype), processor, name="tiny-qwen2-vl", dtype=dtype,
-                          device=device)
+    model = to_dtype_as_loaded(model, dtype, device)  # RoPE tables stay float32, as from_pretrained keeps them
+    return Qwen2VLAdapter(model, processor, name="tiny-qwen2-vl", dtype=dtype, device=device)
 
 
 def tiny_qwen3_vl(dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0) -> Qwen3VLAdapter:
@@ -107,8 +109,8 @@ def tiny_qwen3_vl(dtype: torch.dtype = torch.float32, device: str = "cpu", seed:
     from .qwen_vl import Qwen3VLAdapter
 
     model, processor = build_tiny_qwen3_vl(seed)
-    return Qwen3VLAdapter(model.to(device=device, dtype=dtype), processor, name="tiny-qwen3-vl", dtype=dtype,
-                          device=device)
+    model = to_dtype_as_loaded(model, dtype, device)  # RoPE tables stay float32, as from_pretrained keeps them
+    return Qwen3VLAdapter(model, processor, name="tiny-qwen3-vl", dtype=dtype, device=device)
 
 
 def unit_pixels(adapter) -> int:

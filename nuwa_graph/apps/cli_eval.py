@@ -109,7 +109,7 @@ def eval_(
         sample_data,
     )
     from .prompts import LMMS_REC_PROMPT, LMMS_VQA_PROMPT, STYLES, lmms_eval_style, unescape
-    from .shards import Group, Shard, device_for, merge, parse_shard, read_shards, shard_payload, write_shard
+    from .shards import Group, Shard, check_launch, device_for, merge, parse_shard, read_shards, shard_payload, write_shard
 
     for template, field, option in ((grounding_prompt, "expression", "--grounding-prompt"),
                                     (vqa_prompt, "question", "--vqa-prompt")):
@@ -128,6 +128,7 @@ def eval_(
     vqa_prompt = unescape(vqa_prompt) if vqa_prompt else (LMMS_VQA_PROMPT if lmms else VQA_PROMPT)
     try:
         shard = parse_shard(shard_) if shard_ else Shard.from_env()
+        check_launch(shard, device_map)
         runs = plan_runs(files, grid)
     except PipelineError as exc:
         _print_problems(exc)
