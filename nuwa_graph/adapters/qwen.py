@@ -65,7 +65,7 @@ from ..errors import RunError
 from ..signals import SignalRequest
 from ..types import Geometry, PositionPlan
 from .base import LLM_SIGNALS, AdapterRun, Encoded, SampleLayout, VisionOut, VLMAdapter, load_checkpoint, register_adapter
-from .qwen_geometry import VisionGeometry, visual_positions_3d
+from .qwen_geometry import VisionGeometry, block_index, hidden_index, hidden_indices, visual_positions_3d
 from .qwen_processing import _processor_class, qwen_processor
 
 #: signals that need a CLS token; Qwen2.5-VL's vision tower has none
@@ -74,22 +74,6 @@ QWEN_VISION_SIGNALS = frozenset({"vision.attention_received", "vision.hidden", "
                                  "vision.merged_hidden_mean"})
 
 # --- vision-side signals ----------------------------------------------------------------------
-def hidden_index(layer: int, depth: int) -> int:
-    """hidden_states index (HF convention: 0 = patch embeddings, i = output of block i - 1)."""
-    idx = layer if layer >= 0 else depth + 1 + layer
-    if not 0 <= idx <= depth:
-        raise RunError(f"vision hidden_states index {layer} is out of range for a {depth}-block vision tower "
-                       f"(valid: 0..{depth} or -{depth + 1}..-1)")
-    return idx
-
-
-def block_index(layer: int, depth: int) -> int:
-    idx = layer if layer >= 0 else depth + layer
-    if not 0 <= idx < depth:
-        raise RunError(f"vision block {layer} is out of range for a {depth}-block vision tower")
-    return idx
-
-
 #: elements of one (heads, chunk, keys) score block in `attention_received` (float32: 256 MB)
 CHUNK_ELEMENTS = 64 * 2 ** 20
 
@@ -120,21 +104,6 @@ def attention_received(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tenso
 
 
 # --- the adapter ------------------------------------------------------------------------------
-def _hidden_indices(req: SignalRequest, depth: int) -> list[int]:
-    """hidden_states indices a vision hidden request averages."""
-    if req.kind == "vision.hidden":
-        return [hidden_index(int(req.arg("layer", -1)), depth)]
-    start, stop = int(req.arg("start")), int(req.arg("stop"))
-    if req.kind == "vision.merged_hidden_mean":  # block outputs start..stop-1
-        lo, hi = block_index(start, depth) + 1, block_index(stop - 1, depth) + 2
-    else:
-        lo = hidden_index(start, depth)
-        hi = hidden_index(stop - 1, depth) + 1
-    if hi <= lo:
-        raise RunError(f"signal {req.key}: empty range")
-    return list(range(lo, hi))
-
-
 @register_adapter
 class QwenAdapter(VLMAdapter):
     """Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`); see the module docstring."""
@@ -214,7 +183,7 @@ class QwenAdapter(VLMAdapter):
             if req.kind == "vision.attention_received":
                 block_index(int(req.arg("layer", -1)), depth)
             else:
-                _hidden_indices(req, depth)
+                hidden_indices(req, depth)
         except (RunError, TypeError, ValueError) as exc:
             return f"signal {req.key}: {exc}"
         return None
@@ -283,7 +252,7 @@ class QwenAdapter(VLMAdapter):
             if req.kind == "vision.attention_received":
                 attn_blocks.add(block_index(int(req.arg("layer", -1)), depth))
             elif req.kind in ("vision.hidden", "vision.hidden_mean", "vision.merged_hidden_mean"):
-                idx = _hidden_indices(req, depth)
+                idx = hidden_indices(req, depth)
                 sums[tuple(idx)] = idx
         run.vision.update(attn_blocks=attn_blocks, recv={i: [] for i in attn_blocks},
                           sums={k: None for k in sums}, counted={k: 0 for k in sums})
@@ -396,7 +365,7 @@ class QwenAdapter(VLMAdapter):
             per_unit = vg.per_unit_mean(per_patch)
             rows = per_unit if window else vg.to_raster(per_unit)
             return vg.split(rows)[b]
-        idx = tuple(_hidden_indices(req, depth))
+        idx = tuple(hidden_indices(req, depth))
         total = run.vision["sums"][idx]
         if total is None:
             raise RunError(f"internal: vision hidden states {idx} were not captured")

@@ -1,5 +1,6 @@
-"""The Qwen-VL line's vision geometry: window order <-> raster order of the merged tokens, and the
-3-D (M-RoPE) position ids of a kept set of visual tokens under a PositionPlan."""
+"""The Qwen-VL line's vision geometry: window order <-> raster order of the merged tokens, the
+index conventions of the vision signals (blocks, hidden states), and the 3-D (M-RoPE) position
+ids of a kept set of visual tokens under a PositionPlan."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 
 from ..errors import RunError
 from ..positions import rpme_offsets
+from ..signals import SignalRequest
 from ..types import PositionPlan
 
 
@@ -50,6 +52,38 @@ class VisionGeometry:
 
     def split(self, rows: torch.Tensor) -> list[torch.Tensor]:
         return list(torch.split(rows, self.counts, dim=0))
+
+
+# --- vision signal indices: blocks and hidden states ------------------------------------------
+def hidden_index(layer: int, depth: int) -> int:
+    """hidden_states index (HF convention: 0 = patch embeddings, i = output of block i - 1)."""
+    idx = layer if layer >= 0 else depth + 1 + layer
+    if not 0 <= idx <= depth:
+        raise RunError(f"vision hidden_states index {layer} is out of range for a {depth}-block vision tower "
+                       f"(valid: 0..{depth} or -{depth + 1}..-1)")
+    return idx
+
+
+def block_index(layer: int, depth: int) -> int:
+    idx = layer if layer >= 0 else depth + layer
+    if not 0 <= idx < depth:
+        raise RunError(f"vision block {layer} is out of range for a {depth}-block vision tower")
+    return idx
+
+
+def hidden_indices(req: SignalRequest, depth: int) -> list[int]:
+    """hidden_states indices a vision hidden request averages."""
+    if req.kind == "vision.hidden":
+        return [hidden_index(int(req.arg("layer", -1)), depth)]
+    start, stop = int(req.arg("start")), int(req.arg("stop"))
+    if req.kind == "vision.merged_hidden_mean":  # block outputs start..stop-1
+        lo, hi = block_index(start, depth) + 1, block_index(stop - 1, depth) + 2
+    else:
+        lo = hidden_index(start, depth)
+        hi = hidden_index(stop - 1, depth) + 1
+    if hi <= lo:
+        raise RunError(f"signal {req.key}: empty range")
+    return list(range(lo, hi))
 
 
 # --- 3D positions (M-RoPE) --------------------------------------------------------------------
