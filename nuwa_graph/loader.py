@@ -47,8 +47,9 @@ class PipelineSpec(BaseModel):
     description: str = ""
     variables: dict[str, Any] = Field(default_factory=dict)
     seed: StrictInt = 0
-    # model family (adapter `family`, e.g. qwen2_5_vl) -> file run INSTEAD of this one on such a
-    # model (path relative to this file): one method, one file name, the authors' per-family code
+    # model family (adapter `family`, e.g. qwen2_5_vl) or family group (`family_group`, e.g.
+    # qwen-vl: every Qwen-VL generation) -> file run INSTEAD of this one on such a model (path
+    # relative to this file): one method, one file name, the authors' per-family code
     family_files: dict[str, str] = Field(default_factory=dict)
     nodes: list[NodeSpec]
 
@@ -59,7 +60,11 @@ class PipelineSpec(BaseModel):
 # A variable's default may itself be an expression over them (`K: "${scale32(2)}"`): it is
 # evaluated for each model; `--set K=3` replaces it by the exact value.
 MODEL_VARIABLES: dict[str, Any] = {
-    "family": "llava",  # adapter family: llava | qwen2_5_vl (see family_files)
+    "family": "llava",  # adapter family: llava | qwen2_vl | qwen2_5_vl | qwen3_vl (see family_files)
+    # the family's group: models that share a token stream and its signals (qwen-vl: every
+    # Qwen-VL generation; llava: CLIP + projector + LLM). `family_files` keys may name one.
+    "family_group": "llava",
+    "has_cls": True,  # the vision tower has a CLS token (CLS-based methods need one)
     "llm_layers": 32,  # decoder layers of the language model
     "vision_layers": 24,  # layers (blocks) of the vision encoder
     # visual tokens per image on a FIXED patch grid (576 = 24x24 on LLaVA-1.5). Budgets in the
@@ -75,6 +80,18 @@ MODEL_VARIABLES: dict[str, Any] = {
     "crop_tokens": 576,
     "visual_tokens": 576,
 }
+
+
+def family_file_of(family_files: dict[str, str], model_vars: dict[str, Any] | None) -> str | None:
+    """The file `family_files` names for a model (None: this file itself runs): its family's
+    entry, else its family group's. Only the values a caller gives count (never the defaults
+    above), so a file is switched for a model only when its adapter says what it is."""
+    if not family_files or not model_vars:
+        return None
+    for key in ("family", "family_group"):
+        if key in model_vars and str(model_vars[key]) in family_files:
+            return family_files[str(model_vars[key])]
+    return None
 
 
 def parse_override(text: str) -> tuple[str, Any]:

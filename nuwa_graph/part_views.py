@@ -48,6 +48,10 @@ class CropSignals(list):
     (each shaped as the signal's SHAPE on that crop's grid). Adapters return it; a node
     running per crop reads its crop's tensor."""
 
+    def to(self, device: torch.device | str) -> CropSignals:
+        """Every crop's tensor on `device` (signals come back on the model's device; a no-op there)."""
+        return CropSignals([v.to(device) for v in self])
+
 
 def scope_of(node: Any, per: str | None) -> str:
     """How a node runs on an image of several parts: the file's `per`, else its default."""

@@ -31,7 +31,7 @@ import yaml
 from pydantic import ValidationError
 
 from .errors import PipelineError, Problem
-from .loader import MODEL_VARIABLES, NodeSpec, PipelineSpec, parse_override, read_bounded, read_spec
+from .loader import MODEL_VARIABLES, NodeSpec, PipelineSpec, family_file_of, parse_override, read_bounded, read_spec
 from .resources import resolve_pipeline, shipped_names
 from .safe_yaml import YamlLimitError, load_yaml
 from .sites import Site
@@ -50,10 +50,13 @@ class Pipeline(CheckedSpec):
     def bind_model(self, model_vars: dict[str, Any]) -> Pipeline:
         """This pipeline for a model (re-validated with its variables), or itself if they don't matter.
 
-        If `model_vars` name a `family` listed in the file's `family_files`, that file is
-        loaded instead, with the same overrides (each must be one of its variables)."""
+        If `model_vars` name a `family` (or a `family_group`) listed in the file's
+        `family_files`, that file is loaded instead, with the same overrides (each must be one
+        of its variables)."""
         merged = {**self.model_vars, **model_vars}
-        other = self.spec.family_files.get(str(model_vars["family"])) if "family" in model_vars else None
+        if "family" in model_vars and "family_group" not in model_vars:
+            merged["family_group"] = str(model_vars["family"])  # a family named alone is its own group
+        other = family_file_of(self.spec.family_files, model_vars)
         if other is not None:
             return self._family_file(other, merged)
         if all(self.model_vars.get(k) == merged.get(k) for k in self.model_vars_used):
@@ -70,9 +73,10 @@ class Pipeline(CheckedSpec):
         except (OSError, TypeError, YamlLimitError, ValidationError, PipelineError):
             raise PipelineError([Problem(self.source, f"family_files: {other} (for {family} models) is missing or "
                                          f"not a pipeline file", field="family_files")]) from None
-        if str(family) in target.family_files:
+        onward = family_file_of(target.family_files, model_vars)
+        if onward is not None:
             raise PipelineError([Problem(self.source, f"family_files: {other} sends {family} models on to "
-                                         f"{target.family_files[str(family)]}; name the final file", field="family_files")])
+                                         f"{onward}; name the final file", field="family_files")])
         stray = [k for k in self.overrides if k not in target.variables]
         if stray:
             raise PipelineError([Problem(self.source, f"on a {family} model this file runs {other} (family_files), "
@@ -162,7 +166,7 @@ def load_text(text: str | bytes, source: str = "<string>", overrides: dict[str, 
     With `model_vars` of a family listed in the file's `family_files`, that file is loaded."""
     spec, problems, node_lines = read_spec(text, source)
     pipe = _build(spec, source, overrides or {}, problems, node_lines, model_vars)
-    if model_vars and str(model_vars.get("family")) in spec.family_files:
+    if model_vars and family_file_of(spec.family_files, model_vars) is not None:
         return pipe.bind_model(model_vars)
     return pipe
 

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .loading import to_dtype_as_loaded
+
 if TYPE_CHECKING:
     from .qwen import QwenAdapter
 
@@ -113,7 +115,7 @@ def tiny_llava(dtype: torch.dtype = torch.float32, device: str = "cpu", seed: in
     from .llava import LlavaAdapter
 
     model, proc = build_tiny_llava(seed)
-    model = model.to(device=device, dtype=dtype)
+    model = to_dtype_as_loaded(model, dtype, device)  # RoPE tables stay float32, as from_pretrained keeps them
     return LlavaAdapter(model, proc, name="tiny-llava", dtype=dtype, device=device)
 
 
@@ -184,7 +186,7 @@ def tiny_qwen_config(vocab_size: int, token_ids: dict[str, int], depth: int = 4,
                            in_channels=3),
         text_config=dict(vocab_size=vocab_size, hidden_size=text_hidden, intermediate_size=2 * text_hidden,
                          num_hidden_layers=text_layers, num_attention_heads=text_heads, num_key_value_heads=2,
-                         max_position_embeddings=1024, bos_token_id=None, eos_token_id=token_ids["<|endoftext|>"],
+                         max_position_embeddings=2048, bos_token_id=None, eos_token_id=token_ids["<|endoftext|>"],
                          pad_token_id=token_ids["<pad>"],
                          rope_parameters={"rope_type": "default", "mrope_section": section, "rope_theta": 10000.0}),
         image_token_id=token_ids["<|image_pad|>"], video_token_id=token_ids["<|video_pad|>"],
@@ -222,7 +224,7 @@ def tiny_qwen(dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int
     from .qwen import QwenAdapter
 
     model, processor = build_tiny_qwen(seed)
-    model = model.to(device=device, dtype=dtype)
+    model = to_dtype_as_loaded(model, dtype, device)  # RoPE tables stay float32, as from_pretrained keeps them
     return QwenAdapter(model, processor, name="tiny-qwen", dtype=dtype, device=device)
 
 
