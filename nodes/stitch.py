@@ -39,8 +39,8 @@ class StitchCrops(Node[StitchParams]):
     type_name = "merger.stitch-crops"
     paper = "https://arxiv.org/abs/2412.04467"
     outputs = {
-        "tokens": Port(Tokens, "the same rows in the block's order"),
-        "selection": Port(Selection, "their ids in that order"),
+        "tokens": Port(Tokens, "the same rows in the block's order", off_stream=True),
+        "selection": Port(Selection, "their ids in that order", off_stream=True),
     }
 
     def run(self, ctx,

@@ -31,7 +31,7 @@ parts with id offsets the same way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import torch
@@ -112,19 +112,27 @@ class Unit:
     pooled_id: int | None
     id_space: int = 0  # every block id is below this (stream, vision-only, CLS and pooled ids)
 
-    @cached_property
-    def _table(self) -> torch.Tensor:
-        """block id -> local id (-100: not in this unit), one gather per lookup."""
-        size = max(self.id_space, int(self.block_ids.max()) + 1 if self.block_ids.numel() else 0)
-        table = torch.full((size,), -100, dtype=torch.long, device="cpu")
-        table[self.block_ids.cpu()] = torch.arange(self.block_ids.numel(), device="cpu")
-        return table
+    # set by Geometry.units: {"tables": Geometry.unit_tables, "row": this unit's index in its `per`}
+    shared: dict = field(default_factory=dict, repr=False)
+
+    def _on(self, name: str, device: torch.device) -> torch.Tensor:
+        """This unit's lookup `name` on `device` (`table`: block id -> local id, -100 where not in
+        this unit; `block_ids`), from the geometry's tables (copied to a device once)."""
+        t = self.shared["tables"](device)[self.kind]
+        row = self.shared["row"]
+        return t["table"][row] if name == "table" else t["bids"][row, :self.block_ids.numel()]
+
+    def owners(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(owner, local), indexed by block id: which unit of this `per` holds an id (-1: none;
+        a `per`'s units are disjoint) and its local id there (CLS_ID / POOLED_ID for a unit's own
+        CLS and pooled ids), on `device`."""
+        t = self.shared["tables"](device)[self.kind]
+        return t["owner"], t["local"]
 
     def to_local(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mask of `ids` that belong to this unit, their local ids)."""
-        table = self._table
-        if table.device != ids.device:  # once per device: the units are cached per geometry
-            table = self.__dict__["_table"] = table.to(ids.device)
+        """(mask of `ids` that belong to this unit, their local ids). Picking them is a host sync
+        (how many belong here is data); the executor avoids it between nodes of the same `per`."""
+        table = self._on("table", ids.device)
         inside = (ids >= 0) & (ids < table.numel())
         local = torch.where(inside, table[ids.clamp(0, max(table.numel() - 1, 0))], torch.full_like(ids, -100))
         for special, marker in ((self.cls_id, CLS_ID), (self.pooled_id, POOLED_ID)):
@@ -134,14 +142,13 @@ class Unit:
         return keep, local[keep]
 
     def to_block(self, local: torch.Tensor) -> torch.Tensor:
-        """Block ids of local ids (CLS_ID / POOLED_ID -> this unit's own; other markers kept)."""
-        bids = self.block_ids.to(local.device)
+        """Block ids of local ids (CLS_ID / POOLED_ID -> this unit's own; no host sync). A unit
+        with no CLS (a part stitched from several crops) cannot give its nodes a CLS marker: its
+        inputs never carry one (`to_local`) and it reads no vision signal (`unit_reader`)."""
+        bids = self._on("block_ids", local.device)
         out = torch.where(local >= 0, bids[local.clamp(min=0, max=max(bids.numel() - 1, 0))], local)
         for special, marker in ((self.cls_id, CLS_ID), (self.pooled_id, POOLED_ID)):
-            if (local == marker).any():
-                if special is None:
-                    raise GeometryError(f"a token with id {marker} ({'CLS' if marker == CLS_ID else 'pooled'}) "
-                                        f"came out of a {self.kind} that has no such token")
+            if special is not None:
                 out = torch.where(local == marker, torch.full_like(local, special), out)
         return out
 
@@ -162,7 +169,7 @@ class Geometry:
             parts = (Part("grid", 0, g, crops=(Crop(0, g),)),)
         self.parts: tuple[Part, ...] = tuple(parts)
         self.image_start = int(image_start)  # sequence position of the first image token
-        self._units: dict[str, list[Unit]] = {}
+        self._units: dict = {}  # per -> its units; ("same", a, b) -> same_units(a, b)
         # pictures: (label, rows x cols block ids) each covering the whole image (`views`)
         self._views: list[tuple[str, torch.Tensor]] | None = None
 
@@ -259,7 +266,10 @@ class Geometry:
     def locate(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(crop index, canvas row, canvas col) of block ids (-1 where an id is no crop cell:
         newline slots, CLS and pooled ids, markers)."""
-        table = self._cell_table.to(ids.device)
+        cache = self.__dict__.setdefault("_cell_tables", {})
+        if str(ids.device) not in cache:  # copied to a device once per geometry
+            cache[str(ids.device)] = self._cell_table.to(ids.device)
+        table = cache[str(ids.device)]
         inside = (ids >= 0) & (ids < table.shape[0])
         got = torch.where(inside[:, None], table[ids.clamp(0, table.shape[0] - 1)], torch.full_like(table[:1], -1))
         return got[:, 0], got[:, 1], got[:, 2]
@@ -278,6 +288,60 @@ class Geometry:
         return [(label, ids.tolist()) for label, ids in views]
 
     # ---- units a node runs over (`per: crop | part`) ------------------------------------------
+    def unit_tables(self, device: torch.device | str) -> dict[str, dict[str, torch.Tensor]]:
+        """The id lookups of every unit of both `per`s (crop, part) on `device`: per `per`,
+        `table` (units, ids): local id of a block id in each unit (-100: not there), `bids`
+        (units, cells): block id of each local id, `owner` (ids): the unit holding an id (-1:
+        none), `local` (ids): its local id there (CLS_ID / POOLED_ID for a unit's own CLS and
+        pooled ids). Built on the CPU and copied to a device in ONE copy, once per geometry."""
+        key = ("tables", str(device))
+        if key in self._units:
+            return self._units[key]
+        built: dict[str, dict[str, torch.Tensor]] = {}
+        for per in ("crop", "part"):
+            units = self.units(per)
+            size = max([self.id_space] + [int(u.block_ids.max()) + 1 for u in units if u.block_ids.numel()])
+            width = max([1] + [u.block_ids.numel() for u in units])
+            t = {"table": torch.full((len(units), size), -100, dtype=torch.long, device="cpu"),
+                 "bids": torch.zeros((len(units), width), dtype=torch.long, device="cpu"),
+                 "owner": torch.full((size,), -1, dtype=torch.long, device="cpu"),
+                 "local": torch.full((size,), -100, dtype=torch.long, device="cpu")}
+            for i, u in enumerate(units):
+                cells = torch.arange(u.block_ids.numel(), device="cpu")
+                t["table"][i, u.block_ids] = cells
+                t["bids"][i, :u.block_ids.numel()] = u.block_ids
+                t["owner"][u.block_ids] = i
+                t["local"][u.block_ids] = cells
+                for special, marker in ((u.cls_id, CLS_ID), (u.pooled_id, POOLED_ID)):
+                    if special is not None and special >= 0:
+                        t["owner"][special], t["local"][special] = i, marker
+            built[per] = t
+        flat = torch.cat([v.reshape(-1) for t in built.values() for v in t.values()]).to(device)  # the one copy
+        at = 0
+        for t in built.values():
+            for name, v in t.items():
+                t[name] = flat[at:at + v.numel()].view(v.shape)
+                at += v.numel()
+        self._units[key] = built
+        return built
+
+    def same_units(self, a: str, b: str) -> bool:
+        """Whether `per: a` and `per: b` cut this image into the same units, in the same order, with
+        the same ids (InternVL: every tile and the thumbnail is a part of one crop), so values made
+        per unit of one are the other's as they are."""
+        if a == b:
+            return True
+        if "image" in (a, b):
+            return False
+        key = ("same", *sorted((a, b)))
+        if key not in self._units:
+            ua, ub = self.units(a), self.units(b)
+            same = len(ua) == len(ub) and all(
+                x.shape == y.shape and x.cls_id == y.cls_id and x.pooled_id == y.pooled_id
+                and torch.equal(x.block_ids, y.block_ids) for x, y in zip(ua, ub))
+            self._units[key] = same
+        return bool(self._units[key])
+
     def units(self, per: str) -> list[Unit]:
         """The crops (vision passes) or the spatial parts of the block, as Units."""
         if per in self._units:
@@ -299,78 +363,6 @@ class Geometry:
                                 self.pooled_id(crop) if crop is not None else None, self.id_space))
         else:
             raise ValueError(f"per {per!r}; valid: image, crop, part")
+        out = [replace(u, shared={"tables": self.unit_tables, "row": i}) for i, u in enumerate(out)]
         self._units[per] = out
         return out
-
-
-# ---- the families' geometries ------------------------------------------------------------------
-def unpad_window(size_hw: tuple[int, int], canvas_hw: tuple[int, int]) -> tuple[int, int, int, int]:
-    """(top, left, rows, cols) of the canvas cells LLaVA-NeXT keeps for an image of `size_hw`
-    pixels resized and padded onto a canvas of `canvas_hw` cells (`unpad_image`: the padding
-    the image processor added is cut off, evenly on both sides)."""
-    h0, w0 = size_hw
-    ch, cw = canvas_hw
-    if w0 / h0 > cw / ch:
-        new_h = int(round(h0 * (cw / w0), 7))
-        pad = (ch - new_h) // 2
-        return pad, 0, ch - 2 * pad, cw
-    new_w = int(round(w0 * (ch / h0), 7))
-    pad = (cw - new_w) // 2
-    return 0, pad, ch, cw - 2 * pad
-
-
-def anyres_geometry(base: tuple[int, int], tiles_hw: tuple[int, int], size_hw: tuple[int, int] | None,
-                    image_start: int = 0, newline: bool = True, resized: tuple[int, int] | None = None) -> Geometry:
-    """LLaVA-NeXT / OneVision AnyRes: the base crop's grid first, then the tiles (tiles_hw =
-    tile rows x tile cols, crops 1.. row-major) stitched onto one canvas, cut to the unpad
-    window of an image of `size_hw` pixels (None: no unpad), one newline slot after every
-    canvas row. With no tiles (tiles_hw (0, 0)) the base grid is followed by one newline.
-    `resized` (OneVision's anyres_max_N on a large canvas): the cut canvas was interpolated to
-    that shape in LLM space, so its tokens are mixtures of patches: a grid with no crop (vision
-    signals of the tiles have no stream ids there)."""
-    h, w = base
-    parts = [Part("grid", 0, (h, w), crops=(Crop(0, (h, w)),))]
-    if tiles_hw[0] * tiles_hw[1] == 0:
-        if newline:
-            parts.append(Part("newline", h * w, (1, 1)))
-        return Geometry(image_start=image_start, parts=parts)
-    th, tw = tiles_hw
-    canvas = (th * h, tw * w)
-    top, left, rows, cols = unpad_window(size_hw, canvas) if size_hw is not None else (0, 0, *canvas)
-    stride = cols + 1 if newline else cols
-    crops = tuple(Crop(1 + i * tw + j, (h, w), (i * h, j * w)) for i in range(th) for j in range(tw))
-    if resized is not None and tuple(resized) != (rows, cols):
-        rows, cols = resized
-        stride = cols + 1 if newline else cols
-        crops, top, left = (), 0, 0
-    parts.append(Part("tiles", h * w, (rows, cols), stride, crops, (top, left)))
-    if newline:
-        parts.append(Part("newline", h * w + cols, (rows, 1), stride))
-    geom = Geometry(image_start=image_start, parts=parts)
-    geom._views = [("base", parts[0].stream_ids().reshape(h, w)), ("tiles", parts[1].stream_ids().reshape(rows, cols))]
-    return geom
-
-
-def tiled_geometry(tile: tuple[int, int], n_tiles: int, thumbnail: bool, image_start: int = 0,
-                   layout: tuple[int, int] | None = None) -> Geometry:
-    """InternVL: `n_tiles` tiles of `tile` tokens, each its own part in raster order, then the
-    thumbnail (a downscaled whole image) last; one tile and no thumbnail is one grid. `layout`
-    (tile rows, tile cols) says how the tiles cover the image (for pictures)."""
-    h, w = tile
-    if n_tiles == 1 and not thumbnail:
-        return Geometry((h, w), image_start)
-    parts = [Part("tile", i * h * w, (h, w), crops=(Crop(i, (h, w)),)) for i in range(n_tiles)]
-    if thumbnail:
-        parts.append(Part("thumbnail", n_tiles * h * w, (h, w), crops=(Crop(n_tiles, (h, w)),)))
-    geom = Geometry(image_start=image_start, parts=parts)
-    if layout is not None and layout[0] * layout[1] == n_tiles:  # the tiles cover the image row-major
-        tiles = torch.arange(n_tiles * h * w, device="cpu").reshape(layout[0], layout[1], h, w).permute(0, 2, 1, 3)
-        geom._views = [("tiles", tiles.reshape(layout[0] * h, layout[1] * w))]
-        if thumbnail:
-            geom._views.append(("thumbnail", parts[-1].stream_ids().reshape(h, w)))
-    return geom
-
-
-def flat_geometry(n: int, image_start: int = 0) -> Geometry:
-    """n tokens of unknown layout: LLM-side methods run, spatial and vision nodes refuse."""
-    return Geometry(image_start=image_start, parts=(Part("sequence", 0, (1, n)),))

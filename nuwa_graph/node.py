@@ -116,6 +116,9 @@ class Port:
     doc: str = ""
     optional: bool = False
     many: bool = False
+    # on an image of several crops its ids may have no stream position (a crop's CLS row, a cell
+    # the stock model cuts away): a node that places tokens by id refuses it before a run
+    off_stream: bool = False
 
     def describe(self) -> str:
         t = self.type.type_name()
@@ -250,6 +253,11 @@ class Node(Generic[P]):
     def check(self) -> list[str]:
         """Extra consistency checks on params (messages name the field)."""
         return []
+
+    def check_model(self, model_vars: dict[str, Any], sources: dict[str, list[Port]]) -> str | None:
+        """What this node cannot do on a model (its variables), given the output ports its inputs
+        come from; checked before any forward pass (None: it can)."""
+        return None
 
     # --- execution --------------------------------------------------------------------
     def run(self, *args: Any, **kwargs: Any) -> dict[str, Any]:

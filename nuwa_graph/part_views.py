@@ -93,6 +93,46 @@ def to_local(value: Any, unit: Unit, units: list[Unit], port: str, node: str) ->
     return value
 
 
+def split_to_units(value: Any, units: list[Unit], port: str, node: str, markers: bool = True) -> list[Any]:
+    """`value` (block ids) cut into every unit's share, in local ids, order kept within each
+    unit: one host sync for all the units (how many ids fall in each is data), where
+    `to_local` unit by unit would make one per unit. `markers=False`: a unit's CLS and pooled
+    tokens are left out (the present tokens a unit's grid holds)."""
+    if isinstance(value, list) and not isinstance(value, PerUnit):
+        per_item = [split_to_units(v, units, port, node, markers) for v in value]
+        return [[item[i] for item in per_item] for i in range(len(units))]
+    if isinstance(value, PerUnit) or isinstance(value, Regions) or not isinstance(
+            value, (Scores, Selection, Tokens, Roles, PositionPlan)):
+        return [to_local(value, u, units, port, node) for u in units]
+    ids = value.ids
+    owner_of, local_of = units[0].owners(ids.device)
+    special = [(u.cls_id, i) for i, u in enumerate(units) if u.cls_id is not None and u.cls_id < 0]
+    special += [(u.pooled_id, i) for i, u in enumerate(units) if u.pooled_id is not None and u.pooled_id < 0]
+    inside = (ids >= 0) & (ids < owner_of.numel())
+    at = ids.clamp(0, max(owner_of.numel() - 1, 0))
+    owner = torch.where(inside, owner_of[at], torch.full_like(ids, -1))
+    local = torch.where(inside, local_of[at], torch.full_like(ids, -100))
+    for marker, i in special:  # a one-crop geometry's CLS / pooled marker belongs to that crop's unit
+        owner = torch.where(ids == marker, torch.full_like(ids, i), owner)
+        local = torch.where(ids == marker, ids, local)
+    held = owner >= 0 if markers else (owner >= 0) & (local >= 0)
+    key = torch.where(held, owner, torch.full_like(owner, len(units)))  # ids in no unit go last
+    order = torch.sort(key, stable=True).indices
+    counts = torch.zeros(len(units) + 1, dtype=torch.long, device=ids.device).index_add_(
+        0, key, torch.ones_like(key)).tolist()  # the one host sync
+    pieces = lambda t: torch.split(t[order], counts)[:len(units)]  # noqa: E731
+    locals_ = pieces(local)
+    if isinstance(value, Scores):
+        return [Scores(v, i) for v, i in zip(pieces(value.values), locals_)]
+    if isinstance(value, Selection):
+        return [Selection(i) for i in locals_]
+    if isinstance(value, Tokens):
+        return [Tokens(v, i, value.space) for v, i in zip(pieces(value.values), locals_)]
+    if isinstance(value, Roles):
+        return [Roles(i, p) for p, i in zip(pieces(value.pillar), locals_)]
+    return [PositionPlan(i, o, value.policy, value.text_follows) for o, i in zip(pieces(value.offsets), locals_)]
+
+
 def to_block(values: list[Any], units: list[Unit], port: str, node: str) -> Any:
     """One value over the block from the per-unit outputs of a node (ids mapped, joined in unit order)."""
     first = values[0]

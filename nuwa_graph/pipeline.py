@@ -64,6 +64,11 @@ class Pipeline(CheckedSpec):
         node_lines = {n.name: n._line for n in self.spec.nodes}
         return _build(self.spec, self.source, dict(self.overrides), [], node_lines, merged)
 
+    def with_overrides(self, overrides: dict[str, Any]) -> Pipeline:
+        """This file again with `overrides` added to its own (`--set`); PipelineError if they do not fit."""
+        node_lines = {n.name: n._line for n in self.spec.nodes}
+        return _build(self.spec, self.source, {**self.overrides, **overrides}, [], node_lines, dict(self.model_vars))
+
     def _family_file(self, other: str, model_vars: dict[str, Any]) -> Pipeline:
         path = Path(self.source).parent / other
         family = model_vars.get("family")

@@ -213,12 +213,18 @@ nodes:
 PIPES = Path(__file__).resolve().parents[1] / "pipelines"
 
 
-
 def test_positions_from_ids_are_refused_for_tokens_outside_the_stream(nxt, img):
     """VisionZip-fix (RPME) on LLaVA-NeXT: the crops' CLS rows and the cut cells VisionZip keeps have
     no stream position, so a position from the id would be a silent wrong meaning."""
-    with pytest.raises(RunError, match="no place in the 268-token stream.*hint: use policy perc"):
-        nxt.generate(load(PIPES / "visionzip_fix.yaml", {"budget": 320}), [img], [PROMPT], max_new_tokens=1)
+    encoded = []
+    nxt.encode = lambda *a, _encode=nxt.encode, **k: encoded.append(1) or _encode(*a, **k)
+    try:
+        with pytest.raises(RunError, match=r"(?s)'positions'.*policy 'rpme'.*no stream position.*use policy perc"
+                                           r".*hint: shipped files that run.*pipelines/nuwa.yaml"):
+            nxt.generate(load(PIPES / "visionzip_fix.yaml", {"budget": 320}), [img], [PROMPT], max_new_tokens=1)
+    finally:
+        del nxt.encode
+    assert not encoded  # refused before the image was encoded
 
 
 def test_eval_records_the_crop_views_and_draws_them(nxt, tmp_path):

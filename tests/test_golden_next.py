@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from nuwa_graph.executor import Executor
-from nuwa_graph.geometry import anyres_geometry
+from nuwa_graph.family_geometries import anyres_geometry
 from nuwa_graph.part_views import CropSignals
 from nuwa_graph.pipeline import load
 from tests.test_golden_vision import TOL, golden, multihead_keys

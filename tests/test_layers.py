@@ -41,6 +41,7 @@ ENGINE = [
     "nuwa_graph.expressions",
     "nuwa_graph.flops",
     "nuwa_graph.geometry",
+    "nuwa_graph.family_geometries",
     "nuwa_graph.loader",
     "nuwa_graph.node",
     "nuwa_graph.part_views",

@@ -6,7 +6,10 @@ One parametrised test. Each cell either
   the run's own Keep actions imply, and only legal sites; or
 - is refused BEFORE any forward pass (nothing encoded, no vision tower run) with a RunError
   whose hint names shipped files that run on that model; the first one named is run there
-  and must run (every other one named is a cell of this matrix, so it is run too).
+  and must run (every other one named is a cell of this matrix, so it is run too); or
+- does not fit the model's variables (a budget counted per crop that leaves a crop no token
+  on a tiny preset's small crops) with a hint naming the `--set` that fits: the file is run
+  with it and must run.
 
 Everything comes from the registries (`PRESETS`, the `pipelines/` folder), so a family or a
 pipeline added later is covered without editing this file. Images are small (12 x 12 visual
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from nuwa_graph import RunError, load, tokens_per_layer
 from nuwa_graph.adapters import PRESETS
@@ -30,6 +34,8 @@ PIPELINES = sorted(str(p.relative_to(ROOT / "pipelines").with_suffix("")) for p 
 MODELS = sorted(PRESETS) + ["embedded"]
 PROMPT = "what colour is the square ?"
 NAMED = re.compile(r"pipelines/([\w/]+)\.yaml")
+WIDE = {"default": (200, 150), "internvl": (160, 64)}  # sizes of the wide picture on tiled families
+SET_HINT = re.compile(r"hint:.*--set (?P<name>\w+)=(?P<value>\S+)")
 _adapters: dict[str, object] = {}
 _runs_ok: dict[tuple[str, str], bool] = {}
 
@@ -47,8 +53,14 @@ def adapter_of(model: str):
 
 def image_for(adapter):
     """12 x 12 visual tokens where the model's resolution is dynamic (a merged token is patch x
-    merge pixels: the Qwen-VL line); otherwise the built-in picture (fixed grids resize it)."""
+    merge pixels: the Qwen-VL line); a wide picture on a model that cuts images into crops
+    (LLaVA-NeXT, OneVision: 2x2 tiles cut by unpad + the base crop; InternVL: 1x3 tiles + the
+    thumbnail); otherwise the built-in picture (fixed grids resize it)."""
     from nuwa_graph.adapters.tiny import synthetic_image, tiny_qwen_image
+    from nuwa_graph.adapters.tiny_tiled import wide_image
+
+    if adapter.model_variables().get("crops", 1) > 1:
+        return wide_image(*WIDE.get(adapter.family, WIDE["default"]))
 
     vc = getattr(adapter.model.config, "vision_config", None)
     merge = getattr(vc, "spatial_merge_size", None)
@@ -57,9 +69,10 @@ def image_for(adapter):
     return synthetic_image()
 
 
-def run_unchanged(adapter, image, name: str):
-    """Run a shipped file with no override; check the counts against its Keep actions."""
-    rep = adapter.generate(load(ROOT / "pipelines" / f"{name}.yaml"), [image], [PROMPT], max_new_tokens=1)
+def run_unchanged(adapter, image, name: str, overrides: dict | None = None):
+    """Run a shipped file (with no override unless a refusal's hint named one); check the
+    counts against its Keep actions."""
+    rep = adapter.generate(load(ROOT / "pipelines" / f"{name}.yaml", overrides), [image], [PROMPT], max_new_tokens=1)
     counts = rep.visual_tokens_per_layer[0]
     acts = [Keep(a["site"], torch.zeros(a["kept"], dtype=torch.long)) for a in rep.actions[0]]
     assert counts == tokens_per_layer(acts, rep.visual_tokens_full, adapter.n_layers), name
@@ -87,25 +100,39 @@ def test_every_shipped_file_runs_or_is_refused_with_a_hint(model, name, monkeypa
     except RunError as exc:
         assert calls == {"encode": 0, "vision_forward": 0}, f"{name} on {model} was refused after a forward pass"
         message = str(exc)
-        assert "cannot run" in message and "hint:" in message, message
-        named = NAMED.findall(message.split("hint:", 1)[1])
-        assert named and set(named) <= set(PIPELINES), message
-        assert name not in named
-        first = named[0]
-        if (model, first) not in _runs_ok:
-            run_unchanged(adapter, image, first)  # the file the hint names really runs here
-            _runs_ok[(model, first)] = True
+        setting = SET_HINT.search(message)
+        if "does not fit this model" in message and setting:  # a budget counted per crop, too small here
+            over = {setting["name"]: yaml.safe_load(setting["value"])}
+            try:
+                run_unchanged(adapter, image, name, over)  # the setting the hint names really runs here
+                return
+            except RunError as again:  # or the file, fitted, is refused for what it is (checked below)
+                message = str(again)
+        check_refusal(model, adapter, image, name, message)
         return
     assert calls["vision_forward"] == 1
     if rep.schedule["instead_of"]:  # family_files picked another file: the one the family's authors wrote
         assert rep.schedule["chosen_for_family"] == adapter.family
 
 
+def check_refusal(model: str, adapter, image, name: str, message: str) -> None:
+    """A refusal says 'cannot run', and its hint names shipped files; the first one runs here."""
+    assert "cannot run" in message and "hint:" in message, message
+    named = NAMED.findall(message.split("hint:", 1)[1])
+    assert named and set(named) <= set(PIPELINES), message
+    assert name not in named
+    first = named[0]
+    if (model, first) not in _runs_ok:
+        run_unchanged(adapter, image, first)  # the file the hint names really runs here
+        _runs_ok[(model, first)] = True
+
+
 @pytest.mark.parametrize("model", sorted(PRESETS))
 def test_a_square_photo_fits_every_tiny_preset(model, tmp_path):
     """`nuwa-graph run pipelines/nuwa_qwen.yaml --model <preset> --image square.png`: a 448 x 448
     photo at the preset's default resolution, a prompt and the default 32 new tokens fit its
-    context (each family's Nüwa recipe runs: nuwa_qwen.yaml, or nuwa.yaml on LLaVA)."""
+    context (each family's Nüwa recipe runs: nuwa_qwen.yaml, or nuwa.yaml on a CLS family; a
+    family with neither, LLaVA-OneVision, runs the first shipped file its refusals name)."""
     import json
 
     from typer.testing import CliRunner
@@ -120,12 +147,15 @@ def test_a_square_photo_fits_every_tiny_preset(model, tmp_path):
     from nuwa_graph.apps.runner import DEFAULT_PROMPT, load_image
 
     check_context(adapter, load_image(str(photo)), DEFAULT_PROMPT, 32)  # the CLI's default new tokens
-    result = CliRunner().invoke(cli.app, ["run", str(ROOT / "pipelines/nuwa_qwen.yaml"), "--model", model, "--image",
+    runnable = [name for name, _ in adapter.runnable_shipped()]
+    pipe = "nuwa_qwen" if "nuwa_qwen" in runnable else runnable[0]
+    result = CliRunner().invoke(cli.app, ["run", str(ROOT / f"pipelines/{pipe}.yaml"), "--model", model, "--image",
                                           str(photo), "--prompt", "what shapes are there ?", "--max-new-tokens", "2",
                                           "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout[result.stdout.index("{"):])
-    want = "nuwa_qwen.yaml" if adapter.model_variables()["family_group"] == "qwen-vl" else "nuwa.yaml"
+    want = ("nuwa_qwen.yaml" if adapter.model_variables()["family_group"] == "qwen-vl"
+            else "nuwa.yaml" if pipe == "nuwa_qwen" else f"{pipe}.yaml")
     assert data["schedule"]["file"].endswith(want)
     assert data["visual_tokens_full"] > 0
 

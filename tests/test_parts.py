@@ -11,7 +11,8 @@ import torch
 
 from nuwa_graph.errors import PipelineError, RunError
 from nuwa_graph.executor import Executor
-from nuwa_graph.geometry import CLS_ID, GeometryError, anyres_geometry, flat_geometry, tiled_geometry
+from nuwa_graph.family_geometries import anyres_geometry, flat_geometry, tiled_geometry
+from nuwa_graph.geometry import CLS_ID, GeometryError
 from nuwa_graph.part_views import CropSignals
 from nuwa_graph.pipeline import load, load_text
 

@@ -107,8 +107,8 @@ def _model_type(spec: str) -> str:
 
 def auto_dtype(cls: type[VLMAdapter], device: str | torch.device) -> tuple[torch.dtype, str]:
     """What `--dtype auto` means for a family on a device, and why: on CUDA the dtype the
-    family's official code runs (`official_dtype`: float16 for LLaVA, bfloat16 for
-    Qwen2.5-VL), elsewhere float32."""
+    family's official code runs (`official_dtype`: float16 for LLaVA, LLaVA-NeXT and
+    LLaVA-OneVision, bfloat16 for the Qwen-VL line and InternVL), elsewhere float32."""
     if torch.device(device).type == "cuda":
         return dtype_of(cls.official_dtype), (f"auto: {cls.official_dtype} on CUDA, as {cls.official_dtype_source} "
                                               f"runs it")
@@ -120,8 +120,8 @@ def load_adapter(model: str = "tiny-llava", dtype: str | torch.dtype = "float32"
     """An adapter for a preset name, local model directory or hub id (family from model_type).
 
     `dtype`: float32 | bfloat16 | float16, or `auto`: on CUDA the dtype the family's official
-    code runs (float16 for LLaVA, bfloat16 for Qwen2.5-VL; `official_dtype`), else float32; the
-    adapter's `dtype_reason` says which (it goes into the run report).
+    code runs (`official_dtype`: float16 for the LLaVA line, bfloat16 for Qwen-VL and
+    InternVL), else float32; the adapter's `dtype_reason` says which (in the run report).
     `attn_implementation` (sdpa | flash_attention_2 | eager): what the model's layers run
     (the rows a scorer reads are computed from q and k either way). `device_map` (e.g.
     'auto', needs accelerate) spreads a checkpoint over devices; checkpoints load straight

@@ -55,6 +55,7 @@ from .layout import Encoded, SampleLayout, Segment, VisionOut
 from .state import AdapterRun
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
+BUDGETS_TRIED = (160, 320, 640, 1280)  # variables_hint: LLaVA-NeXT papers' budgets (5 crops x 32/64/128), and more
 LLM_SIGNALS = frozenset({"external", "pre_llm.visual", "pre_llm.text", "llm.attention", "llm.hidden"})
 _counter = itertools.count()
 
@@ -194,8 +195,10 @@ class FamilyHooks:
 
     def refusal_hint(self, ex: Executor) -> str:
         """Advice appended to the refusal of a pipeline this model cannot run ('' = none): when
-        it reads a signal this family cannot give, the shipped files that do run here."""
-        if not any(self.unavailable_signal(req) for req in ex.requests()):
+        it reads a signal this family cannot give, or a node says it cannot work on this model
+        (`Node.check_model`), the shipped files that do run here."""
+        if (not any(self.unavailable_signal(req) for req in ex.requests())
+                and not ex.model_problems(self.model_variables())):
             return ""
         return f"\nhint: {self.runnable_hint()}"
 
@@ -228,12 +231,25 @@ class FamilyHooks:
                 else f"no shipped file runs on this model ({self.family})")
 
     def variables_hint(self, pipeline: Pipeline) -> str:
-        """Advice appended when `pipeline`'s expressions do not fit this model's variables ('' = none)."""
-        crops = self.model_variables().get("crops", 1)
-        if crops > 1:
+        """Advice appended when `pipeline`'s expressions do not fit this model's variables ('' = none):
+        on a model of several crops, the smallest of the budgets papers report on tiled models
+        (BUDGETS_TRIED) with which the file does fit, when a per-crop budget came out too small."""
+        from ..errors import PipelineError
+
+        model_vars = self.model_variables()
+        crops = model_vars.get("crops", 1)
+        if crops <= 1 or "budget" not in pipeline.variables:
+            return ""
+        for budget in BUDGETS_TRIED:
+            if budget <= pipeline.variables["budget"]:
+                continue
+            try:
+                pipeline.with_overrides({"budget": budget}).bind_model(model_vars)
+            except PipelineError:
+                continue
             return (f"\nhint: this model cuts an image into up to {crops} crops and files that count a budget per "
-                    f"crop divide it by {crops} (LLaVA-NeXT papers: 160 / 320 / 640 = {crops} x 32 / 64 / 128): "
-                    f"raise it, e.g. --set budget=320")
+                    f"crop divide it by {crops} (LLaVA-NeXT papers: 160 / 320 / 640 = 5 x 32 / 64 / 128): raise it, "
+                    f"e.g. --set budget={budget} (the smallest of {', '.join(map(str, BUDGETS_TRIED))} that fits)")
         return ""
 
     def geometry(self, run: AdapterRun, b: int) -> Geometry:
@@ -280,6 +296,7 @@ class FamilyHooks:
             if site.layer is not None and site.layer >= self.n_layers:
                 problems.append(f"site {site} is past the last LLM layer ({self.n_layers - 1}); "
                                 + layer_variable_hint(ex.pipeline, site))
+        problems += ex.model_problems(self.model_variables())
         for req in ex.requests():
             missing = self.unavailable_signal(req)
             if missing:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import RunError
-from ..geometry import tiled_geometry
+from ..family_geometries import tiled_geometry
 from ..part_views import CropSignals
 from ..signals import SignalRequest
 from ..types import Geometry
@@ -55,7 +55,11 @@ class InternVLAdapter(LlavaAdapter):
     """InternVL 3 / 3.5: tiles and a thumbnail as parts; a CLS per crop; 2x2 patch units."""
 
     family = "internvl"
+    family_group = ""  # its own group (InternVL3 and 3.5 are one family): InternViT units, a CLS per tile
     model_types = ("internvl",)
+    official_dtype = "bfloat16"
+    official_dtype_source = ("InternVL's official code (OpenGVLab/InternVL internvl_chat load_model_and_tokenizer, "
+                             "bfloat16)")
     supported_signals = frozenset({"vision.hidden", "vision.hidden_mean", "vision.cls_attention",
                                    "vision.keys"}) | LLM_SIGNALS
     prompt_template = "<|im_start|>user\n{image}\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
@@ -118,21 +122,6 @@ class InternVLAdapter(LlavaAdapter):
             return (f"signal {req.kind!r} (read at {req.site}) is not available for InternVL: its projector takes "
                     f"2x2 patch units, so a CLS row or a single-head patch q/k has no place in the stream")
         return super().unavailable_signal(req)
-
-    def refusal_hint(self, ex) -> str:
-        return self._hint(ex.pipeline)
-
-    def variables_hint(self, pipeline) -> str:
-        return self._hint(pipeline) or super().variables_hint(pipeline)
-
-    @staticmethod
-    def _hint(pipeline) -> str:
-        kinds = {req.kind for node in pipeline.nodes.values() for req in node.requests()}
-        if not kinds & (NO_UNIT_SIGNALS | {"vision.attention_received"}):
-            return ""
-        return (f"\nhint: {pipeline.name} keeps or reads what InternVL's unit stream does not have; on this model run "
-                f"pipelines/nuwa.yaml (CLS attention per tile, regions per tile) or an LLM-side method (fastv, pdrop, "
-                f"sparsevlm, feather, random, downsample)")
 
     # ---- inputs --------------------------------------------------------------------------
     def format_prompt(self, prompt: str) -> str:
@@ -209,7 +198,7 @@ class InternVLAdapter(LlavaAdapter):
                 rows = hs[self._vision_layer(req)][start:start + n, 1:]
             else:
                 sel = hs[slice(req.arg("start"), req.arg("stop"))]
-                rows = torch.stack([h[start:start + n, 1:] for h in sel]).float().mean(0).to(sel[0].dtype)
+                rows = torch.stack([h[start:start + n, 1:].to(self.device) for h in sel]).float().mean(0).to(sel[0].dtype)
             return CropSignals(list(self.to_units(rows)))
         L = self._vision_layer(req)
         attn = run.vision.get("attn", {})

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import RunError
-from ..geometry import anyres_geometry
+from ..family_geometries import anyres_geometry
 from ..part_views import CropSignals
 from ..signals import SignalRequest
 from ..types import Geometry
@@ -43,7 +43,11 @@ class LlavaNextAdapter(LlavaAdapter):
     """LLaVA-NeXT (`llava_next`): AnyRes tiles as parts; vision signals per crop."""
 
     family = "llava_next"
+    family_group = "llava"  # CLIP crops with a CLS each + projector + LLM: `family_files` keys `llava` route it too
     model_types = ("llava_next",)
+    official_dtype = "float16"
+    official_dtype_source = ("LLaVA-NeXT's official code (haotian-liu/LLaVA load_pretrained_model, float16), which "
+                             "the pruning papers' LLaVA-NeXT results run on")
 
     @classmethod
     def from_pretrained(cls, id_or_path: str, dtype: torch.dtype, device: str, attn_implementation: str = "sdpa",
@@ -153,9 +157,3 @@ class LlavaNextAdapter(LlavaAdapter):
     def read_vision_signal(self, run: AdapterRun, req: SignalRequest, b: int) -> Any:
         start, n = run.vision["crop_rows"][b]
         return CropSignals([super(LlavaNextAdapter, self).read_vision_signal(run, req, start + c) for c in range(n)])
-
-    def refusal_hint(self, ex) -> str:
-        if any(req.kind == "vision.attention_received" for req in ex.requests()):
-            return (f"\nhint: {ex.pipeline.name} reads a Qwen vision signal; LLaVA-NeXT has a CLS token per crop: "
-                    f"run pipelines/nuwa.yaml (Nüwa's LLaVA recipe, per crop and part) or visionzip.yaml")
-        return ""

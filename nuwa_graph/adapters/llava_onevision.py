@@ -40,7 +40,12 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     """LLaVA-OneVision (`llava_onevision`): AnyRes parts, no CLS, interpolated large canvases."""
 
     family = "llava_onevision"
+    family_group = ""  # its own group: the `llava` group's recipes read a CLS token, which SigLIP has not
+    has_cls = False
     model_types = ("llava_onevision",)
+    official_dtype = "float16"
+    official_dtype_source = ("LLaVA-OneVision's official code (LLaVA-VL/LLaVA-NeXT load_pretrained_model, "
+                             "torch_dtype float16 by default)")
     supported_signals = frozenset({"vision.hidden", "vision.hidden_mean"}) | LLM_SIGNALS
     feature_strategy = "full"  # SigLIP: no CLS row
 
@@ -84,19 +89,6 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                     f"has no CLS token")
         return super().unavailable_signal(req)
 
-    def refusal_hint(self, ex) -> str:
-        return self._hint(ex.pipeline)
-
-    def variables_hint(self, pipeline) -> str:
-        return self._hint(pipeline) or super().variables_hint(pipeline)
-
-    def _hint(self, pipeline) -> str:
-        kinds = {req.kind for node in pipeline.nodes.values() for req in node.requests()}
-        if not {k for k in kinds if k.startswith("vision.")} - self.supported_signals:
-            return ""
-        return (f"\nhint: {pipeline.name} is defined on a CLS token, which LLaVA-OneVision's SigLIP tower does not "
-                f"have; on this model run an LLM-side method (fastv, pdrop, sparsevlm, feather) or random / downsample")
-
     def pack(self, per_image: list[torch.Tensor], sizes: torch.Tensor) -> list[torch.Tensor]:
         rows, _ = self.model.model.pack_image_features(per_image, sizes, image_newline=self.model.model.image_newline,
                                                        vision_aspect_ratio=self.model.config.vision_aspect_ratio)
@@ -104,7 +96,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     def resized(self, size_hw: list[int]) -> tuple[int, int] | None:
         """anyres_max_N: the cut canvas is interpolated when it holds over 1.1^2 x N crops of tokens."""
-        from ..geometry import unpad_window
+        from ..family_geometries import unpad_window
 
         th, tw = self.tiles_of(size_hw)
         h, w = self.grid

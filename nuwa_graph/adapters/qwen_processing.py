@@ -4,29 +4,14 @@
 from __future__ import annotations
 
 
-class _AcceptsNoVideo:
-    """Lets a Qwen processor take `video_processor=None` without torchvision (the stock class
-    check looks the video base class up in a mapping that does not exist when torchvision is
-    missing). Videos are not supported by these adapters anyway."""
-
-    def check_argument_for_proper_class(self, argument_name, argument):
-        if argument is None and argument_name == "video_processor":
-            return None
-        return super().check_argument_for_proper_class(argument_name, argument)
-
-
-_NO_VIDEO: dict[str, type] = {}
-
-
 def _processor_class(name: str = "Qwen2_5_VLProcessor") -> type:
     """The transformers processor class `name` (Qwen2VLProcessor, Qwen2_5_VLProcessor,
-    Qwen3VLProcessor) with `_AcceptsNoVideo`; same class name, so a saved processor config
-    names the stock class."""
-    if name not in _NO_VIDEO:
-        import transformers
+    Qwen3VLProcessor) accepting `video_processor=None` (processors.without_video)."""
+    import transformers
 
-        _NO_VIDEO[name] = type(name, (_AcceptsNoVideo, getattr(transformers, name)), {})
-    return _NO_VIDEO[name]
+    from .processors import without_video
+
+    return without_video(getattr(transformers, name))
 
 
 def qwen_processor(tokenizer, patch_size: int = 14, merge_size: int = 2, temporal_patch_size: int = 2,

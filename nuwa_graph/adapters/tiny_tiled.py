@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from .loading import to_dtype_as_loaded  # RoPE tables stay float32, as from_pretrained keeps them
 from .tiny import IMAGE_SIZE, PATCH, TINY_SEED, build_tokenizer, seeded_model
 
 NEXT_PINPOINTS = [[IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE], [2 * IMAGE_SIZE, 2 * IMAGE_SIZE],
@@ -69,7 +70,7 @@ def tiny_llava_next(dtype: torch.dtype = torch.float32, device: str = "cpu", see
     from .llava_next import LlavaNextAdapter
 
     model, proc = build_tiny_llava_next(seed)
-    return LlavaNextAdapter(model.to(device=device, dtype=dtype), proc, name="tiny-llava-next", dtype=dtype,
+    return LlavaNextAdapter(to_dtype_as_loaded(model, dtype, device), proc, name="tiny-llava-next", dtype=dtype,
                             device=device)
 
 
@@ -150,7 +151,7 @@ def tiny_internvl(dtype: torch.dtype = torch.float32, device: str = "cpu", seed:
     from .internvl import InternVLAdapter
 
     model, proc = build_tiny_internvl(seed)
-    return InternVLAdapter(model.to(device=device, dtype=dtype), proc, name="tiny-internvl", dtype=dtype, device=device)
+    return InternVLAdapter(to_dtype_as_loaded(model, dtype, device), proc, name="tiny-internvl", dtype=dtype, device=device)
 
 
 # --- tiny-llava-onevision: SigLIP (no CLS) + Qwen2, AnyRes with anyres_max_4 ----------------
@@ -210,5 +211,5 @@ def tiny_llava_onevision(dtype: torch.dtype = torch.float32, device: str = "cpu"
     from .llava_onevision import LlavaOnevisionAdapter
 
     model, proc = build_tiny_llava_onevision(seed)
-    return LlavaOnevisionAdapter(model.to(device=device, dtype=dtype), proc, name="tiny-llava-onevision", dtype=dtype,
+    return LlavaOnevisionAdapter(to_dtype_as_loaded(model, dtype, device), proc, name="tiny-llava-onevision", dtype=dtype,
                                  device=device)
