@@ -88,5 +88,6 @@ class KeepTokens(Node[KeepParams]):
             raise ValueError("newlines: keep needs the selection in sequence order (order: index)")
         new_ids = present[wanted]
         if positions is not None:
-            positions = PositionPlan(new_ids, new_ids.clamp(min=0).clone(), "pesp", positions.text_follows)
+            positions = PositionPlan(new_ids, ctx.geometry.image_local(new_ids.clamp(min=0)).clone(), "pesp",
+                                     positions.text_follows)
         return new_ids, None, positions

@@ -49,6 +49,7 @@ class PositionReencoder(Node[ReencodeParams]):
     type_name = "position-reencoder.policy"
     paper = "https://arxiv.org/abs/2602.02951"
     outputs = {"positions": Port(PositionPlan)}
+    per_image_only = True  # offsets count from the image's first position
 
     def check_model(self, model_vars, sources):
         if self.params.policy == "perc" or model_vars.get("crops", 1) <= 1:

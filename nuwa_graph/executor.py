@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -21,7 +21,7 @@ from .part_views import image_reader, memo_reader, scope_of, split_to_units, to_
 from .pipeline import Pipeline
 from .signals import SignalRequest
 from .sites import Site
-from .types import Geometry, Selection
+from .types import Geometry, PositionPlan, Selection, Tokens
 
 
 @dataclass
@@ -116,7 +116,12 @@ class Executor:
                         kwargs[port] = v
                 geom = state.geometries[b]
                 try:
-                    if scope == "image" or geom.simple:
+                    several = len(geom.blocks) > 1
+                    if scope == "prompt" and several and getattr(node, "per_image_only", False):
+                        raise RunError(f"node {name!r} ({node.type_name}) makes values that count from their "
+                                       f"image's start; on a prompt of {len(geom.blocks)} images it runs per image, "
+                                       f"not per: prompt")
+                    if scope == "prompt" or (scope == "image" and not several) or geom.simple:
                         ctx = SampleContext(sample=b, geometry=geom, present=state.present[b], seed=seed,
                                             node_name=name, reader=image_reader(reader, name, getattr(node, "per", None)),
                                             actions=issued[b])
@@ -146,6 +151,8 @@ class Executor:
             state.timings[name] += time.perf_counter() - t0
             state.order.append(name)
         for b in range(state.batch):
+            if len(state.geometries[b].blocks) > 1:  # the stream holds each image's tokens in turn
+                issued[b][:] = [in_block_order(act, state.geometries[b]) for act in issued[b]]
             for act in issued[b]:
                 state.present[b] = act.ids
             state.actions[b].extend(issued[b])
@@ -174,7 +181,8 @@ class Executor:
         for i, u in enumerate(units):
             local = {port: split[port][i] for port in kwargs}
             present = unit_present(geom, u, state.present[b], untouched) if presents is None else presents[i].ids
-            ctx = SampleContext(sample=b, geometry=Geometry(u.shape, geom.image_start), present=present, seed=seed,
+            ctx = SampleContext(sample=b, geometry=u.geometry or Geometry(u.shape, geom.image_start), present=present,
+                                seed=seed,
                                 node_name=name, reader=unit_reader(reader, u, state.present[b], name),
                                 actions=issued, unit=u)
             outs.append(node.run(ctx, **local) or {})
@@ -191,6 +199,26 @@ class Executor:
         for site in self.sites():
             self.run_site(state, site, reader, seed)
         return state
+
+
+def in_block_order(act: Keep, geom: Geometry) -> Keep:
+    """`act` with its tokens ordered image by image (order kept within each image): on a prompt
+    of several images each image's kept tokens sit in that image's block of the stream."""
+    block_of = getattr(geom, "block_of", None)
+    if block_of is None or act.ids.numel() == 0:
+        return act
+    order = torch.sort(block_of(act.ids.cpu()), stable=True).indices
+    if torch.equal(order, torch.arange(order.numel())):
+        return act
+    dev = order.to(act.ids.device)
+    tokens = act.tokens
+    if tokens is not None:
+        tokens = Tokens(tokens.values[dev.to(tokens.values.device)], tokens.ids[dev], tokens.space)
+    pos = act.positions
+    if pos is not None:
+        pos = PositionPlan(pos.ids[dev.to(pos.ids.device)], pos.offsets[dev.to(pos.offsets.device)], pos.policy,
+                           pos.text_follows)
+    return replace(act, ids=act.ids[dev], tokens=tokens, positions=pos)
 
 
 def _dict_reader(signals: dict[str, Any]) -> Callable[[SignalRequest, int], torch.Tensor]:

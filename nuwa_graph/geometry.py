@@ -25,8 +25,8 @@ geometry of one crop keeps CLS_ID / POOLED_ID, so single-grid families are uncha
 reading it is an error (GeometryError): a node that needs a grid runs per part or per crop
 (the executor's `per`), never with a silent 1-D meaning.
 
-Later work (several blocks per prompt: multi-image, video frames) composes blocks = ordered
-parts with id offsets the same way.
+A prompt of several images (several visual blocks, text between them) composes the images'
+geometries into one with the same rules: nuwa_graph/prompt_geometry.py.
 """
 
 from __future__ import annotations
@@ -111,6 +111,9 @@ class Unit:
     cls_id: int | None
     pooled_id: int | None
     id_space: int = 0  # every block id is below this (stream, vision-only, CLS and pooled ids)
+    # kind image (a prompt of several images, prompt_geometry.py): that image's own Geometry,
+    # which the node sees (its ids are the image's own); None: the unit is the grid `shape`
+    geometry: Geometry | None = None
 
     # set by Geometry.units: {"tables": Geometry.unit_tables, "row": this unit's index in its `per`}
     shared: dict = field(default_factory=dict, repr=False)
@@ -160,6 +163,11 @@ class Geometry:
     tiles pass `parts` (see the module docstring). `grid` is only defined for one grid part.
     """
 
+    #: the `per` values whose units `unit_tables` holds
+    unit_kinds: tuple[str, ...] = ("crop", "part")
+    #: the images of a prompt of several (prompt_geometry.PromptGeometry); one image: itself
+    blocks: tuple[Geometry, ...] = ()
+
     def __init__(self, grid: tuple[int, int] | None = None, image_start: int = 0,
                  parts: tuple[Part, ...] | list[Part] | None = None):
         if not parts:
@@ -203,6 +211,11 @@ class Geometry:
     def describe(self) -> str:
         return ", ".join(f"{p.kind} {p.shape[0]}x{p.shape[1]}" + (f" ({len(p.crops)} crops)" if len(p.crops) > 1 else "")
                          for p in self.parts)
+
+    def image_local(self, ids: torch.Tensor) -> torch.Tensor:
+        """Each stream id counted from its own image's first token (one image: the ids themselves;
+        a prompt of several images: prompt_geometry.py). Position offsets count this way."""
+        return ids
 
     # ---- crops and ids ---------------------------------------------------------------------
     @cached_property
@@ -298,7 +311,7 @@ class Geometry:
         if key in self._units:
             return self._units[key]
         built: dict[str, dict[str, torch.Tensor]] = {}
-        for per in ("crop", "part"):
+        for per in self.unit_kinds:
             units = self.units(per)
             size = max([self.id_space] + [int(u.block_ids.max()) + 1 for u in units if u.block_ids.numel()])
             width = max([1] + [u.block_ids.numel() for u in units])

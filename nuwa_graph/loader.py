@@ -32,10 +32,13 @@ class NodeSpec(BaseModel):
     type: str = Field(description="registered node type, e.g. selector.top-k")
     params: dict[str, Any] = Field(default_factory=dict, description="node parameters")
     inputs: dict[str, str | list[str]] = Field(default_factory=dict, description="port -> 'node.port' (or a list)")
-    per: Literal["image", "crop", "part"] | None = Field(
+    per: Literal["image", "crop", "part", "prompt"] | None = Field(
         None, description="on an image made of several crops or parts (LLaVA-NeXT, InternVL): run once for the whole "
-        "image, once per vision crop (its budget then counts per crop) or once per spatial part; default: spatial "
-        "nodes per part, nodes reading a vision signal per crop, the rest per image (nuwa_graph/part_views.py)")
+        "image, once per vision crop (its budget then counts per crop) or once per spatial part; on a prompt of "
+        "several images: `image` runs once per image (a budget counts per image), `prompt` once over every image "
+        "at once (a budget counts per prompt); default: spatial nodes per part, nodes reading a vision signal per "
+        "crop, nodes defined over the whole prompt (Node.prompt_wide) per prompt, the rest per image "
+        "(nuwa_graph/part_views.py)")
     _line: int | None = PrivateAttr(default=None)  # line of the entry in its file (not dumped)
 
 

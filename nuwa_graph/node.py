@@ -220,6 +220,12 @@ class Node(Generic[P]):
     # reads the image's grid (regions, uniform grids, distances): on an image of several parts
     # it runs per spatial part by default and never over the flat sequence (part_views.py)
     spatial: ClassVar[bool] = False
+    # on a prompt of several images (nuwa_graph/prompt_geometry.py): defined over every image's
+    # tokens at once (a global top-k), so it runs per: prompt by default; else once per image
+    prompt_wide: ClassVar[bool] = False
+    # its outputs only mean something per image (position offsets count from the image's start):
+    # per: prompt is refused on a prompt of several images
+    per_image_only: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -239,7 +245,7 @@ class Node(Generic[P]):
             params = {}
         validated = params if isinstance(params, self.Params) else self.Params.model_validate(params)
         self.params: P = cast(P, validated)
-        self.per: str | None = None  # the file's `per:` (image | crop | part); None: the node's default
+        self.per: str | None = None  # the file's `per:` (image | crop | part | prompt); None: the node's default
 
     # --- site and signals -------------------------------------------------------------
     def site(self) -> Site | None:

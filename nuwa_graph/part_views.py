@@ -13,6 +13,13 @@ Which nodes run how (`scope_of`): the file's `per:` when given; otherwise a node
 declares itself spatial (`Node.spatial`) runs per part, a node that reads a vision signal
 runs per crop, every other node image-wise. On a one-grid image (LLaVA-1.5, Qwen2.5-VL) every
 node runs image-wise, as it always did.
+
+On a prompt of several images (prompt_geometry.py) `per: image` (the default of a node that
+is neither spatial nor a vision reader) runs the node once per image, with that image's own
+geometry and ids; `per: prompt` (or `Node.prompt_wide`) once over every image's tokens
+together (a global top-k). Appliers always run once over the prompt. A node whose outputs
+only mean something per image (`Node.per_image_only`: position plans, whose offsets count
+from their image's start) refuses `per: prompt` there.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from .geometry import Geometry, Unit
 from .signals import SignalRequest
 from .types import Applied, PositionPlan, Regions, Roles, Scores, Selection, Tokens
 
-PER_CHOICES = ("image", "crop", "part")
+PER_CHOICES = ("image", "crop", "part", "prompt")
 # signal kind -> the axis of its SHAPE that runs over the image tokens present (signals.py): a
 # node run per crop or part reads the columns of its own tokens; `vision.*` signals come per
 # crop (CropSignals); other kinds (pre_llm.text) are not per token and pass as they are
@@ -54,9 +61,16 @@ class CropSignals(list):
 
 
 def scope_of(node: Any, per: str | None) -> str:
-    """How a node runs on an image of several parts: the file's `per`, else its default."""
+    """How a node runs on an image of several parts or a prompt of several images: an applier
+    once over the whole prompt; else the file's `per`, else its default (`Node.prompt_wide`:
+    over every image of the prompt at once; a spatial node per part; a node reading a vision
+    signal per crop; the rest per image)."""
+    if getattr(node, "family", "") == "applier":
+        return "prompt"
     if per is not None:
         return per
+    if getattr(node, "prompt_wide", False):
+        return "prompt"
     if getattr(node, "spatial", False):
         return "part"
     if any(r.kind.startswith("vision.") for r in node.requests()):

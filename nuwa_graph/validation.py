@@ -122,7 +122,11 @@ def check_spec(
             problems += pydantic_problems(source, exc, ns.name, "params.", line)
             continue
         node.per = ns.per
-        if ns.per not in (None, "image") and node.family == "applier":
+        if ns.per == "prompt" and node.per_image_only:
+            problems.append(Problem(source, "its values count from their image's start, so on a prompt of several "
+                                    "images it runs once per image: per: prompt is not allowed here (per: image)",
+                                    node=ns.name, field="per", line=line))
+        if ns.per not in (None, "image", "prompt") and node.family == "applier":
             problems.append(Problem(source, f"an applier changes the whole image's token set once: per: {ns.per} is "
                                     f"not allowed here (run the nodes before it per {ns.per})", node=ns.name,
                                     field="per", line=line))

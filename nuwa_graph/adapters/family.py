@@ -28,7 +28,11 @@ Extension points (what a family subclass implements; LLaVA in llava.py is the ex
   Position tensors are always (P, n) per sample (P = 1 for LLaVA, 3 for M-RoPE) and
   (P, B, L) for a batch; `llm_position_ids` turns them into what the text model takes.
 - `llm_position_ids(pos)`: (P, B, L) -> the text model's `position_ids` (default: pos[0]).
-- `geometry(run, b)`: the sample's `Geometry` (grid the pipeline sees, image_start).
+- `geometry(run, b)`: the sample's `Geometry` (grid the pipeline sees, image_start);
+  `image_geometries(run, b)`: one per image of a prompt of several (default: `geometry`),
+  `image_runs(ids)`: where each image's placeholders sit (default: each run of
+  `image_token_id`); a prompt of several images is several visual blocks with text between
+  them (layout.py `SampleLayout`, prompt_geometry.py, docs/multi-image.md).
 - `post_layers()` / `on_layer_output(run, layer, seg, hidden)`: decoder layers whose OUTPUT
   the family changes during prefill, and the change (Qwen3-VL's DeepStack adds vision rows
   to the visual positions still present after layers 0..2); the session hooks them.
@@ -48,6 +52,7 @@ from torch import nn
 from ..errors import RunError
 from ..executor import Executor
 from ..pipeline import Pipeline
+from ..prompt_geometry import PromptGeometry, prompt_geometry
 from ..signals import SignalRequest
 from ..sites import Site
 from ..types import Geometry, PositionPlan
@@ -76,6 +81,16 @@ def indexed_device(device: str | torch.device) -> torch.device:
     """`device` with its index: plain "cuda" is the current GPU (tensors on it say cuda:N)."""
     d = torch.device(device)
     return torch.device("cuda", torch.cuda.current_device()) if d.type == "cuda" and d.index is None else d
+
+
+def flatten_images(images: list) -> tuple[list, list[int] | None]:
+    """A batch's images as one list in prompt order, and how many each prompt has (None: one
+    image per prompt, the batch as given)."""
+    if not any(isinstance(im, (list, tuple)) for im in images):
+        return list(images), None
+    counts = [len(im) if isinstance(im, (list, tuple)) else 1 for im in images]
+    flat = [x for im in images for x in (im if isinstance(im, (list, tuple)) else [im])]
+    return flat, counts
 
 
 def layer_variable_hint(pipe: Pipeline, site: Site) -> str:
@@ -164,14 +179,35 @@ class FamilyHooks:
     def split_sample(self, enc: Encoded, b: int) -> SampleLayout:
         """Default: one contiguous run of `image_token_id`; 1-D positions from 0."""
         ids = enc.input_ids[b][enc.attention_mask[b].bool()]
-        where = (ids == self.image_token_id).nonzero().flatten()
-        if where.numel() == 0:
-            raise RunError("the prompt has no image placeholder token; the processor did not insert the image")
-        s, e = int(where[0]), int(where[-1]) + 1
-        if e - s != where.numel():
-            raise RunError("the image placeholders are not one contiguous block (one image per prompt is supported)")
         pos = torch.arange(ids.numel())[None]
-        return SampleLayout(ids[:s].cpu(), ids[e:].cpu(), e - s, s, pos[:, :s], pos[:, s:e], pos[:, e:])
+        return SampleLayout.of(ids, pos, self.image_runs(ids, self.image_token_counts(enc, b)))
+
+    def image_token_counts(self, enc: Encoded, b: int) -> list[int] | None:
+        """Placeholder tokens of each image of sample b, when the family knows them before the
+        vision pass (they split images whose placeholders touch); None: unknown."""
+        return None
+
+    def image_runs(self, ids: torch.Tensor, counts: list[int] | None = None) -> list[tuple[int, int]]:
+        """[(start, end), ...] of each image's placeholder run in a sample's ids: each maximal run
+        of `image_token_id`, cut by `counts` (tokens per image) where images touch."""
+        is_img = (ids == self.image_token_id).long()
+        if not bool(is_img.any()):
+            raise RunError("the prompt has no image placeholder token; the processor did not insert the image")
+        edges = torch.diff(torch.cat([is_img.new_zeros(1), is_img, is_img.new_zeros(1)]))
+        runs = list(zip((edges == 1).nonzero().flatten().tolist(), (edges == -1).nonzero().flatten().tolist()))
+        if counts is None or len(counts) == len(runs):
+            return runs
+        cut, left = [], list(counts)
+        for s, e in runs:
+            while s < e and left and s + left[0] <= e:
+                cut.append((s, s + left[0]))
+                s += left.pop(0)
+            if s != e:
+                break
+        if left or len(cut) != len(counts):
+            raise RunError(f"the prompt's image placeholders ({sum(e - s for s, e in runs)} tokens in {len(runs)} "
+                           f"runs) do not match its {len(counts)} images of {counts} tokens")
+        return cut
 
     def vision_forward(self, run: AdapterRun) -> VisionOut:
         raise NotImplementedError
@@ -255,6 +291,37 @@ class FamilyHooks:
     def geometry(self, run: AdapterRun, b: int) -> Geometry:
         raise NotImplementedError
 
+    @staticmethod
+    def image_indices(run: AdapterRun, b: int) -> list[int]:
+        """Indices of sample b's images among the batch's images, in prompt order (encode stores
+        `images_per_sample` when a prompt has several)."""
+        counts = run.enc.extras.get("images_per_sample")
+        if counts is None:
+            return [b]
+        start = sum(counts[:b])
+        return list(range(start, start + counts[b]))
+
+    def image_geometries(self, run: AdapterRun, b: int) -> list[Geometry]:
+        """The Geometry of each image of sample b, in prompt order (default: one image)."""
+        return [self.geometry(run, b)]
+
+    def prompt_geometry(self, run: AdapterRun, b: int) -> Geometry:
+        """Sample b's geometry: its one image's, or its images' composed in one id space
+        (prompt_geometry.py); the layout learns which image each id belongs to."""
+        geoms = self.image_geometries(run, b)
+        lay = run.layouts[b]
+        if len(geoms) != len(lay.images):
+            raise RunError(f"sample {b}: the prompt has {len(lay.images)} image blocks but {len(geoms)} images were "
+                           f"encoded for it")
+        for i, (g, im) in enumerate(zip(geoms, lay.images)):
+            if g.n_tokens != im.n:
+                raise RunError(f"sample {b}: image {i + 1} has {im.n} placeholder tokens in the prompt but its "
+                               f"geometry gives {g.n_tokens} ({g.describe()})")
+        geom = prompt_geometry(geoms)
+        if isinstance(geom, PromptGeometry):
+            lay.id_blocks = geom.block_table()
+        return geom
+
     def post_layers(self) -> frozenset[int]:
         """Decoder layers whose output `on_layer_output` changes during prefill (default none)."""
         return frozenset()
@@ -266,7 +333,7 @@ class FamilyHooks:
 
     def visual_positions(self, layout: SampleLayout, ids: torch.Tensor, plan: PositionPlan | None) -> torch.Tensor:
         """Absolute positions (P, k) for kept visual tokens `ids` (1-D default)."""
-        s = layout.pos_image[:, :1]
+        s = layout.images[0].pos[:, :1]
         if plan is None:
             return s + torch.arange(ids.numel())[None]
         if plan.offsets.numel() != ids.numel():

@@ -19,7 +19,7 @@ from ..executor import Executor
 from ..loader import family_file_of
 from ..pipeline import Pipeline
 from ..sites import Site
-from .layout import Block, Segment, VisionOut, columns, decode_mask, host_keeps
+from .layout import Block, Segment, VisionOut, by_image, columns, decode_mask, host_keeps, image_positions, place_runs
 from .report import PeakMemory, RunReport, build_report, kv_cache_bytes, model_devices, sync
 from .sampling import GREEDY, Sampling
 from .session import HookSession
@@ -130,50 +130,60 @@ class Generation(HookSession):
                dev_ids: torch.Tensor | None) -> Block:
         layout = r.layouts[b]
         if act.positions is not None:
-            return Block(ids, rows, self.visual_positions(layout, ids, act.positions), act.positions.text_follows,
-                         dev_ids)
+            per_image = image_positions(layout, ids, act.positions, self.visual_positions)
+            return Block(ids, rows, torch.cat(per_image, dim=1) if len(per_image) > 1 else per_image[0],
+                         act.positions.text_follows, dev_ids)
         return Block(ids, rows, None, "compact", dev_ids)
 
     def _assemble(self, r: AdapterRun) -> tuple[torch.Tensor, torch.Tensor, Segment]:
-        """inputs_embeds (B, L, d), 2-D mask, and segment 0 for the LLM."""
+        """inputs_embeds (B, L, d), 2-D mask, and segment 0 for the LLM: each sample's text runs
+        with each image's block between them (`place_runs` numbers them)."""
         blocks = [self._visual_block(r, b) for b in range(r.B)]
-        embs, poss, lens, img_idx, img_ids, post_start, n_text = [], [], [], [], [], [], []
-        text_ids = [torch.cat([lay.pre_ids, lay.post_ids]) for lay in r.layouts]
+        embs, poss, lens, img_idx, img_ids, runs_at, n_text = [], [], [], [], [], [], []
+        text_ids = [torch.cat(lay.texts) for lay in r.layouts]
         text_rows = self.embed(torch.cat(text_ids)).split([t.numel() for t in text_ids])  # one copy of the ids
         for b in range(r.B):
             lay, blk = r.layouts[b], blocks[b]
-            k = blk.ids.numel()
-            vpos = blk.positions if blk.positions is not None else self.visual_positions(lay, blk.ids, None)
-            post = lay.pos_post
+            sels = by_image(lay, blk.ids)
+            if blk.positions is not None:
+                vis = [blk.positions[:, sel] for sel in sels] if len(sels) > 1 else [blk.positions]
+            else:
+                vis = image_positions(lay, blk.ids, None, self.visual_positions)
             follows = blk.text_follows if blk.positions is not None else "compact"
-            if follows == "compact" and post.shape[1]:
-                top = vpos.max() if k else (lay.pos_pre.max() if lay.pos_pre.numel() else -1)
-                post = post - post[:, :1] + top + 1
-            ids_all = text_ids[b]
-            e = text_rows[b]
-            npre = lay.pre_ids.numel()
-            embs.append(torch.cat([e[:npre], blk.rows.to(e), e[npre:]]))
-            poss.append(torch.cat([lay.pos_pre, vpos.to(lay.pos_pre), post], dim=1))
+            top = lay.pos_pre.max() if lay.pos_pre.numel() else -1
+            texts, vpos = place_runs(lay, lay.pos_texts, lambda i, shift, _m, vis=vis, lay=lay: vis[i].to(lay.pos_pre) + shift,
+                                     follows, top)
+            e = text_rows[b].split([t.numel() for t in lay.texts])
+            pieces, pos_pieces, runs, at = [e[0]], [texts[0]], [], e[0].shape[0]
+            for i, sel in enumerate(sels):
+                rows = blk.rows if len(sels) == 1 else blk.rows[sel.to(blk.rows.device)]
+                pieces += [rows.to(e[0]), e[i + 1]]
+                pos_pieces += [vpos[i], texts[i + 1]]
+                runs.append((at, sel.numel()))
+                at += sel.numel() + e[i + 1].shape[0]
+            embs.append(torch.cat(pieces))
+            poss.append(torch.cat(pos_pieces, dim=1))
             lens.append(embs[-1].shape[0])
-            img_ids.append(blk.ids)
-            n_text.append(ids_all.numel())
+            img_ids.append(blk.ids if len(sels) == 1 else blk.ids[torch.cat(sels)])
+            runs_at.append(runs)
+            n_text.append(text_ids[b].numel())
         L = max(lens)
         d = embs[0].shape[-1]
         P = poss[0].shape[0]
         x = torch.zeros(r.B, L, d, dtype=embs[0].dtype, device=self.device)
         am = torch.zeros(r.B, L, dtype=torch.long)
         pos = torch.ones(P, r.B, L, dtype=torch.long)
+        post_start, seg_runs = [], []
         for b in range(r.B):
             sh = L - lens[b]
             x[b, sh:] = embs[b]
             am[b, sh:] = 1
             pos[:, b, sh:] = poss[b]
-            npre = r.layouts[b].pre_ids.numel()
-            k = blocks[b].ids.numel()
-            img_idx.append(torch.arange(sh + npre, sh + npre + k))
-            post_start.append(sh + npre + k)
+            seg_runs.append([(s + sh, k) for s, k in runs_at[b]])
+            img_idx.append(torch.cat([torch.arange(s, s + k) for s, k in seg_runs[b]]))
+            post_start.append(seg_runs[b][-1][0] + seg_runs[b][-1][1])
         seg = Segment(0, am.bool(), pos, img_idx, img_ids, post_start, n_text,
-                      [r.layouts[b].n_extra for b in range(r.B)])
+                      [r.layouts[b].n_extra for b in range(r.B)], runs=seg_runs)
         return x, am, seg
 
     def _start(self, pipeline: Pipeline, images, prompts, external, seed, extra_ids=None) -> AdapterRun:
@@ -183,7 +193,11 @@ class Generation(HookSession):
         if not isinstance(images, (list, tuple)):
             images = [images]
         if len(images) != len(prompts):
-            raise RunError(f"{len(images)} images for {len(prompts)} prompts; give one image per prompt")
+            raise RunError(f"{len(images)} images for {len(prompts)} prompts; give one image (or one list of "
+                           f"images) per prompt")
+        images = [list(im) if isinstance(im, (list, tuple)) else im for im in images]
+        if any(isinstance(im, list) and not im for im in images):
+            raise RunError("a prompt was given an empty list of images; give at least one image per prompt")
         enc = self.encode(list(images), list(prompts))
         r = AdapterRun(self, ex, enc, external, seed)
         r.layouts = [self.split_sample(enc, b) for b in range(r.B)]
@@ -199,7 +213,8 @@ class Generation(HookSession):
 
         r.phase = "vision"
         vis = self.vision_forward(r)
-        r.state = r.ex.start([self.geometry(r, b) for b in range(r.B)], device=self.device)
+        geoms = [self.prompt_geometry(r, b) for b in range(r.B)]
+        r.state = r.ex.start(geoms, device=self.device)
         devices = model_devices(self.model, self.device)
         if self.sync_node_timing and any(d.type == "cuda" for d in devices):
             r.state.sync = partial(sync, devices)

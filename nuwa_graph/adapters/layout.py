@@ -33,34 +33,116 @@ class Encoded:
 
 
 @dataclass
-class SampleLayout:
-    """One sample's unpruned prompt, split around its image block (no padding).
+class ImageRun:
+    """One visual block of a prompt: its placeholder tokens, where they sit, their positions."""
 
-    Positions are (P, n): P = 1 for 1-D RoPE, 3 for M-RoPE.
+    n: int  # placeholder tokens (the image's full block)
+    start: int  # index of its first token in the sample's own sequence
+    pos: torch.Tensor  # (P, n) original positions
+    offset: int = 0  # its first stream id in the prompt's id space (earlier images' tokens)
+
+
+@dataclass
+class SampleLayout:
+    """One sample's unpruned prompt (no padding): text runs and visual blocks alternating,
+    `texts[0] | images[0] | texts[1] | ... | images[m-1] | texts[m]` (a text run may be empty).
+
+    Positions are (P, n): P = 1 for 1-D RoPE, 3 for M-RoPE. Visual ids are one id space over
+    every image (image i's stream ids start at `images[i].offset`; prompt_geometry.py);
+    `id_blocks` (set from the prompt's geometry when it has several images) gives the image of
+    every id, CLS and cut-away cells included.
     """
 
-    pre_ids: torch.Tensor  # token ids before the image block
-    post_ids: torch.Tensor  # token ids after it
-    n_image: int  # image placeholder tokens in the prompt (the full grid)
-    image_start: int  # index of the first image token in the sample's own sequence
-    pos_pre: torch.Tensor  # (P, n_pre)
-    pos_image: torch.Tensor  # (P, n_image) original positions of the full image block
-    pos_post: torch.Tensor  # (P, n_post)
+    texts: list[torch.Tensor]
+    pos_texts: list[torch.Tensor]
+    images: list[ImageRun]
     n_extra: int = 0  # generated tokens appended by extend() (they are not prompt tokens)
+    id_blocks: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, ids: torch.Tensor, pos: torch.Tensor, runs: list[tuple[int, int]]) -> SampleLayout:
+        """Split a sample's ids (n,) and positions (P, n) at the image runs [(start, end), ...]."""
+        texts, pos_texts, images = [], [], []
+        at = offset = 0
+        for s, e in runs:
+            texts.append(ids[at:s].cpu())
+            pos_texts.append(pos[:, at:s])
+            images.append(ImageRun(e - s, s, pos[:, s:e], offset))
+            offset += e - s
+            at = e
+        texts.append(ids[at:].cpu())
+        pos_texts.append(pos[:, at:])
+        return cls(texts, pos_texts, images)
+
+    @property
+    def pre_ids(self) -> torch.Tensor:
+        return self.texts[0]
+
+    @property
+    def post_ids(self) -> torch.Tensor:
+        """Token ids after the last image."""
+        return self.texts[-1]
+
+    @property
+    def pos_pre(self) -> torch.Tensor:
+        return self.pos_texts[0]
+
+    @property
+    def pos_post(self) -> torch.Tensor:
+        return self.pos_texts[-1]
+
+    @property
+    def n_image(self) -> int:
+        """Image placeholder tokens of every image."""
+        return sum(im.n for im in self.images)
+
+    @property
+    def image_start(self) -> int:
+        return self.images[0].start
+
+    @property
+    def pos_image(self) -> torch.Tensor:
+        """(P, n_image) original positions of every image's tokens, in id order."""
+        if len(self.images) == 1:
+            return self.images[0].pos
+        return torch.cat([im.pos for im in self.images], dim=1)
+
+    def image(self, i: int) -> SampleLayout:
+        """Image i alone, with the text around it: what a family's position rule reads."""
+        if len(self.images) == 1:
+            return self
+        return SampleLayout(self.texts[i:i + 2], self.pos_texts[i:i + 2], [self.images[i]])
+
+    def text_start(self, i: int) -> torch.Tensor:
+        """The original position of text run i's first token (P, 1); for an empty run, where it
+        would start (one past the largest position of the image before it)."""
+        if self.pos_texts[i].shape[1]:
+            return self.pos_texts[i][:, :1]
+        return self.images[i - 1].pos.max().reshape(1, 1).expand(self.pos_texts[i].shape[0], 1) + 1
+
+    def blocks_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """The image of each (host) id."""
+        if self.id_blocks is None:
+            return torch.zeros_like(ids, dtype=torch.long)
+        return self.id_blocks[ids.long().clamp(0, self.id_blocks.numel() - 1)]
+
+    def local_ids(self, i: int, ids: torch.Tensor) -> torch.Tensor:
+        """Image i's own ids of prompt ids (stream ids counted from its first token)."""
+        return ids - self.images[i].offset if len(self.images) > 1 else ids
 
     def extend(self, extra: torch.Tensor) -> None:
         """Append generated tokens after the prompt (cache-free recompute)."""
         extra = extra.reshape(-1).to(self.post_ids)
         if extra.numel() == 0:
             return
-        last = self.pos_post[:, -1:] if self.pos_post.shape[1] else self.pos_image[:, -1:]
-        self.pos_post = torch.cat([self.pos_post, last + 1 + torch.arange(extra.numel())], dim=1)
-        self.post_ids = torch.cat([self.post_ids, extra])
+        last = self.pos_post[:, -1:] if self.pos_post.shape[1] else self.images[-1].pos[:, -1:]
+        self.pos_texts[-1] = torch.cat([self.pos_post, last + 1 + torch.arange(extra.numel())], dim=1)
+        self.texts[-1] = torch.cat([self.post_ids, extra])
         self.n_extra += int(extra.numel())
 
     @property
     def prompt_post_ids(self) -> torch.Tensor:
-        """Token ids after the image that belong to the prompt (not the appended ones)."""
+        """Token ids after the last image that belong to the prompt (not the appended ones)."""
         return self.post_ids[: self.post_ids.numel() - self.n_extra]
 
 
@@ -126,6 +208,15 @@ class Segment:
     tables: dict[torch.device, tuple[Any, ...]] = field(default_factory=dict, repr=False)
     step_tables: tuple[Any, ...] | None = field(default=None, repr=False)  # (key, mask, (cos, sin), pos_ids)
     copies: dict[torch.device, SegmentOn] = field(default_factory=dict, repr=False)
+    # per sample, per image: (slot of its first token, its tokens present); the text between
+    # images sits between these runs (one image: [(img_idx[0], len(img_idx))])
+    runs: list[list[tuple[int, int]]] = field(default_factory=list)
+
+    def runs_of(self, b: int) -> list[tuple[int, int]]:
+        if self.runs:
+            return self.runs[b]
+        k = int(self.img_idx[b].numel())
+        return [(self.post_start[b] - k, k)]
 
     @property
     def padded(self) -> bool:
@@ -229,11 +320,69 @@ def decode_mask(key_valid: torch.Tensor, q: int) -> torch.Tensor:
 VisualPositions = Callable[[Any, torch.Tensor, PositionPlan | None], torch.Tensor]
 
 
+def by_image(layout: SampleLayout, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Per image of the prompt, the indices into `ids` (host ids) of its tokens, order kept."""
+    if len(layout.images) == 1:
+        return [torch.arange(ids.numel())]
+    blocks = layout.blocks_of(ids)
+    return [torch.nonzero(blocks == i).flatten() for i in range(len(layout.images))]
+
+
+def image_positions(layout: SampleLayout, ids: torch.Tensor, plan: PositionPlan | None,
+                    visual_positions: VisualPositions) -> list[torch.Tensor]:
+    """Per image, the positions (P, k_i) of its kept tokens among `ids` by the family's rule,
+    each counted from that image's ORIGINAL start (plan offsets count from their image's start;
+    `place_runs` shifts them by the text moved before the image)."""
+    if len(layout.images) == 1:
+        return [visual_positions(layout, ids, plan)]
+    out = []
+    for i, sel in enumerate(by_image(layout, ids)):
+        local = layout.local_ids(i, ids[sel])
+        sub = None if plan is None else PositionPlan(local, plan.offsets[sel.to(plan.offsets.device)], plan.policy,
+                                                     plan.text_follows)
+        out.append(visual_positions(layout.image(i), local, sub))
+    return out
+
+
+def place_runs(layout: SampleLayout, text_now: list[torch.Tensor],
+               visual: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor], follows: str,
+               top: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Positions of a prompt's runs, walked in stream order: text run 0, image 0, text run 1, ...
+
+    `text_now[i]`: text run i's current positions (P, n_i); `visual(i, shift, moved)`: image i's
+    positions, given `shift` (how far the text before it now sits from its original positions:
+    add it to positions counted in the original frame) and `moved` (how far that text moved in
+    this walk: add it to current positions). Text after an image follows its last kept token
+    (`compact`) or moves with the text before the image (`original`), as the stock model numbers
+    text after an image (Qwen's get_rope_index: one past the image's largest position). `top`:
+    the largest position before the first image (-1: none). Returns (text runs, images)."""
+    zero = torch.zeros(text_now[0].shape[0], 1, dtype=torch.long)
+    shift = moved = zero
+    texts, images = [text_now[0]], []
+    for i in range(len(layout.images)):
+        v = visual(i, shift, moved)
+        images.append(v)
+        if v.numel():
+            top = v.max()
+        t = text_now[i + 1]
+        if t.shape[1]:
+            new = t - t[:, :1] + top + 1 if follows == "compact" else t + moved
+            moved = new[:, :1] - t[:, :1]
+            shift = new[:, :1] - layout.text_start(i + 1)
+            top = new.max()
+            t = new
+        elif follows == "compact":
+            shift = top + 1 - layout.text_start(i + 1)
+        texts.append(t)
+    return texts, images
+
+
 def keep_in_segment(layer: int, seg: Segment, acts: list[list[Keep]], layouts: list,
                     visual_positions: VisualPositions) -> Segment | None:
     """The segment layers >= `layer` see after the Keep actions `acts` (per sample, host
-    ids), with its `gather` and `replacements`; None when nothing changes.
-    `visual_positions(layout, ids, plan)` is the family's position rule (P, k)."""
+    ids), with its `gather` and `replacements`; None when nothing changes. Each image's kept
+    tokens replace that image's run; the text between images stays, moved as `place_runs` says.
+    `visual_positions(layout, ids, plan)` is the family's position rule (P, k) for one image."""
     B, L = seg.valid.shape
     views = []
     changed = False
@@ -242,7 +391,7 @@ def keep_in_segment(layer: int, seg: Segment, acts: list[list[Keep]], layouts: l
         src = torch.arange(L)  # row of h each sequence slot comes from (-1: replacement only)
         pos = seg.pos[:, b].clone()
         ii, ids = seg.img_idx[b].clone(), seg.img_ids[b].clone()
-        ps = seg.post_start[b]
+        runs = seg.runs_of(b)
         rows: dict[int, torch.Tensor] = {}  # slot -> replacement hidden row
         for act in acts[b]:
             keep_ids = act.ids.long()
@@ -253,39 +402,55 @@ def keep_in_segment(layer: int, seg: Segment, acts: list[list[Keep]], layouts: l
                     raise RunError(f"node {act.node!r} keeps token {t} at {act.site}, which is not present there")
                 slots.append(cur.get(t, -1))
             slots_t = torch.tensor(slots, dtype=torch.long)
-            first = int(ii.min()) if ii.numel() else ps
-            before, after = torch.arange(first), torch.arange(ps, src.numel())
-            if act.positions is not None:
-                vpos = visual_positions(layout, keep_ids, act.positions).to(pos)
-            else:  # keep current ids; a token with no current row gets its original id
-                fallback = layout.pos_image[:, keep_ids.clamp(0, layout.n_image - 1)].to(pos)
-                vpos = torch.where(slots_t[None] >= 0, pos[:, slots_t.clamp(min=0)], fallback)
-            post_pos = pos[:, after]
+            if act.tokens is not None and act.tokens.space != "llm":
+                raise RunError(f"node {act.node!r}: tokens applied at {act.site} must be in llm space "
+                               f"(got {act.tokens.space!r}); merge before the LLM or project them")
+            # text runs in the current sequence: before the first image, between images, after the last
+            bounds = [0] + [x for s, k in runs for x in (s, s + k)] + [src.numel()]
+            text_idx = [torch.arange(bounds[2 * i], bounds[2 * i + 1]) for i in range(len(runs) + 1)]
+            sels = by_image(layout, keep_ids)
+            planned = image_positions(layout, keep_ids, act.positions, visual_positions) \
+                if act.positions is not None else None
+
+            def visual(i: int, shift: torch.Tensor, moved: torch.Tensor, sels=sels, planned=planned,
+                       keep_ids=keep_ids, slots_t=slots_t, pos=pos, layout=layout) -> torch.Tensor:
+                if planned is not None:
+                    return planned[i].to(pos) + shift if len(sels) > 1 else planned[i].to(pos)
+                # keep current ids; a token with no current row gets its original id
+                k_ids, k_slots = keep_ids[sels[i]], slots_t[sels[i]]
+                fallback = layout.pos_image[:, k_ids.clamp(0, layout.n_image - 1)].to(pos) + shift
+                return torch.where(k_slots[None] >= 0, pos[:, k_slots.clamp(min=0)] + moved, fallback)
+
+            top = pos[:, text_idx[0]].max() if text_idx[0].numel() else -1
             follows = act.positions.text_follows if act.positions is not None else "original"
-            if follows == "compact" and post_pos.shape[1]:
-                top = vpos.max() if vpos.numel() else (pos[:, before].max() if before.numel() else -1)
-                post_pos = post_pos - post_pos[:, :1] + top + 1
-            order = torch.cat([before, slots_t, after])
+            new_text, new_vis = place_runs(layout, [pos[:, t] for t in text_idx], visual, follows, top)
+            order_parts, pos_parts, new_runs, kept_at = [text_idx[0]], [new_text[0]], [], []
+            at = text_idx[0].numel()
+            for i, sel in enumerate(sels):
+                order_parts += [slots_t[sel], text_idx[i + 1]]
+                pos_parts += [new_vis[i], new_text[i + 1]]
+                new_runs.append((at, sel.numel()))
+                kept_at.append(at + torch.arange(sel.numel()))
+                at += sel.numel() + text_idx[i + 1].numel()
+            order = torch.cat(order_parts)
             new_src = torch.where(order >= 0, src[order.clamp(min=0)], -1)
-            new_pos = torch.cat([pos[:, before], vpos, post_pos], dim=1)
+            new_pos = torch.cat(pos_parts, dim=1)
+            sel_all = torch.cat(sels)
             new_rows: dict[int, torch.Tensor] = {}
             if act.tokens is not None:
-                if act.tokens.space != "llm":
-                    raise RunError(f"node {act.node!r}: tokens applied at {act.site} must be in llm space "
-                                   f"(got {act.tokens.space!r}); merge before the LLM or project them")
-                for j in range(keep_ids.numel()):
-                    new_rows[before.numel() + j] = act.tokens.values[j]
+                for slot, j in zip(torch.cat(kept_at).tolist(), sel_all.tolist()):
+                    new_rows[slot] = act.tokens.values[j]
             else:
                 for jn, jo in enumerate(order.tolist()):
                     if jo in rows:
                         new_rows[jn] = rows[jo]
             if not (torch.equal(new_src, src) and torch.equal(new_pos, pos)) or new_rows or rows:
                 changed = True
-            src, pos, rows = new_src, new_pos, new_rows
-            ii = torch.arange(before.numel(), before.numel() + keep_ids.numel())
-            ids = keep_ids.clone()
-            ps = before.numel() + keep_ids.numel()
-        views.append((src, pos, ii, ids, ps, rows))
+            src, pos, rows, runs = new_src, new_pos, new_rows, new_runs
+            ii = torch.cat(kept_at)
+            ids = keep_ids[sel_all].clone()
+        ps = runs[-1][0] + runs[-1][1]
+        views.append((src, pos, ii, ids, ps, rows, runs))
     if not changed:
         return None
     # drop the old left padding, then left-pad to the new common length
@@ -295,8 +460,8 @@ def keep_in_segment(layer: int, seg: Segment, acts: list[list[Keep]], layouts: l
     valid = torch.zeros(B, newL, dtype=torch.bool)
     pos_all = torch.ones(P, B, newL, dtype=seg.pos.dtype)
     gather = torch.zeros(B, newL, dtype=torch.long)
-    img_idx, img_ids, post_start, repl = [], [], [], []
-    for b, (src, pos, ii, ids, ps, rows) in enumerate(views):
+    img_idx, img_ids, post_start, repl, all_runs = [], [], [], [], []
+    for b, (src, pos, ii, ids, ps, rows, runs) in enumerate(views):
         npad = npads[b]
         n = src.numel() - npad
         shift = newL - n
@@ -307,12 +472,13 @@ def keep_in_segment(layer: int, seg: Segment, acts: list[list[Keep]], layouts: l
         img_idx.append(ii - npad + shift)
         img_ids.append(ids)
         post_start.append(ps - npad + shift)
+        all_runs.append([(s - npad + shift, k) for s, k in runs])
         repl.append({j - npad + shift: v for j, v in rows.items()})
         for j in (gather[b] < 0).nonzero().flatten().tolist():
             if j not in repl[b]:
                 raise RunError("a kept token has neither a current row nor replacement features")
     return Segment(layer, valid, pos_all, img_idx, img_ids, post_start, list(seg.n_text), list(seg.n_extra),
-                   gather=gather, replacements=repl)
+                   gather=gather, replacements=repl, runs=all_runs)
 
 
 def gather_hidden(h: torch.Tensor, new: Segment) -> torch.Tensor:

@@ -30,9 +30,11 @@ import torch
 from torch import nn
 
 from ..errors import RunError
+from ..part_views import CropSignals
 from ..signals import SignalRequest
 from ..types import Geometry
 from .base import LLM_SIGNALS, AdapterRun, Encoded, VisionOut, VLMAdapter, load_checkpoint, register_adapter
+from .family import flatten_images
 
 _ATTN_KINDS = {"vision.cls_attention", "vision.keys", "vision.qk_single_head"}
 _HIDDEN_KINDS = {"vision.hidden", "vision.cls_hidden", "vision.hidden_mean"}
@@ -99,23 +101,41 @@ class LlavaAdapter(VLMAdapter):
         return {**super().model_variables(), "grid_tokens": n, "crops": 1, "crop_tokens": n, "visual_tokens": n}
 
     # ---- inputs ------------------------------------------------------------------------
-    def format_prompt(self, prompt: str) -> str:
+    def format_prompt(self, prompt: str, images: int = 1) -> str:
+        """A prompt with `<image>` is used as it is; a plain question gets the template with
+        `images` placeholders before it."""
         if "<image>" in prompt:
             return prompt
-        return self.prompt_template.format(prompt=prompt)
+        return self.prompt_template.replace("<image>\n", "<image>\n" * images).format(prompt=prompt)
+
+    def texts(self, images: list, prompts: list[str]) -> tuple[list, list[int] | None, list[str]]:
+        """(the batch's images as one list, images per prompt or None, the prompts' texts)."""
+        flat, counts = flatten_images(images)
+        texts = [self.format_prompt(p, n) for p, n in zip(prompts, counts or [1] * len(prompts))]
+        return flat, counts, texts
 
     def encode(self, images: list, prompts: list[str]) -> Encoded:
-        texts = [self.format_prompt(p) for p in prompts]
+        flat, counts, texts = self.texts(images, prompts)
         tok = self.processor.tokenizer
         tok.padding_side = "left"
-        enc = self.processor(images=images, text=texts, return_tensors="pt", padding=True)
-        return Encoded(enc["input_ids"], enc["attention_mask"], {"pixel_values": enc["pixel_values"]}, texts)
+        enc = self.processor(images=flat, text=texts, return_tensors="pt", padding=True)
+        return Encoded(enc["input_ids"], enc["attention_mask"], {"pixel_values": enc["pixel_values"]}, texts,
+                       {} if counts is None else {"images_per_sample": counts})
+
+    def image_token_counts(self, enc: Encoded, b: int) -> list[int] | None:
+        counts = enc.extras.get("images_per_sample")
+        return None if counts is None else [self.grid[0] * self.grid[1]] * counts[b]
 
     def geometry(self, run: AdapterRun, b: int) -> Geometry:
-        lay = run.layouts[b]
-        if lay.n_image != self.grid[0] * self.grid[1]:
-            raise RunError(f"the prompt has {lay.n_image} image tokens but the grid is {self.grid}")
-        return Geometry(grid=self.grid, image_start=int(lay.pos_image[0, 0]))
+        return self.image_geometries(run, b)[0]
+
+    def image_geometries(self, run: AdapterRun, b: int) -> list[Geometry]:
+        out = []
+        for im in run.layouts[b].images:
+            if im.n != self.grid[0] * self.grid[1]:
+                raise RunError(f"the prompt has {im.n} image tokens but the grid is {self.grid}")
+            out.append(Geometry(grid=self.grid, image_start=int(im.pos[0, 0])))
+        return out
 
     # ---- signals -----------------------------------------------------------------------
     def _vision_layer(self, req: SignalRequest) -> int:
@@ -161,7 +181,16 @@ class LlavaAdapter(VLMAdapter):
             k = key.transpose(1, 2).reshape(B, N, H * hd)
             store[("qk", layer)] = torch.stack([q, k], dim=1)
 
-    def read_vision_signal(self, run: AdapterRun, req: SignalRequest, b: int) -> torch.Tensor:
+    def read_vision_signal(self, run: AdapterRun, req: SignalRequest, b: int) -> Any:
+        """Sample b's vision signal: its image's, or one per image (CropSignals: a node reading
+        it runs per crop, i.e. per image here)."""
+        idx = self.image_indices(run, b)
+        if len(idx) == 1:
+            return self.vision_row_signal(run, req, idx[0])
+        return CropSignals([self.vision_row_signal(run, req, i) for i in idx])
+
+    def vision_row_signal(self, run: AdapterRun, req: SignalRequest, b: int) -> torch.Tensor:
+        """A vision signal of row b of the vision tower's batch (one crop)."""
         hs = run.vision["hidden_states"]
         if req.kind == "vision.hidden":
             return hs[self._vision_layer(req)][b, 1:]
@@ -211,5 +240,12 @@ class LlavaAdapter(VLMAdapter):
                 cls_rows.append(torch.cat([hs[i][b, 0] for i in layer], dim=-1))
         # the projector runs on the whole batch, as the stock model does, when a Block first needs it:
         # a pipeline that replaces every token before the LLM (a vision-space merger) never pays for it
-        return VisionOut(tokens=[feats[b] for b in range(feats.shape[0])], projected=lambda: self.project(feats),
-                         cls=cls_rows)
+        if run.enc.extras.get("images_per_sample") is None:
+            return VisionOut(tokens=[feats[b] for b in range(feats.shape[0])], projected=lambda: self.project(feats),
+                             cls=cls_rows)
+        # several images per prompt: a sample's tokens are its images' in prompt order (ids run
+        # on across them); their CLS rows have prompt ids of their own, with no row here
+        groups = [self.image_indices(run, b) for b in range(run.B)]
+        return VisionOut(tokens=[feats[g].reshape(-1, feats.shape[-1]) for g in groups],
+                         projected=lambda: [p.reshape(-1, p.shape[-1]) for p in (self.project(feats)[g] for g in groups)],
+                         cls=[cls_rows[g[0]] if len(g) == 1 else None for g in groups])

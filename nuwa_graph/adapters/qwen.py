@@ -58,13 +58,17 @@ does with its rope deltas).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from ..errors import RunError
+from ..part_views import CropSignals
 from ..signals import SignalRequest
 from ..types import Geometry, PositionPlan
 from .base import LLM_SIGNALS, AdapterRun, Encoded, SampleLayout, VisionOut, VLMAdapter, load_checkpoint, register_adapter
+from .family import flatten_images
 from .qwen_geometry import VisionGeometry, block_index, hidden_index, hidden_indices, visual_positions_3d
 from .qwen_processing import _processor_class, qwen_processor
 
@@ -153,12 +157,12 @@ class QwenAdapter(VLMAdapter):
         return [blk.attn for blk in self.visual.blocks]
 
     @classmethod
-    def prompt(cls, question: str) -> str:
-        """The family's native chat prompt with one image before the question (Qwen2-VL and
+    def prompt(cls, question: str, images: int = 1) -> str:
+        """The family's native chat prompt with the image(s) before the question (Qwen2-VL and
         Qwen2.5-VL: with their default system message; Qwen3-VL: none)."""
         system = f"<|im_start|>system\n{cls.system_prompt}<|im_end|>\n" if cls.system_prompt is not None else ""
-        return (f"{system}<|im_start|>user\n"
-                f"<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n")
+        return (f"{system}<|im_start|>user\n" + "<|vision_start|><|image_pad|><|vision_end|>" * images
+                + f"{question}<|im_end|>\n<|im_start|>assistant\n")
 
     # ---- checks -------------------------------------------------------------------------
     def unavailable_signal(self, req: SignalRequest) -> str | None:
@@ -191,9 +195,11 @@ class QwenAdapter(VLMAdapter):
     # ---- inputs --------------------------------------------------------------------------
     def encode(self, images: list, prompts: list[str]) -> Encoded:
         # a plain question gets the chat template with one image block (as LLaVA's adapter does)
-        prompts = [p if "<|image_pad|>" in p else self.prompt(p) for p in prompts]
+        flat, counts = flatten_images(images)
+        per_prompt = counts or [1] * len(prompts)
+        prompts = [p if "<|image_pad|>" in p else self.prompt(p, n) for p, n in zip(prompts, per_prompt)]
         try:
-            enc = self.processor(images=list(images), text=list(prompts), return_tensors="pt", padding=True,
+            enc = self.processor(images=flat, text=list(prompts), return_tensors="pt", padding=True,
                                  padding_side="left")
         except ValueError as exc:
             raise RunError(f"the {self.display_name} processor refused the prompt: {exc}; give a plain question, or a chat "
@@ -202,33 +208,49 @@ class QwenAdapter(VLMAdapter):
         if am.shape[0] > 1 and bool((am[:, -1] == 0).any()):
             raise RunError("the processor padded on the right; the adapter needs left padding")
         n_img = int(enc["image_grid_thw"].shape[0])
-        if n_img != am.shape[0]:
-            raise RunError(f"{n_img} images were encoded for {am.shape[0]} prompts; each prompt needs exactly one "
-                           f"<|vision_start|><|image_pad|><|vision_end|> block")
+        if n_img != len(flat):
+            raise RunError(f"{n_img} images were encoded for {len(flat)} images given; each image needs its own "
+                           f"<|vision_start|><|image_pad|><|vision_end|> block in its prompt")
         vision = {"pixel_values": enc["pixel_values"], "image_grid_thw": enc["image_grid_thw"]}
         mm = enc.get("mm_token_type_ids")
         if mm is None:
             mm = (enc["input_ids"] == self.image_token_id).long()
-        return Encoded(enc["input_ids"], am, vision, list(prompts), {"mm_token_type_ids": mm})
+        extras = {"mm_token_type_ids": mm}
+        if counts is not None:
+            extras["images_per_sample"] = counts
+        return Encoded(enc["input_ids"], am, vision, list(prompts), extras)
 
     def split_sample(self, enc: Encoded, b: int) -> SampleLayout:
         """The base split, with the sample's 3D M-RoPE ids from `get_rope_index`."""
-        lay = super().split_sample(enc, b)
         keep = enc.attention_mask[b].bool()
         ids = enc.input_ids[b][keep]
+        runs = self.image_runs(ids)
         mm = enc.extras["mm_token_type_ids"][b][keep]
-        grid = enc.vision_inputs["image_grid_thw"][b:b + 1]
-        pos, _ = self.model.model.get_rope_index(ids[None], mm[None], image_grid_thw=grid)
-        pos = pos[:, 0].cpu()
-        s, e = lay.image_start, lay.image_start + lay.n_image
+        counts = enc.extras.get("images_per_sample")
+        first = b if counts is None else sum(counts[:b])
+        grid = enc.vision_inputs["image_grid_thw"][first:first + len(runs)]
         merge = self.visual.spatial_merge_size
-        if int(grid[0].prod()) // (merge * merge) != lay.n_image:
-            raise RunError(f"sample {b}: {lay.n_image} image placeholders for a {tuple(grid[0].tolist())} patch grid")
-        return SampleLayout(lay.pre_ids, lay.post_ids, lay.n_image, s, pos[:, :s], pos[:, s:e], pos[:, e:])
+        for (s, e), g in zip(runs, grid):
+            if int(g.prod()) // (merge * merge) != e - s:
+                raise RunError(f"sample {b}: {e - s} image placeholders for a {tuple(g.tolist())} patch grid")
+        if grid.shape[0] != len(runs):
+            raise RunError(f"sample {b}: {len(runs)} image blocks in the prompt for {grid.shape[0]} images")
+        pos, _ = self.model.model.get_rope_index(ids[None], mm[None], image_grid_thw=grid)
+        return SampleLayout.of(ids, pos[:, 0].cpu(), runs)
 
     def geometry(self, run: AdapterRun, b: int) -> Geometry:
+        return self.image_geometries(run, b)[0]
+
+    def image_geometries(self, run: AdapterRun, b: int) -> list[Geometry]:
         vg: VisionGeometry = run.vision["geometry"]
-        return Geometry(grid=vg.merged_grid(b), image_start=run.layouts[b].image_start)
+        return [Geometry(grid=vg.merged_grid(i), image_start=im.start)
+                for i, im in zip(self.image_indices(run, b), run.layouts[b].images)]
+
+    def per_sample(self, run: AdapterRun, per_image: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-image rows -> per-sample rows (a sample's images' rows in prompt order)."""
+        if run.enc.extras.get("images_per_sample") is None:
+            return per_image
+        return [torch.cat([per_image[i] for i in self.image_indices(run, b)]) for b in range(run.B)]
 
     def visual_positions(self, layout: SampleLayout, ids: torch.Tensor, plan: PositionPlan | None) -> torch.Tensor:
         if plan is not None and plan.offsets.numel() != ids.numel():
@@ -306,12 +328,17 @@ class QwenAdapter(VLMAdapter):
             for h in handles:
                 h.remove()
         merged = out.pooler_output  # raster order already (the stock model undoes the window order)
-        projected = [p.to(self.dtype) for p in vg.split(merged)]
+        projected = self.per_sample(run, [p.to(self.dtype) for p in vg.split(merged)])
         u = vg.merge * vg.merge
         last = out.last_hidden_state
         units = vg.to_raster(last.reshape(last.shape[0] // u, -1))
         self.after_vision(run, out, vg)
-        return VisionOut(tokens=vg.split(units), projected=projected, cls=[None] * run.B)
+        return VisionOut(tokens=self.per_sample(run, vg.split(units)), projected=projected, cls=[None] * run.B)
+
+    def _of_sample(self, run: AdapterRun, per_image: list[torch.Tensor], b: int) -> Any:
+        """Sample b's share of a per-image vision signal: its image's, or one per image (CropSignals)."""
+        idx = self.image_indices(run, b)
+        return per_image[idx[0]] if len(idx) == 1 else CropSignals([per_image[i] for i in idx])
 
     def _patch_embed_device(self) -> torch.device:
         p = next(self.visual.patch_embed.parameters(), None)
@@ -364,7 +391,7 @@ class QwenAdapter(VLMAdapter):
             per_patch = torch.cat(run.vision["recv"][blk])
             per_unit = vg.per_unit_mean(per_patch)
             rows = per_unit if window else vg.to_raster(per_unit)
-            return vg.split(rows)[b]
+            return self._of_sample(run, vg.split(rows), b)
         idx = tuple(hidden_indices(req, depth))
         total = run.vision["sums"][idx]
         if total is None:
@@ -376,7 +403,7 @@ class QwenAdapter(VLMAdapter):
             with torch.no_grad():
                 rows = self.merge_units(rows)
         rows = rows if window else vg.to_raster(rows)
-        return vg.split(rows)[b].to(self.dtype)  # features: the model dtype (docs/CONTRACTS.md)
+        return self._of_sample(run, [r.to(self.dtype) for r in vg.split(rows)], b)  # the model dtype (CONTRACTS.md)
 
 
 __all__ = ["NO_CLS_SIGNALS", "QWEN_VISION_SIGNALS", "QwenAdapter", "attention_received", "block_index", "hidden_index",

@@ -78,8 +78,9 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         rows start."""
         feats = getattr(out, "deepstack_features", None) or []
         run.vision["deepstack"] = [torch.cat([vg.to_raster(f), f.new_zeros(1, f.shape[-1])]) for f in feats]
-        run.vision["deepstack_start"] = [sum(vg.counts[:b]) for b in range(len(vg.counts))]
-        run.vision["deepstack_count"] = list(vg.counts)
+        per_sample = [[vg.counts[i] for i in self.image_indices(run, b)] for b in range(run.B)]
+        run.vision["deepstack_start"] = [sum(sum(c) for c in per_sample[:b]) for b in range(run.B)]
+        run.vision["deepstack_count"] = [sum(c) for c in per_sample]
         run.vision["deepstack_where"] = {}
 
     def _deepstack_where(self, run: AdapterRun, seg: Segment, device: torch.device):
