@@ -198,7 +198,12 @@ class Generation(HookSession):
         images = [list(im) if isinstance(im, (list, tuple)) else im for im in images]
         if any(isinstance(im, list) and not im for im in images):
             raise RunError("a prompt was given an empty list of images; give at least one image per prompt")
-        enc = self.encode(list(images), list(prompts))
+        try:
+            enc = self.encode(list(images), list(prompts))
+        except ValueError as exc:  # the processor's own check (e.g. placeholders vs images)
+            raise RunError(f"{self.name}'s processor refused the input: {exc}; a prompt holds one image placeholder "
+                           f"per image given for it, or none (the family's template then puts them before the "
+                           f"question)") from None
         r = AdapterRun(self, ex, enc, external, seed)
         r.layouts = [self.split_sample(enc, b) for b in range(r.B)]
         if extra_ids is not None:

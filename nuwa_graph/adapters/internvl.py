@@ -36,6 +36,7 @@ from ..part_views import CropSignals
 from ..signals import SignalRequest
 from ..types import Geometry
 from .base import LLM_SIGNALS, AdapterRun, Encoded, VisionOut, load_checkpoint, register_adapter
+from .family import flatten_images
 from .llava import LlavaAdapter
 
 NO_UNIT_SIGNALS = frozenset({"vision.cls_hidden", "vision.qk_single_head"})
@@ -124,11 +125,11 @@ class InternVLAdapter(LlavaAdapter):
         return super().unavailable_signal(req)
 
     # ---- inputs --------------------------------------------------------------------------
-    def format_prompt(self, prompt: str) -> str:
+    def format_prompt(self, prompt: str, images: int = 1) -> str:
         image = self.processor.image_token
         if image in prompt:
             return prompt
-        return self.prompt_template.format(image=image, prompt=prompt)
+        return self.prompt_template.format(image="\n".join([image] * images), prompt=prompt)
 
     def tiles_of(self, size_hw: tuple[int, int]) -> tuple[int, int, bool]:
         """(tile rows, tile cols, thumbnail) GotOcr2's processing gives an image of (height, width) pixels."""
@@ -143,24 +144,32 @@ class InternVLAdapter(LlavaAdapter):
         return int(rows), int(cols), rows * cols > 1
 
     def encode(self, images: list, prompts: list[str]) -> Encoded:
-        texts = [self.format_prompt(p) for p in prompts]
+        flat, per_prompt = flatten_images(images)
+        texts = [self.format_prompt(p, n) for p, n in zip(prompts, per_prompt or [1] * len(prompts))]
         self.processor.tokenizer.padding_side = "left"
-        enc = self.processor(images=list(images), text=texts, return_tensors="pt", padding=True)
-        tiles = [self.tiles_of((im.size[1], im.size[0])) for im in images]
+        enc = self.processor(images=flat, text=texts, return_tensors="pt", padding=True)
+        tiles = [self.tiles_of((im.size[1], im.size[0])) for im in flat]
         counts = [r * c + int(t) for r, c, t in tiles]
         if sum(counts) != enc["pixel_values"].shape[0]:
             raise RunError(f"InternVL: {enc['pixel_values'].shape[0]} crops were made for {counts} expected")
-        return Encoded(enc["input_ids"], enc["attention_mask"], {"pixel_values": enc["pixel_values"]}, texts,
-                       {"tiles": tiles, "crops": counts})
+        extras: dict[str, Any] = {"tiles": tiles, "crops": counts}
+        if per_prompt is not None:
+            extras["images_per_sample"] = per_prompt
+        return Encoded(enc["input_ids"], enc["attention_mask"], {"pixel_values": enc["pixel_values"]}, texts, extras)
 
     def geometry(self, run: AdapterRun, b: int) -> Geometry:
-        lay = run.layouts[b]
-        rows, cols, thumb = run.enc.extras["tiles"][b]
-        geom = tiled_geometry(self.grid, rows * cols, thumb, int(lay.pos_image[0, 0]), layout=(rows, cols))
-        if geom.n_tokens != lay.n_image:
-            raise RunError(f"sample {b}: the prompt has {lay.n_image} image tokens but {rows}x{cols} tiles"
-                           f"{' and a thumbnail' if thumb else ''} give {geom.n_tokens}")
-        return geom
+        return self.image_geometries(run, b)[0]
+
+    def image_geometries(self, run: AdapterRun, b: int) -> list[Geometry]:
+        out = []
+        for i, im in zip(self.image_indices(run, b), run.layouts[b].images):
+            rows, cols, thumb = run.enc.extras["tiles"][i]
+            geom = tiled_geometry(self.grid, rows * cols, thumb, int(im.pos[0, 0]), layout=(rows, cols))
+            if geom.n_tokens != im.n:
+                raise RunError(f"sample {b}: the prompt has {im.n} image tokens but {rows}x{cols} tiles"
+                               f"{' and a thumbnail' if thumb else ''} give {geom.n_tokens}")
+            out.append(geom)
+        return out
 
     # ---- the vision pass -------------------------------------------------------------------
     def vision_forward(self, run: AdapterRun) -> VisionOut:
@@ -177,18 +186,22 @@ class InternVLAdapter(LlavaAdapter):
         out = self.vision_tower()(pixel_values=pix, output_hidden_states=True, return_dict=True)
         hs = out.hidden_states
         run.vision["hidden_states"] = hs
-        starts = [sum(counts[:b]) for b in range(len(counts))]
-        run.vision["crop_rows"] = list(zip(starts, counts))
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        groups = [self.image_indices(run, b) for b in range(run.B)]
+        # per sample: its crops' rows in the tower's batch (its images' crops are consecutive)
+        run.vision["crop_rows"] = [(starts[g[0]], sum(counts[i] for i in g)) for g in groups]
         layer = cfg.vision_feature_layer
         feats = out.last_hidden_state if layer == -1 else hs[layer]
         units = self.to_units(feats[:, 1:])  # (crops, n_units, 4 d)
 
+        rows = run.vision["crop_rows"]
+
         def projected() -> list[torch.Tensor]:
             proj = self.project(units)  # one batch over every crop, as the stock get_image_features
-            return [proj[s:s + n].reshape(-1, proj.shape[-1]) for s, n in zip(starts, counts)]
+            return [proj[s:s + n].reshape(-1, proj.shape[-1]) for s, n in rows]
 
-        return VisionOut(tokens=[units[s:s + n].reshape(-1, units.shape[-1]) for s, n in zip(starts, counts)],
-                         projected=projected, cls=[None] * len(counts))
+        return VisionOut(tokens=[units[s:s + n].reshape(-1, units.shape[-1]) for s, n in rows],
+                         projected=projected, cls=[None] * run.B)
 
     def read_vision_signal(self, run: AdapterRun, req: SignalRequest, b: int) -> Any:
         start, n = run.vision["crop_rows"][b]

@@ -91,28 +91,57 @@ class LlavaNextAdapter(LlavaAdapter):
         out.pop("grid_tokens")  # the token count depends on the image: a budget is a count (as on Qwen2.5-VL)
         return out
 
+    def tiled(self, enc: Encoded, image: int) -> bool:
+        """Whether the stock model cuts image `image` of the batch into tiles (LLaVA-NeXT: always;
+        OneVision: only an image alone in its prompt)."""
+        return True
+
+    def image_geometry(self, size_hw: list[int], image_start: int = 0, tiled: bool = True) -> Geometry:
+        """The geometry of an image of (height, width) pixels, as the stock model packs it
+        (not `tiled`: the base crop and one newline)."""
+        tiles = self.tiles_of(size_hw) if tiled else (0, 0)
+        return anyres_geometry(self.grid, tiles, (size_hw[0], size_hw[1]), image_start,
+                               resized=self.resized(size_hw) if tiled else None)
+
+    def image_token_counts(self, enc: Encoded, b: int) -> list[int] | None:
+        counts = enc.extras.get("images_per_sample")
+        if counts is None:
+            return None
+        first = sum(counts[:b])
+        sizes = enc.vision_inputs["image_sizes"]
+        return [self.image_geometry([int(x) for x in sizes[i].tolist()], tiled=self.tiled(enc, i)).n_tokens
+                for i in range(first, first + counts[b])]
+
     def geometry(self, run: AdapterRun, b: int) -> Geometry:
-        lay = run.layouts[b]
-        size = [int(x) for x in run.enc.vision_inputs["image_sizes"][b].tolist()]
-        geom = anyres_geometry(self.grid, self.tiles_of(size), (size[0], size[1]), int(lay.pos_image[0, 0]),
-                               resized=self.resized(size))
-        if geom.n_tokens != lay.n_image:
-            raise RunError(f"sample {b}: the prompt has {lay.n_image} image tokens but the stock packing of a "
-                           f"{size[1]}x{size[0]} image gives {geom.n_tokens} ({geom.describe()})")
-        return geom
+        return self.image_geometries(run, b)[0]
+
+    def image_geometries(self, run: AdapterRun, b: int) -> list[Geometry]:
+        out = []
+        for i, im in zip(self.image_indices(run, b), run.layouts[b].images):
+            size = [int(x) for x in run.enc.vision_inputs["image_sizes"][i].tolist()]
+            geom = self.image_geometry(size, int(im.pos[0, 0]), self.tiled(run.enc, i))
+            if geom.n_tokens != im.n:
+                raise RunError(f"sample {b}: the prompt has {im.n} image tokens but the stock packing of a "
+                               f"{size[1]}x{size[0]} image gives {geom.n_tokens} ({geom.describe()})")
+            out.append(geom)
+        return out
 
     # ---- inputs --------------------------------------------------------------------------
     def encode(self, images: list, prompts: list[str]) -> Encoded:
-        texts = [self.format_prompt(p) for p in prompts]
+        flat, counts, texts = self.texts(images, prompts)
         self.processor.tokenizer.padding_side = "left"
-        enc = self.processor(images=images, text=texts, return_tensors="pt", padding=True)
+        # nested per prompt: OneVision's processor tells a prompt's several images from that
+        nested = flat if counts is None else [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
+        enc = self.processor(images=nested, text=texts, return_tensors="pt", padding=True)
         return Encoded(enc["input_ids"], enc["attention_mask"],
-                       {"pixel_values": enc["pixel_values"], "image_sizes": enc["image_sizes"]}, texts)
+                       {"pixel_values": enc["pixel_values"], "image_sizes": enc["image_sizes"]}, texts,
+                       {} if counts is None else {"images_per_sample": counts})
 
     # ---- the vision pass -------------------------------------------------------------------
     def crop_counts(self, run: AdapterRun) -> list[int]:
         sizes = run.enc.vision_inputs["image_sizes"]
-        return [1 + th * tw for th, tw in (self.tiles_of([int(x) for x in s.tolist()]) for s in sizes)]
+        return [1 + th * tw if self.tiled(run.enc, i) else 1
+                for i, (th, tw) in enumerate(self.tiles_of([int(x) for x in s.tolist()]) for s in sizes)]
 
     def vision_forward(self, run: AdapterRun) -> VisionOut:
         attn_layers: dict[int, set[str]] = {}
@@ -130,8 +159,10 @@ class LlavaNextAdapter(LlavaAdapter):
         out = self.vision_tower()(flat, output_hidden_states=True, return_dict=True)
         hs = out.hidden_states
         run.vision["hidden_states"] = hs
-        starts = [sum(counts[:b]) for b in range(len(counts))]
-        run.vision["crop_rows"] = [(s, n) for s, n in zip(starts, counts)]
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        groups = [self.image_indices(run, b) for b in range(run.B)]
+        # per sample: its crops' rows in the tower's batch (its images' crops are consecutive)
+        run.vision["crop_rows"] = [(starts[g[0]], sum(counts[i] for i in g)) for g in groups]
         layer = cfg.vision_feature_layer
         feats = hs[layer] if isinstance(layer, int) else torch.cat([hs[i] for i in layer], dim=-1)
         if self.feature_strategy == "default":
@@ -141,10 +172,12 @@ class LlavaNextAdapter(LlavaAdapter):
         def packed() -> list[torch.Tensor]:
             # exactly the stock get_image_features: one projector batch, split per image, packed
             proj = self.project(feats)
-            return self.pack(list(torch.split(proj, counts, dim=0)), sizes.to(proj.device))
+            rows = self.pack(list(torch.split(proj, counts, dim=0)), sizes.to(proj.device))
+            return [torch.cat([rows[i] for i in g]) if len(g) > 1 else rows[g[0]] for g in groups]
 
-        return VisionOut(tokens=[feats[s:s + n].reshape(-1, feats.shape[-1]) for s, n in zip(starts, counts)],
-                         projected=packed, cls=[None] * len(counts))
+        per_image = [feats[s:s + n].reshape(-1, feats.shape[-1]) for s, n in zip(starts, counts)]
+        return VisionOut(tokens=[torch.cat([per_image[i] for i in g]) if len(g) > 1 else per_image[g[0]]
+                                 for g in groups], projected=packed, cls=[None] * run.B)
 
     feature_strategy = "default"  # CLIP: the CLS row is dropped before the projector
 
@@ -155,5 +188,6 @@ class LlavaNextAdapter(LlavaAdapter):
         return rows
 
     def read_vision_signal(self, run: AdapterRun, req: SignalRequest, b: int) -> Any:
+        """One tensor per crop of sample b (of each of its images, crops numbered on across them)."""
         start, n = run.vision["crop_rows"][b]
-        return CropSignals([super(LlavaNextAdapter, self).read_vision_signal(run, req, start + c) for c in range(n)])
+        return CropSignals([self.vision_row_signal(run, req, start + c) for c in range(n)])

@@ -49,7 +49,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     supported_signals = frozenset({"vision.hidden", "vision.hidden_mean"}) | LLM_SIGNALS
     feature_strategy = "full"  # SigLIP: no CLS row
 
-    def format_prompt(self, prompt: str) -> str:
+    def format_prompt(self, prompt: str, images: int = 1) -> str:
         """A plain question gets the checkpoint's chat template with one image (Qwen2 chat for the
         released models), else LLaVA's `USER: <image>` form (the tiny preset has no template)."""
         if "<image>" in prompt:
@@ -57,9 +57,9 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         template = getattr(self.processor, "chat_template", None) or getattr(self.processor.tokenizer,
                                                                              "chat_template", None)
         if template:
-            msg = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+            msg = [{"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": prompt}]}]
             return self.processor.apply_chat_template(msg, add_generation_prompt=True, tokenize=False)
-        return super().format_prompt(prompt)
+        return super().format_prompt(prompt, images)
 
     @classmethod
     def from_pretrained(cls, id_or_path: str, dtype: torch.dtype, device: str, attn_implementation: str = "sdpa",
@@ -88,6 +88,26 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             return (f"signal {req.kind!r} (read at {req.site}) is not available for LLaVA-OneVision: its SigLIP tower "
                     f"has no CLS token")
         return super().unavailable_signal(req)
+
+    def tiled(self, enc, image: int) -> bool:
+        """The stock model tiles an image only when it is alone in its prompt (a prompt of several
+        images gets each one's base crop and a newline: `batch_num_images`)."""
+        counts = enc.extras.get("images_per_sample")
+        if counts is None:
+            return True
+        at = 0
+        for n in counts:
+            if image < at + n:
+                return n == 1
+            at += n
+        return True
+
+    def encode(self, images: list, prompts: list[str]):
+        enc = super().encode(images, prompts)
+        counts = enc.extras.get("images_per_sample")
+        if counts is not None:  # the stock model's own argument for this (its forward takes it too)
+            enc.vision_inputs["batch_num_images"] = torch.tensor(counts)
+        return enc
 
     def pack(self, per_image: list[torch.Tensor], sizes: torch.Tensor) -> list[torch.Tensor]:
         rows, _ = self.model.model.pack_image_features(per_image, sizes, image_newline=self.model.model.image_newline,
