@@ -47,6 +47,7 @@ ENGINE = [
     "nuwa_graph.part_views",
     "nuwa_graph.pipeline",
     "nuwa_graph.positions",
+    "nuwa_graph.prompt_geometry",
     "nuwa_graph.preflight",
     "nuwa_graph.registry",
     "nuwa_graph.resources",

@@ -118,7 +118,7 @@ def test_two_images_cached_decoding_equals_recompute(model, site, policy):
     assert [k for _, k in seg.runs[0]] == [3, 3]  # each image's kept tokens sit in its own block
 
 
-@pytest.mark.parametrize("model", ["tiny-llava", "tiny-qwen", "tiny-llava-next"])
+@pytest.mark.parametrize("model", sorted(PRESETS))
 def test_padded_batch_of_one_and_two_images_equals_singles(model):
     adapter = adapter_of(model)
     images = two_images(adapter)

@@ -19,8 +19,9 @@ from ..executor import Executor
 from ..loader import family_file_of
 from ..pipeline import Pipeline
 from ..sites import Site
-from .layout import Block, Segment, VisionOut, by_image, columns, decode_mask, host_keeps, image_positions, place_runs
+from .layout import Block, Segment, VisionOut, columns, decode_mask, host_keeps
 from .report import PeakMemory, RunReport, build_report, kv_cache_bytes, model_devices, sync
+from .runs import by_image, image_positions, place_runs
 from .sampling import GREEDY, Sampling
 from .session import HookSession
 from .state import AdapterRun

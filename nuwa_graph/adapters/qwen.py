@@ -69,43 +69,20 @@ from ..signals import SignalRequest
 from ..types import Geometry, PositionPlan
 from .base import LLM_SIGNALS, AdapterRun, Encoded, SampleLayout, VisionOut, VLMAdapter, load_checkpoint, register_adapter
 from .family import flatten_images
-from .qwen_geometry import VisionGeometry, block_index, hidden_index, hidden_indices, visual_positions_3d
+from .qwen_geometry import (
+    VisionGeometry,
+    attention_received,
+    block_index,
+    hidden_index,
+    hidden_indices,
+    visual_positions_3d,
+)
 from .qwen_processing import _processor_class, qwen_processor
 
 #: signals that need a CLS token; Qwen2.5-VL's vision tower has none
 NO_CLS_SIGNALS = ("vision.cls_attention", "vision.cls_hidden", "vision.keys", "vision.qk_single_head")
 QWEN_VISION_SIGNALS = frozenset({"vision.attention_received", "vision.hidden", "vision.hidden_mean",
                                  "vision.merged_hidden_mean"})
-
-# --- vision-side signals ----------------------------------------------------------------------
-#: elements of one (heads, chunk, keys) score block in `attention_received` (float32: 256 MB)
-CHUNK_ELEMENTS = 64 * 2 ** 20
-
-
-def attention_received(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor | list[int], scaling: float,
-                       chunk: int | None = None) -> torch.Tensor:
-    """Attention each patch receives, mean over heads and summed over queries, within each
-    attention segment [cu[i], cu[i+1]) (a window, or a whole image at full-attention blocks).
-
-    q, k: (heads, S, d) after RoPE. Returns (S,) float32. Rows are computed in query chunks,
-    so no S x S map is kept (a window's map is small; a full-attention block is chunked so
-    that heads x chunk x keys stays near CHUNK_ELEMENTS, about 256 MB per float32 block, at
-    any resolution; `chunk` fixes the row count instead)."""
-    q = q.float()
-    k = k.float()
-    out = torch.zeros(q.shape[1], dtype=torch.float32, device=q.device)
-    bounds = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        if b <= a:
-            continue
-        kk = k[:, a:b]
-        rows = chunk or max(1, CHUNK_ELEMENTS // (q.shape[0] * (b - a)))
-        for qs in range(a, b, rows):
-            qe = min(b, qs + rows)
-            p = torch.softmax(torch.matmul(q[:, qs:qe], kk.transpose(1, 2)) * scaling, dim=-1)
-            out[a:b] += p.sum(dim=1).mean(dim=0)
-    return out
-
 
 # --- the adapter ------------------------------------------------------------------------------
 @register_adapter

@@ -133,3 +133,33 @@ def visual_positions_3d(image_pos: torch.Tensor, grid: tuple[int, int], ids: tor
                            _stretch_axis(r, rows - 1), _stretch_axis(c, cols - 1)]) + s
         return out, original
     return (s + offsets).expand(3, -1).clone(), original
+
+
+# --- attention each merged token receives in the vision tower ----------------------------------
+#: elements of one (heads, chunk, keys) score block in `attention_received` (float32: 256 MB)
+CHUNK_ELEMENTS = 64 * 2 ** 20
+
+
+def attention_received(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor | list[int], scaling: float,
+                       chunk: int | None = None) -> torch.Tensor:
+    """Attention each patch receives, mean over heads and summed over queries, within each
+    attention segment [cu[i], cu[i+1]) (a window, or a whole image at full-attention blocks).
+
+    q, k: (heads, S, d) after RoPE. Returns (S,) float32. Rows are computed in query chunks,
+    so no S x S map is kept (a window's map is small; a full-attention block is chunked so
+    that heads x chunk x keys stays near CHUNK_ELEMENTS, about 256 MB per float32 block, at
+    any resolution; `chunk` fixes the row count instead)."""
+    q = q.float()
+    k = k.float()
+    out = torch.zeros(q.shape[1], dtype=torch.float32, device=q.device)
+    bounds = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b <= a:
+            continue
+        kk = k[:, a:b]
+        rows = chunk or max(1, CHUNK_ELEMENTS // (q.shape[0] * (b - a)))
+        for qs in range(a, b, rows):
+            qe = min(b, qs + rows)
+            p = torch.softmax(torch.matmul(q[:, qs:qe], kk.transpose(1, 2)) * scaling, dim=-1)
+            out[a:b] += p.sum(dim=1).mean(dim=0)
+    return out

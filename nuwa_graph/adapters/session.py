@@ -21,7 +21,8 @@ from torch import nn
 
 from ..errors import RunError
 from ..sites import Site
-from .layout import Segment, decode_mask, gather_hidden, host_keeps, keep_in_segment, prefill_mask
+from .layout import Segment, decode_mask, host_keeps, prefill_mask
+from .runs import gather_hidden, keep_in_segment
 from .signal_rows import SignalRows
 from .state import AdapterRun
 
