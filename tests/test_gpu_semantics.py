@@ -224,7 +224,9 @@ def test_attention_received_blocks_stay_near_the_element_budget(monkeypatch):
                 sizes.append(args[0].numel())
             return func(*args, **(kwargs or {}))
 
-    monkeypatch.setattr(qwen, "CHUNK_ELEMENTS", 4 * 64 * 1024, raising=False)
+    from nuwa_graph.adapters import qwen_geometry  # where attention_received lives
+
+    monkeypatch.setattr(qwen_geometry, "CHUNK_ELEMENTS", 4 * 64 * 1024)
     with Spy():
         got = qwen.attention_received(q, k, cu, 0.35)
     assert max(sizes) <= 4 * 64 * 1024 and len(sizes) == 16
