@@ -50,9 +50,24 @@ def validate(
             continue
         sites = ", ".join(s.name for s in p.site_order())
         out.print(f"[bold green]OK[/] {escape(str(file))} ({len(p.nodes)} nodes; sites: {escape(sites)})")
+        out.print(f"  {escape(scopes_line(p))}")
     if bad:
         out.print(f"[red]{bad} of {len(files)} file{'s' if len(files) != 1 else ''} invalid[/]")
         raise typer.Exit(1)
+
+
+def scopes_line(pipe) -> str:
+    """How each node runs on a prompt of several images (and an image of several crops or parts):
+    'each image: a, b; whole prompt: c, d' (part_views.scope_of: the file's `per`, else the node's
+    default; a budget counts per what its node runs over)."""
+    from ..part_views import scope_of
+
+    groups: dict[str, list[str]] = {}
+    for name in pipe.order():
+        node = pipe.nodes[name]
+        groups.setdefault(scope_of(node, node.per), []).append(name)
+    label = {"image": "each image", "prompt": "whole prompt", "crop": "each crop", "part": "each spatial part"}
+    return "on several images or crops, runs over " + "; ".join(f"{label[k]}: {', '.join(v)}" for k, v in groups.items())
 
 
 # --- nodes ----------------------------------------------------------------------------------
