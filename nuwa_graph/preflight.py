@@ -20,16 +20,19 @@ from .errors import RunError
 IMAGE_PLACEHOLDERS = ("<image>", "<|image_pad|>", "<|vision_start|>")
 
 
-def check_prompt_text(prompt: str | None, where: str = "--prompt") -> None:
+def check_prompt_text(prompt: str | None, where: str = "--prompt", images: int = 1) -> None:
+    """A prompt holds at most one image placeholder per image (`images`); none is fine too (the
+    adapter puts the images before the question)."""
     if prompt is None:
         return
     if not prompt.strip():
         raise RunError(f"{where} is empty; give the question text (or leave {where} out for the built-in question)")
     for ph in IMAGE_PLACEHOLDERS:
         n = prompt.count(ph)
-        if n > 1:
-            raise RunError(f"{where} holds {n} image placeholders {ph!r}; each prompt comes with exactly one image, "
-                           f"so give at most one (or none: the adapter adds it)")
+        if n > images:
+            raise RunError(f"{where} holds {n} image placeholders {ph!r} for {images} image"
+                           f"{'s' if images != 1 else ''}; give one per image (where it goes), or none (the adapter "
+                           f"puts the images before the question, in order)")
 
 
 def check_template(template: str, field: str, option: str) -> None:
@@ -67,7 +70,7 @@ def check_context(adapter: Any, image: Any, prompt: str, max_new_tokens: int, wh
         raise RunError(f"--max-new-tokens {max_new_tokens} does not fit the model's context of {n_ctx} tokens "
                        f"(prompt and image tokens come first); give at most a few hundred")
     try:
-        n_prompt = int(adapter.encode([image], [prompt]).input_ids.shape[1])
+        n_prompt = int(adapter.encode([image], [prompt]).input_ids.shape[1])  # image: one, or a list
     except RunError:
         raise
     except Exception as exc:  # noqa: BLE001 - the processor's own refusal, e.g. a malformed chat prompt

@@ -59,6 +59,7 @@ from ..types import Geometry, PositionPlan
 from .layout import Encoded, SampleLayout, Segment, VisionOut
 from .state import AdapterRun
 
+IMAGE_PLACEHOLDER = "<image>"  # where an image goes in a question (chat_prompt), on every family
 ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
 BUDGETS_TRIED = (160, 320, 640, 1280)  # variables_hint: LLaVA-NeXT papers' budgets (5 crops x 32/64/128), and more
 LLM_SIGNALS = frozenset({"external", "pre_llm.visual", "pre_llm.text", "llm.attention", "llm.hidden"})
@@ -211,6 +212,26 @@ class FamilyHooks:
 
     def vision_forward(self, run: AdapterRun) -> VisionOut:
         raise NotImplementedError
+
+    def chat_prompt(self, question: str, images: int = 1) -> str:
+        """The prompt for a question about `images` images: where the question writes `<image>`
+        (IMAGE_PLACEHOLDER, one per image) each image goes there, inside the family's chat
+        template (`with_placeholders`); a question without them is returned as it is (encode
+        puts the images before it, in order)."""
+        n = question.count(IMAGE_PLACEHOLDER)
+        if n == 0:
+            return question
+        if n != images:
+            raise RunError(f"the prompt holds {n} image placeholders {IMAGE_PLACEHOLDER!r} for {images} image"
+                           f"{'s' if images != 1 else ''}; give one per image (where it goes), or none (the images "
+                           f"then go before the question, in order)")
+        return self.with_placeholders(question)
+
+    def with_placeholders(self, question: str) -> str:
+        """The family's chat prompt around a question whose `<image>` placeholders say where the
+        images go (each replaced by the family's own image markup)."""
+        raise RunError(f"the {self.family} adapter does not place images at '<image>' placeholders; write the "
+                       f"question without them (the images go before it)")
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -131,6 +131,10 @@ class InternVLAdapter(LlavaAdapter):
             return prompt
         return self.prompt_template.format(image="\n".join([image] * images), prompt=prompt)
 
+    def with_placeholders(self, question: str) -> str:
+        text = question.replace("<image>", self.processor.image_token)
+        return self.prompt_template.replace("{image}\n", "").format(prompt=text)
+
     def tiles_of(self, size_hw: tuple[int, int]) -> tuple[int, int, bool]:
         """(tile rows, tile cols, thumbnail) GotOcr2's processing gives an image of (height, width) pixels."""
         from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas

@@ -108,6 +108,9 @@ class LlavaAdapter(VLMAdapter):
             return prompt
         return self.prompt_template.replace("<image>\n", "<image>\n" * images).format(prompt=prompt)
 
+    def with_placeholders(self, question: str) -> str:
+        return self.prompt_template.replace("<image>\n", "").format(prompt=question)
+
     def texts(self, images: list, prompts: list[str]) -> tuple[list, list[int] | None, list[str]]:
         """(the batch's images as one list, images per prompt or None, the prompts' texts)."""
         flat, counts = flatten_images(images)

@@ -89,6 +89,20 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                     f"has no CLS token")
         return super().unavailable_signal(req)
 
+    def with_placeholders(self, question: str) -> str:
+        template = getattr(self.processor, "chat_template", None) or getattr(self.processor.tokenizer,
+                                                                             "chat_template", None)
+        if not template:
+            return super().with_placeholders(question)
+        content: list[dict] = []
+        for i, piece in enumerate(question.split("<image>")):
+            if i:
+                content.append({"type": "image"})
+            if piece:
+                content.append({"type": "text", "text": piece})
+        msg = [{"role": "user", "content": content}]
+        return self.processor.apply_chat_template(msg, add_generation_prompt=True, tokenize=False)
+
     def tiled(self, enc, image: int) -> bool:
         """The stock model tiles an image only when it is alone in its prompt (a prompt of several
         images gets each one's base crop and a newline: `batch_num_images`)."""

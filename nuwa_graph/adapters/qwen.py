@@ -141,6 +141,9 @@ class QwenAdapter(VLMAdapter):
         return (f"{system}<|im_start|>user\n" + "<|vision_start|><|image_pad|><|vision_end|>" * images
                 + f"{question}<|im_end|>\n<|im_start|>assistant\n")
 
+    def with_placeholders(self, question: str) -> str:
+        return self.prompt(question.replace("<image>", "<|vision_start|><|image_pad|><|vision_end|>"), images=0)
+
     # ---- checks -------------------------------------------------------------------------
     def unavailable_signal(self, req: SignalRequest) -> str | None:
         if req.kind in NO_CLS_SIGNALS:

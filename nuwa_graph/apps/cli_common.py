@@ -83,9 +83,9 @@ def _output_or_exit(path: Path | None, kind: str, inputs, option: str = "--outpu
         raise typer.BadParameter(str(exc).removeprefix(f"{option} "), param_hint=option) from None
 
 
-def _prompt_or_exit(prompt: str | None) -> None:
+def _prompt_or_exit(prompt: str | None, images: int = 1) -> None:
     try:
-        check_prompt_text(prompt)
+        check_prompt_text(prompt, images=images)
     except RunError as exc:
         raise typer.BadParameter(str(exc).removeprefix("--prompt "), param_hint="--prompt") from None
 

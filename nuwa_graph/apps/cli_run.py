@@ -33,7 +33,10 @@ def run(
     file: Path = typer.Argument(..., help="A pipeline YAML file.", show_default=False),
     set_: list[str] | None = typer.Option(None, "--set", "-s", help=SET_HELP, metavar="NAME=VALUE"),
     model: str | None = MODEL_OPTION,
-    image: str | None = typer.Option(None, "--image", help="Image file (default: a built-in sample)."),
+    image: list[str] | None = typer.Option(None, "--image",
+                                           help="Image file (default: a built-in sample); repeat it for a prompt of "
+                                                "several images, placed where the prompt writes <image>, else before "
+                                                "the question in order."),
     prompt: str | None = typer.Option(None, "--prompt", "-p", help="Prompt text (default: a built-in question)."),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1,
                                                  help="Tokens to generate (default 32; 6 in the comparison)."),
@@ -59,8 +62,10 @@ def run(
 
     Examples: nuwa-graph run pipelines/nuwa.yaml --set budget=128
               nuwa-graph run pipelines/nuwa.yaml --image photo.jpg --prompt "What is left of the red circle?"
+              nuwa-graph run pipelines/fastv.yaml --image a.png --image b.png --prompt "Is <image> brighter than <image>?"
     """
-    _prompt_or_exit(prompt)
+    _prompt_or_exit(prompt, max(len(image or []), 1))
+    image = image or None
     demo = model is None and image is None and prompt is None
     if demo:
         _output_or_exit(output, "folder", [file], "--output")
@@ -77,7 +82,8 @@ def run(
                             attn_implementation=attn_implementation, device_map=device_map,
                             **({"batch": batch} if batch else {}))
             raise typer.Exit(code)
-        code = run_command(pipeline=pipeline, model=model, image=image, prompt=prompt,
+        code = run_command(pipeline=pipeline, model=model, image=image[0] if image and len(image) == 1 else image,
+                           prompt=prompt,
                            max_new_tokens=max_new_tokens or 32, dtype=dtype, device=device, seed=seed,
                            as_json=as_json, attn_implementation=attn_implementation, device_map=device_map,
                            batch=batch or 1)

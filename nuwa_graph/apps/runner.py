@@ -153,7 +153,9 @@ def run_command(pipeline: Pipeline | str | Path, model: str | None = None, image
                 max_new_tokens: int = 16, dtype: str = "float32", device: str = "cpu", seed: int | None = None,
                 as_json: bool = False, attn_implementation: str = "sdpa", device_map: str | None = None,
                 batch: int = 1) -> int:
-    """Run `pipeline` on `model` (default: the embedded model) with one image and prompt; print the report.
+    """Run `pipeline` on `model` (default: the embedded model) with an image (or a list of images:
+    one prompt of several images, placed where the prompt writes `<image>`, else before the
+    question in order) and a prompt; print the report.
 
     `batch` repeats the image and prompt in one generate call (batched timings on a GPU).
     Returns 0 on success, 1 for an error in an input (an invalid pipeline file, a bad model,
@@ -168,18 +170,22 @@ def run_command(pipeline: Pipeline | str | Path, model: str | None = None, image
         pipe = pipeline if isinstance(pipeline, Pipeline) else load(pipeline)
         if max_new_tokens < 1:
             raise RunError(f"max_new_tokens={max_new_tokens}; it must be at least 1")
-        check_prompt_text(prompt)
+        paths = list(image) if isinstance(image, (list, tuple)) else [image]
+        check_prompt_text(prompt, images=max(len(paths), 1))
         prompt = DEFAULT_PROMPT if prompt is None else prompt
         if batch < 1:
             raise RunError(f"--batch {batch}: it must be at least 1")
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
-        img = load_image(image)
+        loaded = [load_image(p) for p in paths] or [load_image(None)]
         from ..adapters import load_adapter
         from .models import default_model
 
         adapter = load_adapter(model or default_model(), dt, dev, attn_implementation=attn_implementation,
                                device_map=device_map)
+        img = loaded[0] if len(loaded) == 1 else loaded  # several images: one prompt of several blocks
+        if len(loaded) > 1 or "<image>" in prompt:
+            prompt = adapter.chat_prompt(prompt, len(loaded))
         check_context(adapter, img, prompt, max_new_tokens)
         rep = adapter.generate(pipe, [img] * batch, [prompt] * batch, max_new_tokens=max_new_tokens, seed=seed)
     except PipelineError as exc:  # an input error, as in docs/cli.md "Exit codes" (2 is for usage errors)
