@@ -82,14 +82,21 @@ def draw_kept(image, kept: dict[str, list[int]], grid: tuple[int, int] | list[in
     `kept` (nothing dropped) gives one panel with every patch kept. A tiled image (LLaVA-NeXT's
     base crop and stitched tiles, InternVL's tiles and thumbnail) passes `views`: (label,
     rows x cols ids) each covering the whole picture (`Geometry.views()`, RunReport.views);
-    every site then gets one row with a panel per view, so every crop of the run is shown."""
+    every site then gets one row with a panel per view, so every crop of the run is shown. A
+    prompt of several images passes a list of images (paths or PIL) and its views (labelled
+    `image i ...`, prompt_geometry.py): each view is drawn over its own image."""
     from matplotlib.patches import Rectangle
     from PIL import Image
 
     plt = _plt()
-    if not isinstance(image, Image.Image):
-        with Image.open(image) as im:
-            image = im.convert("RGB")
+    pictures = []
+    for one in (image if isinstance(image, (list, tuple)) else [image]):
+        if not isinstance(one, Image.Image):
+            with Image.open(one) as im:
+                one = im.convert("RGB")
+        pictures.append(one)
+    if len(pictures) > 1 and not views:
+        raise ValueError("draw_kept of several images needs their views (RunReport.views)")
     if not views:
         if grid is None:
             raise ValueError("draw_kept needs a grid or views")
@@ -99,11 +106,12 @@ def draw_kept(image, kept: dict[str, list[int]], grid: tuple[int, int] | list[in
     panels = sorted(kept.items(), key=lambda kv: _site_key(kv[0])) or [("all", every)]
     fig, axes = plt.subplots(len(panels), len(views), figsize=(3.4 * len(views), 3.8 * len(panels)), dpi=110,
                              squeeze=False)
-    W, H = image.size
     for pi, (site, ids) in enumerate(panels):
         wanted = {int(i) for i in ids}
         drawn = set()
         for vi, (label, grid_ids) in enumerate(views):
+            image = pictures[_image_of(label, len(pictures))]
+            W, H = image.size
             ax = axes[pi][vi]
             rows, cols = len(grid_ids), len(grid_ids[0]) if grid_ids else 0
             cw, ch = W / max(cols, 1), H / max(rows, 1)
@@ -135,6 +143,14 @@ def draw_kept(image, kept: dict[str, list[int]], grid: tuple[int, int] | list[in
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _image_of(label: str, n: int) -> int:
+    """Which image a view shows: `image i ...` on a prompt of several, else the only one."""
+    parts = label.split()
+    if n > 1 and len(parts) > 1 and parts[0] == "image" and parts[1].isdigit():
+        return min(int(parts[1]) - 1, n - 1)
+    return 0
 
 
 def write_pictures(result: dict[str, Any], out_dir: str | Path, axis: str | None = None) -> list[Path]:
