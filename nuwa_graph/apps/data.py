@@ -20,6 +20,8 @@ or `imageId` (GQA) / `image_id` (VQAv2) through `image_template`, e.g.
 "{imageId}.jpg" or "COCO_val2014_{image_id:012d}.jpg") and, for scoring, answers:
 `answer` (string; GQA's short answer), `answers` (list of strings or of dicts with
 `answer`, VQAv2), `multiple_choice_answer` or `label`. Ids: `question_id`, `questionId`, `id`.
+A record may give several images (`images`: a list, each as `image`): one prompt of several
+images, which its question places with one `<image>` each, or which go before it in order.
 
 Every record is checked before anything runs: a box must be 4 finite numbers with positive
 width and height, image sizes positive whole numbers, base64 image bytes valid, ids unique
@@ -31,8 +33,6 @@ Relative image paths are resolved against `image_root`, else the data file's fol
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import math
 import re
@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
+
+from .data_images import _Bad, _first, _first_key, _image, _images
 
 
 class DataFormatError(ValueError):
@@ -57,12 +59,6 @@ class BadRecord:
 
     def __str__(self) -> str:
         return f"{self.file}: record {self.record}, field {self.field!r}: {self.message}"
-
-
-class _Bad(Exception):
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field, self.message = field, message
 
 
 @dataclass
@@ -83,7 +79,7 @@ class GroundingSample:
 @dataclass
 class VQASample:
     id: str
-    image: str | bytes
+    image: str | bytes | list  # a list: one prompt of several images
     question: str
     answers: list[str]
     meta: dict = field(default_factory=dict)
@@ -93,8 +89,8 @@ class VQASample:
     def answer(self) -> str | None:
         return self.answers[0] if self.answers else None
 
-    def load_image(self) -> Image.Image:
-        return _open(self.image)
+    def load_image(self) -> Image.Image | list[Image.Image]:
+        return [_open(im) for im in self.image] if isinstance(self.image, list) else _open(self.image)
 
 
 def _open(image: str | bytes) -> Image.Image:
@@ -138,47 +134,6 @@ def read_records(path: str | Path) -> list[dict]:
                 return obj[key]
         return [obj]
     raise DataFormatError(f"{path}: expected a list of records")
-
-
-def _first(rec: dict, keys: tuple[str, ...]):
-    for k in keys:
-        if k in rec and rec[k] is not None:
-            return rec[k]
-    return None
-
-
-def _first_key(rec: dict, keys: tuple[str, ...]) -> str:
-    return next((k for k in keys if rec.get(k) is not None), keys[0])
-
-
-_IMAGE_KEYS = ("image", "image_path", "file_name", "img_path", "filename")
-
-
-def _image(rec: dict, root: Path, where: str, template: str | None = None) -> str | bytes:
-    key = _first_key(rec, _IMAGE_KEYS)
-    img = _first(rec, _IMAGE_KEYS)
-    if isinstance(img, dict):
-        if img.get("bytes"):
-            b = img["bytes"]
-            if isinstance(b, str):
-                try:
-                    return base64.b64decode(b, validate=True)
-                except (binascii.Error, ValueError):
-                    raise _Bad(f"{key}.bytes", "not valid base64 (the encoded image bytes)") from None
-            if isinstance(b, list) and all(isinstance(x, int) and 0 <= x < 256 for x in b):
-                return bytes(b)
-            raise _Bad(f"{key}.bytes", f"expected base64 text, got {type(b).__name__}")
-        img = img.get("path")
-    if img is None and template:
-        try:
-            img = template.format(**rec)
-        except (KeyError, ValueError, IndexError, AttributeError) as exc:
-            raise _Bad("image_template", f"{template!r} does not fit the record ({type(exc).__name__}: {exc})") from None
-    if not isinstance(img, str) or not img:
-        raise _Bad(key, "no image (expected one of image, image_path, file_name, img_path"
-                        f"{' or an image_template' if template is None else ''})")
-    p = Path(img)
-    return str(p if p.is_absolute() else root / p)
 
 
 def _number(v, field: str) -> float:
@@ -361,8 +316,10 @@ def load_vqa(path: str | Path, image_root: str | Path | None = None, image_templ
             q = _first(rec, ("question", "text", "prompt"))
             if not isinstance(q, str) or not q.strip():
                 raise _Bad("question", "no question text (expected question, text or prompt)")
-            _no_placeholder(q, _first_key(rec, ("question", "text", "prompt")))
-            image = _image(rec, root, f"{path}: record {n}", image_template)
+            image = _images(rec, root, f"{path}: record {n}")
+            if not (isinstance(image, list) and q.count("<image>") == len(image)):  # else: where each image goes
+                _no_placeholder(q, _first_key(rec, ("question", "text", "prompt")))
+            image = _image(rec, root, f"{path}: record {n}", image_template) if image is None else image
             answers = _answers(rec, require_answers)
             rid = _record_id(rec, id_keys)
             ids.check(rid, n, _first_key(rec, id_keys))

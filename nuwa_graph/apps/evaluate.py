@@ -110,6 +110,14 @@ def _load_image(s):
                         f"be read: {exc}") from None
 
 
+def _placed(adapter, prompt: str, image) -> str:
+    """A prompt of several images whose text writes `<image>` where each goes: the adapter's chat
+    prompt with them there (without placeholders the adapter puts them before the question)."""
+    if isinstance(image, list) and "<image>" in prompt:
+        return adapter.chat_prompt(prompt, len(image))
+    return prompt
+
+
 def _score(s, answer: str, image) -> dict[str, Any]:
     if isinstance(s, GroundingSample):
         if (s.width is None or s.height is None) and image is None:
@@ -162,7 +170,8 @@ def evaluate(adapter, runs: list[EvalRun], tasks: list[Task], batch: int = 8, ma
     for task in tasks:  # the longest prompt of each task must fit the model's context, before any run
         s_long = max(task.samples, key=lambda s: len(_prompt(task, s, grounding_prompt, vqa_prompt)))
         p_long = _prompt(task, s_long, grounding_prompt, vqa_prompt)
-        check_context(adapter, _load_image(s_long), prompt_fn(s_long, p_long) if prompt_fn else p_long,
+        img_long = _load_image(s_long)
+        check_context(adapter, img_long, _placed(adapter, prompt_fn(s_long, p_long) if prompt_fn else p_long, img_long),
                       max_new_tokens, where=f"the prompt of sample {s_long.id!r} of {task.source}")
     settings = {"model": str(getattr(adapter, "name", "model")), "device": str(getattr(adapter, "device", "")),
                 "dtype": str(getattr(adapter, "dtype", "")), "batch": batch, "max_new_tokens": max_new_tokens,
@@ -221,6 +230,7 @@ def _evaluate_run(adapter, run: EvalRun, tasks: list[Task], batch: int, max_new_
                 prompts = [_prompt(task, s, grounding_prompt, vqa_prompt) for s in chunk]
                 if prompt_fn:
                     prompts = [prompt_fn(s, p) for s, p in zip(chunk, prompts)]
+                prompts = [_placed(adapter, p, im) for p, im in zip(prompts, images)]
                 rep = adapter.generate(run.pipeline, images, prompts, max_new_tokens=max_new_tokens, seed=seed)
                 rec = _batch_record(key, rep, prompts)
                 ckpt.add(rec)
@@ -253,7 +263,10 @@ def _evaluate_run(adapter, run: EvalRun, tasks: list[Task], batch: int, max_new_
                 n_counted += 1
             if "sample_kept" not in res:
                 res["sample_kept"] = rec["kept"]
-                res["sample_image"] = chunk[0].image if isinstance(chunk[0].image, str) else None
+                first = chunk[0].image
+                res["sample_image"] = (first if isinstance(first, str) else
+                                       first if isinstance(first, list) and all(isinstance(x, str) for x in first)
+                                       else None)
                 res["sample_prompt"] = rec["prompts"][0]
                 res["grid"] = _grid(adapter, fulls[0]) if not rec.get("views") else None
                 if rec.get("views"):  # a tiled image: a panel per crop view (viz.draw_kept)

@@ -88,11 +88,12 @@ def _read_task(text: str, kind: str | None, limit: int | None, bbox_format: str,
         raise EvalError(f"data file {text!r} could not be read ({type(exc).__name__}: {exc})") from None
     checked: dict[Any, str | None] = {}
     for s in samples:  # every image is probed (header only) before anything runs
-        key = s.image if isinstance(s.image, str) else id(s.image)
-        if key not in checked:
-            problem = checked[key] = probe_image(s.image)
-            if problem:
-                found.append(BadRecord(str(path), s.record, "image", problem))
+        for one in (s.image if isinstance(s.image, list) else [s.image]):
+            key = one if isinstance(one, str) else id(one)
+            if key not in checked:
+                problem = checked[key] = probe_image(one)
+                if problem:
+                    found.append(BadRecord(str(path), s.record, "image", problem))
     bad = {b.record for b in found}
     task = Task(kind, str(path), [s for s in samples if s.record not in bad], skipped=len(bad))
     problems += sorted(found, key=lambda b: b.record)
