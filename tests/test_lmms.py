@@ -171,8 +171,8 @@ def test_plugin_arguments_and_refusals(plugin, tmp_path):
     with pytest.raises(PluginError, match="text-only"):
         plugin._visual([], "t", 0)
     img = Image.new("RGB", (8, 8))
-    with pytest.raises(PluginError, match="2 images"):
-        plugin._visual([img, img], "t", 0)
+    two = plugin._visual([img, img], "t", 0)  # a document of two images: one prompt of two blocks
+    assert isinstance(two, list) and len(two) == 2
     with pytest.raises(PluginError, match="video"):
         plugin._visual(["clip.mp4"], "t", 0)
     _, _, greedy = plugin._options({"temperature": 0})
@@ -343,3 +343,32 @@ def test_the_plugin_serves_each_qwen_generation(preset, tmp_path):
     stats = [json.loads(line) for line in plugin.stats_path.read_text().splitlines()]
     assert [r["doc_id"] for r in stats] == [0, 1]
     assert all(r["visual_tokens_per_layer"][-1] == 16 < r["visual_tokens_full"] for r in stats)
+
+
+@pytest.mark.parametrize("preset", ["tiny-llava", "tiny-qwen"])
+def test_the_plugin_passes_every_visual_of_a_document(preset, tmp_path):
+    """A multi-image document (MMMU, BLINK, MuirBench style): every visual is passed, in order, as
+    one prompt of several images; the chat text has one image per visual, as lmms-eval's own
+    model builds it; the run prunes each image (fastv's top-k over the whole prompt)."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from nuwa_graph.apps.prompts import chat_text
+    from nuwa_graph.integrations.lmms import NuwaGraph
+
+    plugin = NuwaGraph(pretrained=preset, pipeline=str(PIPELINES / "fastv.yaml"), budget="16", device="cpu",
+                       stats=str(tmp_path / "stats"))
+    if plugin.adapter.family.startswith("qwen"):
+        plugin.adapter.processor.chat_template = QWEN_LIKE
+    doc = {"images": [Image.new("RGB", (300, 200), (200, 30, 30)), Image.new("RGB", (160, 240), (30, 30, 200))]}
+    plugin.task_dict = {"t": {"val": {0: doc}}}
+    text = chat_text(plugin.adapter, "which is redder ?", images=2)
+    assert text.count("<image>" if preset == "tiny-llava" else "<|image_pad|>") == 2
+    requests = [SimpleNamespace(args=("which is redder ?", {"max_new_tokens": 2}, lambda d: d["images"], 0, "t",
+                                      "val"))]
+    answers = plugin.generate_until(requests)
+    assert len(answers) == 1 and isinstance(answers[0], str)
+    stats = [json.loads(line) for line in plugin.stats_path.read_text().splitlines()]
+    assert stats[-1]["visual_tokens_per_layer"][-1] < stats[-1]["visual_tokens_full"]
+

@@ -77,10 +77,10 @@ def _tokenizer(adapter):
     return getattr(adapter.processor, "tokenizer", adapter.processor)
 
 
-def llava_chat_text(processor, context: str, chat_template: str | None = None) -> str:
+def llava_chat_text(processor, context: str, chat_template: str | None = None, images: int = 1) -> str:
     """The text lmms-eval's `llava_hf` gives a LLaVA checkpoint: `<image>\\n` before the context
-    (unless it has one), one user message, the tokenizer's chat template (else Vicuna v1 with its
-    system line), generation prompt added.
+    (one `<image>` per image, joined by spaces; unless it has one), one user message, the
+    tokenizer's chat template (else Vicuna v1 with its system line), generation prompt added.
 
     A template written for list contents (the processor-style templates of llava-hf checkpoints
     under transformers 5) renders a plain-string message without its text (`USER:  ASSISTANT:`);
@@ -89,22 +89,23 @@ def llava_chat_text(processor, context: str, chat_template: str | None = None) -
     tok = getattr(processor, "tokenizer", processor)
     text_part = context.replace("<image>\n", "", 1) if context.startswith("<image>\n") else context
     if "<image>" not in context:
-        context = f"<image>\n{context}"
+        context = " ".join(["<image>"] * images) + f"\n{context}"
     template = chat_template or getattr(tok, "chat_template", None)
     if template is None:
         return f"{VICUNA_SYSTEM} USER: {context} ASSISTANT:"
     text = tok.apply_chat_template([{"role": "user", "content": context}], chat_template=template, tokenize=False,
                                    add_generation_prompt=True)
     if text_part.strip() and text_part.strip() not in text:
-        content = [{"type": "image"}, {"type": "text", "text": text_part}]
+        content = [{"type": "image"}] * images + [{"type": "text", "text": text_part}]
         text = tok.apply_chat_template([{"role": "user", "content": content}], chat_template=template,
                                        tokenize=False, add_generation_prompt=True)
     return text
 
 
-def qwen_chat_text(processor, context: str, system_prompt: str | None = QWEN_SYSTEM, model: str = "qwen2_5_vl") -> str:
+def qwen_chat_text(processor, context: str, system_prompt: str | None = QWEN_SYSTEM, model: str = "qwen2_5_vl",
+                   images: int = 1) -> str:
     """The text lmms-eval's `qwen2_vl` / `qwen2_5_vl` / `qwen3_vl` give (the same messages): a
-    system message, then one user message with the image before the context (`<image>`
+    system message, then one user message with the image(s) before the context (`<image>`
     placeholders removed), through the checkpoint's chat template, generation prompt added."""
     if getattr(processor, "chat_template", None) is None:
         raise ValueError(f"this Qwen-VL checkpoint has no chat template (chat_template.jinja / .json); lmms-eval's "
@@ -113,23 +114,24 @@ def qwen_chat_text(processor, context: str, system_prompt: str | None = QWEN_SYS
     messages: list[dict[str, Any]] = []
     if system_prompt is not None:
         messages.append({"role": "system", "content": system_prompt})
-    messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": context}]})
+    messages.append({"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": context}]})
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def chat_text(adapter, context: str, system_prompt: str | None = None, chat_template: str | None = None) -> str:
+def chat_text(adapter, context: str, system_prompt: str | None = None, chat_template: str | None = None,
+              images: int = 1) -> str:
     """The full prompt text lmms-eval's own model for this checkpoint would build (LMMS_MODELS:
     `llava_hf` for LLaVA-1.5 and NeXT, `qwen2_vl` / `qwen2_5_vl` / `qwen3_vl` for the Qwen-VL line); the
     adapter takes it as it is."""
     family = getattr(adapter, "family", "")
     if family in LMMS_MODELS and family.startswith("qwen"):
         return qwen_chat_text(adapter.processor, context, QWEN_SYSTEM if system_prompt is None else system_prompt,
-                              LMMS_MODELS[family])
+                              LMMS_MODELS[family], images)
     if LMMS_MODELS.get(family) == "llava_hf":
         if system_prompt is not None:
             raise ValueError("system_prompt: lmms-eval's llava_hf has none (the chat template decides); "
                              "leave it out for LLaVA")
-        return llava_chat_text(adapter.processor, context, chat_template)
+        return llava_chat_text(adapter.processor, context, chat_template, images)
     raise ValueError(f"no lmms-eval prompt format for model family {family!r} (known: {', '.join(LMMS_MODELS)})")
 
 

@@ -251,15 +251,18 @@ class NuwaGraph(lmms):
 
     # --- generation -------------------------------------------------------------------------
     def _visual(self, visuals: list, task: str, doc_id) -> Any:
-        from PIL import Image
 
         where = f"task {task!r}, doc {doc_id}"
         if not visuals:
             raise PluginError(f"{where}: a text-only document; nuwa-graph prunes visual tokens and serves "
-                              f"one-image documents only")
-        if len(visuals) > 1:
-            raise PluginError(f"{where}: {len(visuals)} images; the pipelines handle one image per prompt")
-        v = visuals[0]
+                              f"documents with images only")
+        if len(visuals) > 1:  # one prompt of several images, in the document's order
+            return [self._one_visual(v, where) for v in visuals]
+        return self._one_visual(visuals[0], where)
+
+    def _one_visual(self, v: Any, where: str) -> Any:
+        from PIL import Image
+
         if isinstance(v, Image.Image):
             if self.qwen is not None:
                 vc = self.adapter.model.config.vision_config
@@ -315,7 +318,8 @@ class NuwaGraph(lmms):
                     images, prompts = [], []
                     for context, _, doc_to_visual, doc_id, task, split in args:
                         images.append(self._visual(doc_to_visual(self.task_dict[task][split][doc_id]), task, doc_id))
-                        prompts.append(chat_text(self.adapter, context, self.system_prompt, self.chat_template))
+                        n = len(images[-1]) if isinstance(images[-1], list) else 1
+                        prompts.append(chat_text(self.adapter, context, self.system_prompt, self.chat_template, n))
                     rep = self.adapter.generate(self.pipeline, images, prompts, max_new_tokens=max_new, seed=self.seed,
                                                 sampling=sampling)
                     full = getattr(rep, "visual_tokens_full_per_sample", None) or [rep.visual_tokens_full] * len(chunk)
