@@ -69,10 +69,10 @@ def image_for(adapter):
     return synthetic_image()
 
 
-def run_unchanged(adapter, image, name: str, overrides: dict | None = None):
+def run_unchanged(adapter, image, name: str, overrides: dict | None = None, prompt: str = PROMPT):
     """Run a shipped file (with no override unless a refusal's hint named one); check the
-    counts against its Keep actions."""
-    rep = adapter.generate(load(ROOT / "pipelines" / f"{name}.yaml", overrides), [image], [PROMPT], max_new_tokens=1)
+    counts against its Keep actions. `image`: one, or a list (one prompt of several images)."""
+    rep = adapter.generate(load(ROOT / "pipelines" / f"{name}.yaml", overrides), [image], [prompt], max_new_tokens=1)
     counts = rep.visual_tokens_per_layer[0]
     acts = [Keep(a["site"], torch.zeros(a["kept"], dtype=torch.long)) for a in rep.actions[0]]
     assert counts == tokens_per_layer(acts, rep.visual_tokens_full, adapter.n_layers), name

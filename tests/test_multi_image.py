@@ -188,3 +188,64 @@ def test_a_prompt_with_too_few_placeholders_is_refused():
     images = two_images(adapter)
     with pytest.raises(RunError):
         adapter.generate(VANILLA, [images], ["USER: <image>\nwhat ? ASSISTANT:"], max_new_tokens=1)
+
+
+@pytest.mark.parametrize("model", ["tiny-llava", "tiny-qwen2-vl"])
+def test_run_places_each_image_at_its_placeholder(model, tmp_path):
+    """`nuwa-graph run pipelines/fastv.yaml --image a.png --image b.png --prompt "Is <image> ... <image>?"`."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from nuwa_graph.apps import cli
+
+    adapter = adapter_of(model)
+    paths = []
+    for i, im in enumerate(two_images(adapter)):
+        paths += ["--image", str(tmp_path / f"{i}.png")]
+        im.save(tmp_path / f"{i}.png")
+    root = Path(__file__).resolve().parent.parent
+    args = ["run", str(root / "pipelines/fastv.yaml"), "--model", model, *paths, "--max-new-tokens", "1", "--json"]
+    result = CliRunner().invoke(cli.app, [*args, "--prompt", "is <image> brighter than <image> ?"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout[result.stdout.index("{"):])
+    assert data["geometry"][0].startswith("image 1:") and "| image 2:" in data["geometry"][0]
+    assert data["visual_tokens_per_layer"][0][-1] < data["visual_tokens_full"]
+    placed = adapter.chat_prompt("is <image> brighter than <image> ?", 2)
+    assert placed.index("brighter") > placed.index(">" if model == "tiny-llava" else "<|image_pad|>")
+    result = CliRunner().invoke(cli.app, [*args, "--prompt", "is <image> brighter ?"])  # one placeholder, two images
+    assert result.exit_code == 1 and "1 image placeholders" in result.output
+
+
+def test_eval_data_records_of_several_images_run_on_the_embedded_model(tmp_path):
+    """`images: [..]` in a VQA data file: one prompt of several images on the embedded model (plumbing
+    only: it was trained on one image per prompt, so no accuracy is claimed), kept-token pictures
+    of both images."""
+    import json
+
+    from nuwa_graph.apps.evaluate import evaluate, plan_runs
+    from nuwa_graph.apps.models import default_model
+    from nuwa_graph.apps.tasks import load_data
+    from nuwa_graph.apps.viz import write_pictures
+    from nuwa_graph.adapters.tiny import synthetic_image
+
+    for i in range(2):
+        synthetic_image(seed=i).save(tmp_path / f"{i}.png")
+    recs = [{"id": "a", "images": ["0.png", "1.png"], "question": "how many circles ?", "answer": "2"},
+            {"id": "b", "images": ["1.png", "0.png"], "question": "is <image> like <image> ?", "answer": "no"},
+            {"id": "c", "image": "0.png", "question": "how many circles ?", "answer": "1"}]
+    data = tmp_path / "vqa.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in recs))
+    tasks = load_data([data])
+    assert isinstance(tasks[0].samples[0].image, list) and len(tasks[0].samples[0].image) == 2
+    root = Path(__file__).resolve().parent.parent
+    adapter = adapter_of(default_model())
+    result = evaluate(adapter, plan_runs([root / "pipelines/fastv.yaml"]), tasks, batch=3, max_new_tokens=2,
+                      warmup=False)
+    preds = result["results"][0]["predictions"]
+    assert [p["id"] for p in preds] == ["a", "b", "c"]
+    assert preds[1]["prompt"].count("<image>") == 2  # placed where its question says
+    n = adapter.grid[0] * adapter.grid[1]
+    assert result["results"][0]["visual_tokens_full"] == pytest.approx((2 * n + 2 * n + n) / 3)
+    pics = write_pictures(result, tmp_path / "out")
+    assert pics and all(p.is_file() for p in pics)
