@@ -223,11 +223,11 @@ def test_eval_data_records_of_several_images_run_on_the_embedded_model(tmp_path)
     of both images."""
     import json
 
+    from nuwa_graph.adapters.tiny import synthetic_image
     from nuwa_graph.apps.evaluate import evaluate, plan_runs
     from nuwa_graph.apps.models import default_model
     from nuwa_graph.apps.tasks import load_data
     from nuwa_graph.apps.viz import write_pictures
-    from nuwa_graph.adapters.tiny import synthetic_image
 
     for i in range(2):
         synthetic_image(seed=i).save(tmp_path / f"{i}.png")
