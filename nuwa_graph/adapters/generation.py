@@ -152,8 +152,10 @@ class Generation(HookSession):
                 vis = image_positions(lay, blk.ids, None, self.visual_positions)
             follows = blk.text_follows if blk.positions is not None else "compact"
             top = lay.pos_pre.max() if lay.pos_pre.numel() else -1
-            texts, vpos = place_runs(lay, lay.pos_texts, lambda i, shift, _m, vis=vis, lay=lay: vis[i].to(lay.pos_pre) + shift,
-                                     follows, top)
+            def visual(i: int, shift: torch.Tensor, _moved: torch.Tensor, vis=vis, lay=lay) -> torch.Tensor:
+                return vis[i].to(lay.pos_pre) + shift
+
+            texts, vpos = place_runs(lay, lay.pos_texts, visual, follows, top)
             e = text_rows[b].split([t.numel() for t in lay.texts])
             pieces, pos_pieces, runs, at = [e[0]], [texts[0]], [], e[0].shape[0]
             for i, sel in enumerate(sels):

@@ -316,10 +316,10 @@ def load_vqa(path: str | Path, image_root: str | Path | None = None, image_templ
             q = _first(rec, ("question", "text", "prompt"))
             if not isinstance(q, str) or not q.strip():
                 raise _Bad("question", "no question text (expected question, text or prompt)")
-            image = _images(rec, root, f"{path}: record {n}")
-            if not (isinstance(image, list) and q.count("<image>") == len(image)):  # else: where each image goes
+            many = _images(rec, root, f"{path}: record {n}")
+            if not (many is not None and q.count("<image>") == len(many)):  # else: where each image goes
                 _no_placeholder(q, _first_key(rec, ("question", "text", "prompt")))
-            image = _image(rec, root, f"{path}: record {n}", image_template) if image is None else image
+            image: str | bytes | list = _image(rec, root, f"{path}: record {n}", image_template) if many is None else many
             answers = _answers(rec, require_answers)
             rid = _record_id(rec, id_keys)
             ids.check(rid, n, _first_key(rec, id_keys))
