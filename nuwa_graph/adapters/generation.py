@@ -13,7 +13,7 @@ from functools import partial
 
 import torch
 
-from ..context import Keep
+from ..context import Keep, sample_key
 from ..errors import PipelineError, RunError
 from ..executor import Executor
 from ..loader import family_file_of
@@ -208,6 +208,7 @@ class Generation(HookSession):
                            f"per image given for it, or none (the family's template then puts them before the "
                            f"question)") from None
         r = AdapterRun(self, ex, enc, external, seed)
+        r.keys = [sample_key(image, prompt) for image, prompt in zip(images, prompts)]  # seeded draws follow content
         r.layouts = [self.split_sample(enc, b) for b in range(r.B)]
         if extra_ids is not None:
             for b in range(r.B):
@@ -222,7 +223,7 @@ class Generation(HookSession):
         r.phase = "vision"
         vis = self.vision_forward(r)
         geoms = [self.prompt_geometry(r, b) for b in range(r.B)]
-        r.state = r.ex.start(geoms, device=self.device)
+        r.state = r.ex.start(geoms, device=self.device, keys=r.keys)
         devices = model_devices(self.model, self.device)
         if self.sync_node_timing and any(d.type == "cuda" for d in devices):
             r.state.sync = partial(sync, devices)
