@@ -160,15 +160,21 @@ def vision_flops(config, grid: tuple[int, int] | None = None, crops: int = 1) ->
 
 
 def run_flops(config, n_text: int, visual_per_layer: list[int], n_visual_full: int,
-              grid: tuple[int, int] | None = None, crops: int = 1) -> dict[str, Any]:
-    """The FLOPs of one sample's run and of the vanilla run of the same prompt.
+              grid: tuple[int, int] | None = None, crops: int = 1,
+              images: list[tuple[tuple[int, int] | None, int]] | None = None) -> dict[str, Any]:
+    """The FLOPs of one sample's run and of the vanilla run of the same prompt. `images`: a
+    prompt of several images, each one's (grid, crops); its vision FLOPs are their sum.
 
     Keys: vision, projector, llm_prefill, prefill (the three together), decode_step, their
     vanilla_* counterparts, prefill_tflops_saved, decode_step_tflops_saved and
     prefill_ratio (pruned / vanilla) and the convention."""
     tc = config.text_config
     full = [n_visual_full] * len(visual_per_layer)
-    vis = vision_flops(config, grid, crops)
+    if images:
+        each = [vision_flops(config, g, c) for g, c in images]
+        vis = {k: sum(v[k] for v in each) for k in each[0]}
+    else:
+        vis = vision_flops(config, grid, crops)
     out: dict[str, Any] = dict(vis)
     out["llm_prefill"] = llm_prefill(tc, n_text, visual_per_layer)
     out["vanilla_llm_prefill"] = llm_prefill(tc, n_text, full)

@@ -249,3 +249,15 @@ def test_eval_data_records_of_several_images_run_on_the_embedded_model(tmp_path)
     assert result["results"][0]["visual_tokens_full"] == pytest.approx((2 * n + 2 * n + n) / 3)
     pics = write_pictures(result, tmp_path / "out")
     assert pics and all(p.is_file() for p in pics)
+
+
+@pytest.mark.parametrize("model", ["tiny-llava", "tiny-qwen"])
+def test_flops_count_the_tower_once_per_image(model):
+    adapter = adapter_of(model)
+    a, b = two_images(adapter)
+    one = adapter.generate(VANILLA, [[a]], [PROMPT], max_new_tokens=1).flops[0]
+    other = adapter.generate(VANILLA, [[b]], [PROMPT], max_new_tokens=1).flops[0]
+    both = adapter.generate(VANILLA, [[a, b]], [PROMPT], max_new_tokens=1).flops[0]
+    assert "unavailable" not in both
+    assert both["vision"] == one["vision"] + other["vision"]
+    assert both["projector"] == one["projector"] + other["projector"]

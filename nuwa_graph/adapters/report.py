@@ -191,8 +191,9 @@ def run_flops_of(adapter: Generation, r: AdapterRun, b: int, counts: list[int]) 
     assert r.state is not None
     try:
         geom = r.state.geometries[b]
+        images = [(g.grid if g.simple else None, max(1, len(g.crops))) for g in geom.blocks] or None
         return run_flops(adapter.model.config, int(r.segments[0].n_text[b]), counts, r.layouts[b].n_image,
-                         geom.grid if geom.simple else None, max(1, len(geom.crops)))
+                         geom.grid if geom.simple else None, max(1, len(geom.crops)), images)
     except (AttributeError, TypeError, ValueError) as exc:
         return {"unavailable": f"FLOPs cannot be counted for this config: {exc}"}
 
