@@ -261,3 +261,14 @@ def test_flops_count_the_tower_once_per_image(model):
     assert "unavailable" not in both
     assert both["vision"] == one["vision"] + other["vision"]
     assert both["projector"] == one["projector"] + other["projector"]
+
+
+def test_validate_says_what_each_node_runs_over():
+    from typer.testing import CliRunner
+
+    from nuwa_graph.apps import cli
+
+    root = Path(__file__).resolve().parent.parent
+    result = CliRunner().invoke(cli.app, ["validate", str(root / "pipelines/fastv.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "each image: attn; whole prompt: topk, prune" in " ".join(result.output.split())
