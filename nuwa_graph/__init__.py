@@ -4,6 +4,7 @@ from .errors import PipelineError, Problem, RunError
 from .executor import Executor, RunState, tokens_per_layer
 from .pipeline import Pipeline, load, load_text
 from .resources import mount_checkout_nodes
+from . import signal_kinds  # noqa: F401  (registers the signal kinds defined outside signals.py)
 
 mount_checkout_nodes()  # from a checkout, nuwa_graph.nodes is the top-level nodes/ folder
 

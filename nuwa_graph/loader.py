@@ -63,6 +63,9 @@ MODEL_VARIABLES: dict[str, Any] = {
     # `budget=64` keeps 1/9 of the tokens on any fixed grid (16 of 144 on the embedded model).
     # Models whose grid depends on the image (Qwen2.5-VL) do not bind it: there budget is a count.
     "grid_tokens": 576,
+    # whether the model's vision tower comes with a CLIP text tower the adapter can load (LLaVA-1.5:
+    # openai/clip-vit-large-patch14-336); CDPruner's official relevance needs it (cdpruner.yaml)
+    "clip_text": True,
 }
 
 

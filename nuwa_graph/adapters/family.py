@@ -48,7 +48,8 @@ from .layout import Encoded, SampleLayout, VisionOut
 from .state import AdapterRun
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
-LLM_SIGNALS = frozenset({"external", "pre_llm.visual", "pre_llm.text", "llm.attention", "llm.hidden"})
+LLM_SIGNALS = frozenset({"external", "pre_llm.visual", "pre_llm.text", "llm.attention", "llm.hidden", "llm.keys",
+                         "llm.token_hidden"})
 _counter = itertools.count()
 
 
@@ -197,7 +198,7 @@ class FamilyHooks:
         """Values of the pipeline model variables (pipeline.MODEL_VARIABLES) for this model."""
         vc = getattr(self.model.config, "vision_config", None)
         depth = getattr(vc, "num_hidden_layers", None) or getattr(vc, "depth", None)
-        out: dict[str, Any] = {"family": self.family, "llm_layers": self.n_layers}
+        out: dict[str, Any] = {"family": self.family, "llm_layers": self.n_layers, "clip_text": False}
         if depth:
             out["vision_layers"] = int(depth)
         return out

@@ -171,6 +171,10 @@ class QwenAdapter(VLMAdapter):
             return (f"signal {req.kind!r} (read at {req.site}) needs a CLS token, and Qwen2.5-VL's vision tower "
                     f"has none; use 'vision.attention_received' (attention each merged token receives at a vision "
                     f"block, e.g. layer -1 as Nüwa's Qwen code does) as the saliency signal instead")
+        if req.kind in ("vision.clip_embeds", "vision.clip_text_embeds"):
+            return (f"signal {req.kind!r} (read at {req.site}) needs a CLIP vision tower with its text tower; "
+                    f"Qwen2.5-VL's has none (CDPruner: --set relevance=llm, the relevance from the LLM's own "
+                    f"instruction embeddings, which cdpruner.yaml chooses by itself on this model)")
         return super().unavailable_signal(req)
 
     def refusal_hint(self, ex) -> str:
@@ -178,8 +182,9 @@ class QwenAdapter(VLMAdapter):
             return ""
         return (f"\nhint: {ex.pipeline.name} is defined on a CLS token (CLIP-style towers, LLaVA-1.5) and has "
                 f"no Qwen2.5-VL form; on this model run pipelines/nuwa.yaml (it switches to its authors' Qwen "
-                f"code by itself) or a method that reads only LLM signals (fastv, pdrop, sparsevlm, feather, "
-                f"random, downsample)")
+                f"code by itself), hiprune.yaml or dart.yaml (their authors' Qwen code), a method without a "
+                f"CLS token (divprune, cdpruner, gprune, vtw) or one that reads only LLM signals (fastv, pdrop, "
+                f"sparsevlm, feather, random, downsample)")
 
     def check_request(self, req: SignalRequest) -> str | None:
         if not req.kind.startswith("vision."):
@@ -188,6 +193,9 @@ class QwenAdapter(VLMAdapter):
         try:
             if req.kind == "vision.attention_received":
                 block_index(int(req.arg("layer", -1)), depth)
+                if req.arg("queries", "sum") != "sum":
+                    return (f"signal {req.key}: on Qwen2.5-VL the attention received is summed over the queries "
+                            f"of each attention window (queries: sum), as Nüwa's and HiPrune's Qwen code do")
             else:
                 _hidden_indices(req, depth)
         except (RunError, TypeError, ValueError) as exc:

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import RunError
 from ..sites import Site
+from . import llm_signals
 from .layout import Segment, decode_mask, gather_hidden, host_keeps, keep_in_segment, prefill_mask
 from .signal_rows import SignalRows
 from .state import AdapterRun
@@ -72,6 +73,8 @@ class HookSession(SignalRows):
                         adapter.on_vision_attention(r, where[1], module, query, key, kwargs)
                     elif where[1] in r.rows_attn:
                         adapter._rows_from_attention(r, where[1], module, query, key)
+                    if where[0] == "llm" and where[1] in r.llm_plan.keys_attn:
+                        llm_signals.capture_keys(r, where[1], query, key)
             return out
 
         AttentionInterface.register(self.attn_name, attention)
@@ -101,6 +104,17 @@ class HookSession(SignalRows):
                 ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.pop(self.attn_name, None)
                 self._attn_index = {}
 
+    def _reader(self, r: AdapterRun):
+        """The base reader, plus `llm.keys` / `llm.token_hidden` (llm_signals.py)."""
+        base = super()._reader(r)
+
+        def read(req, b: int) -> torch.Tensor:
+            if req.kind in ("llm.keys", "llm.token_hidden"):
+                return llm_signals.read(r, req, b).to(self.device)
+            return base(req, b)
+
+        return read
+
     def _release_layer_hooks(self) -> None:
         """Remove the decoder-layer hooks before the session ends: `generate` does so after a
         prefill that left one segment, whose decode steps the hooks would only pass through
@@ -124,6 +138,8 @@ class HookSession(SignalRows):
             seg = r.segment_of(layer)
             first = seg is r.segments[0]
             cos, sin = kwargs["position_embeddings"] if first else self._prefill_tables(seg, h)[1]
+            if layer in r.llm_plan.pre:
+                llm_signals.capture_pre(self, r, layer, module, h, cos, sin, seg)
             if layer in r.llm_sites:
                 self._capture_pre(r, layer, module, h, cos, sin, seg)
                 assert r.state is not None

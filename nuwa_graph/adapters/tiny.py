@@ -112,9 +112,17 @@ def tiny_llava(dtype: torch.dtype = torch.float32, device: str = "cpu", seed: in
     """The `tiny-llava` preset as a ready adapter."""
     from .llava import LlavaAdapter
 
+    from .clip_text import build_tiny_clip_text
+
     model, proc = build_tiny_llava(seed)
     model = model.to(device=device, dtype=dtype)
-    return LlavaAdapter(model, proc, name="tiny-llava", dtype=dtype, device=device)
+    adapter = LlavaAdapter(model, proc, name="tiny-llava", dtype=dtype, device=device)
+    # a small CLIP text tower for CDPruner's official relevance (a real LLaVA loads its tower's own)
+    clip = build_tiny_clip_text(model.config.vision_config.hidden_size, [w for w in WORDS if w], seed)
+    clip.text_model.to(device)
+    clip.visual_projection.to(device)
+    adapter.clip_text = clip
+    return adapter
 
 
 def synthetic_image(size: int = 336, seed: int = 0):
