@@ -50,6 +50,24 @@ def visiting_order(positions: list[int], visit: str) -> list[int]:
     return [first[p] for p in (list(set(positions)) if visit == "set" else list(first))]
 
 
+def pivot_picks(features: torch.Tensor, pivot_rows: list[torch.Tensor], positions: list[int], pool: torch.Tensor,
+                per: int, visit: str) -> tuple[list[int], list[torch.Tensor]]:
+    """(visiting order, picks of each visited pivot in topk order) of the official loop: for
+    each pivot, `per` rows of the pool (bool mask over the candidate rows, updated in place)
+    with the most negative cosine to the pivot's row, taken from the pool in ascending order."""
+    order = visiting_order(positions, visit)
+    picks: list[torch.Tensor] = []
+    for i in order:
+        where = torch.nonzero(pool).reshape(-1)  # the pool in ascending stream order
+        if where.numel() == 0 or per == 0:
+            break
+        cos = -torch.nn.functional.cosine_similarity(pivot_rows[i], features[where], dim=-1)
+        chosen = where[cos.topk(min(per, int(where.numel()))).indices]
+        picks.append(chosen)
+        pool[chosen] = False
+    return order, picks
+
+
 @register
 class PivotDissimilarity(Node[PivotParams]):
     """Keep pivot tokens and, for each pivot in turn, the candidates least similar to it
@@ -95,15 +113,7 @@ class PivotDissimilarity(Node[PivotParams]):
         pool = torch.ones(n, dtype=torch.bool, device=ids.device)
         if piv:
             pool[torch.tensor([index[t] for t in piv], device=ids.device)] = False
-        picks: list[torch.Tensor] = []
-        for i in visiting_order(positions, p.visit):
-            where = torch.nonzero(pool).reshape(-1)  # the pool in ascending stream order
-            if where.numel() == 0 or per == 0:
-                break
-            cos = -torch.nn.functional.cosine_similarity(rows[i], features.values[where], dim=-1)
-            chosen = where[cos.topk(min(per, int(where.numel()))).indices]
-            picks.append(chosen)
-            pool[chosen] = False
+        _, picks = pivot_picks(features.values, rows, positions, pool, per, p.visit)
         kept_rows = torch.cat([torch.tensor([index[t] for t in piv], dtype=torch.long, device=ids.device), *picks])
         out = ids[kept_rows]
         if p.order == "index":
