@@ -52,9 +52,11 @@ from nuwa_graph.adapters.report import PeakMemory, sync  # noqa: E402
 from nuwa_graph.adapters.tiny import build_processor, synthetic_image  # noqa: E402
 
 LLAVA_METHODS = ["vanilla", "random", "downsample", "fastv", "fastv_fix", "pdrop", "sparsevlm", "sparsevlm_v2",
-                 "visionzip", "visionzip_fix", "prumerge_plus", "feather", "nuwa"]
+                 "visionzip", "visionzip_fix", "prumerge_plus", "feather", "nuwa", "dart", "divprune", "vispruner",
+                 "fastervlm", "hiprune", "cdpruner", "gprune", "vtw"]
 QWEN_METHODS = ["vanilla", "random", "downsample", "fastv", "fastv_fix", "pdrop", "feather", "nuwa_qwen"]
-PRE_LLM = {"random", "downsample", "visionzip", "visionzip_fix", "prumerge_plus", "nuwa", "nuwa_qwen"}
+PRE_LLM = {"random", "downsample", "visionzip", "visionzip_fix", "prumerge_plus", "nuwa", "nuwa_qwen", "divprune",
+           "vispruner", "fastervlm", "hiprune", "cdpruner", "gprune"}
 GROWTH_GRIDS = {576: (24, 24), 1152: (24, 48), 2304: (48, 48), 2880: (48, 60)}
 MARKS = {"methods": ("<!-- bench:methods:start -->", "<!-- bench:methods:end -->"),
          "growth": ("<!-- bench:growth:start -->", "<!-- bench:growth:end -->")}
@@ -83,7 +85,16 @@ def random_llava(dtype, device, attn, args, seed: int = 0) -> LlavaAdapter:
     model.generation_config.pad_token_id = tok.pad_token_id
     name = (f"random LLaVA (CLIP {args.vision_hidden}x{args.vision_layers} on 336 px = 576 tokens, "
             f"Llama {args.llm_hidden}x{args.llm_layers})")
-    return LlavaAdapter(model, proc, name=name, dtype=dtype, device=device, attn_implementation=attn)
+    adapter = LlavaAdapter(model, proc, name=name, dtype=dtype, device=device, attn_implementation=attn)
+    # CDPruner's auxiliary CLIP text tower at the real CLIP-L shape (12 layers, width 768), random weights
+    from nuwa_graph.adapters.clip_text import build_tiny_clip_text
+    from nuwa_graph.adapters.tiny import WORDS
+
+    clip = build_tiny_clip_text(args.vision_hidden, [w for w in WORDS if w], seed, width=768, layers=12, heads=12)
+    clip.text_model.to(device=device)
+    clip.visual_projection.to(device=device)
+    adapter.clip_text = clip
+    return adapter
 
 
 def random_qwen(dtype, device, attn, args, seed: int = 0):

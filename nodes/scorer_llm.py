@@ -173,7 +173,7 @@ class LLMKeyNorm(Node[KeyNormParams]):
     """The norm of each token's key row in one decoder layer, flattened over heads x head_dim
     (heads first, GQA groups repeated), as DART ranks its pivots: `torch.norm(p=1)` of layer
     K-1's post-RoPE keys (ZichenWen1/DART @ 5a19452f,
-    llava/model/language_model/modeling_llama_self.py:424-432). Scores float32."""
+    llava/model/language_model/modeling_llama_self.py:419-428). Scores float32."""
 
     type_name = "scorer.llm-key-norm"
     paper = "https://arxiv.org/abs/2502.11494"

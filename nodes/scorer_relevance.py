@@ -1,5 +1,5 @@
 """Instruction relevance of each visual token (CDPruner, NeurIPS'25, arXiv 2506.10967;
-Theia-4869/CDPruner @ 9541616c, llava/model/llava_arch.py:156-161 and
+Theia-4869/CDPruner @ 9541616c, llava/model/llava_arch.py:155-166 and
 llava/model/multimodal_encoder/clip_encoder.py:62-98).
 
 Two sources, a declared parameter (`source`), both said in the run's `signals` row:

@@ -3,7 +3,7 @@
 - `selector.greedy-max-min`: greedy max-min (farthest point) selection under cosine distance
   (DivPrune, CVPR'25; vbdi/divprune @ 799e2d95, LLaVA/llava/model/llava_arch.py:147-171).
 - `selector.bipartite-dedup`: iterative bipartite de-duplication of a ranked list (VisPruner,
-  ICCV'25; Theia-4869/VisPruner @ aefa01ad, llava/model/llava_arch.py:159-176).
+  ICCV'25; Theia-4869/VisPruner @ aefa01ad, llava/model/llava_arch.py:161-176).
 
 Both take any `Tokens` (projected tokens, vision hidden states, ...) and work in float32 on
 the features' device; the official runs are float16 on a GPU, where near-equal distances can

@@ -1,5 +1,5 @@
 """Greedy MAP inference of a determinantal point process (CDPruner, NeurIPS'25, arXiv
-2506.10967; Theia-4869/CDPruner @ 9541616c, llava/model/llava_arch.py:148-187).
+2506.10967; Theia-4869/CDPruner @ 9541616c, llava/model/llava_arch.py:148-183).
 
 The kernel is L = r_i * S_ij * r_j: S the cosine similarity of the given features (diversity),
 r an optional per-token relevance (quality). The fast greedy MAP algorithm (Chen et al., 2018,

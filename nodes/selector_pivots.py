@@ -1,7 +1,7 @@
 """Pivot-conditioned dissimilarity: keep the tokens least similar to a few pivot tokens
 (DART, EMNLP'25, arXiv 2502.11494; ZichenWen1/DART @ 5a19452f,
 llava/model/language_model/modeling_llama_self.py:397-449 `get_retained_image_token`, and the
-same function in Qwen2_5-VL/Qwen2_5VL_DART/modeling_qwen2_5_vl_self.py:1553-1599).
+same function in Qwen2_5-VL/Qwen2_5VL_DART/modeling_qwen2_5_vl_self.py:1553-1597).
 
 The pivots are chosen elsewhere (any selector over any scores; DART: top key L1 norms at layer
 K-1, image and text tokens); this node visits them one by one and, for each, picks the

@@ -74,7 +74,7 @@ class Neighbours(Node[NeighboursParams]):
     Output: the anchors (with `include`) and their 4 neighbours, each once, ascending, as
     `torch.unique` gives them on a CPU (the official code takes `unique(sorted=False)`,
     which is ascending there; the set is what counts). Reads the grid from the geometry.
-    Official: Danielement321/HiPrune @ 6e83a124, LLaVA/llava/model/llava_arch.py:162-169 and
+    Official: Danielement321/HiPrune @ 6e83a124, LLaVA/llava/model/llava_arch.py:157-164 and
     Qwen2_5_VL/qwen2_5_vl_HiPrune.py:1863-1871.
     """
 

@@ -34,7 +34,7 @@ class LLMKeys(_AtLLMLayer):
     positions when `rope`)."""
 
     KIND: ClassVar[str] = "llm.keys"
-    SHAPE: ClassVar[str] = "(heads, n, head_dim)"
+    SHAPE: ClassVar[str] = "(heads, n_present, d) or (heads, t, d), d = head_dim"
     rope: bool = arg(True, _bool, "keys after RoPE (what the layer attends with) or before it")
     tokens: str = arg("image", _choice("image", "text"), _TOKENS_DOC)
 
@@ -51,7 +51,7 @@ class LLMTokenHidden(_AtLLMLayer):
     the model's final norm (`norm: final`, DART)."""
 
     KIND: ClassVar[str] = "llm.token_hidden"
-    SHAPE: ClassVar[str] = "(n, d)"
+    SHAPE: ClassVar[str] = "(n_present, d) or (t, d)"
     tokens: str = arg("image", _choice("image", "text"), _TOKENS_DOC)
     norm: str = arg("none", _choice("none", "final"), "'final': through the language model's final norm")
 
@@ -66,7 +66,7 @@ class VisionClipEmbeds(_VisionLayer):
     the tower's post_layernorm, then the CLIP checkpoint's visual_projection (CDPruner), float32."""
 
     KIND: ClassVar[str] = "vision.clip_embeds"
-    SHAPE: ClassVar[str] = "(n, d_proj)"
+    SHAPE: ClassVar[str] = "(n, d), d = the CLIP projection width"
 
     def synthetic(self, geom, present, rand):
         return rand(geom.n_visual, geom.vision_width)
@@ -79,7 +79,7 @@ class VisionClipTextEmbeds(SignalRequest):
     checkpoint: one row per 77-token chunk (text_embeds at the pooled EOS position), float32."""
 
     KIND: ClassVar[str] = "vision.clip_text_embeds"
-    SHAPE: ClassVar[str] = "(M, d_proj)"
+    SHAPE: ClassVar[str] = "(chunks, d), d = the CLIP projection width"
 
     def synthetic(self, geom, present, rand):
         return rand(1, geom.vision_width)

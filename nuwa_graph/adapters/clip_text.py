@@ -101,14 +101,15 @@ def _tiny_tokenizer(words: list[str]) -> Any:
                                    unk_token="<unk>", pad_token="<pad>")
 
 
-def build_tiny_clip_text(vision_hidden: int, words: list[str], seed: int = 0, width: int = 64,
-                         positions: int = 77) -> ClipText:
-    """A small random CLIP text tower + visual projection built from a config (tests, tiny preset)."""
+def build_tiny_clip_text(vision_hidden: int, words: list[str], seed: int = 0, width: int = 64, layers: int = 2,
+                         heads: int = 4, positions: int = 77) -> ClipText:
+    """A random CLIP text tower + visual projection built from a config (tests, the tiny preset;
+    the benchmark at CLIP-L's text shape: width 768, 12 layers, 12 heads)."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     tok = _tiny_tokenizer(words)
-    cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=positions, projection_dim=width,
+    cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+                         num_attention_heads=heads, max_position_embeddings=positions, projection_dim=width,
                          pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
