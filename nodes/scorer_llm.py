@@ -16,12 +16,12 @@ Which rows (signal `llm.attention`, docs/CONTRACTS.md), for a node at site `llm.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field, field_validator
 
-from nuwa_graph.node import Node, NodeParams, Port
+from nuwa_graph.node import Node, NodeParams, P, Port
 from nuwa_graph.registry import register
 from nuwa_graph.signals import Queries, SignalRequest
 from nuwa_graph.sites import LLMSiteName, Site
@@ -109,8 +109,29 @@ class LLMAttentionParams(NodeParams):
         return v
 
 
+class LayerSite(Node[P]):
+    """Base of nodes with a `layer` param and an optional `site` read at llm.K (default
+    llm.<layer+1>): the site, and the check that the layer is not after it."""
+
+    def _site_name(self) -> str:
+        p: Any = self.params
+        return p.site if p.site is not None else f"llm.{p.layer + 1}"
+
+    def site(self) -> Site:
+        return Site(self._site_name())
+
+    def check(self) -> list[str]:
+        k = self.site().layer
+        layer = int(self.params.layer)  # type: ignore[attr-defined]
+        assert k is not None  # an llm.K site
+        if layer > k:
+            return [f"layer={layer} is after the site {self._site_name()}: a signal of layer L can be read at llm.K "
+                    f"only when L <= K"]
+        return []
+
+
 @register
-class LLMAttentionScores(Node[LLMAttentionParams]):
+class LLMAttentionScores(LayerSite[LLMAttentionParams]):
     """Attention the chosen prompt rows pay to each image token present, at one LLM layer.
 
     Output ids are `ctx.present` (the survivors of earlier stages, in sequence order). The
@@ -123,20 +144,6 @@ class LLMAttentionScores(Node[LLMAttentionParams]):
     type_name = "scorer.llm-attention"
     paper = "https://arxiv.org/abs/2403.06764"
     outputs = {"scores": Port(Scores, "one score per image token present (ids = ctx.present)")}
-
-    def _site_name(self) -> str:
-        return self.params.site if self.params.site is not None else f"llm.{self.params.layer + 1}"
-
-    def site(self) -> Site:
-        return Site(self._site_name())
-
-    def check(self) -> list[str]:
-        k = self.site().layer
-        assert k is not None  # an llm.K site
-        if self.params.layer > k:
-            return [f"layer={self.params.layer} is after the site {self._site_name()}: attention of layer L "
-                    f"can be read at llm.K only when L <= K"]
-        return []
 
     def request(self) -> SignalRequest:
         p = self.params
@@ -169,7 +176,7 @@ class KeyNormParams(NodeParams):
 
 
 @register
-class LLMKeyNorm(Node[KeyNormParams]):
+class LLMKeyNorm(LayerSite[KeyNormParams]):
     """The norm of each token's key row in one decoder layer, flattened over heads x head_dim
     (heads first, GQA groups repeated), as DART ranks its pivots: `torch.norm(p=1)` of layer
     K-1's post-RoPE keys (ZichenWen1/DART @ 5a19452f,
@@ -178,12 +185,6 @@ class LLMKeyNorm(Node[KeyNormParams]):
     type_name = "scorer.llm-key-norm"
     paper = "https://arxiv.org/abs/2502.11494"
     outputs = {"scores": Port(Scores, "key norm per token (ids: ctx.present, or text ids)")}
-
-    def _site_name(self) -> str:
-        return self.params.site if self.params.site is not None else f"llm.{self.params.layer + 1}"
-
-    def site(self) -> Site:
-        return Site(self._site_name())
 
     def requests(self):
         p = self.params

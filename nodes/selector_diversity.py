@@ -40,25 +40,29 @@ class GreedyMaxMinParams(NodeParams):
     order: Literal["index", "pick"] = Field("index", description="index: ascending ids; pick: greedy order")
 
 
-def greedy_max_min(dist: torch.Tensor, k: int, repeat: bool = False) -> torch.Tensor:
+def greedy_max_min(dist: torch.Tensor, k: int, repeat: bool = False, inplace: bool = False) -> torch.Tensor:
     """Picks (k,) of DivPrune's greedy loop on a distance matrix (n, n): the seed is the
     column whose second-smallest entry is largest (the most isolated token); each later pick
     is the argmax (first index on ties) of the column-wise minimum over the picked rows. The
-    running minimum equals the official `min(dist[picked], dim=0)` exactly. No host sync."""
+    running minimum equals the official `min(dist[picked], dim=0)` exactly. Without `repeat`
+    the diagonal is set to -inf after the seed, so a picked token's running minimum is -inf
+    and it is never picked again (the same picks whenever the official ones are distinct).
+    `inplace` lets the loop overwrite `dist`. No host sync."""
     n = dist.shape[0]
     picks = torch.empty(k, dtype=torch.long, device=dist.device)
     if n >= 2:
         seed = torch.argmax(torch.topk(dist, 2, dim=0, largest=False).values[1, :])
     else:
         seed = torch.zeros((), dtype=torch.long, device=dist.device)
+    if not repeat:
+        dist = dist if inplace else dist.clone()
+        dist.fill_diagonal_(float("-inf"))
     picks[0] = seed
     cur = dist[seed].clone()
     for i in range(1, k):
-        if not repeat:
-            cur[picks[i - 1]] = float("-inf")
         j = torch.argmax(cur)
         picks[i] = j
-        cur = torch.minimum(cur, dist[j])
+        torch.minimum(cur, dist[j], out=cur)
     return picks
 
 
@@ -80,7 +84,7 @@ class GreedyMaxMin(Node[GreedyMaxMinParams]):
         if k > n and not self.params.repeat:
             raise BudgetError(k, n, what="candidate tokens", advice=f"lower the budget (at most {n})")
         x = unit_rows(features.values.float())
-        picks = greedy_max_min(1.0 - torch.mm(x, x.t()), k, self.params.repeat)
+        picks = greedy_max_min(1.0 - torch.mm(x, x.t()), k, self.params.repeat, inplace=True)
         ids = features.ids[picks.to(features.ids.device)]
         if self.params.order == "index":
             ids = torch.sort(ids).values
@@ -92,21 +96,29 @@ class BipartiteDedupParams(NodeParams):
     step: int = Field(8, ge=1, description="tokens removed per round at most (the official 8)")
     order: Literal["loop", "index"] = Field("loop", description="loop: the order the rounds leave the list in; "
                                             "index: ascending ids")
+    similarity: Literal["per-round", "gram"] = Field(
+        "per-round", description="per-round: each round's (R/2 x R/2) product, as the official code (O(rounds R^2 d)); "
+        "gram: one n x n Gram matrix, gathered per round (O(n^2 d); the same cosines up to float rounding)")
 
 
-def bipartite_dedup(x: torch.Tensor, order: torch.Tensor, k: int, step: int) -> torch.Tensor:
+def bipartite_dedup(x: torch.Tensor, order: torch.Tensor, k: int, step: int, gram: bool = False) -> torch.Tensor:
     """VisPruner's de-duplication of the ranked list `order` (positions into x's unit rows):
     while it is longer than k, split it by position (even entries a, odd entries b), score
     each a by its largest cosine to any b, drop the min(step, R - k) highest-scoring a (the
     most duplicated) and continue with [surviving a in descending-score order] + [b]. An odd
-    list gives a one more entry (the official code crashes there: shape mismatch)."""
+    list gives a one more entry (the official code crashes there: shape mismatch). `gram`: the
+    cosines come from one Gram matrix of x instead of each round's product."""
+    g = x @ x.t() if gram else None
     cur = order
     while cur.numel() > k:
         r = min(step, cur.numel() - k, (cur.numel() + 1) // 2)
         a, b = cur[0::2], cur[1::2]
         if b.numel() == 0:
             return cur[:k]
-        sim = torch.bmm(x[a][None], x[b][None].transpose(1, 2))[0]  # (R//2, R//2) as the official batched product
+        if g is not None:
+            sim = g[a][:, b]
+        else:  # (R//2, R//2) as the official batched product
+            sim = torch.bmm(x[a][None], x[b][None].transpose(1, 2))[0]
         distinct = torch.argsort(sim.max(dim=-1).values[None], dim=-1, descending=True)[0, r:]
         cur = torch.cat([a[distinct], b])
     return cur
@@ -137,7 +149,7 @@ class BipartiteDedup(Node[BipartiteDedupParams]):
                               advice="lower the budget or the important share")
         rows = gather_scores(Scores(torch.zeros(features.ids.shape, device=features.ids.device), features.ids), ranked)
         x = unit_rows(features.values.float())
-        kept = bipartite_dedup(x, rows.to(x.device), p.k, p.step)
+        kept = bipartite_dedup(x, rows.to(x.device), p.k, p.step, gram=p.similarity == "gram")
         ids = features.ids[kept.to(features.ids.device)]
         if p.order == "index":
             ids = torch.sort(ids).values

@@ -286,7 +286,7 @@ class VisionAttentionReceived(_VisionLayer):
     KIND: ClassVar[str] = "vision.attention_received"
     SHAPE: ClassVar[str] = "(n,)"
     order: str = arg("raster", _choice("raster", "window"), _ORDER_DOC)
-    queries: str = arg("sum", _choice("sum", "mean"), "'sum' over the query rows (Nüwa, HiPrune on Qwen) or 'mean' (HiPrune on LLaVA)")
+    queries: str = arg("sum", _choice("sum", "mean"), "'sum' over the queries (Nüwa) or 'mean' (HiPrune, LLaVA)")
 
     def synthetic(self, geom, present, rand):
         return rand(geom.n_visual)

@@ -169,7 +169,9 @@ def test_vispruner(name, overrides):
     # the de-duplication alone, fed the official ranking
     x = unit_rows(t["hidden"][1:])
     ranked = t["derived_attention_argsort"][params["important_token_num"]:]
-    assert torch.equal(bipartite_dedup(x, ranked, params["diverse_token_num"], 8), t["expected_diverse_patch_ids"])
+    for gram in (False, True):  # the official per-round products, or one Gram matrix: the same on these files
+        assert torch.equal(bipartite_dedup(x, ranked, params["diverse_token_num"], 8, gram),
+                           t["expected_diverse_patch_ids"])
     (keep,) = acts
     assert keep.site == "vision" and keep.tokens is None
     assert torch.equal(keep.ids, t["derived_kept_patch_ids"])

@@ -110,9 +110,8 @@ def build_tiny_llava(seed: int = TINY_SEED):
 
 def tiny_llava(dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = TINY_SEED):
     """The `tiny-llava` preset as a ready adapter."""
-    from .llava import LlavaAdapter
-
     from .clip_text import build_tiny_clip_text
+    from .llava import LlavaAdapter
 
     model, proc = build_tiny_llava(seed)
     model = model.to(device=device, dtype=dtype)
