@@ -300,6 +300,21 @@ def add_model_args(ap: argparse.ArgumentParser, vision_layers: int | None, visio
     ap.add_argument("--llm-layers", type=int, default=llm_layers)
     ap.add_argument("--llm-hidden", type=int, default=llm_hidden)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                    help="wall: elapsed time; thread: the CPU time of this thread (with --threads 1, on a CPU): what "
+                         "the work costs, without the time spent waiting for a core on a machine shared with other "
+                         "jobs; node time and prefill are then both CPU times, so their ratio does not depend on the "
+                         "load")
+
+
+def apply_clock(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--threads and --clock: every timer in the package and here reads `time.perf_counter`."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "thread":
+        if args.device != "cpu" or torch.get_num_threads() != 1:
+            ap.error("--clock thread measures one CPU thread: give --threads 1 (CPU only)")
+        time.perf_counter = time.thread_time
 
 
 def main(argv=None) -> int:
@@ -325,8 +340,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     global WARMUP
     WARMUP = args.warmup
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_clock(ap, args)
     dtype = DTYPES[args.dtype]
     model = args.model or ("random-qwen" if args.mode == "growth" else "random-llava")
     qwen_sizes = model == "random-qwen"
@@ -345,7 +359,8 @@ def main(argv=None) -> int:
     print(f"model ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     text = methods_mode(adapter, args) if args.mode == "methods" else growth_mode(adapter, args)
     dev = (torch.cuda.get_device_name(adapter.device) if adapter.device.type == "cuda"
-           else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads")
+           else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads"
+           + ("; times are CPU times of the one thread (--clock thread)" if args.clock == "thread" else ""))
     env = (f"{adapter.name}; {dev}; torch {torch.__version__}; {args.dtype}, {args.attn_implementation}; batch "
            f"{args.batch}; {args.new_tokens} new tokens; median of {args.repeats} after {args.warmup} warm-up; "
            f"{time.strftime('%Y-%m-%d %H:%M')}")

@@ -235,3 +235,24 @@ def test_the_embedded_model_has_no_clip_text_tower_and_cdpruner_uses_the_llm_var
     with pytest.raises(RunError, match="relevance=llm"):
         adapter.generate(load("pipelines/cdpruner.yaml", {"relevance": "clip"}), [synthetic_image()], [PROMPT],
                          max_new_tokens=1)
+
+
+@pytest.mark.parametrize("name, overrides", [("dart", {"budget": 144}), ("cdpruner", {"budget": 144}),
+                                             ("hiprune", {"budget": 144}), ("vtw", {"budget": 144})])
+def test_a_left_padded_batch_equals_single_runs(tiny_llava, name, overrides):
+    """Text rows (DART's text pivots), the question per sample (CDPruner) and per-sample vision
+    scores (HiPrune) follow each sample of a left-padded batch."""
+    from nuwa_graph import load
+    from nuwa_graph.adapters.tiny import synthetic_image
+
+    images = [synthetic_image(seed=s) for s in (0, 5)]
+    prompts = [PROMPT, "how many shapes are there in the image and where is the red square ?"]
+    pipe = load(f"pipelines/{name}.yaml", overrides)
+    batch = tiny_llava.generate(pipe, images, prompts, max_new_tokens=2, stop_at_eos=False, return_logits=True)
+    for b in range(2):
+        one = tiny_llava.generate(pipe, [images[b]], [prompts[b]], max_new_tokens=2, stop_at_eos=False,
+                                  return_logits=True)
+        assert batch.kept[b] == one.kept[0]
+        assert batch.visual_tokens_per_layer[b] == one.visual_tokens_per_layer[0]
+        diff = (torch.stack(batch.step_logits)[:, b] - torch.stack(one.step_logits)[:, 0]).abs().max()
+        assert diff.item() <= 1e-4
