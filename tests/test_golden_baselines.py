@@ -91,8 +91,10 @@ def test_dart(budget):
     rows = [state_h[p] for p in positions]
     pool = torch.ones(N, dtype=torch.bool)
     pool[t["expected_image_pivot_positions"] - S] = False
-    _, picks = pivot_picks(state_h[S:S + N], rows, positions, pool, params["TOKEN_TOPK"], "set")
-    assert torch.equal(torch.stack(picks) + S, t["derived_picks_per_pivot"])
+    for similarity in ("cosine-similarity", "matmul"):  # the official call bit for bit, or one product
+        p = pool.clone()
+        _, picks = pivot_picks(state_h[S:S + N], rows, positions, p, params["TOKEN_TOPK"], "set", similarity)
+        assert torch.equal(torch.stack(picks) + S, t["derived_picks_per_pivot"])
     # end to end: budget + 4 image tokens kept from layer 2 on, original ids (PESP)
     (keep,) = acts
     assert keep.site == "llm.2" and keep.positions is None and keep.tokens is None
