@@ -116,7 +116,7 @@ def bipartite_dedup(x: torch.Tensor, order: torch.Tensor, k: int, step: int, gra
         if b.numel() == 0:
             return cur[:k]
         if g is not None:
-            sim = g[a][:, b]
+            sim = g[a[:, None], b[None, :]]
         else:  # (R//2, R//2) as the official batched product
             sim = torch.bmm(x[a][None], x[b][None].transpose(1, 2))[0]
         distinct = torch.argsort(sim.max(dim=-1).values[None], dim=-1, descending=True)[0, r:]
