@@ -71,6 +71,11 @@ FIDELITY = {
                 "official kernel and the kept set exact. The `llm` relevance (Qwen, embedded) is ours: no golden.",
     "gprune": "golden `gprune_b{64,128,192}`, `gprune_official_r0.5`: degrees exact, scores within 1e-5 relative, "
               "kept set and PESP ids exact, topk order where the file's gap is above float noise (both propagations).",
+    "dart_qwen": "no golden file (the golden files are LLaVA-1.5's): the nodes of dart.yaml, checked there, with "
+                 "the Qwen count rule; its M-RoPE keys and final-norm states on tiny Qwen2.5-VL in "
+                 "tests/test_signals_baselines.py.",
+    "hiprune_qwen": "no golden file: the nodes of hiprune.yaml, checked there, on Qwen's attention received (sum "
+                    "over queries, per merge unit: the Nüwa-Qwen signal, tested against eager maps).",
     "vtw": "golden `vtw_b{64,128,192}`, `vtw_official_k16`: the layer K, kept rows, position ids, per-layer counts and "
            "decode ids exact; the lower layers' visual KV checked by cached = cache-free decoding on every family.",
 }
