@@ -4,8 +4,9 @@
     adapter = load_adapter("llava-hf/llava-1.5-7b-hf", "bfloat16", "cuda")
     report = adapter.generate(pipeline, [image], ["What is in the image?"], max_new_tokens=16)
 
-Presets: `tiny-llava` (nuwa_graph.adapters.tiny) and `tiny-qwen` (built by
-`nuwa_graph.adapters.tiny.tiny_qwen(dtype=..., device=...)`).
+Presets: `tiny-llava` and `tiny-qwen` (Qwen2.5-VL) in nuwa_graph.adapters.tiny,
+`tiny-qwen2-vl` and `tiny-qwen3-vl` in nuwa_graph.adapters.tiny_qwen_vl (each a factory
+`(dtype=..., device=...) -> adapter`).
 """
 
 from __future__ import annotations
@@ -18,16 +19,28 @@ import torch
 
 from ..errors import RunError
 from .base import ADAPTERS, ATTN_IMPLEMENTATIONS, RunReport, VLMAdapter, check_attn_implementation, dtype_of, register_adapter
+from .family import indexed_device
+from .loading import to_dtype_as_loaded
 
 # model_type -> module that defines (and @register_adapter-s) its adapter
 FAMILY_MODULES = {
     "llava": "nuwa_graph.adapters.llava",
+    "qwen2_vl": "nuwa_graph.adapters.qwen_vl",
     "qwen2_5_vl": "nuwa_graph.adapters.qwen",
+    "qwen3_vl": "nuwa_graph.adapters.qwen_vl",
+    "llava_next": "nuwa_graph.adapters.llava_next",
+    "internvl": "nuwa_graph.adapters.internvl",
+    "llava_onevision": "nuwa_graph.adapters.llava_onevision",
 }
 # preset -> (module, factory(dtype=..., device=...) -> adapter)
 PRESETS = {
     "tiny-llava": ("nuwa_graph.adapters.tiny", "tiny_llava"),
     "tiny-qwen": ("nuwa_graph.adapters.tiny", "tiny_qwen"),
+    "tiny-qwen2-vl": ("nuwa_graph.adapters.tiny_qwen_vl", "tiny_qwen2_vl"),
+    "tiny-qwen3-vl": ("nuwa_graph.adapters.tiny_qwen_vl", "tiny_qwen3_vl"),
+    "tiny-llava-next": ("nuwa_graph.adapters.tiny_tiled", "tiny_llava_next"),
+    "tiny-internvl": ("nuwa_graph.adapters.tiny_tiled", "tiny_internvl"),
+    "tiny-llava-onevision": ("nuwa_graph.adapters.tiny_tiled", "tiny_llava_onevision"),
 }
 
 
@@ -92,15 +105,30 @@ def _model_type(spec: str) -> str:
         raise RunError(f"cannot load model {spec!r} ({type(exc).__name__}: {first}); {_hint(exc)}") from None
 
 
+def auto_dtype(cls: type[VLMAdapter], device: str | torch.device) -> tuple[torch.dtype, str]:
+    """What `--dtype auto` means for a family on a device, and why: on CUDA the dtype the
+    family's official code runs (`official_dtype`: float16 for LLaVA, LLaVA-NeXT and
+    LLaVA-OneVision, bfloat16 for the Qwen-VL line and InternVL), elsewhere float32."""
+    if torch.device(device).type == "cuda":
+        return dtype_of(cls.official_dtype), (f"auto: {cls.official_dtype} on CUDA, as {cls.official_dtype_source} "
+                                              f"runs it")
+    return torch.float32, f"auto: float32 on {torch.device(device).type}"
+
+
 def load_adapter(model: str = "tiny-llava", dtype: str | torch.dtype = "float32", device: str = "cpu",
                  attn_implementation: str = "sdpa", device_map: str | dict | None = None) -> VLMAdapter:
     """An adapter for a preset name, local model directory or hub id (family from model_type).
 
+    `dtype`: float32 | bfloat16 | float16, or `auto`: on CUDA the dtype the family's official
+    code runs (`official_dtype`: float16 for the LLaVA line, bfloat16 for Qwen-VL and
+    InternVL), else float32; the adapter's `dtype_reason` says which (in the run report).
     `attn_implementation` (sdpa | flash_attention_2 | eager): what the model's layers run
     (the rows a scorer reads are computed from q and k either way). `device_map` (e.g.
     'auto', needs accelerate) spreads a checkpoint over devices; checkpoints load straight
     onto `device` when accelerate is installed."""
-    dt = dtype_of(dtype)
+    auto = isinstance(dtype, str) and dtype.strip().lower() == "auto"
+    dt = torch.float32 if auto else dtype_of(dtype)
+    reason = "" if auto else f"{str(dt).replace('torch.', '')} as asked"
     check_attn_implementation(attn_implementation)
     try:
         torch.device(device)
@@ -116,11 +144,24 @@ def load_adapter(model: str = "tiny-llava", dtype: str | torch.dtype = "float32"
             raise RunError(f"preset {model!r} is not available ({exc})") from None
         if device_map is not None:
             raise RunError(f"device_map applies to checkpoints; preset {model!r} is built on --device {device}")
-        return factory(dtype=dt, device=device).set_attn_implementation(attn_implementation)
+        if not auto:
+            adapter = factory(dtype=dt, device=device)
+        else:  # the family is known once built: built in float32 on the CPU, then cast as a checkpoint loads
+            adapter = factory(dtype=torch.float32, device="cpu")
+            dt, reason = auto_dtype(type(adapter), device)
+            to_dtype_as_loaded(adapter.model, dt, device)
+            adapter.dtype, adapter.device = dt, indexed_device(device)
+        adapter.dtype_reason = reason
+        return adapter.set_attn_implementation(attn_implementation)
     mt = _model_type(model)
     cls = adapter_class(mt)
+    if auto:
+        dt, reason = auto_dtype(cls, device)
     try:
-        return cls.from_pretrained(model, dt, device, attn_implementation=attn_implementation, device_map=device_map)
+        adapter = cls.from_pretrained(model, dt, device, attn_implementation=attn_implementation,
+                                      device_map=device_map)
+        adapter.dtype_reason = reason
+        return adapter
     except RunError:
         raise
     except Exception as exc:  # noqa: BLE001 - broken config values, missing or corrupt weights, refused pickles, ...
@@ -133,4 +174,4 @@ def load_adapter(model: str = "tiny-llava", dtype: str | torch.dtype = "float32"
 
 
 __all__ = ["ADAPTERS", "ATTN_IMPLEMENTATIONS", "FAMILY_MODULES", "PRESETS", "RunReport", "VLMAdapter", "adapter_class",
-           "dtype_of", "load_adapter", "register_adapter"]
+           "auto_dtype", "dtype_of", "load_adapter", "register_adapter"]

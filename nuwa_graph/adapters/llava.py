@@ -76,6 +76,7 @@ class LlavaAdapter(VLMAdapter):
     """LLaVA-1.5 layout (also any `llava` model_type with a CLIP-like tower and a Llama-like LLM)."""
 
     family = "llava"
+    has_cls = True  # CLIP-style towers: the CLS-based methods (VisionZip, PruMerge+, Nüwa's LLaVA recipe) run here
     model_types = ("llava",)
     supported_signals = frozenset({"vision.hidden", "vision.hidden_mean", "vision.cls_hidden", "vision.cls_attention",
                                    "vision.keys", "vision.qk_single_head", "vision.attention_received"}
@@ -84,6 +85,9 @@ class LlavaAdapter(VLMAdapter):
     clip_text: ClipText | str | None = None
 
     prompt_template = "USER: <image>\n{prompt} ASSISTANT:"
+    official_dtype = "float16"
+    official_dtype_source = ("LLaVA-1.5's official code (load_pretrained_model), which FastV, PDrop, SparseVLM, "
+                             "VisionZip and PruMerge+ run on")
 
     @classmethod
     def from_pretrained(cls, id_or_path: str, dtype: torch.dtype, device: str, attn_implementation: str = "sdpa",
@@ -126,8 +130,9 @@ class LlavaAdapter(VLMAdapter):
         return (n, n)
 
     def model_variables(self) -> dict[str, int]:
-        """LLaVA's grid is fixed by the CLIP config, so budgets scale to it (grid_tokens)."""
-        return {**super().model_variables(), "grid_tokens": self.grid[0] * self.grid[1],
+        """LLaVA's grid is fixed by the CLIP config, so budgets scale to it (grid_tokens); one crop."""
+        n = self.grid[0] * self.grid[1]
+        return {**super().model_variables(), "grid_tokens": n, "crops": 1, "crop_tokens": n, "visual_tokens": n,
                 "clip_text": self.clip_text is not None}
 
     def clip(self) -> ClipText:
@@ -222,7 +227,8 @@ class LlavaAdapter(VLMAdapter):
             return hs[self._vision_layer(req)][b, 0]
         if req.kind == "vision.hidden_mean":
             sel = hs[slice(req.arg("start"), req.arg("stop"))]
-            return torch.stack([h[b, 1:] for h in sel]).float().mean(0).to(sel[0].dtype)
+            # a device_map may split the tower: the layers' outputs meet on the adapter's device
+            return torch.stack([h[b, 1:].to(self.device) for h in sel]).float().mean(0).to(sel[0].dtype)
         if req.kind == "vision.clip_embeds":
             patches = hs[self._vision_layer(req)][b, 1:]
             vt = self.vision_tower()

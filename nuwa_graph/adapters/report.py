@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import tracemalloc
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
 
@@ -43,26 +43,61 @@ class RunReport:
     attn_implementation: str = "sdpa"
     peak_memory_above_start_bytes: int | None = None  # CUDA: peak minus what was allocated before (the weights)
     visual_tokens_full_per_sample: list[int] = field(default_factory=list)  # image tokens before pruning
+    # per sample: the image's parts as picture views (label, rows x cols ids; Geometry.views), [] for one grid
+    views: list[list[Any]] = field(default_factory=list)
+    geometry: list[str] = field(default_factory=list)  # per sample: the parts, e.g. "grid 24x24, tiles 36x48, ..."
+    dtype_reason: str = ""  # why this dtype (--dtype auto: the dtype the family's official code runs)
+    devices: list[str] = field(default_factory=list)  # every device holding part of the model
+    peak_memory_per_device: dict[str, int] = field(default_factory=dict)  # CUDA: each GPU's peak
+    node_ms_synchronized: bool = True  # node times include their GPU work (every device synchronised)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+Devices: TypeAlias = "torch.device | str | list[torch.device]"
+
+
+def model_devices(model: Any, fallback: torch.device | str) -> list[torch.device]:
+    """Every device that holds part of `model`: those of its `hf_device_map` (set by accelerate
+    under a device_map; ints are GPU indices; offloaded "disk" parts are left out), else
+    `fallback` (the adapter's device)."""
+    dmap = getattr(model, "hf_device_map", None) or {}
+    out: list[torch.device] = []
+    for v in dmap.values():
+        if v == "disk":
+            continue
+        d = torch.device("cuda", v) if isinstance(v, int) else torch.device(v)
+        if d not in out:
+            out.append(d)
+    return out or [torch.device(fallback)]
+
+
+def _devices(devices: Devices) -> list[torch.device]:
+    return [torch.device(d) for d in devices] if isinstance(devices, list) else [torch.device(devices)]
+
+
+def sync(devices: Devices) -> None:
+    """Wait for the queued work of every CUDA device given (one device or a list)."""
+    for d in _devices(devices):
+        if d.type == "cuda":
+            torch.cuda.synchronize(d)
 
 
 class PeakMemory:
-    """Peak memory of a block: torch.cuda on GPU; on CPU the process peak RSS (VmHWM, reset
-    through /proc/self/clear_refs), else tracemalloc (Python heap only)."""
+    """Peak memory of a block: torch.cuda on GPU (summed over every CUDA device given: under a
+    device_map each GPU holds its share; `per_device` keeps each); on CPU the process peak RSS
+    (VmHWM, reset through /proc/self/clear_refs), else tracemalloc (Python heap only)."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, devices: Devices):
+        self.devices = _devices(devices)
+        self.cuda = [d for d in self.devices if d.type == "cuda"]
+        self.device = self.cuda[0] if self.cuda else self.devices[0]
         self.source = ""
         self.peak = 0
         self.start = 0
+        self.per_device: dict[str, int] = {}
         self._tm = False
 
     @staticmethod
@@ -75,10 +110,12 @@ class PeakMemory:
             return None
 
     def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.start = int(torch.cuda.memory_allocated(self.device))
-            self.source = "torch.cuda.max_memory_allocated"
+        if self.cuda:
+            for d in self.cuda:
+                torch.cuda.reset_peak_memory_stats(d)
+            self.start = sum(int(torch.cuda.memory_allocated(d)) for d in self.cuda)
+            self.source = "torch.cuda.max_memory_allocated" + (
+                f" (sum over {', '.join(str(d) for d in self.cuda)})" if len(self.cuda) > 1 else "")
             return self
         try:
             with open("/proc/self/clear_refs", "w") as f:
@@ -96,8 +133,9 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            self.peak = int(torch.cuda.max_memory_allocated(self.device))
+        if self.cuda:
+            self.per_device = {str(d): int(torch.cuda.max_memory_allocated(d)) for d in self.cuda}
+            self.peak = sum(self.per_device.values())
         elif self.source.startswith("peak RSS"):
             self.peak = int(self._hwm() or 0)
         else:
@@ -136,8 +174,13 @@ def build_report(adapter: Generation, r: AdapterRun, new_tokens: list[list[int]]
         node_ms={k: v * 1e3 for k, v in r.state.timings.items()}, kept=kept, actions=actions,
         device=str(adapter.device), dtype=str(adapter.dtype).replace("torch.", ""), flops=flops,
         attn_implementation=adapter.attn_implementation,
-        peak_memory_above_start_bytes=(mem.peak - mem.start) if adapter.device.type == "cuda" else None,
+        peak_memory_above_start_bytes=(mem.peak - mem.start) if mem.cuda else None,
         visual_tokens_full_per_sample=[lay.n_image for lay in r.layouts],
+        views=[[] if g.simple else [list(v) for v in g.views()] for g in r.state.geometries],
+        geometry=[g.describe() for g in r.state.geometries],
+        dtype_reason=adapter.dtype_reason, devices=[str(d) for d in mem.devices],
+        peak_memory_per_device=dict(mem.per_device),
+        node_ms_synchronized=r.state.sync is not None or not mem.cuda,
     )
 
 
@@ -147,8 +190,9 @@ def run_flops_of(adapter: Generation, r: AdapterRun, b: int, counts: list[int]) 
 
     assert r.state is not None
     try:
+        geom = r.state.geometries[b]
         return run_flops(adapter.model.config, int(r.segments[0].n_text[b]), counts, r.layouts[b].n_image,
-                         r.state.geometries[b].grid)
+                         geom.grid if geom.simple else None, max(1, len(geom.crops)))
     except (AttributeError, TypeError, ValueError) as exc:
         return {"unavailable": f"FLOPs cannot be counted for this config: {exc}"}
 

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .loading import to_dtype_as_loaded
+
 if TYPE_CHECKING:
     from .qwen import QwenAdapter
 
@@ -114,7 +116,7 @@ def tiny_llava(dtype: torch.dtype = torch.float32, device: str = "cpu", seed: in
     from .llava import LlavaAdapter
 
     model, proc = build_tiny_llava(seed)
-    model = model.to(device=device, dtype=dtype)
+    model = to_dtype_as_loaded(model, dtype, device)  # RoPE tables stay float32, as from_pretrained keeps them
     adapter = LlavaAdapter(model, proc, name="tiny-llava", dtype=dtype, device=device)
     # a small CLIP text tower for CDPruner's official relevance (a real LLaVA loads its tower's own)
     clip = build_tiny_clip_text(model.config.vision_config.hidden_size, [w for w in WORDS if w], seed)
@@ -191,7 +193,7 @@ def tiny_qwen_config(vocab_size: int, token_ids: dict[str, int], depth: int = 4,
                            in_channels=3),
         text_config=dict(vocab_size=vocab_size, hidden_size=text_hidden, intermediate_size=2 * text_hidden,
                          num_hidden_layers=text_layers, num_attention_heads=text_heads, num_key_value_heads=2,
-                         max_position_embeddings=1024, bos_token_id=None, eos_token_id=token_ids["<|endoftext|>"],
+                         max_position_embeddings=2048, bos_token_id=None, eos_token_id=token_ids["<|endoftext|>"],
                          pad_token_id=token_ids["<pad>"],
                          rope_parameters={"rope_type": "default", "mrope_section": section, "rope_theta": 10000.0}),
         image_token_id=token_ids["<|image_pad|>"], video_token_id=token_ids["<|video_pad|>"],
@@ -229,7 +231,7 @@ def tiny_qwen(dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int
     from .qwen import QwenAdapter
 
     model, processor = build_tiny_qwen(seed)
-    model = model.to(device=device, dtype=dtype)
+    model = to_dtype_as_loaded(model, dtype, device)  # RoPE tables stay float32, as from_pretrained keeps them
     return QwenAdapter(model, processor, name="tiny-qwen", dtype=dtype, device=device)
 
 

@@ -58,8 +58,8 @@ def eval_(
                                                   "the question using a single word or phrase.')."),
     prompt_style: str = typer.Option("native", "--prompt-style",
                                      help="native: the adapter's chat format, boxes parsed by parse_box; lmms-eval: "
-                                          "lmms-eval's chat text (llava_hf / qwen2_5_vl), RefCOCO prompt and box "
-                                          "parsing, so numbers compare with lmms-eval's."),
+                                          "lmms-eval's chat text (llava_hf, qwen2_vl, qwen2_5_vl, qwen3_vl), RefCOCO "
+                                          "prompt and box parsing, so numbers compare with lmms-eval's."),
     image_root: Path | None = typer.Option(None, "--image-root",
                                               help="Folder relative image paths are read from (default: each data "
                                                    "file's folder)."),
@@ -109,7 +109,7 @@ def eval_(
         sample_data,
     )
     from .prompts import LMMS_REC_PROMPT, LMMS_VQA_PROMPT, STYLES, lmms_eval_style, unescape
-    from .shards import Group, Shard, device_for, merge, parse_shard, read_shards, shard_payload, write_shard
+    from .shards import Group, Shard, check_launch, device_for, merge, parse_shard, read_shards, shard_payload, write_shard
 
     for template, field, option in ((grounding_prompt, "expression", "--grounding-prompt"),
                                     (vqa_prompt, "question", "--vqa-prompt")):
@@ -128,6 +128,7 @@ def eval_(
     vqa_prompt = unescape(vqa_prompt) if vqa_prompt else (LMMS_VQA_PROMPT if lmms else VQA_PROMPT)
     try:
         shard = parse_shard(shard_) if shard_ else Shard.from_env()
+        check_launch(shard, device_map)
         runs = plan_runs(files, grid)
     except PipelineError as exc:
         _print_problems(exc)

@@ -127,6 +127,7 @@ def _batch_record(key: str, rep, prompts: list[str]) -> dict[str, Any]:
             "full": rep.visual_tokens_full,
             "fulls": list(getattr(rep, "visual_tokens_full_per_sample", None) or [rep.visual_tokens_full] * len(prompts)),
             "prefill_ms": rep.prefill_ms, "kept": rep.kept[0] if rep.kept else {},
+            "views": rep.views[0] if getattr(rep, "views", None) else [],
             "schedule": rep.schedule, "signals": list(rep.signals), "flops": list(rep.flops)}
 
 
@@ -254,7 +255,9 @@ def _evaluate_run(adapter, run: EvalRun, tasks: list[Task], batch: int, max_new_
                 res["sample_kept"] = rec["kept"]
                 res["sample_image"] = chunk[0].image if isinstance(chunk[0].image, str) else None
                 res["sample_prompt"] = rec["prompts"][0]
-                res["grid"] = _grid(adapter, fulls[0])
+                res["grid"] = _grid(adapter, fulls[0]) if not rec.get("views") else None
+                if rec.get("views"):  # a tiled image: a panel per crop view (viz.draw_kept)
+                    res["views"] = rec["views"]
                 res["schedule"] = rec.get("schedule", {})  # file, variable values (and their origin), sites
                 res["signals"] = rec.get("signals", [])
             if progress:
