@@ -81,6 +81,7 @@ class Neighbours(Node[NeighboursParams]):
 
     type_name = "selector.neighbours"
     paper = "https://arxiv.org/abs/2508.00553"
+    spatial = True  # reads the grid: per part on a tiled image, never over a flat sequence
     outputs = {"selection": Port(Selection, "the anchors and their neighbours, ascending")}
 
     def run(self, ctx, selection: Annotated[Selection, "the anchor tokens"]):

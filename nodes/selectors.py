@@ -228,6 +228,9 @@ class TopKPerRegion(Node[TopKPerRegionParams]):
 
 class UnionParams(NodeParams):
     order: Literal["index", "first"] = Field("index", description="index: ascending ids; first: order of first appearance")
+    stream_only: bool = Field(False, description="keep only ids with a stream slot (0 <= id < the block's tokens): a "
+                              "per-crop pick of LLaVA-NeXT cells that unpad cuts away is dropped, as the official "
+                              "per-crop codes (VisPruner, HiPrune, CDPruner on LLaVA-NeXT) lose them when unpadding")
 
 
 @register
@@ -239,6 +242,8 @@ class Union(Node[UnionParams]):
 
     def run(self, ctx, selections: Annotated[list[Selection], "selections to join"]):
         ids = torch.cat([s.ids for s in selections])
+        if self.params.stream_only:
+            ids = ids[(ids >= 0) & (ids < ctx.geometry.n_tokens)]
         if self.params.order == "index":
             return {"selection": Selection(torch.unique(ids))}
         seen, out = set(), []

@@ -50,7 +50,7 @@ def question_of(prompt: str) -> str:
         return prompt
     return prompt.split("<image>", 1)[1].split("ASSISTANT:", 1)[0].strip()
 
-_ATTN_KINDS = {"vision.cls_attention", "vision.keys", "vision.qk_single_head", "vision.attention_received"}
+ATTN_KINDS = {"vision.cls_attention", "vision.keys", "vision.qk_single_head", "vision.attention_received"}
 _HIDDEN_KINDS = {"vision.hidden", "vision.cls_hidden", "vision.hidden_mean", "vision.clip_embeds"}
 _CLIP_KINDS = {"vision.clip_embeds", "vision.clip_text_embeds"}
 _DEFAULT_LAYER = {"vision.hidden": -2, "vision.cls_hidden": -2, "vision.cls_attention": -2, "vision.keys": -2,
@@ -174,7 +174,7 @@ class LlavaAdapter(VLMAdapter):
     def _vision_layer(self, req: SignalRequest) -> int:
         n = len(self.vision_layers())
         L = int(req.arg("layer", _DEFAULT_LAYER.get(req.kind, -2)))
-        if req.kind in _ATTN_KINDS:
+        if req.kind in ATTN_KINDS:
             if not -n <= L < n:
                 raise RunError(f"signal {req.key}: layer {L} is outside the vision encoder's layers "
                                f"(-{n}..{n - 1}); attention signals index encoder layers")
@@ -186,7 +186,7 @@ class LlavaAdapter(VLMAdapter):
     def check_request(self, req: SignalRequest) -> str | None:
         if req.arg("order", "raster") != "raster":
             return f"signal {req.key}: the LLaVA tower has no window order (order: raster)"
-        if req.kind in _ATTN_KINDS or req.kind in ("vision.hidden", "vision.cls_hidden", "vision.clip_embeds"):
+        if req.kind in ATTN_KINDS or req.kind in ("vision.hidden", "vision.cls_hidden", "vision.clip_embeds"):
             try:
                 self._vision_layer(req)
             except RunError as exc:
@@ -248,7 +248,7 @@ class LlavaAdapter(VLMAdapter):
     def vision_forward(self, run: AdapterRun) -> VisionOut:
         attn_layers: dict[int, set[str]] = {}
         for req in run.ex.requests():
-            if req.kind in _ATTN_KINDS:
+            if req.kind in ATTN_KINDS:
                 attn_layers.setdefault(self._vision_layer(req), set()).add(req.kind)
         run.vision["attn_layers"] = attn_layers
         cfg = self.model.config
