@@ -64,8 +64,10 @@ class ClipText:
 
     @torch.no_grad()
     def image_embeds(self, patches: torch.Tensor, post_layernorm: nn.Module) -> torch.Tensor:
-        """(n, d_proj) float32: visual_projection(post_layernorm(patches).float())."""
-        return self.visual_projection(post_layernorm(patches).float())
+        """(n, d_proj) float32: visual_projection(post_layernorm(patches).float()), on the
+        projection's device (the tower may sit on another GPU under a device_map)."""
+        normed = post_layernorm(patches).float()
+        return self.visual_projection(normed.to(self.visual_projection.weight.device))
 
 
 def load_clip_text(name: str, device: torch.device | str) -> ClipText:

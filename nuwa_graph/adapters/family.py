@@ -131,6 +131,11 @@ class FamilyHooks:
     def text_model(self) -> nn.Module:
         raise NotImplementedError
 
+    def auxiliary_modules(self) -> list[nn.Module]:
+        """Models the adapter runs next to the VLM (CDPruner's CLIP text tower), loaded on the
+        adapter's device: a device_map covers the VLM only, these stay where the adapter is."""
+        return []
+
     def decoder_layers(self) -> nn.ModuleList:
         return self.text_model().layers
 

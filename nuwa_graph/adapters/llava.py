@@ -143,6 +143,10 @@ class LlavaAdapter(VLMAdapter):
             raise RunError("this LLaVA model has no CLIP text tower")
         return self.clip_text
 
+    def auxiliary_modules(self) -> list[nn.Module]:
+        clip = self.clip_text
+        return [clip.text_model, clip.visual_projection] if isinstance(clip, ClipText) else []
+
     def unavailable_signal(self, req: SignalRequest) -> str | None:
         if req.kind in _CLIP_KINDS and self.clip_text is None:
             return (f"signal {req.kind!r} (read at {req.site}) needs the CLIP text tower of the vision tower's "
