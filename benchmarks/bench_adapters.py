@@ -61,9 +61,11 @@ from nuwa_graph.adapters.report import PeakMemory, model_devices, sync  # noqa: 
 from nuwa_graph.adapters.tiny import build_processor, synthetic_image  # noqa: E402
 
 LLAVA_METHODS = ["vanilla", "random", "downsample", "fastv", "fastv_fix", "pdrop", "sparsevlm", "sparsevlm_v2",
-                 "visionzip", "visionzip_fix", "prumerge_plus", "feather", "nuwa"]
+                 "visionzip", "visionzip_fix", "prumerge_plus", "feather", "nuwa", "dart", "divprune", "vispruner",
+                 "fastervlm", "hiprune", "cdpruner", "gprune", "vtw"]
 QWEN_METHODS = ["vanilla", "random", "downsample", "fastv", "fastv_fix", "pdrop", "feather", "nuwa_qwen"]
-PRE_LLM = {"random", "downsample", "visionzip", "visionzip_fix", "prumerge_plus", "nuwa", "nuwa_qwen"}
+PRE_LLM = {"random", "downsample", "visionzip", "visionzip_fix", "prumerge_plus", "nuwa", "nuwa_qwen", "divprune",
+           "vispruner", "fastervlm", "hiprune", "cdpruner", "gprune"}
 GROWTH_GRIDS = {576: (24, 24), 1152: (24, 48), 2304: (48, 48), 2880: (48, 60)}
 MARKS = {"methods": ("<!-- bench:methods:start -->", "<!-- bench:methods:end -->"),
          "growth": ("<!-- bench:growth:start -->", "<!-- bench:growth:end -->")}
@@ -106,7 +108,16 @@ def random_llava(dtype, device, attn, args, seed: int = 0) -> LlavaAdapter:
     model = _random_model(LlavaForConditionalGeneration, cfg, dtype, device, seed, tok.pad_token_id)
     name = (f"random LLaVA (CLIP {args.vision_hidden}x{args.vision_layers} on 336 px = 576 tokens, "
             f"Llama {args.llm_hidden}x{args.llm_layers})")
-    return LlavaAdapter(model, proc, name=name, dtype=dtype, device=device, attn_implementation=attn)
+    adapter = LlavaAdapter(model, proc, name=name, dtype=dtype, device=device, attn_implementation=attn)
+    # CDPruner's auxiliary CLIP text tower at the real CLIP-L shape (12 layers, width 768), random weights
+    from nuwa_graph.adapters.clip_text import build_tiny_clip_text
+    from nuwa_graph.adapters.tiny import WORDS
+
+    clip = build_tiny_clip_text(args.vision_hidden, [w for w in WORDS if w], seed, width=768, layers=12, heads=12)
+    clip.text_model.to(device=device)
+    clip.visual_projection.to(device=device)
+    adapter.clip_text = clip
+    return adapter
 
 
 def random_llava_next(dtype, device, attn, args, seed: int = 0):
@@ -567,6 +578,21 @@ def add_model_args(ap: argparse.ArgumentParser, vision_layers: int | None, visio
     ap.add_argument("--llm-layers", type=int, default=llm_layers)
     ap.add_argument("--llm-hidden", type=int, default=llm_hidden)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                    help="wall: elapsed time; thread: the CPU time of this thread (with --threads 1, on a CPU): what "
+                         "the work costs, without the time spent waiting for a core on a machine shared with other "
+                         "jobs; node time and prefill are then both CPU times, so their ratio does not depend on the "
+                         "load")
+
+
+def apply_clock(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--threads and --clock: every timer in the package and here reads `time.perf_counter`."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "thread":
+        if args.device != "cpu" or torch.get_num_threads() != 1:
+            ap.error("--clock thread measures one CPU thread: give --threads 1 (CPU only)")
+        time.perf_counter = time.thread_time
 
 
 def main(argv=None) -> int:
@@ -599,10 +625,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     global WARMUP
     WARMUP = args.warmup
+    apply_clock(ap, args)
     global STAT
     STAT = args.stat
-    if args.threads:
-        torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
     model = args.model or ("random-qwen" if args.mode == "growth" else "random-llava")
     qwen_sizes = model in ("random-qwen", "random-qwen2-vl", "random-qwen3-vl")
@@ -629,7 +654,8 @@ def main(argv=None) -> int:
     print(f"model ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     text = methods_mode(adapter, args) if args.mode == "methods" else growth_mode(adapter, args)
     dev = (torch.cuda.get_device_name(adapter.device) if adapter.device.type == "cuda"
-           else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads")
+           else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads"
+           + ("; times are CPU times of the one thread (--clock thread)" if args.clock == "thread" else ""))
     env = (f"{adapter.name}; {dev}; torch {torch.__version__}; {args.dtype}, {args.attn_implementation}; batch "
            f"{args.batch}; {args.new_tokens} new tokens; {args.stat} of {args.repeats} after {args.warmup} warm-up; "
            f"{time.strftime('%Y-%m-%d %H:%M')}")

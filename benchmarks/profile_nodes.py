@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from bench_adapters import DTYPES, _median, _pipelines, add_model_args, random_llava  # noqa: E402
+from bench_adapters import DTYPES, _median, _pipelines, add_model_args, apply_clock, random_llava  # noqa: E402
 
 from nuwa_graph.adapters.tiny import synthetic_image  # noqa: E402
 
@@ -37,8 +37,7 @@ def main(argv=None) -> int:
     add_model_args(ap, vision_layers=2, vision_hidden=128, llm_layers=32, llm_hidden=1024)
     ap.add_argument("--cprofile", type=int, default=0, help="also profile one run; print this many functions")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_clock(ap, args)
     adapter = random_llava(DTYPES[args.dtype], args.device, args.attn_implementation, args)
     image = synthetic_image(336)
     for name, budget, pipe in _pipelines(args.methods, args.budgets, qwen=False):

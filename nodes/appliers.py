@@ -1,4 +1,5 @@
-"""Appliers: change the token stream at a site (the only nodes with effects)."""
+"""Appliers: change the token stream at a site (the only nodes with effects): keep a selection
+(or merged tokens), or withdraw every visual token (VTW)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pydantic import Field
 from nuwa_graph.context import Keep
 from nuwa_graph.node import Node, NodeParams, Port
 from nuwa_graph.registry import register
-from nuwa_graph.sites import VALID_SITES, Site, SiteName
+from nuwa_graph.sites import VALID_SITES, LLMSiteName, Site, SiteName
 from nuwa_graph.types import Applied, PositionPlan, Selection, Tokens
 
 
@@ -91,3 +92,29 @@ class KeepTokens(Node[KeepParams]):
             positions = PositionPlan(new_ids, ctx.geometry.image_local(new_ids.clamp(min=0)).clone(), "pesp",
                                      positions.text_follows)
         return new_ids, None, positions
+
+
+class WithdrawParams(NodeParams):
+    site: LLMSiteName = Field(description="the 'llm.K' site: layers K.. see no visual token (VTW: K = 16 on 32 layers)")
+
+
+@register
+class WithdrawVisual(Node[WithdrawParams]):
+    """Every visual token leaves the stream at an LLM layer (VTW, Visual Tokens Withdrawal,
+    AAAI'25, arXiv 2405.05803; lzhxmu/VTW @ a3d8cfc3, llava/model/language_model/VTW.py:152-368).
+
+    At the prefill, before layer K runs, the whole image block is cut out of the hidden states
+    and the position ids; the text keeps its original ids (a gap where the image was) and
+    decoding continues with the unpruned numbering. Layers 0..K-1 keep the visual K/V in their
+    cache and keep attending to them while decoding; layers K.. never see a visual token."""
+
+    type_name = "applier.withdraw"
+    paper = "https://arxiv.org/abs/2405.05803"
+    outputs = {"applied": Port(Applied)}
+
+    def site(self) -> Site:
+        return Site(self.params.site)
+
+    def run(self, ctx):
+        ctx.apply(Keep(self.params.site, torch.zeros(0, dtype=torch.long, device=ctx.device)))
+        return {"applied": Applied(self.params.site, 0)}

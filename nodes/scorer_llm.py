@@ -1,5 +1,7 @@
 """LLM-side scorers: how much the prompt attends to each image token inside the language model.
 
+`scorer.llm-key-norm` (DART's pivots) ranks tokens by the norm of their keys in one layer.
+
 `scorer.llm-attention` is the one criterion behind FastV, PDrop, FEATHER, Nüwa stage 2 and
 (with rater rows) SparseVLM: post-softmax attention rows of one decoder layer, restricted
 to the image keys present at the node's site, reduced over heads and query rows.
@@ -14,16 +16,16 @@ Which rows (signal `llm.attention`, docs/CONTRACTS.md), for a node at site `llm.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field, field_validator
 
-from nuwa_graph.node import Node, NodeParams, Port
+from nuwa_graph.node import Node, NodeParams, P, Port
 from nuwa_graph.registry import register
 from nuwa_graph.signals import Queries, SignalRequest
 from nuwa_graph.sites import LLMSiteName, Site
-from nuwa_graph.types import Scores
+from nuwa_graph.types import Scores, text_ids
 
 
 def drop_heads(rows: torch.Tensor, exclude: list[int], node: str) -> torch.Tensor:
@@ -107,8 +109,29 @@ class LLMAttentionParams(NodeParams):
         return v
 
 
+class LayerSite(Node[P]):
+    """Base of nodes with a `layer` param and an optional `site` read at llm.K (default
+    llm.<layer+1>): the site, and the check that the layer is not after it."""
+
+    def _site_name(self) -> str:
+        p: Any = self.params
+        return p.site if p.site is not None else f"llm.{p.layer + 1}"
+
+    def site(self) -> Site:
+        return Site(self._site_name())
+
+    def check(self) -> list[str]:
+        k = self.site().layer
+        layer = int(self.params.layer)  # type: ignore[attr-defined]
+        assert k is not None  # an llm.K site
+        if layer > k:
+            return [f"layer={layer} is after the site {self._site_name()}: a signal of layer L can be read at llm.K "
+                    f"only when L <= K"]
+        return []
+
+
 @register
-class LLMAttentionScores(Node[LLMAttentionParams]):
+class LLMAttentionScores(LayerSite[LLMAttentionParams]):
     """Attention the chosen prompt rows pay to each image token present, at one LLM layer.
 
     Output ids are `ctx.present` (the survivors of earlier stages, in sequence order). The
@@ -121,20 +144,6 @@ class LLMAttentionScores(Node[LLMAttentionParams]):
     type_name = "scorer.llm-attention"
     paper = "https://arxiv.org/abs/2403.06764"
     outputs = {"scores": Port(Scores, "one score per image token present (ids = ctx.present)")}
-
-    def _site_name(self) -> str:
-        return self.params.site if self.params.site is not None else f"llm.{self.params.layer + 1}"
-
-    def site(self) -> Site:
-        return Site(self._site_name())
-
-    def check(self) -> list[str]:
-        k = self.site().layer
-        assert k is not None  # an llm.K site
-        if self.params.layer > k:
-            return [f"layer={self.params.layer} is after the site {self._site_name()}: attention of layer L "
-                    f"can be read at llm.K only when L <= K"]
-        return []
 
     def request(self) -> SignalRequest:
         p = self.params
@@ -155,3 +164,40 @@ class LLMAttentionScores(Node[LLMAttentionParams]):
         values = reduce_rows(rows, self.params.heads, self.params.query_reduce, self.params.reduce_order,
                              full_keys=self.params.softmax_over == "all")
         return {"scores": Scores(values, ctx.present.clone())}
+
+
+class KeyNormParams(NodeParams):
+    layer: int = Field(ge=0, description="decoder layer whose keys are read (<= the site's layer K; DART: K-1)")
+    site: LLMSiteName | None = Field(None, description="where the scores are read (an 'llm.K' site); default llm.<layer+1>")
+    p: float = Field(1.0, gt=0, description="the norm's order (DART: 1, hard-coded in every model path)")
+    rope: bool = Field(True, description="keys after RoPE (DART) or before")
+    tokens: Literal["image", "text"] = Field("image", description="score the image tokens present, or the prompt "
+                                             "tokens after the image (ids TEXT_ID_BASE + j)")
+
+
+@register
+class LLMKeyNorm(LayerSite[KeyNormParams]):
+    """The norm of each token's key row in one decoder layer, flattened over heads x head_dim
+    (heads first, GQA groups repeated), as DART ranks its pivots: `torch.norm(p=1)` of layer
+    K-1's post-RoPE keys (ZichenWen1/DART @ 5a19452f,
+    llava/model/language_model/modeling_llama_self.py:419-428). Scores float32."""
+
+    type_name = "scorer.llm-key-norm"
+    paper = "https://arxiv.org/abs/2502.11494"
+    outputs = {"scores": Port(Scores, "key norm per token (ids: ctx.present, or text ids)")}
+
+    def requests(self):
+        p = self.params
+        return [SignalRequest.make("llm.keys", self._site_name(), layer=p.layer, rope=p.rope, tokens=p.tokens)]
+
+    def run(self, ctx):
+        keys = ctx.signal(self.requests()[0])  # (heads, n, head_dim)
+        if keys.dim() != 3:
+            raise ValueError(f"llm.keys must be (heads, n, head_dim), got {tuple(keys.shape)}")
+        flat = keys.permute(1, 0, 2).reshape(keys.shape[1], -1)  # per token: heads then head_dim, contiguous
+        values = torch.norm(flat, p=self.params.p, dim=-1).float()
+        if self.params.tokens == "image":
+            if values.numel() != ctx.present.numel():
+                raise ValueError(f"llm.keys has {values.numel()} image rows for {ctx.present.numel()} tokens present")
+            return {"scores": Scores(values, ctx.present.clone())}
+        return {"scores": Scores(values, text_ids(values.numel(), values.device))}

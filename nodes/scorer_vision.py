@@ -80,19 +80,27 @@ class HiddenNorm(Node[HiddenNormParams]):
 
 class ReceivedParams(NodeParams):
     layer: int = Field(-1, description="vision block (-1 = the last ViT block, as Nüwa's Qwen code)")
+    queries: Literal["sum", "mean"] = Field(
+        "sum", description="sum over the queries (Nüwa's and HiPrune's Qwen code) or their mean (a column mean over "
+        "all queries, CLS included: HiPrune's LLaVA code)")
 
 
 @register
 class AttentionReceived(Node[ReceivedParams]):
-    """Attention each (merged) token receives at a vision block: mean over heads, sum over
-    queries, averaged per merge unit (Nüwa's Qwen2.5-VL salience)."""
+    """Attention each (merged) token receives at a vision layer: mean over heads, then the sum
+    (or the mean) over all queries, averaged per merge unit on Qwen2.5-VL (Nüwa's Qwen
+    salience; HiPrune's object- and output-layer scores, LLaVA/llava/model/llava_arch.py:148-153
+    of Danielement321/HiPrune @ 6e83a124). On a CLS tower the CLS key is dropped, the CLS query
+    counts."""
 
     type_name = "scorer.attention-received"
     paper = "https://arxiv.org/abs/2602.02951"
     outputs = {"scores": Port(Scores, "attention received per token")}
 
     def requests(self):
-        return [SignalRequest.make("vision.attention_received", "vision", layer=self.params.layer)]
+        if self.params.queries == "sum":  # the request as it always was (same key)
+            return [SignalRequest.make("vision.attention_received", "vision", layer=self.params.layer)]
+        return [SignalRequest.make("vision.attention_received", "vision", layer=self.params.layer, queries="mean")]
 
     def run(self, ctx):
         return {"scores": _grid_scores(ctx, ctx.signal(self.requests()[0]), self.type_name)}

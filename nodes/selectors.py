@@ -32,6 +32,14 @@ class TopKParams(NodeParams):
     clamp: bool = Field(False, description="when k exceeds the tokens competing keep them all (Nüwa's min(k, n)); "
                         "otherwise that is an error")
     order: Literal["index", "score"] = Field("index", description="index: ascending original id; score: torch.topk order")
+    method: Literal["topk", "argsort"] = Field(
+        "topk", description="topk: torch.topk; argsort: the first k of a descending torch.argsort (VisPruner's "
+        "important tokens: ties fall differently)")
+    share: float | None = Field(None, gt=0, le=1, description="keep round(share * count) of the count k / ratio give "
+                                "(Python round, may be 0): a count derived from another budget, e.g. HiPrune's "
+                                "anchors round(T * alpha / 5)")
+    fill: bool = Field(False, description="the count includes the `exclude` tokens: keep count - |exclude| others "
+                       "(fill a budget up: HiPrune's registers)")
 
     @model_validator(mode="after")
     def _one(self):
@@ -86,6 +94,10 @@ class TopK(Node[TopKParams]):
 
     With `candidates`, only those tokens compete, in the candidates' order (ties follow
     torch.topk over that order): Nüwa's global alignment over the per-region candidates.
+    With `exclude`, those tokens do not compete (masked to -inf over the full score vector,
+    so they are never picked; with `fill` the count includes them: HiPrune's registers fill
+    its budget after the anchors and their neighbours). `share` derives the count from
+    another one (HiPrune's anchors), `method: argsort` ranks as VisPruner does.
     """
 
     type_name = "selector.top-k"
@@ -93,7 +105,8 @@ class TopK(Node[TopKParams]):
 
     def run(self, ctx,
             scores: Annotated[Scores, "one score per candidate token"],
-            candidates: Annotated[Selection | None, "only these tokens compete (default: every scored token)"] = None):
+            candidates: Annotated[Selection | None, "only these tokens compete (default: every scored token)"] = None,
+            exclude: Annotated[Selection | None, "tokens that do not compete (already kept elsewhere)"] = None):
         values, ids = scores.values, scores.ids
         if candidates is not None:
             # the official alignment: torch.topk over the candidate vector as given (padded
@@ -106,11 +119,22 @@ class TopK(Node[TopKParams]):
         else:
             assert p.ratio is not None  # the params give exactly one of k and ratio
             k = count_from_ratio(p.ratio, ctx.geometry.n_tokens if p.of == "grid" else n, p.rounding)
+        if p.share is not None:
+            k = int(round(k * p.share))
+        if exclude is not None:
+            out = torch.isin(ids, exclude.ids.to(ids.device))
+            if p.fill:
+                k = max(0, k - int(torch.unique(exclude.ids).numel()))
+            values = values.masked_fill(out, float("-inf"))
+            n -= int(out.sum())
         if k > n:
             if not p.clamp:
                 raise BudgetError(k, n, advice=f"lower the budget (at most {n}) or set clamp: true")
             k = n
-        idx = torch.topk(values[None], k, dim=1).indices[0]  # (1, n) as the official codes call it
+        if p.method == "argsort":
+            idx = torch.argsort(values[None], dim=-1, descending=True)[0, :k]  # VisPruner's (B, N) argsort
+        else:
+            idx = torch.topk(values[None], k, dim=1).indices[0]  # (1, n) as the official codes call it
         kept = ids[idx]
         kept = kept[kept != PAD_ID]
         return {"selection": Selection(order_ids(kept, None, p.order))}
@@ -204,6 +228,9 @@ class TopKPerRegion(Node[TopKPerRegionParams]):
 
 class UnionParams(NodeParams):
     order: Literal["index", "first"] = Field("index", description="index: ascending ids; first: order of first appearance")
+    stream_only: bool = Field(False, description="keep only ids with a stream slot (0 <= id < the block's tokens): a "
+                              "per-crop pick of LLaVA-NeXT cells that unpad cuts away is dropped, as the official "
+                              "per-crop codes (VisPruner, HiPrune, CDPruner on LLaVA-NeXT) lose them when unpadding")
 
 
 @register
@@ -215,6 +242,8 @@ class Union(Node[UnionParams]):
 
     def run(self, ctx, selections: Annotated[list[Selection], "selections to join"]):
         ids = torch.cat([s.ids for s in selections])
+        if self.params.stream_only:
+            ids = ids[(ids >= 0) & (ids < ctx.geometry.n_tokens)]
         if self.params.order == "index":
             return {"selection": Selection(torch.unique(ids))}
         seen, out = set(), []

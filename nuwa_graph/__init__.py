@@ -1,5 +1,6 @@
 """nuwa-graph: visual-token pruning for VLMs as validated, drawable graphs of typed nodes."""
 
+from . import signal_kinds  # noqa: F401  (registers the signal kinds defined outside signals.py)
 from .errors import PipelineError, Problem, RunError
 from .executor import Executor, RunState, tokens_per_layer
 from .pipeline import Pipeline, load, load_text

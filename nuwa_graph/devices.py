@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-# signal kind -> "score" (float32) | "feature" (model dtype) | "caller" (not checked)
+# signal kind -> "score" (float32) | "feature" (model dtype) | "float32" (embeddings of an auxiliary
+# float32 model: CLIP's, as CDPruner computes them) | "caller" (not checked)
 SIGNAL_CLASSES: dict[str, str] = {
     "vision.hidden": "feature",
     "vision.hidden_mean": "feature",
@@ -34,6 +35,10 @@ SIGNAL_CLASSES: dict[str, str] = {
     "pre_llm.text": "feature",
     "llm.attention": "score",
     "llm.hidden": "feature",
+    "llm.keys": "feature",
+    "llm.token_hidden": "feature",
+    "vision.clip_embeds": "float32",
+    "vision.clip_text_embeds": "float32",
 }
 
 SCORE_DTYPE = torch.float32
@@ -51,7 +56,7 @@ def same_device(a: torch.device | str, b: torch.device | str) -> bool:
 
 def expected_signal_dtype(kind: str, model_dtype: torch.dtype) -> torch.dtype | None:
     cls = SIGNAL_CLASSES.get(kind, "caller")
-    if cls == "score":
+    if cls in ("score", "float32"):
         return SCORE_DTYPE
     if cls == "feature":
         return model_dtype

@@ -82,6 +82,9 @@ MODEL_VARIABLES: dict[str, Any] = {
     "crops": 1,
     "crop_tokens": 576,
     "visual_tokens": 576,
+    # whether the model's vision tower comes with a CLIP text tower the adapter can load (LLaVA-1.5:
+    # openai/clip-vit-large-patch14-336); CDPruner's official relevance needs it (cdpruner.yaml)
+    "clip_text": True,
 }
 
 

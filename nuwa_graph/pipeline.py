@@ -22,6 +22,7 @@ problem and raises one PipelineError.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,10 @@ class Pipeline(CheckedSpec):
             if k in self.overrides:
                 how = "set, exact"
             elif k in self.derived:
-                how = f"{self.derived[k]} on {self.model_vars.get('llm_layers')} LLM layers"
+                expr = self.derived[k]
+                named = [m for m in sorted(self.model_vars) if m != "llm_layers" and re.search(rf"\b{m}\b", expr)]
+                how = (f"{expr} with " + ", ".join(f"{m}={self.model_vars.get(m)}" for m in named) if named
+                       else f"{expr} on {self.model_vars.get('llm_layers')} LLM layers")
             else:
                 how = "file default"
             vals[k] = {"value": v, "from": how}

@@ -179,9 +179,14 @@ class SignalRequest:
         raise NotImplementedError(f"no synthetic form for signal {self.key}")
 
 
+# kind -> the per-sample tensor (docs, `nuwa-graph nodes`), filled by `signal_kind` (also signal_kinds.py)
+SIGNAL_KINDS: dict[str, str] = {}
+
+
 def signal_kind(cls: type[SignalRequest]) -> type[SignalRequest]:
     """Register a request class under its KIND."""
     KINDS[cls.KIND] = cls
+    SIGNAL_KINDS[cls.KIND] = f"{' '.join((cls.__doc__ or '').split()).rstrip('.')}: {cls.SHAPE}"
     return cls
 
 
@@ -275,12 +280,13 @@ class VisionClsAttention(_VisionLayer):
 @signal_kind
 @dataclass(frozen=True)
 class VisionAttentionReceived(_VisionLayer):
-    """Attention each patch receives at vision layer `layer` (mean over heads, sum over
-    queries), per merged token."""
+    """Attention each patch receives at vision layer `layer` (mean over heads, then the sum or
+    the mean over every query, CLS query included; CLS key dropped), per merged token."""
 
     KIND: ClassVar[str] = "vision.attention_received"
     SHAPE: ClassVar[str] = "(n,)"
     order: str = arg("raster", _choice("raster", "window"), _ORDER_DOC)
+    queries: str = arg("sum", _choice("sum", "mean"), "'sum' over the queries (Nüwa) or 'mean' (HiPrune, LLaVA)")
 
     def synthetic(self, geom, present, rand):
         return rand(geom.n_visual)
@@ -392,9 +398,3 @@ class LLMHidden(_AtLLMLayer):
 
     def synthetic(self, geom, present, rand):
         return rand(present, geom.llm_width)
-
-
-# kind -> description of the per-sample tensor (for docs and `nuwa-graph nodes`)
-SIGNAL_KINDS: dict[str, str] = {
-    kind: f"{' '.join((c.__doc__ or '').split()).rstrip('.')}: {c.SHAPE}" for kind, c in KINDS.items()
-}

@@ -21,6 +21,20 @@ import torch
 
 from .geometry import CLS_ID, POOLED_ID, Crop, Geometry, GeometryError, Part  # noqa: F401  (the block's geometry)
 
+# Text tokens after the image block, where a node handles them next to image tokens (DART's text
+# pivots): the j-th prompt token after the image has id TEXT_ID_BASE + j. They never enter a Keep.
+TEXT_ID_BASE = -(1 << 40)
+
+
+def text_ids(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Ids of the first n text tokens after the image block (TEXT_ID_BASE + j)."""
+    return torch.arange(n, device=device) + TEXT_ID_BASE
+
+
+def is_text_id(ids: torch.Tensor) -> torch.Tensor:
+    """True where an id names a text token after the image (not an image, CLS or pooled token)."""
+    return ids < TEXT_ID_BASE // 2
+
 
 def _check_ids(name: str, ids: torch.Tensor) -> None:
     if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype != torch.long:

@@ -62,6 +62,15 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("visionzip_fix", "VisionZip-fix"),
     Entry("fastv_fix", "FastV-fix", {}, True),
     Entry("nuwa", "Nüwa", {}, True),
+    # the field's baselines (issue 22); none reads LLM attention rows
+    Entry("dart", "DART"),
+    Entry("divprune", "DivPrune"),
+    Entry("vispruner", "VisPruner"),
+    Entry("fastervlm", "FasterVLM"),
+    Entry("hiprune", "HiPrune"),
+    Entry("cdpruner", "CDPruner"),
+    Entry("gprune", "G-Prune"),
+    Entry("vtw", "VTW"),
 )
 LLM_SCORERS = ("scorer.llm-attention", "scorer.sparsevlm-raters")
 
@@ -353,7 +362,8 @@ def render(res: dict[str, Any], command: str) -> str:
         f"- Budgets are LLaVA-1.5 counts of 576 scaled to the {full}-token grid (`budget * grid_tokens // 576`): "
         + ", ".join(f"{b} -> {b * full // 576}" for b in res["settings"]["budgets"])
         + " tokens, i.e. 1/9, 2/9, 1/3 of the grid. Each method counts its budget as its file says (FastV keeps "
-          "all tokens before layer K, Nüwa's budget is an average over layers, PruMerge+ is adaptive), so compare "
+          "all tokens before layer K, DART keeps budget + 4 from layer K on, Nüwa's and VTW's budgets are averages "
+          "over layers, PruMerge+ is adaptive), so compare "
           "the measured `avg tokens / layer` column too. Every method file runs unchanged: layer schedules "
           "written for LLaVA-1.5's 32 layers are scaled to this model's depth (`scale32`, docs/pipelines.md); "
           "the schedule each file used is listed under \"Schedules used\".",

@@ -516,6 +516,8 @@ def virtual_run(adapter, dmap: dict[str, int], n_devices: int = 2):
     with VirtualDevices(n_devices) as vd:
         vd.dispatch(adapter.model, dmap)
         adapter.device = torch.device(f"cuda:{dmap[emb]}")
+        for module in adapter.auxiliary_modules():  # loaded on the adapter's device (load_clip_text)
+            vd.place(module, adapter.device)
         calls = [0]
 
         def label(module, args, kwargs):

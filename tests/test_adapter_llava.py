@@ -512,8 +512,8 @@ def test_unsupported_signal_fails_before_the_forward_pass(tiny_llava, tiny_image
     calls = []
     h = tiny_llava.vision_tower().register_forward_pre_hook(lambda *a: calls.append(1))
     try:
-        with pytest.raises(RunError, match="vision.attention_received"):
-            tiny_llava.generate(load_text(_probe_yaml("vision.attention_received", "vision", layer=-1)),
+        with pytest.raises(RunError, match="vision.merged_hidden_mean"):
+            tiny_llava.generate(load_text(_probe_yaml("vision.merged_hidden_mean", "vision", start=1, stop=3)),
                                 [tiny_image], [PROMPT])
         with pytest.raises(RunError, match="past the last LLM layer"):
             tiny_llava.generate(load_text(keep_yaml("llm.9", k=4)), [tiny_image], [PROMPT],

@@ -21,8 +21,9 @@ from nuwa_graph.adapters import load_adapter
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "what colour is the square ?"
 LLAVA = {"fastv": {"budget": 144, "K": 2}, "pdrop": {"budget": 64, "layers": [1, 2, 3]},
-         "sparsevlm": {"budget": 64, "layers": [0, 1, 2]}, "visionzip": {"budget": 144}}
-QWEN = {"fastv": {"budget": 16, "K": 2}, "pdrop": {"budget": 64, "layers": [1, 2, 3]}}
+         "sparsevlm": {"budget": 64, "layers": [0, 1, 2]}, "visionzip": {"budget": 144},
+         "vtw": {"budget": 144}, "dart": {"budget": 144, "K": 2}, "hiprune": {"budget": 144}}
+QWEN = {"fastv": {"budget": 16, "K": 2}, "pdrop": {"budget": 64, "layers": [1, 2, 3]}, "vtw": {"budget": 288}}
 
 
 def _run(adapter, image, name, overrides):

@@ -60,7 +60,8 @@ def test_llava_signals_and_nodes_keep_the_contract_in_bf16(llava_bf16, name):
     if name != "vanilla":
         assert audit.outputs, "no node ran"
     for kind, _dev, dt in audit.signals:
-        assert dt == (torch.float32 if kind.endswith(("attention", "attention_received")) else DTYPE), kind
+        assert dt == (torch.float32 if kind.endswith(("attention", "attention_received", "clip_embeds",
+                                                      "clip_text_embeds")) else DTYPE), kind
 
 
 # On Qwen2-VL and Qwen3-VL (the same nodes and signals as Qwen2.5-VL, other towers and LLMs): the

@@ -57,3 +57,12 @@ def test_decode_steps_make_no_per_layer_copies(tiny_llava, tiny_image):
     # whether it spans layers 1-3 or layer 3 alone: nothing is built per layer
     assert long_seg == short_seg, (long_seg, short_seg)
     assert long_seg - vanilla <= 3, (vanilla, long_seg)
+
+
+def test_baselines_pruning_inside_the_llm_cost_what_fastv_costs_per_step(tiny_llava, tiny_image):
+    """DART (keep at llm.1) and VTW (withdraw at llm.1) leave the same segments as FastV at K=1:
+    the same copies per decode step, whatever the site computed at prefill."""
+    fastv = _per_step(tiny_llava, tiny_image, load(ROOT / "pipelines/fastv.yaml", {"budget": 144, "K": 1}))
+    dart = _per_step(tiny_llava, tiny_image, load(ROOT / "pipelines/dart.yaml", {"budget": 144, "K": 1}))
+    vtw = _per_step(tiny_llava, tiny_image, load(ROOT / "pipelines/vtw.yaml", {"budget": 144}))  # K = 1 on 4 layers
+    assert dart == fastv and vtw == fastv, (fastv, dart, vtw)

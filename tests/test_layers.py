@@ -54,6 +54,7 @@ ENGINE = [
     "nuwa_graph.safe_io",
     "nuwa_graph.safe_yaml",
     "nuwa_graph.signals",
+    "nuwa_graph.signal_kinds",
     "nuwa_graph.simulate",
     "nuwa_graph.sites",
     "nuwa_graph.types",

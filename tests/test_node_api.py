@@ -35,6 +35,11 @@ NEW_MERGER_INPUTS = {
 NEW_SIGNAL_NODES = {"signal.vision-key-mean", "signal.vision-key-single-head", "signal.vision-cls-hidden",
                     "signal.llm-hidden",
                     "merger.stitch-crops"}  # issue 23: per-crop rows into one block
+# the field's baselines (issue 22): new node types, and one optional input on selector.top-k
+NEW_BASELINE_NODES = {"selector.greedy-max-min", "selector.pivot-dissimilarity", "selector.bipartite-dedup",
+                      "selector.dpp-map", "selector.neighbours", "scorer.graph-propagation",
+                      "scorer.instruction-relevance", "scorer.llm-key-norm", "applier.withdraw"}
+NEW_MERGER_INPUTS["selector.top-k"] = {"exclude": ["Selection", True, False]}
 
 
 def _table(ports: dict[str, Port]) -> dict[str, list]:
@@ -49,7 +54,7 @@ def _builtins() -> dict[str, type[Node]]:
 
 def test_derived_ports_equal_the_declared_ones_of_before():
     now = _builtins()
-    assert set(now) == set(BEFORE) | NEW_SIGNAL_NODES
+    assert set(now) == set(BEFORE) | NEW_SIGNAL_NODES | NEW_BASELINE_NODES
     for name, before in BEFORE.items():
         cls = now[name]
         inputs = _table(cls.inputs)
@@ -153,6 +158,8 @@ SITE_NODES = {  # node type -> (other params, field type)
     "scorer.sparsevlm-raters": ({"layer": 0}, LLMSiteName),
     "merger.sparsevlm-recycle": ({}, LLMSiteName),
     "signal.llm-hidden": ({}, LLMSiteName),
+    "scorer.llm-key-norm": ({"layer": 0}, LLMSiteName),
+    "applier.withdraw": ({}, LLMSiteName),
 }
 
 

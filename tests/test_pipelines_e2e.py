@@ -49,6 +49,15 @@ LLAVA_CASES = {
     "ablations/nuwa_stage1_only": ({"budget": 64}, True),
     "ablations/nuwa_rpme": ({"budget": 64}, True),
     "variants/visionzip_regions": ({"budget": 144, "positions": "rpme"}, True),
+    # the field's baselines (issue 22)
+    "fastervlm": ({"budget": 144}, True),
+    "vispruner": ({"budget": 144}, True),
+    "divprune": ({"budget": 144}, True),
+    "cdpruner": ({"budget": 144}, True),  # the official CLIP relevance (the tiny preset has a CLIP text tower)
+    "gprune": ({"budget": 144}, True),
+    "hiprune": ({"budget": 144}, True),
+    "dart": ({"budget": 144}, True),
+    "vtw": ({"budget": 144}, True),
 }
 
 
@@ -115,6 +124,12 @@ QWEN_CASES = {
     "feather": {"budget": 64},
     "nuwa_qwen": {"keep": 50},
     "nuwa": {},  # runs nuwa_qwen.yaml (family_files)
+    "divprune": {"budget": 16},
+    "cdpruner": {"budget": 16},  # the LLM-embedding relevance (no CLIP text tower)
+    "gprune": {"budget": 16},
+    "hiprune": {"budget": 192},  # runs hiprune_qwen.yaml (family_files)
+    "dart": {"budget": 192},  # runs dart_qwen.yaml (family_files)
+    "vtw": {"budget": 288},
 }
 
 

@@ -38,6 +38,10 @@ EXAMPLES = {
     "pre_llm.text": ("pre_llm", {}),
     "llm.attention": ("llm.3", {"layer": 2, "queries": "last:3", "rope": False, "softmax_over": "image"}),
     "llm.hidden": ("llm.2", {"layer": 2}),
+    "llm.keys": ("llm.2", {"layer": 1, "rope": True, "tokens": "image"}),
+    "llm.token_hidden": ("llm.2", {"layer": 2, "tokens": "image", "norm": "final"}),
+    "vision.clip_embeds": ("vision", {"layer": -2}),
+    "vision.clip_text_embeds": ("vision", {}),
 }
 
 
@@ -135,8 +139,8 @@ def test_synthetic_signals_have_the_documented_shape(kind, geom):
     x = req.synthetic(geom, present, lambda *s: torch.rand(*s, generator=gen))
     sizes = {"n": geom.n_visual, "d_vision": geom.vision_width, "d_llm": geom.llm_width, "d": None,
              "heads": None, "head_dim": geom.vision_head_dim, "cls": int(geom.has_cls), "n_present": present,
-             "t": geom.text_after, "q": 3, "2": 2}
-    dims = [d.strip() for d in KINDS[kind].SHAPE.split(" or ")[0].strip("()").split(",") if d.strip()]
+             "t": geom.text_after, "q": 3, "2": 2, "chunks": 1}
+    dims = [d.strip() for d in KINDS[kind].SHAPE.split(" or ")[0].split(")")[0].strip("()").split(",") if d.strip()]
     assert x.dim() == len(dims), (kind, x.shape, dims)
     for size, dim in zip(x.shape, dims, strict=True):
         want = eval(dim, {}, {k: v for k, v in sizes.items() if v is not None}) if not any(

@@ -62,7 +62,8 @@ from .state import AdapterRun
 IMAGE_PLACEHOLDER = "<image>"  # where an image goes in a question (chat_prompt), on every family
 ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
 BUDGETS_TRIED = (160, 320, 640, 1280)  # variables_hint: LLaVA-NeXT papers' budgets (5 crops x 32/64/128), and more
-LLM_SIGNALS = frozenset({"external", "pre_llm.visual", "pre_llm.text", "llm.attention", "llm.hidden"})
+LLM_SIGNALS = frozenset({"external", "pre_llm.visual", "pre_llm.text", "llm.attention", "llm.hidden", "llm.keys",
+                         "llm.token_hidden"})
 _counter = itertools.count()
 
 
@@ -145,6 +146,11 @@ class FamilyHooks:
 
     def text_model(self) -> nn.Module:
         raise NotImplementedError
+
+    def auxiliary_modules(self) -> list[nn.Module]:
+        """Models the adapter runs next to the VLM (CDPruner's CLIP text tower), loaded on the
+        adapter's device: a device_map covers the VLM only, these stay where the adapter is."""
+        return []
 
     def decoder_layers(self) -> nn.ModuleList:
         return self.text_model().layers
@@ -371,7 +377,7 @@ class FamilyHooks:
         vc = getattr(self.model.config, "vision_config", None)
         depth = getattr(vc, "num_hidden_layers", None) or getattr(vc, "depth", None)
         out: dict[str, Any] = {"family": self.family, "family_group": self.family_group or self.family,
-                               "has_cls": self.has_cls, "llm_layers": self.n_layers}
+                               "has_cls": self.has_cls, "llm_layers": self.n_layers, "clip_text": False}
         if depth:
             out["vision_layers"] = int(depth)
         return out

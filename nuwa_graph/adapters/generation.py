@@ -83,6 +83,9 @@ class Generation(HookSession):
             if site not in r.sites:
                 continue
             assert r.state is not None
+            if site == pre_site and any(q.kind == "pre_llm.visual" for q in r.ex.requests()):
+                for b in range(r.B):  # the projector is the model's work, not the nodes' (node time)
+                    self._visual_block(r, b)
             on_device = r.ex.run_site(r.state, site, reader, r.seed)
             acts = host_keeps(on_device)
             for b in range(r.B):

@@ -18,8 +18,15 @@ Vision signals and their `layer` argument (CLIP-L has 24 encoder layers, indices
   `vision.qk_single_head(layer=-1)` = q_proj and k_proj outputs of that layer on its
   layer_norm1 input (for layer -1: the output of layer 22 after LayerNorm, PruMerge+),
   (2, n + 1, d), CLS first.
+- `vision.attention_received(layer, queries=sum|mean)`: the attention each patch receives at
+  encoder layer `layer`: the map averaged over heads, then summed or averaged over ALL queries
+  (CLS query included), CLS key dropped, (n,) (HiPrune's column mean: `queries: mean`).
 All are computed from the q/k that the registered attention function sees (the vision
-tower keeps SDPA for its output; no N x N map is kept).
+tower keeps SDPA for its output; no N x N map is kept beyond one head-averaged (n+1)^2 buffer).
+
+CDPruner's CLIP embeddings (`vision.clip_embeds(layer=-2)`, `vision.clip_text_embeds`) come
+from the CLIP checkpoint of the vision tower (clip_text.py), loaded on first use; the model
+variable `clip_text` says whether this model has one (False: CDPruner runs its LLM variant).
 """
 
 from __future__ import annotations
@@ -34,12 +41,37 @@ from ..part_views import CropSignals
 from ..signals import SignalRequest
 from ..types import Geometry
 from .base import LLM_SIGNALS, AdapterRun, Encoded, VisionOut, VLMAdapter, load_checkpoint, register_adapter
+from .clip_text import ClipText, clip_text_name, load_clip_text
 from .family import flatten_images
 
-_ATTN_KINDS = {"vision.cls_attention", "vision.keys", "vision.qk_single_head"}
-_HIDDEN_KINDS = {"vision.hidden", "vision.cls_hidden", "vision.hidden_mean"}
+
+def question_of(prompt: str) -> str:
+    """The user's question in a prompt: the prompt itself, or what follows `<image>` in a full
+    chat prompt, up to the assistant cue (CDPruner embeds the question, not the template)."""
+    if "<image>" not in prompt:
+        return prompt
+    rest = prompt.split("<image>", 1)[1].split("ASSISTANT:", 1)[0]
+    return " ".join(rest.replace("<image>", " ").split()) if "<image>" in rest else rest.strip()  # several images
+
+ATTN_KINDS = {"vision.cls_attention", "vision.keys", "vision.qk_single_head", "vision.attention_received"}
+_HIDDEN_KINDS = {"vision.hidden", "vision.cls_hidden", "vision.hidden_mean", "vision.clip_embeds"}
+_CLIP_KINDS = {"vision.clip_embeds", "vision.clip_text_embeds"}
 _DEFAULT_LAYER = {"vision.hidden": -2, "vision.cls_hidden": -2, "vision.cls_attention": -2, "vision.keys": -2,
-                  "vision.qk_single_head": -1}
+                  "vision.qk_single_head": -1, "vision.attention_received": -2, "vision.clip_embeds": -2}
+
+
+def attention_columns(q: torch.Tensor, k: torch.Tensor, scaling: float, chunk: int = 256) -> torch.Tensor:
+    """(2, n + 1) float32 for one sample: the attention each key receives, the map
+    softmax(q k^T * scaling) averaged over heads, then summed (row 0) and averaged (row 1) over
+    all queries; q, k (heads, n + 1, d). The head mean is taken per query chunk into one
+    (n + 1)^2 buffer, reduced over queries as the official `.mean(dim=1).mean(dim=1)` does."""
+    n = q.shape[1]
+    buf = torch.empty(n, n, dtype=torch.float32, device=q.device)
+    kt = k.float().transpose(-1, -2)
+    for a in range(0, n, chunk):
+        b = min(n, a + chunk)
+        buf[a:b] = torch.softmax(torch.matmul(q[:, a:b].float(), kt) * scaling, dim=-1).mean(dim=0)
+    return torch.stack([buf.sum(dim=0), buf.mean(dim=0)])
 
 
 @register_adapter
@@ -50,7 +82,10 @@ class LlavaAdapter(VLMAdapter):
     has_cls = True  # CLIP-style towers: the CLS-based methods (VisionZip, PruMerge+, Nüwa's LLaVA recipe) run here
     model_types = ("llava",)
     supported_signals = frozenset({"vision.hidden", "vision.hidden_mean", "vision.cls_hidden", "vision.cls_attention",
-                                   "vision.keys", "vision.qk_single_head"}) | LLM_SIGNALS
+                                   "vision.keys", "vision.qk_single_head", "vision.attention_received"}
+                                  ) | LLM_SIGNALS | _CLIP_KINDS
+    # CDPruner's auxiliary CLIP: a loaded ClipText, the checkpoint to load it from, or None (no text tower)
+    clip_text: ClipText | str | None = None
 
     prompt_template = "USER: <image>\n{prompt} ASSISTANT:"
     official_dtype = "float16"
@@ -69,8 +104,10 @@ class LlavaAdapter(VLMAdapter):
             tok.padding_side = "left"
             if tok.pad_token is None:
                 tok.pad_token = tok.unk_token or tok.eos_token
-        return cls(model, proc, name=str(id_or_path), dtype=dtype, device=device,
-                   attn_implementation=attn_implementation)
+        adapter = cls(model, proc, name=str(id_or_path), dtype=dtype, device=device,
+                      attn_implementation=attn_implementation)
+        adapter.clip_text = clip_text_name(model.config)
+        return adapter
 
     # ---- modules -----------------------------------------------------------------------
     def text_model(self) -> nn.Module:
@@ -98,7 +135,27 @@ class LlavaAdapter(VLMAdapter):
     def model_variables(self) -> dict[str, int]:
         """LLaVA's grid is fixed by the CLIP config, so budgets scale to it (grid_tokens); one crop."""
         n = self.grid[0] * self.grid[1]
-        return {**super().model_variables(), "grid_tokens": n, "crops": 1, "crop_tokens": n, "visual_tokens": n}
+        return {**super().model_variables(), "grid_tokens": n, "crops": 1, "crop_tokens": n, "visual_tokens": n,
+                "clip_text": self.clip_text is not None}
+
+    def clip(self) -> ClipText:
+        """The auxiliary CLIP (loaded on first use, float32 on the model's device)."""
+        if isinstance(self.clip_text, str):
+            self.clip_text = load_clip_text(self.clip_text, self.device)
+        if self.clip_text is None:
+            raise RunError("this LLaVA model has no CLIP text tower")
+        return self.clip_text
+
+    def auxiliary_modules(self) -> list[nn.Module]:
+        clip = self.clip_text
+        return [clip.text_model, clip.visual_projection] if isinstance(clip, ClipText) else []
+
+    def unavailable_signal(self, req: SignalRequest) -> str | None:
+        if req.kind in _CLIP_KINDS and self.clip_text is None:
+            return (f"signal {req.kind!r} (read at {req.site}) needs the CLIP text tower of the vision tower's "
+                    f"checkpoint, and {self.name}'s tower has none the adapter knows (CDPruner: run --set "
+                    f"relevance=llm, the relevance from the LLM's own instruction embeddings)")
+        return super().unavailable_signal(req)
 
     # ---- inputs ------------------------------------------------------------------------
     def format_prompt(self, prompt: str, images: int = 1) -> str:
@@ -122,8 +179,10 @@ class LlavaAdapter(VLMAdapter):
         tok = self.processor.tokenizer
         tok.padding_side = "left"
         enc = self.processor(images=flat, text=texts, return_tensors="pt", padding=True)
-        return Encoded(enc["input_ids"], enc["attention_mask"], {"pixel_values": enc["pixel_values"]}, texts,
-                       {} if counts is None else {"images_per_sample": counts})
+        extras: dict[str, Any] = {"questions": [question_of(p) for p in prompts]}
+        if counts is not None:
+            extras["images_per_sample"] = counts
+        return Encoded(enc["input_ids"], enc["attention_mask"], {"pixel_values": enc["pixel_values"]}, texts, extras)
 
     def image_token_counts(self, enc: Encoded, b: int) -> list[int] | None:
         counts = enc.extras.get("images_per_sample")
@@ -144,7 +203,7 @@ class LlavaAdapter(VLMAdapter):
     def _vision_layer(self, req: SignalRequest) -> int:
         n = len(self.vision_layers())
         L = int(req.arg("layer", _DEFAULT_LAYER.get(req.kind, -2)))
-        if req.kind in _ATTN_KINDS:
+        if req.kind in ATTN_KINDS:
             if not -n <= L < n:
                 raise RunError(f"signal {req.key}: layer {L} is outside the vision encoder's layers "
                                f"(-{n}..{n - 1}); attention signals index encoder layers")
@@ -154,7 +213,9 @@ class LlavaAdapter(VLMAdapter):
         return L % (n + 1)
 
     def check_request(self, req: SignalRequest) -> str | None:
-        if req.kind in _ATTN_KINDS or req.kind in ("vision.hidden", "vision.cls_hidden"):
+        if req.arg("order", "raster") != "raster":
+            return f"signal {req.key}: the LLaVA tower has no window order (order: raster)"
+        if req.kind in ATTN_KINDS or req.kind in ("vision.hidden", "vision.cls_hidden", "vision.clip_embeds"):
             try:
                 self._vision_layer(req)
             except RunError as exc:
@@ -183,11 +244,16 @@ class LlavaAdapter(VLMAdapter):
             q = query.transpose(1, 2).reshape(B, N, H * hd)
             k = key.transpose(1, 2).reshape(B, N, H * hd)
             store[("qk", layer)] = torch.stack([q, k], dim=1)
+        if "vision.attention_received" in wants:
+            store[("received", layer)] = torch.stack([attention_columns(query[b], key[b], scaling)[:, 1:]
+                                                      for b in range(query.shape[0])])
 
     def read_vision_signal(self, run: AdapterRun, req: SignalRequest, b: int) -> Any:
         """Sample b's vision signal: its image's, or one per image (CropSignals: a node reading
         it runs per crop, i.e. per image here)."""
         idx = self.image_indices(run, b)
+        if req.kind == "vision.clip_text_embeds":  # the sample's question: one per prompt, not per image
+            return self.clip().text_embeds(run.enc.extras["questions"][b], self.device)
         if len(idx) == 1:
             return self.vision_row_signal(run, req, idx[0])
         return CropSignals([self.vision_row_signal(run, req, i) for i in idx])
@@ -203,8 +269,16 @@ class LlavaAdapter(VLMAdapter):
             sel = hs[slice(req.arg("start"), req.arg("stop"))]
             # a device_map may split the tower: the layers' outputs meet on the adapter's device
             return torch.stack([h[b, 1:].to(self.device) for h in sel]).float().mean(0).to(sel[0].dtype)
+        if req.kind == "vision.clip_embeds":
+            patches = hs[self._vision_layer(req)][b, 1:]
+            vt = self.vision_tower()
+            return self.clip().image_embeds(patches, getattr(vt, "vision_model", vt).post_layernorm)
+        if req.kind == "vision.clip_text_embeds":
+            return self.clip().text_embeds(run.enc.extras["questions"][b], self.device)
         attn = run.vision.get("attn", {})
         L = self._vision_layer(req)
+        if req.kind == "vision.attention_received":
+            return attn[("received", L)][b, 0 if req.arg("queries", "sum") == "sum" else 1]
         name = {"vision.cls_attention": "cls_attention", "vision.keys": "keys", "vision.qk_single_head": "qk"}.get(req.kind)
         if name is None:
             raise RunError(f"the llava adapter cannot give signal {req.kind}")
@@ -214,7 +288,7 @@ class LlavaAdapter(VLMAdapter):
     def vision_forward(self, run: AdapterRun) -> VisionOut:
         attn_layers: dict[int, set[str]] = {}
         for req in run.ex.requests():
-            if req.kind in _ATTN_KINDS:
+            if req.kind in ATTN_KINDS:
                 attn_layers.setdefault(self._vision_layer(req), set()).add(req.kind)
         run.vision["attn_layers"] = attn_layers
         cfg = self.model.config

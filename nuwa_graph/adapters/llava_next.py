@@ -30,7 +30,7 @@ from ..part_views import CropSignals
 from ..signals import SignalRequest
 from ..types import Geometry
 from .base import AdapterRun, Encoded, VisionOut, load_checkpoint, register_adapter
-from .llava import LlavaAdapter
+from .llava import ATTN_KINDS, LlavaAdapter
 
 
 def pinpoint_tiles(pinpoints: list, size: int) -> list[tuple[int, int]]:
@@ -146,7 +146,7 @@ class LlavaNextAdapter(LlavaAdapter):
     def vision_forward(self, run: AdapterRun) -> VisionOut:
         attn_layers: dict[int, set[str]] = {}
         for req in run.ex.requests():
-            if req.kind in ("vision.cls_attention", "vision.keys", "vision.qk_single_head"):
+            if req.kind in ATTN_KINDS:
                 attn_layers.setdefault(self._vision_layer(req), set()).add(req.kind)
         run.vision["attn_layers"] = attn_layers
         cfg = self.model.config

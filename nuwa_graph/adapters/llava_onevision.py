@@ -84,6 +84,9 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                    attn_implementation=attn_implementation)
 
     def unavailable_signal(self, req: SignalRequest) -> str | None:
+        if req.kind == "vision.attention_received":
+            return (f"signal {req.kind!r} (read at {req.site}) is not available for LLaVA-OneVision: the adapter does "
+                    f"not capture SigLIP's attention maps (only hidden states); HiPrune has no OneVision code")
         if req.kind.startswith("vision.") and req.kind not in self.supported_signals:
             return (f"signal {req.kind!r} (read at {req.site}) is not available for LLaVA-OneVision: its SigLIP tower "
                     f"has no CLS token")

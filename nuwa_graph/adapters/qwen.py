@@ -150,6 +150,10 @@ class QwenAdapter(VLMAdapter):
             return (f"signal {req.kind!r} (read at {req.site}) needs a CLS token, and {self.display_name}'s vision "
                     f"tower has none; use 'vision.attention_received' (attention each merged token receives at a vision "
                     f"block, e.g. layer -1 as Nüwa's Qwen code does) as the saliency signal instead")
+        if req.kind in ("vision.clip_embeds", "vision.clip_text_embeds"):
+            return (f"signal {req.kind!r} (read at {req.site}) needs a CLIP vision tower with its text tower; "
+                    f"{self.display_name}'s has none (CDPruner: --set relevance=llm, the relevance from the LLM's own "
+                    f"instruction embeddings, which cdpruner.yaml chooses by itself on this model)")
         return super().unavailable_signal(req)
 
     def refusal_hint(self, ex) -> str:
@@ -166,6 +170,9 @@ class QwenAdapter(VLMAdapter):
         try:
             if req.kind == "vision.attention_received":
                 block_index(int(req.arg("layer", -1)), depth)
+                if req.arg("queries", "sum") != "sum":
+                    return (f"signal {req.key}: on {self.display_name} the attention received is summed over the queries "
+                            f"of each attention window (queries: sum), as Nüwa's and HiPrune's Qwen code do")
             else:
                 hidden_indices(req, depth)
         except (RunError, TypeError, ValueError) as exc:

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import RunError
 from ..sites import Site
+from . import llm_signals
 from .layout import Segment, decode_mask, host_keeps, prefill_mask
 from .runs import gather_hidden, keep_in_segment
 from .signal_rows import SignalRows
@@ -81,6 +82,8 @@ class HookSession(SignalRows):
                         adapter.on_vision_attention(r, where[1], module, query, key, kwargs)
                     elif where[1] in r.rows_attn:
                         adapter._rows_from_attention(r, where[1], module, query, key)
+                    if where[0] == "llm" and where[1] in r.llm_plan.keys_attn:
+                        llm_signals.capture_keys(r, where[1], query, key)
             return out
 
         AttentionInterface.register(self.attn_name, attention)
@@ -111,6 +114,17 @@ class HookSession(SignalRows):
                 ALL_ATTENTION_FUNCTIONS._global_mapping.pop(self.attn_name, None)
                 ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.pop(self.attn_name, None)
                 self._attn_index = {}
+
+    def _reader(self, r: AdapterRun):
+        """The base reader, plus `llm.keys` / `llm.token_hidden` (llm_signals.py)."""
+        base = super()._reader(r)
+
+        def read(req, b: int) -> torch.Tensor:
+            if req.kind in ("llm.keys", "llm.token_hidden"):
+                return llm_signals.read(r, req, b).to(self.device)
+            return base(req, b)
+
+        return read
 
     def _release_layer_hooks(self) -> None:
         """Remove the decoder-layer hooks before the session ends: `generate` does so after a
@@ -154,6 +168,8 @@ class HookSession(SignalRows):
             seg = r.segment_of(layer)
             first = seg is r.segments[0]
             cos, sin = (_to(t, dev) for t in kwargs["position_embeddings"]) if first else self._prefill_tables(seg, h)[1]
+            if layer in r.llm_plan.pre:
+                llm_signals.capture_pre(self, r, layer, module, h, cos, sin, seg)
             if layer in r.llm_sites:
                 self._capture_pre(r, layer, module, h, cos, sin, seg)
                 assert r.state is not None

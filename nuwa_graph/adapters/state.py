@@ -5,12 +5,30 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..executor import Executor, RunState
+from ..signal_kinds import LLMKeys, LLMTokenHidden
 from ..signals import LLMAttention, LLMHidden, SignalRequest
 from ..sites import Site
 from .layout import Block, Encoded, SampleLayout, Segment, VisionOut
 
 if TYPE_CHECKING:
     from .family import FamilyHooks
+
+
+class LLMSignalPlan:
+    """Which decoder layers capture `llm.keys` / `llm.token_hidden` (adapters/llm_signals.py)."""
+
+    def __init__(self, requests: list[SignalRequest]):
+        self.keys_attn: dict[int, list[LLMKeys]] = {}  # layer -> keys taken in its attention function
+        self.pre: dict[int, list[SignalRequest]] = {}  # layer -> values computed at its input (pre-hook)
+        for req in requests:
+            if isinstance(req, LLMKeys):
+                K = Site(req.site).layer
+                if req.rope and K is not None and req.layer < K:
+                    self.keys_attn.setdefault(req.layer, []).append(req)
+                else:
+                    self.pre.setdefault(req.layer, []).append(req)
+            elif isinstance(req, LLMTokenHidden):
+                self.pre.setdefault(req.layer, []).append(req)
 
 
 class AdapterRun:
@@ -42,6 +60,7 @@ class AdapterRun:
         self.rows_attn: dict[int, list[LLMAttention]] = {}  # layer -> rope=True rows from the attention fn
         self.rows_pre: dict[int, list[LLMAttention]] = {}  # layer -> rows computed in the layer pre-hook
         self.hidden_at: dict[int, list[SignalRequest]] = {}
+        self.llm_plan = LLMSignalPlan(ex.requests())  # llm.keys, llm.token_hidden (llm_signals.py)
         for req in ex.requests():  # typed and checked when the pipeline loaded (signals.py)
             if isinstance(req, LLMAttention):
                 K = Site(req.site).layer

@@ -112,11 +112,18 @@ def build_tiny_llava(seed: int = TINY_SEED):
 
 def tiny_llava(dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = TINY_SEED):
     """The `tiny-llava` preset as a ready adapter."""
+    from .clip_text import build_tiny_clip_text
     from .llava import LlavaAdapter
 
     model, proc = build_tiny_llava(seed)
     model = to_dtype_as_loaded(model, dtype, device)  # RoPE tables stay float32, as from_pretrained keeps them
-    return LlavaAdapter(model, proc, name="tiny-llava", dtype=dtype, device=device)
+    adapter = LlavaAdapter(model, proc, name="tiny-llava", dtype=dtype, device=device)
+    # a small CLIP text tower for CDPruner's official relevance (a real LLaVA loads its tower's own)
+    clip = build_tiny_clip_text(model.config.vision_config.hidden_size, [w for w in WORDS if w], seed)
+    clip.text_model.to(device)
+    clip.visual_projection.to(device)
+    adapter.clip_text = clip
+    return adapter
 
 
 def synthetic_image(size: int = 336, seed: int = 0):

@@ -51,6 +51,10 @@ def validate(
         sites = ", ".join(s.name for s in p.site_order())
         out.print(f"[bold green]OK[/] {escape(str(file))} ({len(p.nodes)} nodes; sites: {escape(sites)})")
         out.print(f"  {escape(scopes_line(p))}")
+        for name, expr in p.derived.items():  # defaults that depend on the model: what is in force, and how
+            if name not in p.overrides:
+                out.print(f"  {escape(name)} = {escape(repr(p.variables[name]))} without a model (LLaVA-1.5-7B "
+                          f"values); on a model: {escape(expr)}")
     if bad:
         out.print(f"[red]{bad} of {len(files)} file{'s' if len(files) != 1 else ''} invalid[/]")
         raise typer.Exit(1)
