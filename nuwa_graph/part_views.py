@@ -38,7 +38,8 @@ PER_CHOICES = ("image", "crop", "part", "prompt")
 # signal kind -> the axis of its SHAPE that runs over the image tokens present (signals.py): a
 # node run per crop or part reads the columns of its own tokens; `vision.*` signals come per
 # crop (CropSignals); other kinds (pre_llm.text) are not per token and pass as they are
-PRESENT_AXIS = {"external": 0, "pre_llm.visual": 0, "llm.attention": -1, "llm.hidden": 0}
+PRESENT_AXIS = {"external": 0, "pre_llm.visual": 0, "llm.attention": -1, "llm.hidden": 0, "llm.keys": 1,
+                "llm.token_hidden": 0}
 PER_TOKEN_FREE = {"pre_llm.text"}
 
 
@@ -208,8 +209,8 @@ def unit_reader(reader: Callable[[SignalRequest, int], Any] | None, unit: Unit, 
                 raise RunError(f"node {node!r} reads {req.kind} per {unit.kind}, but {unit.kind} {unit.index} stitches "
                                f"several vision crops; read vision signals per crop (per: crop)")
             return v[unit.crop]
-        if req.kind.startswith("vision.") or req.kind in PER_TOKEN_FREE:
-            return v
+        if req.kind.startswith("vision.") or req.kind in PER_TOKEN_FREE or req.arg("tokens", "image") == "text":
+            return v  # not per image token (the text after the image: llm.keys / llm.token_hidden tokens=text)
         axis = PRESENT_AXIS.get(req.kind)
         if axis is None:
             raise RunError(f"node {node!r} runs per {unit.kind} and reads {req.kind}, whose per-token axis is not "
