@@ -220,10 +220,8 @@ class FamilyHooks:
         raise NotImplementedError
 
     def chat_prompt(self, question: str, images: int = 1) -> str:
-        """The prompt for a question about `images` images: where the question writes `<image>`
-        (IMAGE_PLACEHOLDER, one per image) each image goes there, inside the family's chat
-        template (`with_placeholders`); a question without them is returned as it is (encode
-        puts the images before it, in order)."""
+        """A question about `images` images: each `<image>` (one per image) in the family's chat
+        template (`with_placeholders`); none: as it is (encode puts the images before it)."""
         n = question.count(IMAGE_PLACEHOLDER)
         if n == 0:
             return question
@@ -234,8 +232,7 @@ class FamilyHooks:
         return self.with_placeholders(question)
 
     def with_placeholders(self, question: str) -> str:
-        """The family's chat prompt around a question whose `<image>` placeholders say where the
-        images go (each replaced by the family's own image markup)."""
+        """The chat prompt around a question whose `<image>`s say where the images go."""
         raise RunError(f"the {self.family} adapter does not place images at '<image>' placeholders; write the "
                        f"question without them (the images go before it)")
 
