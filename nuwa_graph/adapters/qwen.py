@@ -165,6 +165,14 @@ class QwenAdapter(VLMAdapter):
         return ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
                 f"<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n")
 
+    def turn_text(self, question: str) -> str:
+        """A later user turn of the chat template, after `answer<|im_end|>`."""
+        return f"\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+
+    def turn_end_id(self) -> int:
+        end = self._tokenizer().convert_tokens_to_ids("<|im_end|>")
+        return int(end) if isinstance(end, int) and end >= 0 else super().turn_end_id()
+
     # ---- checks -------------------------------------------------------------------------
     def unavailable_signal(self, req: SignalRequest) -> str | None:
         if req.kind in NO_CLS_SIGNALS:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import tracemalloc
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -43,9 +43,15 @@ class RunReport:
     attn_implementation: str = "sdpa"
     peak_memory_above_start_bytes: int | None = None  # CUDA: peak minus what was allocated before (the weights)
     visual_tokens_full_per_sample: list[int] = field(default_factory=list)  # image tokens before pruning
+    ttft_ms: float = 0.0  # time to first token: from the generate call (inputs encoded) to the first token id on the host
+    # per sample, the run's Keep actions as tensors, for a replay on another prompt (nuwa_graph/replay.py);
+    # not part of to_dict()
+    keeps: list[list[Any]] = field(default_factory=list, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(replace(self, keeps=[]))
+        out.pop("keeps")
+        return out
 
 
 

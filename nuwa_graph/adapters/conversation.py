@@ -1,0 +1,118 @@
+"""Several questions about one image: continuing a pruned run's KV cache turn after turn.
+
+    conv = Conversation()
+    first = adapter.generate(pipe, images, questions_1, conversation=conv)   # prunes, keeps the cache
+    second = adapter.generate(pipe, images, questions_2, conversation=conv)  # feeds turn 2 to that cache
+
+The first call is an ordinary run (the pipeline prunes, the KV cache is kept). Each later call
+appends, per sample, what the cache lacks of the previous answer (its last token, which was
+never fed, and the end-of-answer token where the answer was cut by `max_new_tokens`) and the
+family's text for the next user turn (`FamilyHooks.turn_text`), runs those tokens through the
+LLM over the cache (the image's kept tokens and their keys and values are reused, nothing is
+pruned again), and decodes. Tokens a sample was fed after it had finished (a batch decodes
+until every sample stops) are masked out, and positions continue from each sample's own last
+real token, so turn t equals a cache-free recompute of the same token ids with turn 1's
+pruning replayed (tests/test_multiturn.py checks it).
+
+`Conversation.history[b]` holds the token ids appended after sample b's first prompt, so that
+"prune again" (a fresh run over the whole conversation) can be given the same tokens
+(`generate(..., prompt_ids=history)`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import RunError
+from .state import AdapterRun
+
+if TYPE_CHECKING:
+    from .generation import Generation
+    from .report import RunReport
+
+
+class Conversation:
+    """The state a multi-turn exchange carries between `generate` calls (one batch of images)."""
+
+    def __init__(self) -> None:
+        self.run: AdapterRun | None = None
+        self.cache: Any = None
+        self.turns = 0
+        self.answers: list[list[int]] = []  # the last turn's generated ids per sample
+        self.steps = 0  # decoding steps fed to the cache in the last turn
+        self.history: list[list[int]] = []  # per sample: every id after the first prompt, fed or to feed
+
+    @property
+    def active(self) -> bool:
+        return self.run is not None
+
+    def keep(self, r: AdapterRun, cache: Any, new_tokens: list[list[int]], steps: int, rep: RunReport) -> None:
+        """Called by `generate` at the end of a turn."""
+        if self.turns and rep.flops:
+            rep.flops = [{"unavailable": f"turn {self.turns + 1} continues the KV cache: its prefill is the new "
+                                         f"tokens only, which nuwa_graph/flops.py does not count"}] * r.B
+        self.run, self.cache, self.steps = r, cache, steps
+        self.answers = [list(t) for t in new_tokens]
+        if not self.history:
+            self.history = [[] for _ in range(r.B)]
+        self.turns += 1
+
+    def next_ids(self, adapter: Generation, texts: list[str]) -> list[list[int]]:
+        """Per sample: the finished answer (ended by the family's end-of-answer token) and the
+        next user turn, as token ids (what `history` gains)."""
+        eos = adapter._eos_ids()
+        end = adapter.turn_end_id()
+        out = []
+        for toks, text in zip(self.answers, texts):
+            cut = next((i + 1 for i, t in enumerate(toks) if t in eos), None)
+            answer = toks[:cut] if cut is not None else toks + [end]
+            out.append(answer + adapter.turn_ids(text))
+        return out
+
+    def extend(self, adapter: Generation, r: AdapterRun, texts: list[str]) -> tuple[torch.Tensor, Any]:
+        """Feed the next turn to the cache (called by `generate` inside its session); returns
+        (logits of the last position (B, 1, V), the cache)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if len(texts) != r.B:
+            raise RunError(f"{len(texts)} questions for a conversation of {r.B} samples; give one per sample")
+        new = self.next_ids(adapter, texts)
+        # tokens already in the cache: the answer's first min(len, steps) ids (the last sampled one is never fed)
+        fed = [min(len(a), self.steps) for a in self.answers]
+        chunks = [n[f:] for n, f in zip(new, fed)]
+        for b in range(r.B):
+            self.history[b] += new[b]
+        q = max(len(c) for c in chunks)
+        B, dev = r.B, adapter.device
+        steps = torch.arange(self.steps)
+        ids = torch.full((B, q), adapter.pad_id(), dtype=torch.long)
+        chunk_valid = torch.zeros(B, q, dtype=torch.bool)
+        for b, c in enumerate(chunks):
+            ids[b, q - len(c):] = torch.tensor(c, dtype=torch.long)
+            chunk_valid[b, q - len(c):] = True
+        fed_valid = steps[None] < torch.tensor(fed)[:, None]  # (B, steps): a finished sample's later steps are masked
+        for seg in r.segments:
+            last = seg.pos[:, :, -1]  # (P, B) the prompt's last position (decoding went on from it)
+            step_pos = last[:, :, None] + 1 + steps
+            real_last = last + torch.tensor(fed)[None]  # each sample's last real position
+            # left padding inside the chunk: positions run so that the real tokens follow real_last
+            start = real_last - (q - chunk_valid.sum(1))[None]
+            chunk_pos = start[:, :, None] + 1 + torch.arange(q)
+            seg.valid = torch.cat([seg.valid, fed_valid, chunk_valid], dim=1)
+            seg.pos = torch.cat([seg.pos, step_pos.to(seg.pos), chunk_pos.to(seg.pos)], dim=2)
+            seg.key_valid = seg.valid.to(dev, copy=True)
+            seg.last_pos = start.to(dev, copy=True)
+            seg.step_tables = None
+        seg0 = r.segments[0]
+        r.phase = "decode"
+        r.step = -self.turns  # keys the layer hooks' tables of this chunk (decoding steps count from 0)
+        assert seg0.last_pos is not None and seg0.key_valid is not None
+        pos = seg0.last_pos[:, :, None] + 1 + torch.arange(q, device=dev)
+        out = adapter.text_model()(inputs_embeds=adapter.embed(ids.to(dev)), attention_mask=seg0.key_valid.long(),
+                                   position_ids=adapter.llm_position_ids(pos), cache=self.cache, use_cache=True)
+        logits = adapter.lm_head()(out.last_hidden_state[:, -1:])
+        for seg in r.segments:
+            seg.step_tables = None
+        return logits, self.cache
