@@ -199,10 +199,11 @@ def _dialog_task(adapter, run: EvalRun, task: Task, mode: str, batch: int, max_n
                 tally.add_batch(trec)
                 _first_sample(res, trec, chunk[0], grid_fn)
             turn_prefill.setdefault(t + 1, []).append(trec["prefill_ms"])
-            for b, s in enumerate(chunk):
+        for b, s in enumerate(chunk):  # predictions dialog by dialog, turn by turn
+            img = images[b] if images is not None else None
+            for t, trec in enumerate(rec["turns"]):
                 turn = s.turns[t]
                 answer = trec["answers"][b]
-                img = images[b] if images is not None else None
                 if turn.box is not None:
                     w, h = _size(s, img)
                     sc = grounding_score(answer, turn.box, w, h)

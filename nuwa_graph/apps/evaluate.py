@@ -109,7 +109,8 @@ def with_difficulty_filter(runs: list[EvalRun], name: str) -> list[EvalRun]:
     if name not in DIFFICULTY_FILTERS:
         raise EvalError(f"--difficulty {name!r}: the filter must be one of {', '.join(DIFFICULTY_FILTERS)}")
     have = {r.budget for r in runs if r.pipeline.name == name}
-    need = sorted({r.budget for r in runs if r.budget is not None} - have, key=str)
+    need = sorted({r.budget for r in runs if r.budget is not None} - have,
+                  key=lambda b: (0, b, "") if isinstance(b, (int, float)) else (1, 0, str(b)))
     if not need and not have:
         raise EvalError(f"--difficulty {name}: no evaluated pipeline has a budget, so there is no budget to run "
                         f"{name} at; evaluate budgeted pipelines (e.g. --set budget=64)")

@@ -28,7 +28,7 @@ table{border-collapse:collapse;margin:8px 0;font-variant-numeric:tabular-nums}
 th,td{border:1px solid #ddd;padding:3px 8px;text-align:right}th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
 .plot .frame{fill:#fff;stroke:#999}.plot .grid{stroke:#eee}.plot .tick,.plot .legend{font-size:11px;fill:#444}
 .plot .axis{font-size:12px;fill:#222}.plot .ptitle{font-size:13px;font-weight:600;fill:#222}
-.plot .frontier{fill:none;stroke:#000;stroke-width:1;stroke-dasharray:2 3}
+.plot .frontier{fill:none;stroke:#000;stroke-width:1;stroke-dasharray:2 3}.plot .frontier-point{fill:none;stroke:#000}
 .kept-grid{display:flex;flex-wrap:wrap;gap:16px}.kept figcaption{font-weight:600;margin-bottom:4px}
 .panels{display:flex;gap:8px}.stack{position:relative}
 .stack img,.stack .grid-overlay,.stack .noimg{position:absolute;left:0;top:0}

@@ -90,9 +90,10 @@ def plot(series: list[Series], title: str, x_label: str, y_label: str, frontier:
                f'text-anchor="middle">{escape(y_label)}</text>')
     if frontier:
         front = pareto([(p[0], p[1]) for s in series for p in s.points])
-        if len(front) > 1:
-            pts = " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in front)
-            out.append(f'<polyline points="{pts}" class="frontier"><title>Pareto frontier</title></polyline>')
+        pts = " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in front)
+        out.append(f'<polyline points="{pts}" class="frontier"><title>Pareto frontier</title></polyline>')
+        out += [f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="7" class="frontier-point"><title>on the Pareto frontier'
+                f'</title></circle>' for x, y in front]
     for i, s in enumerate(series):
         color = s.color or PALETTE[i % len(PALETTE)]
         dash = ' stroke-dasharray="6 4"' if s.dashed else ""
