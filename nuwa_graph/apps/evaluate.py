@@ -14,7 +14,12 @@ Metrics (see docs/evaluation.md):
   articles) against any reference answer;
 - per run: visual tokens per LLM layer (mean over samples) and their average, median prefill
   time per batch, and accuracy relative to the reference run in % (the pipeline named
-  `vanilla` if it is evaluated, else the first run).
+  `vanilla` if it is evaluated, else the first run);
+- loyalty to vanilla and the hard/easy split (loyalty.py), costs (efficiency.py), multi-turn
+  dialogs per turn (dialogs.py), question-agnostic runs (nuwa_graph/replay.py).
+
+The per-run loop is eval_batches.py; `with_vanilla`, `with_difficulty_filter` and
+`with_question_agnostic` add the runs those evaluations need.
 """
 
 from __future__ import annotations
@@ -311,5 +316,8 @@ __all__ = [
     "sweep_axis",
     "tokens_runs",
     "vqa_score",
+    "with_difficulty_filter",
+    "with_question_agnostic",
+    "with_vanilla",
     "write_results",
 ]
