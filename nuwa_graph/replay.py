@@ -110,11 +110,7 @@ class ReplayExecutor(Executor):
             issued.append([self._recompute(a, state.present[b], reader, b) if _merged_in_llm(a) else a
                            for a in here])
         state.timings["replay"] += time.perf_counter() - t0
-        for b in range(state.batch):
-            for act in issued[b]:
-                state.present[b] = act.ids
-            state.actions[b].extend(issued[b])
-        state.done_sites.append(site.name)
+        state.record(site, issued)
         return issued
 
     @staticmethod

@@ -115,6 +115,7 @@ def test_costs_of_a_real_run(tiny_llava, tiny_image):
 def test_question_agnostic_eval_twins_on_a_tiny_model(tiny_llava, tmp_path):
     tasks = load_data(sample_data(tmp_path / "data", n_images=2, seed=3))
     runs = with_question_agnostic(plan_runs([PIPELINES / "fastv.yaml", PIPELINES / "random.yaml"], {"budget": [128]}))
+    assert [r.label for r in runs] == ["fastv budget=128", "fastv budget=128 (question-agnostic)", "random budget=128"]
     res = evaluate(tiny_llava, runs, tasks, batch=2, max_new_tokens=2, warmup=False)
     by = {r["label"]: r for r in res["results"]}
     qa = by["fastv budget=128 (question-agnostic)"]
@@ -125,6 +126,38 @@ def test_question_agnostic_eval_twins_on_a_tiny_model(tiny_llava, tmp_path):
     assert qa["visual_tokens_per_layer"] == by["fastv budget=128"]["visual_tokens_per_layer"]
     assert res["settings"]["neutral_prompt"] == ""
     assert all(r["loyalty"] is None for r in res["results"])  # no vanilla in this eval: no reference
+
+
+def test_loyalty_and_the_split_on_a_tiny_model(tiny_llava, tmp_path):
+    tasks = load_data(sample_data(tmp_path / "data", n_images=3, seed=3))
+    runs = with_difficulty_filter(with_vanilla(plan_runs([PIPELINES / "random.yaml"], {"budget": [128]}))[0],
+                                  "downsample")
+    res = evaluate(tiny_llava, runs, tasks, batch=3, max_new_tokens=2, warmup=False, difficulty="downsample")
+    by = {r["label"]: r for r in res["results"]}
+    assert set(by) == {"random budget=128", "vanilla", "downsample budget=128 (filter)"}
+    assert by["vanilla"]["loyalty"]["rate"] == 1.0 and by["vanilla"]["loyalty"]["tasks"]["vqa"]["n"] == 3
+    for r in res["results"]:  # loyalty counts every sample, agreement by the rules above
+        van = {(p["task"], p["id"]): p for p in by["vanilla"]["predictions"]}
+        agree_n = sum(agree(p, van[(p["task"], p["id"])]) for p in r["predictions"] if p["task"] == "vqa")
+        assert r["loyalty"]["tasks"]["vqa"]["agree"] == agree_n
+    (split,) = res["difficulty"]["splits"]
+    filt = by["downsample budget=128 (filter)"]
+    assert split["counts"]["vqa"]["hard"] == sum(not p["correct"] for p in filt["predictions"] if p["task"] == "vqa")
+    side = by["random budget=128"]["difficulty"]["tasks"]["vqa"]
+    assert side["hard"]["n"] + side["easy"]["n"] == 3
+
+
+def test_cli_question_agnostic_on_a_tiny_model(tmp_path):
+    r = CliRunner().invoke(app, ["eval", str(PIPELINES / "fastv.yaml"), str(PIPELINES / "random.yaml"), "--model",
+                                 "tiny-llava", "--set", "budget=128", "--question-agnostic", "--neutral-prompt",
+                                 "describe the image", "--limit", "2", "--batch", "2", "--max-new-tokens", "2",
+                                 "-o", str(tmp_path / "ev")])
+    assert r.exit_code == 0, r.output
+    assert "fastv budget=128 (question-agnostic)" in r.output and "'describe the image'" in r.output
+    res = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert [x["label"] for x in res["results"]] == ["fastv budget=128", "fastv budget=128 (question-agnostic)",
+                                                    "random budget=128", "vanilla"]
+    assert res["settings"]["neutral_prompt"] == "describe the image"
 
 
 def test_cli_difficulty_prints_the_split_with_loyalty(tmp_path):
@@ -146,3 +179,7 @@ def test_cli_difficulty_prints_the_split_with_loyalty(tmp_path):
     assert res["results"][3]["loyalty"]["rate"] == 1.0
     csv = (tmp_path / "ev" / "results.csv").read_text().splitlines()
     assert "loyalty" in csv[0] and "vqa_hard_accuracy" in csv[0] and "ttft_ms" in csv[0]
+    # and the page of this embedded-model eval
+    page = CliRunner().invoke(app, ["report", str(tmp_path / "ev"), "-o", str(tmp_path / "r.html")])
+    html = (tmp_path / "r.html").read_text()
+    assert page.exit_code == 0 and html.count('<svg class="plot"') == 4 and "<h2>Hard samples</h2>" in html

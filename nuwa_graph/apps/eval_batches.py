@@ -86,6 +86,7 @@ class RunTally:
         self.flops: list[dict[str, Any]] = []
         self.costs: list[dict[str, Any]] = []
         self.neutral: list[dict[str, Any]] = []
+        self.turn_prefill: dict[str, dict[str, list[float]]] = {}  # dialog task -> turn -> prefill ms of its calls
 
     def add_batch(self, rec: dict[str, Any]) -> None:
         self.prefill.append(rec["prefill_ms"])
@@ -181,7 +182,7 @@ def _dialog_task(adapter, run: EvalRun, task: Task, mode: str, batch: int, max_n
     """Every dialog of `task` in `mode` (dialogs.py): predictions and scores per turn."""
     name = f"{task.kind}:{mode}"
     scores: list[dict[str, Any]] = []
-    turn_prefill: dict[int, list[float]] = {}
+    turn_prefill = tally.turn_prefill.setdefault(name, {})
     for chunk in turn_batches(task.samples, batch):
         key = Checkpoint.key(run, task, chunk) + f"#{mode}"
         rec = ckpt.get(key)
@@ -198,7 +199,7 @@ def _dialog_task(adapter, run: EvalRun, task: Task, mode: str, batch: int, max_n
             if mode == "prune" or t == 0:
                 tally.add_batch(trec)
                 _first_sample(res, trec, chunk[0], grid_fn)
-            turn_prefill.setdefault(t + 1, []).append(trec["prefill_ms"])
+            turn_prefill.setdefault(str(t + 1), []).append(trec["prefill_ms"])
         for b, s in enumerate(chunk):  # predictions dialog by dialog, turn by turn
             img = images[b] if images is not None else None
             for t, trec in enumerate(rec["turns"]):
@@ -218,7 +219,7 @@ def _dialog_task(adapter, run: EvalRun, task: Task, mode: str, batch: int, max_n
         if progress:
             progress(f"{run.label} [{name}]", len(chunk))
     summary = summarize(name, scores)
-    summary["prefill_ms_per_turn"] = {t: round(statistics.median(v), 3) for t, v in sorted(turn_prefill.items())}
+    summary["prefill_ms_per_turn"] = turn_medians(turn_prefill)
     res["tasks"][name] = summary
     scores_of[name] = scores
 
@@ -230,6 +231,11 @@ def full_mean(full_sum: float, n: int) -> float | int:
         return 0
     v = full_sum / n
     return int(v) if v == int(v) else round(v, 3)
+
+
+def turn_medians(per_turn: dict[str, list[float]]) -> dict[str, float]:
+    """Turn ("1", "2", ...) -> the median prefill ms of its generate calls."""
+    return {t: round(statistics.median(v), 3) for t, v in sorted(per_turn.items(), key=lambda kv: int(kv[0]))}
 
 
 def finish_run(res: dict[str, Any], tally: RunTally, scores_of: dict[str, list], raw: bool) -> dict[str, Any]:
@@ -246,5 +252,5 @@ def finish_run(res: dict[str, Any], tally: RunTally, scores_of: dict[str, list],
     if raw:
         res["raw"] = {"scores": scores_of, "per_layer_sum": tally.per_layer_sum, "avg_sum": tally.avg_sum,
                       "full_sum": tally.full_sum, "n": n, "prefill_ms": tally.prefill, "flops": tally.flops,
-                      "costs": tally.costs, "neutral": tally.neutral}
+                      "costs": tally.costs, "neutral": tally.neutral, "turn_prefill": tally.turn_prefill}
     return res

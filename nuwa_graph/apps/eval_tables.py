@@ -53,14 +53,29 @@ def accuracy_table(result: dict[str, Any]) -> Table:
     return table
 
 
+def split_rows(split: dict[str, Any]) -> tuple[list[str], str, list[tuple[str, list[str]]]]:
+    """One budget's hard/easy split as text: (tasks, the counts, per run its cells: accuracy on
+    the hard and the easy samples of each task, with correct / n)."""
+    tasks = list(split["counts"])
+    counts = "; ".join(f"{t}: {c['hard']} hard, {c['easy']} easy" for t, c in split["counts"].items())
+    rows = []
+    for label, per in split["runs"].items():
+        cells = []
+        for t in tasks:
+            for side in ("hard", "easy"):
+                s = (per.get(t) or {}).get(side) or {}
+                cells.append("-" if not s.get("n") else f"{_pct(s['accuracy'])} ({s['correct']}/{s['n']})")
+        rows.append((label, cells))
+    return tasks, counts, rows
+
+
 def difficulty_tables(result: dict[str, Any]) -> list[Table]:
     """One table per budget: each run's accuracy on the filter's hard and easy samples."""
     diff = result.get("difficulty") or {}
     by = {r["label"]: r for r in result["results"]}
     out = []
     for split in diff.get("splits", []):
-        tasks = list(split["counts"])
-        counts = "; ".join(f"{t}: {c['hard']} hard, {c['easy']} easy" for t, c in split["counts"].items())
+        tasks, counts, rows = split_rows(split)
         table = Table(title=f"hard samples at budget {split['budget']}: what {escape(split['filter'])} gets wrong "
                             f"({counts})")
         table.add_column("run", overflow="fold")
@@ -68,31 +83,20 @@ def difficulty_tables(result: dict[str, Any]) -> list[Table]:
             table.add_column(f"{t} hard", justify="right")
             table.add_column(f"{t} easy", justify="right")
         table.add_column("loyalty", justify="right")
-        for label, per in split["runs"].items():
-            cells = [escape(label)]
-            for t in tasks:
-                for side in ("hard", "easy"):
-                    s = (per.get(t) or {}).get(side) or {}
-                    cells.append("-" if not s.get("n") else f"{_pct(s['accuracy'])} ({s['correct']}/{s['n']})")
-            cells.append(_pct(((by.get(label) or {}).get("loyalty") or {}).get("rate")))
-            table.add_row(*cells)
+        for label, cells in rows:
+            table.add_row(escape(label), *cells, _pct(((by.get(label) or {}).get("loyalty") or {}).get("rate")))
         out.append(table)
     return out
 
 
-def turn_table(result: dict[str, Any]) -> Table | None:
-    """Accuracy per turn of every dialog task and mode."""
+def turn_rows(result: dict[str, Any]) -> tuple[int, list[list[str]]]:
+    """Accuracy per turn of every dialog task and mode as text: (turns, rows of run, task, the
+    accuracy of each turn, loyalty, the median prefill ms of each turn)."""
     keys = [k for k in task_keys(result) if k.startswith("dialog")]
     if not keys:
-        return None
-    turns = max(len(r["tasks"][k].get("per_turn", [])) for r in result["results"] for k in keys if k in r["tasks"])
-    table = Table(title="multi-turn: accuracy per turn (reuse = the first turn's kept tokens and KV cache; "
-                        "prune = pruned again each turn)")
-    table.add_column("run", overflow="fold")
-    table.add_column("task", overflow="fold")
-    for t in range(1, turns + 1):
-        table.add_column(f"turn {t}", justify="right")
-    table.add_column("loyalty", justify="right")
+        return 0, []
+    n = max(len(r["tasks"][k].get("per_turn", [])) for r in result["results"] for k in keys if k in r["tasks"])
+    rows = []
     for r in result["results"]:
         for k in keys:
             t = r["tasks"].get(k)
@@ -100,8 +104,23 @@ def turn_table(result: dict[str, Any]) -> Table | None:
                 continue
             per = {p["turn"]: p for p in t.get("per_turn", [])}
             loy = (((r.get("loyalty") or {}).get("tasks") or {}).get(k) or {}).get("rate")
-            table.add_row(escape(r["label"]), escape(k),
-                          *[_pct(per[i]["accuracy"]) if i in per else "-" for i in range(1, turns + 1)], _pct(loy))
+            pre = " / ".join(f"{v:g}" for v in (t.get("prefill_ms_per_turn") or {}).values())
+            rows.append([r["label"], k] + [_pct(per[i]["accuracy"]) if i in per else "-" for i in range(1, n + 1)]
+                        + [_pct(loy), pre])
+    return n, rows
+
+
+def turn_table(result: dict[str, Any]) -> Table | None:
+    """Accuracy per turn of every dialog task and mode."""
+    n, rows = turn_rows(result)
+    if not rows:
+        return None
+    table = Table(title="multi-turn: accuracy per turn (reuse = the first turn's kept tokens and KV cache; "
+                        "prune = pruned again each turn)")
+    for col in ["run", "task"] + [f"turn {t}" for t in range(1, n + 1)] + ["loyalty", "prefill ms per turn"]:
+        table.add_column(col, justify="left" if col in ("run", "task") else "right", overflow="fold")
+    for row in rows:
+        table.add_row(*[escape(c) for c in row])
     return table
 
 
@@ -137,8 +156,7 @@ def print_tables(result: dict[str, Any], console: Console) -> None:
         console.print(f"  {escape(line)}", highlight=False)
     agnostic = [r for r in result["results"] if r.get("question_agnostic")]
     if agnostic:
-        console.print(f"question-agnostic runs pruned from the neutral prompt "
-                      f"{result['settings'].get('neutral_prompt', '')!r} (question removed, chat template kept); "
-                      f"what saw it instead of the question:", highlight=False)
+        console.print(f"question-agnostic runs pruned with {result['settings'].get('neutral_prompt', '')!r} in the "
+                      f"chat template instead of the question; what read it:", highlight=False)
         for r in agnostic:
             console.print(f"  {escape(r['label'])}: {escape(', '.join(r.get('prompt_signals') or []))}", highlight=False)

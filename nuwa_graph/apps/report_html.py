@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .efficiency import cost_cells
-from .eval_tables import task_keys
+from .eval_tables import split_rows, task_keys, turn_rows
 from .loyalty import run_budget
 from .report_svg import Series, image_data_uri, kept_picture, plot
 from .scoring import tokens_runs
@@ -115,40 +115,23 @@ def difficulty_section(result: dict[str, Any]) -> str:
         return ""
     parts = [f"<h2>Hard samples</h2><p>{escape(diff.get('rule', ''))}.</p>"]
     for split in diff["splits"]:
-        tasks = list(split["counts"])
-        counts = "; ".join(f"{t}: {c['hard']} hard, {c['easy']} easy" for t, c in split["counts"].items())
-        head = ["run"] + [f"{t} {side} %" for t in tasks for side in ("hard", "easy")]
-        rows = []
-        for label, per in split["runs"].items():
-            cells = [escape(label)]
-            for t in tasks:
-                for side in ("hard", "easy"):
-                    s = (per.get(t) or {}).get(side) or {}
-                    cells.append("-" if not s.get("n") else f"{_pct(s['accuracy'])} ({s['correct']}/{s['n']})")
-            rows.append(cells)
+        tasks, counts, rows = split_rows(split)
+        head = ["run"] + [f"{t} {side}" for t in tasks for side in ("hard", "easy")]
         parts.append(f"<h3>budget {escape(str(split['budget']))}: filter {escape(split['filter'])} "
-                     f"({escape(counts)})</h3>" + _table(head, rows, "difficulty"))
+                     f"({escape(counts)})</h3>"
+                     + _table(head, [[escape(label)] + [escape(c) for c in cells] for label, cells in rows],
+                              "difficulty"))
     return "".join(parts)
 
 
 def turns_section(result: dict[str, Any]) -> str:
-    keys = [k for k in task_keys(result) if k.startswith("dialog")]
-    if not keys:
+    n, rows = turn_rows(result)
+    if not rows:
         return ""
-    n = max(len(r["tasks"][k].get("per_turn", [])) for r in result["results"] for k in keys if k in r["tasks"])
-    head = ["run", "task"] + [f"turn {t} %" for t in range(1, n + 1)] + ["prefill ms per turn"]
-    rows = []
-    for r in result["results"]:
-        for k in keys:
-            t = r["tasks"].get(k)
-            if t is None:
-                continue
-            per = {p["turn"]: p for p in t.get("per_turn", [])}
-            pre = " / ".join(f"{v:g}" for v in (t.get("prefill_ms_per_turn") or {}).values())
-            rows.append([escape(r["label"]), escape(k)] + [_pct(per[i]["accuracy"]) if i in per else "-"
-                                                           for i in range(1, n + 1)] + [escape(pre)])
+    head = ["run", "task"] + [f"turn {t} %" for t in range(1, n + 1)] + ["loyalty %", "prefill ms per turn"]
     return ("<h2>Multi-turn</h2><p>reuse: later turns continue the first turn's KV cache (its kept tokens); "
-            "prune: every turn is a fresh run over the conversation, pruned again.</p>" + _table(head, rows, "turns"))
+            "prune: every turn is a fresh run over the conversation, pruned again.</p>"
+            + _table(head, [[escape(c) for c in row] for row in rows], "turns"))
 
 
 def cost_section(result: dict[str, Any]) -> str:
@@ -192,9 +175,10 @@ def render(result: dict[str, Any], source: str = "") -> str:
     qa = [r for r in result["results"] if r.get("question_agnostic")]
     qa_note = ""
     if qa:
-        qa_note = (f"<p class=\"qa\">Question-agnostic runs pruned from the neutral prompt "
-                   f"<code>{escape(repr(st.get('neutral_prompt', '')))}</code> (the question removed, the chat template "
-                   f"kept), then answered the full prompt over the kept tokens. What saw the neutral prompt: "
+        qa_note = (f"<p class=\"qa\">Question-agnostic runs pruned with the neutral prompt "
+                   f"<code>{escape(repr(st.get('neutral_prompt', '')))}</code> in the chat template instead of the "
+                   f"question (empty: the question removed), then answered the full prompt over the kept tokens. "
+                   f"What read the neutral prompt: "
                    + "; ".join(f"{escape(r['label'])}: {escape(', '.join(r.get('prompt_signals') or []))}" for r in qa)
                    + "</p>")
     body = [f"<h1>nuwa-graph eval report</h1><p class=\"meta\">model <code>{escape(result.get('model', ''))}</code> "

@@ -30,6 +30,7 @@ from typing import Any
 from ..flops import mean_flops
 from .efficiency import summarize_costs
 from .errors import EvalError
+from .eval_batches import turn_medians
 from .evaluate import add_relative, analyse, full_mean, reference_index
 from .scoring import summarize
 from .tasks import Task
@@ -214,6 +215,12 @@ def merge(shards: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, list[
         for kind in keys:
             scores = [sc for p in parts for sc in p["raw"]["scores"].get(kind, [])]
             run["tasks"][kind] = summarize(kind.split("#")[0], scores)
+            turns: dict[str, list[float]] = {}
+            for p in parts:  # a dialog task's prefill per turn: the median over all shards' calls
+                for t, ms in p["raw"].get("turn_prefill", {}).get(kind, {}).items():
+                    turns.setdefault(t, []).extend(ms)
+            if turns:
+                run["tasks"][kind]["prefill_ms_per_turn"] = turn_medians(turns)
         for kind in keys:  # single-process order: task by task, shard by shard
             run["predictions"] += [pr for p in parts for pr in p["predictions"] if pr["task"] == kind]
         accs = [t["accuracy"] for t in run["tasks"].values()]
