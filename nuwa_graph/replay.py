@@ -31,11 +31,11 @@ from .context import Keep
 from .errors import RunError
 from .executor import Executor, RunState
 from .pipeline import Pipeline
-from .signals import SignalRequest
+from .signals import KINDS, PreLLMVisual, SignalRequest, _VisionLayer, _VisionRange
 from .sites import Site
 from .types import Tokens
 
-#: signal kinds whose value depends on the prompt's text, and how
+#: how the signal kinds of signals.py depend on the prompt's text (docs/evaluation.md)
 PROMPT_SIGNALS: dict[str, str] = {
     "pre_llm.text": "the embeddings of the text after the image",
     "llm.attention": "attention rows of the prompt's text tokens (the last one, or all after the image)",
@@ -44,16 +44,24 @@ PROMPT_SIGNALS: dict[str, str] = {
 }
 
 
+def reads_prompt(kind: str) -> bool:
+    """Whether a signal kind may depend on the prompt's text. Only the vision tower's signals
+    (the vision-layer kinds) and the projected visual tokens (`pre_llm.visual`) are known to
+    read the image alone; every other kind, one added later included, counts as reading the
+    prompt (a question-agnostic twin then runs: never a wrong 'question-agnostic by construction')."""
+    cls = KINDS.get(kind)
+    return cls is None or not issubclass(cls, (_VisionLayer, _VisionRange, PreLLMVisual))
+
+
 def prompt_signals(pipeline: Pipeline) -> list[str]:
-    """'kind at site' for every signal of `pipeline` that depends on the prompt's text (empty:
-    its pruning is question-agnostic by construction: it reads the image only)."""
+    """'kind(args) at site' for every signal of `pipeline` that may depend on the prompt's text
+    (empty: its pruning is question-agnostic by construction: it reads the image only)."""
     out: list[str] = []
     for node in pipeline.nodes.values():
         for req in node.requests():
-            if req.kind in PROMPT_SIGNALS:
-                what = f"{req.key} at {req.site}"
-                if what not in out:
-                    out.append(what)
+            what = f"{req.key} at {req.site}"
+            if reads_prompt(req.kind) and what not in out:
+                out.append(what)
     return out
 
 

@@ -11,7 +11,13 @@ import torch
 from nuwa_graph.context import Keep
 from nuwa_graph.errors import RunError
 from nuwa_graph.pipeline import load
-from nuwa_graph.replay import PROMPT_SIGNALS, ReplayExecutor, generate_question_agnostic, prompt_signals
+from nuwa_graph.replay import (
+    PROMPT_SIGNALS,
+    ReplayExecutor,
+    generate_question_agnostic,
+    prompt_signals,
+    reads_prompt,
+)
 from nuwa_graph.types import Mix, Tokens
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +47,14 @@ def _same_keeps(a: list[list[Keep]], b: list[list[Keep]]) -> bool:
 def test_prompt_signals_of_the_shipped_pipelines(name, reads_text):
     found = prompt_signals(load(PIPELINES / f"{name}.yaml"))
     assert bool(found) == reads_text, found
-    assert all(s.split("(")[0] in PROMPT_SIGNALS for s in found)
+    assert all(s.split("(")[0] in PROMPT_SIGNALS for s in found)  # the kinds docs/evaluation.md describes
+
+
+def test_unknown_or_text_kinds_count_as_reading_the_prompt():
+    assert not reads_prompt("vision.cls_attention") and not reads_prompt("vision.hidden_mean")
+    assert not reads_prompt("pre_llm.visual")
+    assert reads_prompt("pre_llm.text") and reads_prompt("llm.hidden") and reads_prompt("external")
+    assert reads_prompt("vision.some_kind_added_later")  # conservative: a twin runs
 
 
 # --- replay is exact on the same prompt ---------------------------------------------------------------

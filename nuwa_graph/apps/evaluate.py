@@ -31,7 +31,7 @@ from typing import Any
 
 from ..errors import PipelineError
 from ..pipeline import Pipeline, load
-from ..replay import NEUTRAL_PROMPT, PROMPT_SIGNALS, prompt_signals
+from ..replay import NEUTRAL_PROMPT, prompt_signals, reads_prompt
 from ..resources import shipped_pipeline
 from ..world.shapes import GROUNDING_TEMPLATE
 from .dialogs import MODES
@@ -220,7 +220,7 @@ def evaluate(adapter, runs: list[EvalRun], tasks: list[Task], batch: int = 8, ma
                                               vqa_prompt, progress, ckpt, prompt_fn, score_fn, raw, neutral_prompt,
                                               turn_modes, grid_fn)
             # what its pruning read of the prompt's text (a question-agnostic run: of the neutral prompt)
-            res["prompt_signals"] = [x for x in res.get("signals", []) if x.split("(")[0] in PROMPT_SIGNALS]
+            res["prompt_signals"] = [x for x in res.get("signals", []) if reads_prompt(x.split("(")[0])]
             results.append(finish_run(res, tally, scores, raw))
     finally:
         ckpt.close()
