@@ -149,22 +149,23 @@ def test_loyalty_and_the_split_on_a_tiny_model(tiny_llava, tmp_path):
 
 def test_cli_question_agnostic_on_a_tiny_model(tmp_path):
     r = CliRunner().invoke(app, ["eval", str(PIPELINES / "fastv.yaml"), str(PIPELINES / "random.yaml"), "--model",
-                                 "tiny-llava", "--set", "budget=128", "--question-agnostic", "--neutral-prompt",
+                                 "tiny-llava", "--set", "budget=128", "--question-agnostic", "--no-vanilla", "--neutral-prompt",
                                  "describe the image", "--limit", "2", "--batch", "2", "--max-new-tokens", "2",
                                  "-o", str(tmp_path / "ev")])
     assert r.exit_code == 0, r.output
     assert "fastv budget=128 (question-agnostic)" in r.output and "'describe the image'" in r.output
     res = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert [x["label"] for x in res["results"]] == ["fastv budget=128", "fastv budget=128 (question-agnostic)",
-                                                    "random budget=128", "vanilla"]
+                                                    "random budget=128"]  # --no-vanilla: no reference added
+    assert "added pipelines/vanilla.yaml" not in r.output
     assert res["settings"]["neutral_prompt"] == "describe the image"
 
 
 def test_cli_difficulty_prints_the_split_with_loyalty(tmp_path):
-    """The issue's command, on 4 + 4 samples of the built-in set (the embedded model)."""
+    """The issue's command, on 3 + 3 samples of the built-in set (the embedded model)."""
     r = CliRunner().invoke(app, ["eval", str(PIPELINES / "nuwa.yaml"), str(PIPELINES / "random.yaml"),
-                                 str(PIPELINES / "downsample.yaml"), "--difficulty", "downsample", "--limit", "4",
-                                 "--batch", "4", "--max-new-tokens", "5", "-o", str(tmp_path / "ev")])
+                                 str(PIPELINES / "downsample.yaml"), "--difficulty", "downsample", "--limit", "3",
+                                 "--batch", "3", "--max-new-tokens", "5", "-o", str(tmp_path / "ev")])
     assert r.exit_code == 0, r.output
     out = r.output
     assert "added pipelines/vanilla.yaml as the reference" in out
@@ -173,7 +174,7 @@ def test_cli_difficulty_prints_the_split_with_loyalty(tmp_path):
     res = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert [x["label"] for x in res["results"]] == ["nuwa", "random", "downsample", "vanilla"]
     (split,) = res["difficulty"]["splits"]
-    assert split["filter"] == "downsample" and sum(split["counts"]["vqa"].values()) == 4
+    assert split["filter"] == "downsample" and sum(split["counts"]["vqa"].values()) == 3
     for x in res["results"]:
         assert 0.0 <= x["loyalty"]["rate"] <= 1.0 and x["efficiency"]["ttft_ms"]["median"] > 0
     assert res["results"][3]["loyalty"]["rate"] == 1.0
