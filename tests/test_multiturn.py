@@ -174,3 +174,23 @@ def test_continuation_matches_the_stored_history_tokens(tiny_llava, tiny_image):
     assert conv.history[0] == answer + tiny_llava.turn_ids("what shape ?")
     assert tiny_llava.turn_text("q") == "USER: q ASSISTANT:"
     assert torch.is_tensor(conv.run.segments[0].valid)
+
+
+def test_a_conversation_keeps_its_pipeline_and_cuts_answers_at_their_end(tiny_llava, tiny_image):
+    """An answer is kept up to its first end-of-sequence token (ids a sample was fed after it are
+    masked in the cache); one cut by max_new_tokens is closed with the end-of-answer token."""
+    from nuwa_graph.errors import RunError
+
+    pipe = load(PIPELINES / "fastv.yaml", {"budget": 128})
+    conv = Conversation()
+    tiny_llava.generate(pipe, [tiny_image], ["what color ?"], max_new_tokens=3, conversation=conv)
+    end = tiny_llava.turn_end_id()
+    saved = conv.answers
+    conv.answers = [[5, end, 7, 8], [5, 6]]
+    assert conv._answers(tiny_llava) == [([5, end], 2), ([5, 6, end], 2)]
+    conv.answers = saved
+    with pytest.raises(RunError, match="continues with that pipeline"):
+        tiny_llava.generate(load(PIPELINES / "random.yaml", {"budget": 128}), [tiny_image], ["more ?"],
+                            conversation=conv)
+    with pytest.raises(RunError, match="2 questions for a conversation of 1 samples"):
+        tiny_llava.generate(pipe, [tiny_image], ["a ?", "b ?"], conversation=conv)

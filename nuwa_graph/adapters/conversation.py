@@ -59,28 +59,37 @@ class Conversation:
             self.history = [[] for _ in range(r.B)]
         self.turns += 1
 
-    def next_ids(self, adapter: Generation, texts: list[str]) -> list[list[int]]:
-        """Per sample: the finished answer (ended by the family's end-of-answer token) and the
-        next user turn, as token ids (what `history` gains)."""
+    def _answers(self, adapter: Generation) -> list[tuple[list[int], int]]:
+        """Per sample: (the answer as the conversation keeps it: cut after its first end-of-
+        sequence token, else closed with the family's end-of-answer token; how many of the
+        generated ids it keeps)."""
         eos = adapter._eos_ids()
         end = adapter.turn_end_id()
         out = []
-        for toks, text in zip(self.answers, texts):
+        for toks in self.answers:
             cut = next((i + 1 for i, t in enumerate(toks) if t in eos), None)
-            answer = toks[:cut] if cut is not None else toks + [end]
-            out.append(answer + adapter.turn_ids(text))
+            out.append((toks[:cut], cut) if cut is not None else (toks + [end], len(toks)))
         return out
 
-    def extend(self, adapter: Generation, r: AdapterRun, texts: list[str]) -> tuple[torch.Tensor, Any]:
+    def next_ids(self, adapter: Generation, texts: list[str]) -> list[list[int]]:
+        """Per sample: the finished answer and the next user turn, as token ids (what `history`
+        gains)."""
+        return [answer + adapter.turn_ids(text) for (answer, _), text in zip(self._answers(adapter), texts)]
+
+    def extend(self, adapter: Generation, r: AdapterRun, texts: list[str], pipeline=None) -> tuple[torch.Tensor, Any]:
         """Feed the next turn to the cache (called by `generate` inside its session); returns
         (logits of the last position (B, 1, V), the cache)."""
         if isinstance(texts, str):
             texts = [texts]
         if len(texts) != r.B:
             raise RunError(f"{len(texts)} questions for a conversation of {r.B} samples; give one per sample")
+        if pipeline is not None and pipeline.name != r.ex.pipeline.name:
+            raise RunError(f"this conversation was pruned by {r.ex.pipeline.name!r}; it continues with that pipeline "
+                           f"(got {pipeline.name!r}); start a new Conversation for another")
         new = self.next_ids(adapter, texts)
-        # tokens already in the cache: the answer's first min(len, steps) ids (the last sampled one is never fed)
-        fed = [min(len(a), self.steps) for a in self.answers]
+        # generated ids the cache holds and keeps: the answer's first ids (the last sampled one is never fed;
+        # ids after an end-of-sequence token, fed while other samples went on, are masked)
+        fed = [min(kept, self.steps) for _, kept in self._answers(adapter)]
         chunks = [n[f:] for n, f in zip(new, fed)]
         for b in range(r.B):
             self.history[b] += new[b]

@@ -224,7 +224,8 @@ class Generation(HookSession):
         with self.session(r), mem:
             sync(self.device)
             t0 = time.perf_counter()
-            logits, cache = conversation.extend(self, r, prompts) if resume else self._prefill(r, use_cache=True)
+            logits, cache = (conversation.extend(self, r, prompts, pipeline) if resume
+                             else self._prefill(r, use_cache=True))
             sync(self.device)
             prefill_s = time.perf_counter() - t0
             r.phase = "decode"
