@@ -63,7 +63,7 @@ def test_the_page_holds_every_section_and_fetches_nothing(evaluated):
     out, res, res_d = evaluated
     html = render(res, "results.json")
     assert html.count('<svg class="plot"') == 4  # grounding and VQA: vs budget and vs FLOPs
-    assert html.count('class="frontier"') == 2 and 'class="frontier-point"' in html  # one per FLOPs plot
+    assert html.count('class="frontier"') == 4 and 'class="frontier-point"' in html  # one per plot
     for section in ("Accuracy, % of vanilla and loyalty", "Hard samples", "Costs", "Kept tokens"):
         assert f"<h2>{section}</h2>" in html
     assert "question-agnostic" in html and "by construction" in html and "fastv budget=128 (question-agnostic)" in html

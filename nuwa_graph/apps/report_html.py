@@ -87,7 +87,8 @@ def task_plots(result: dict[str, Any], task: str) -> str:
             scatter.setdefault(name, Series(name, [], lines=True)).points.append(
                 (gf / 1e9, acc, f"{r['label']}: {acc:.1f} % at {gf / 1e9:.3g} GFLOPs"))
     xb = "budget (the pipelines' `budget` variable)" if use_budget else "visual tokens per LLM layer (measured)"
-    p1 = plot(list(by.values()) + refs, f"{task}: accuracy vs budget", xb, "accuracy (%)")
+    p1 = plot(list(by.values()) + refs, f"{task}: accuracy vs budget (Pareto frontier dotted)", xb, "accuracy (%)",
+              frontier=True)
     p2 = plot(list(scatter.values()), f"{task}: accuracy vs prefill FLOPs (Pareto frontier dotted)",
               "prefill GFLOPs per sample (counted)", "accuracy (%)", frontier=True)
     return f'<div class="plots">{p1}{p2}</div>'
