@@ -48,7 +48,8 @@ sys.path.insert(0, str(ROOT))
 from nuwa_graph import RunError, load  # noqa: E402
 from nuwa_graph.adapters import load_adapter  # noqa: E402
 from nuwa_graph.adapters.llava import LlavaAdapter  # noqa: E402
-from nuwa_graph.adapters.report import PeakMemory, sync  # noqa: E402
+from nuwa_graph.adapters.loading import to_dtype_as_loaded  # noqa: E402
+from nuwa_graph.adapters.report import PeakMemory, model_devices, sync  # noqa: E402
 from nuwa_graph.adapters.tiny import build_processor, synthetic_image  # noqa: E402
 
 LLAVA_METHODS = ["vanilla", "random", "downsample", "fastv", "fastv_fix", "pdrop", "sparsevlm", "sparsevlm_v2",
@@ -79,7 +80,7 @@ def random_llava(dtype, device, attn, args, seed: int = 0) -> LlavaAdapter:
                       vision_feature_layer=-2, vision_feature_select_strategy="default", pad_token_id=tok.pad_token_id)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = LlavaForConditionalGeneration(cfg).to(dtype).eval()
+        model = to_dtype_as_loaded(LlavaForConditionalGeneration(cfg), dtype).eval()  # RoPE tables stay float32
     model.generation_config.pad_token_id = tok.pad_token_id
     name = (f"random LLaVA (CLIP {args.vision_hidden}x{args.vision_layers} on 336 px = 576 tokens, "
             f"Llama {args.llm_hidden}x{args.llm_layers})")
@@ -99,7 +100,7 @@ def random_qwen(dtype, device, attn, args, seed: int = 0):
     proc = qwen_processor(tok, patch_size=14, merge_size=2, min_pixels=28 * 28, max_pixels=3000 * 28 * 28)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration(cfg).to(dtype).eval()
+        model = to_dtype_as_loaded(Qwen2_5_VLForConditionalGeneration(cfg), dtype).eval()
     name = (f"random Qwen2.5-VL (vision {args.vision_hidden}x{args.vision_layers}, windows 112 px, "
             f"LLM {args.llm_hidden}x{args.llm_layers})")
     return QwenAdapter(model, proc, name=name, dtype=dtype, device=device, attn_implementation=attn)
@@ -151,6 +152,7 @@ def bench_oracle(adapter, image, prompt, k: int, new_tokens: int, repeats: int):
     from transformers import DynamicCache
 
     model, dev = adapter.model, adapter.device
+    devices = model_devices(model, dev)  # every GPU of a --device-map model
     enc = adapter.encode([image], [prompt])
     ids = enc.input_ids[0].to(dev)
     where = (ids == model.config.image_token_id).nonzero().flatten()
@@ -159,9 +161,9 @@ def bench_oracle(adapter, image, prompt, k: int, new_tokens: int, repeats: int):
     lm, head, emb = model.model.language_model, model.lm_head, model.get_input_embeddings()
     rows = []
     for i in range(repeats + WARMUP):
-        mem = PeakMemory(dev)
+        mem = PeakMemory(devices)
         with mem:
-            sync(dev)
+            sync(devices)
             t0 = time.perf_counter()
             feats = model.model.get_image_features(pixel_values=pix).pooler_output[0][:k]
             e_ids = emb(ids)
@@ -169,7 +171,7 @@ def bench_oracle(adapter, image, prompt, k: int, new_tokens: int, repeats: int):
             cache = DynamicCache(config=model.config.text_config)
             out = lm(inputs_embeds=x, cache=cache, use_cache=True)
             logits = head(out.last_hidden_state[:, -1])
-            sync(dev)
+            sync(devices)
             prefill = (time.perf_counter() - t0) * 1e3
             n = x.shape[1]
             steps, t_dec = 0, 0.0
@@ -179,7 +181,7 @@ def bench_oracle(adapter, image, prompt, k: int, new_tokens: int, repeats: int):
                 pos = torch.full((1, 1), n + step, device=dev, dtype=torch.long)
                 out = lm(inputs_embeds=emb(nxt[:, None]), position_ids=pos, cache=cache, use_cache=True)
                 logits = head(out.last_hidden_state[:, -1])
-                sync(dev)
+                sync(devices)
                 t_dec += time.perf_counter() - t1
                 steps += 1
         if i >= WARMUP:

@@ -59,7 +59,12 @@ class HiddenNormParams(NodeParams):
 
 @register
 class HiddenNorm(Node[HiddenNormParams]):
-    """L2 norm of each patch's hidden state (Nüwa's L2NORM pillar score)."""
+    """L2 norm of each patch's hidden state (Nüwa's L2NORM pillar score).
+
+    Computed in the model's dtype, as the official runs compute it (float16, the LLaVA default
+    of `--dtype auto` on CUDA). In bfloat16 (8-bit mantissa) many norms tie and the kept set
+    moves against float32 (Jaccard 0.60 on the embedded model, issue 20); ties then follow
+    torch.topk on the device."""
 
     type_name = "scorer.hidden-norm"
     paper = "https://arxiv.org/abs/2602.02951"
@@ -107,6 +112,11 @@ class ClsAttentionSingleHead(Node[ClsQkParams]):
     differs in the last bits, which reorders near-equal scores and, on a uniform image,
     manufactures a one-ulp outlier where the official code finds none. The full product
     costs (n+1)^2 floats: about 1.3 MB for CLIP-L/336 (577 tokens), vision side only.
+
+    Like the official code, the product runs in the model's dtype (float16 in its runs) and is
+    scaled after it: over the full width (1024 for CLIP-L) it can overflow to inf in float16
+    sooner than the model's own per-head logits (then NaN after the softmax); bfloat16 does not
+    overflow but rounds more.
     """
 
     type_name = "scorer.cls-attention-qk"

@@ -25,6 +25,14 @@ unseeded `torch.rand(n) * 1e-6` to the densities. `tie_break` makes it explicit:
   named `noise_name` (the golden tests feed the recorded `cluster_noise`);
 - `index`: no noise; among equal densities the token earlier in the recycled list (the one
   with the higher relation score) counts as the denser one.
+
+Half precision follows the official code: DPC-KNN runs in the hidden states' dtype (float16
+in the official runs, the LLaVA default of `--dtype auto` on CUDA) and the noise is added in
+that dtype. 1e-6 is below the resolution of densities near 1 there (float16 steps by about
+5e-4, bfloat16 by 4e-3), so in half precision `seeded-noise` breaks only ties between small
+densities: the others follow torch.topk on the device (CUDA's tie order is not the CPU's), and
+`index_add_` uses atomics on CUDA (merged rows are not bitwise reproducible between runs).
+`index` is exact in every dtype.
 """
 
 from __future__ import annotations

@@ -35,6 +35,10 @@ class RunState:
     timings: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     order: list[str] = field(default_factory=list)
     done_sites: list[str] = field(default_factory=list)
+    # waits for the device's queued work; called around each node when set, so a node's time is
+    # its own work (on a GPU, work is queued: without it a node's first host read would be timed
+    # waiting for the model's layers before it, and its own kernels would be missed)
+    sync: Callable[[], None] | None = None
 
     def actions_at(self, site: Site) -> list[list[Keep]]:
         """Per sample, the Keep actions issued at `site`."""
@@ -87,6 +91,8 @@ class Executor:
         issued: list[list[Keep]] = [[] for _ in range(state.batch)]
         for name in self.by_site.get(site, []):
             node = self.pipeline.nodes[name]
+            if state.sync is not None:
+                state.sync()
             t0 = time.perf_counter()
             outs_per_sample = []
             for b in range(state.batch):
@@ -114,6 +120,8 @@ class Executor:
                 outs_per_sample.append(out_vals)
             for port in node.outputs:
                 state.values[(name, port)] = [o[port] for o in outs_per_sample]
+            if state.sync is not None:
+                state.sync()
             state.timings[name] += time.perf_counter() - t0
             state.order.append(name)
         state.record(site, issued)

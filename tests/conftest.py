@@ -17,6 +17,19 @@ def sample_path() -> Path:
     return DATA / "sample.yaml"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module of tiny-model runs: they gain nothing from intra-op
+    threads, and on a shared CPU idle threads spinning for their turn cost more than the work
+    (tests/test_virtual_devices.py: 6 min instead of 40 s under load 7)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_llava():
     """The `tiny-llava` preset adapter (fp32, CPU, seed 0), built once per test session."""

@@ -18,6 +18,8 @@ import torch
 
 from ..errors import RunError
 from .base import ADAPTERS, ATTN_IMPLEMENTATIONS, RunReport, VLMAdapter, check_attn_implementation, dtype_of, register_adapter
+from .family import indexed_device
+from .loading import to_dtype_as_loaded
 
 # model_type -> module that defines (and @register_adapter-s) its adapter
 FAMILY_MODULES = {
@@ -92,15 +94,30 @@ def _model_type(spec: str) -> str:
         raise RunError(f"cannot load model {spec!r} ({type(exc).__name__}: {first}); {_hint(exc)}") from None
 
 
+def auto_dtype(cls: type[VLMAdapter], device: str | torch.device) -> tuple[torch.dtype, str]:
+    """What `--dtype auto` means for a family on a device, and why: on CUDA the dtype the
+    family's official code runs (`official_dtype`: float16 for LLaVA, bfloat16 for
+    Qwen2.5-VL), elsewhere float32."""
+    if torch.device(device).type == "cuda":
+        return dtype_of(cls.official_dtype), (f"auto: {cls.official_dtype} on CUDA, as {cls.official_dtype_source} "
+                                              f"runs it")
+    return torch.float32, f"auto: float32 on {torch.device(device).type}"
+
+
 def load_adapter(model: str = "tiny-llava", dtype: str | torch.dtype = "float32", device: str = "cpu",
                  attn_implementation: str = "sdpa", device_map: str | dict | None = None) -> VLMAdapter:
     """An adapter for a preset name, local model directory or hub id (family from model_type).
 
+    `dtype`: float32 | bfloat16 | float16, or `auto`: on CUDA the dtype the family's official
+    code runs (float16 for LLaVA, bfloat16 for Qwen2.5-VL; `official_dtype`), else float32; the
+    adapter's `dtype_reason` says which (it goes into the run report).
     `attn_implementation` (sdpa | flash_attention_2 | eager): what the model's layers run
     (the rows a scorer reads are computed from q and k either way). `device_map` (e.g.
     'auto', needs accelerate) spreads a checkpoint over devices; checkpoints load straight
     onto `device` when accelerate is installed."""
-    dt = dtype_of(dtype)
+    auto = isinstance(dtype, str) and dtype.strip().lower() == "auto"
+    dt = torch.float32 if auto else dtype_of(dtype)
+    reason = "" if auto else f"{str(dt).replace('torch.', '')} as asked"
     check_attn_implementation(attn_implementation)
     try:
         torch.device(device)
@@ -116,11 +133,24 @@ def load_adapter(model: str = "tiny-llava", dtype: str | torch.dtype = "float32"
             raise RunError(f"preset {model!r} is not available ({exc})") from None
         if device_map is not None:
             raise RunError(f"device_map applies to checkpoints; preset {model!r} is built on --device {device}")
-        return factory(dtype=dt, device=device).set_attn_implementation(attn_implementation)
+        if not auto:
+            adapter = factory(dtype=dt, device=device)
+        else:  # the family is known once built: built in float32 on the CPU, then cast as a checkpoint loads
+            adapter = factory(dtype=torch.float32, device="cpu")
+            dt, reason = auto_dtype(type(adapter), device)
+            to_dtype_as_loaded(adapter.model, dt, device)
+            adapter.dtype, adapter.device = dt, indexed_device(device)
+        adapter.dtype_reason = reason
+        return adapter.set_attn_implementation(attn_implementation)
     mt = _model_type(model)
     cls = adapter_class(mt)
+    if auto:
+        dt, reason = auto_dtype(cls, device)
     try:
-        return cls.from_pretrained(model, dt, device, attn_implementation=attn_implementation, device_map=device_map)
+        adapter = cls.from_pretrained(model, dt, device, attn_implementation=attn_implementation,
+                                      device_map=device_map)
+        adapter.dtype_reason = reason
+        return adapter
     except RunError:
         raise
     except Exception as exc:  # noqa: BLE001 - broken config values, missing or corrupt weights, refused pickles, ...
@@ -133,4 +163,4 @@ def load_adapter(model: str = "tiny-llava", dtype: str | torch.dtype = "float32"
 
 
 __all__ = ["ADAPTERS", "ATTN_IMPLEMENTATIONS", "FAMILY_MODULES", "PRESETS", "RunReport", "VLMAdapter", "adapter_class",
-           "dtype_of", "load_adapter", "register_adapter"]
+           "auto_dtype", "dtype_of", "load_adapter", "register_adapter"]

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import RunError
+from .layout import decode_mask
 from .state import AdapterRun
 
 if TYPE_CHECKING:
@@ -114,12 +115,15 @@ class Conversation:
             seg.key_valid = seg.valid.to(dev, copy=True)
             seg.last_pos = start.to(dev, copy=True)
             seg.step_tables = None
+            seg.copies = {}  # the device copies of valid / pos are stale now
         seg0 = r.segments[0]
         r.phase = "decode"
         r.step = -self.turns  # keys the layer hooks' tables of this chunk (decoding steps count from 0)
         assert seg0.last_pos is not None and seg0.key_valid is not None
         pos = seg0.last_pos[:, :, None] + 1 + torch.arange(q, device=dev)
-        out = adapter.text_model()(inputs_embeds=adapter.embed(ids.to(dev)), attention_mask=seg0.key_valid.long(),
+        # the first segment's mask in the implementation's form, as the decoding steps build it
+        mask = adapter._impl_mask(decode_mask(seg0.key_valid, q), seg0.key_valid, adapter.dtype, seg0.padded)
+        out = adapter.text_model()(inputs_embeds=adapter.embed(ids.to(dev)), attention_mask=mask,
                                    position_ids=adapter.llm_position_ids(pos), cache=self.cache, use_cache=True)
         logits = adapter.lm_head()(out.last_hidden_state[:, -1:])
         for seg in r.segments:

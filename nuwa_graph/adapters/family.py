@@ -2,9 +2,10 @@
 
 Extension points (what a family subclass implements; LLaVA in llava.py is the example):
 
-- class attributes `family`, `model_types` (config.model_type values handled) and
-  `supported_signals` (the SIGNAL_KINDS this family can give); decorate the class with
-  `@register_adapter` so `load_adapter` finds it by model_type.
+- class attributes `family`, `model_types` (config.model_type values handled),
+  `supported_signals` (the SIGNAL_KINDS this family can give) and `official_dtype` /
+  `official_dtype_source` (what its official code runs on a GPU: `--dtype auto` on CUDA);
+  decorate the class with `@register_adapter` so `load_adapter` finds it by model_type.
 - `from_pretrained(cls, id_or_path, dtype, device)`: load model + processor (real hub
   code path; tests use tiny presets).
 - `text_model()`, `decoder_layers()`, `lm_head()`, `embed(ids)`; `rotary(h, pos)` if the
@@ -66,6 +67,12 @@ def check_attn_implementation(name: str) -> str:
     return name
 
 
+def indexed_device(device: str | torch.device) -> torch.device:
+    """`device` with its index: plain "cuda" is the current GPU (tensors on it say cuda:N)."""
+    d = torch.device(device)
+    return torch.device("cuda", torch.cuda.current_device()) if d.type == "cuda" and d.index is None else d
+
+
 def layer_variable_hint(pipe: Pipeline, site: Site) -> str:
     """'change K (now 40), e.g. --set K=...': the pipeline variables that put a node at `site`."""
     from ..validation import layer_variable_hint as hint
@@ -79,6 +86,10 @@ class FamilyHooks:
     family: ClassVar[str] = ""
     model_types: ClassVar[tuple[str, ...]] = ()
     supported_signals: ClassVar[frozenset[str]] = LLM_SIGNALS
+    #: the dtype the family's official code runs on a GPU (`--dtype auto` picks it on CUDA), and
+    #: where that is said
+    official_dtype: ClassVar[str] = "bfloat16"
+    official_dtype_source: ClassVar[str] = "the family's official code"
 
     def __init__(self, model: nn.Module, processor: Any, name: str = "", dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu", attn_implementation: str = "sdpa"):
@@ -86,7 +97,7 @@ class FamilyHooks:
         self.processor = processor
         self.name = name or self.family
         self.dtype = dtype
-        self.device = torch.device(device)
+        self.device = indexed_device(device)
         # layers no scorer reads run this implementation (sdpa | flash_attention_2 | eager)
         self.attn_implementation = check_attn_implementation(attn_implementation)
         self.attn_name = f"nuwa_rows_{self.family}_{next(_counter)}_{uuid.uuid4().hex[:6]}"

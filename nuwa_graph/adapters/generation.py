@@ -9,6 +9,7 @@ bound to the model (`bind_model`, an Executor, the checks) once per pipeline obj
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import torch
 
@@ -18,8 +19,8 @@ from ..executor import Executor
 from ..pipeline import Pipeline
 from ..replay import ReplayExecutor, recorded_keeps
 from ..sites import Site
-from .layout import Block, Segment, VisionOut, host_keeps
-from .report import PeakMemory, RunReport, build_report, kv_cache_bytes, sync
+from .layout import Block, Segment, VisionOut, columns, decode_mask, host_keeps
+from .report import PeakMemory, RunReport, build_report, kv_cache_bytes, model_devices, sync
 from .sampling import GREEDY, Sampling
 from .session import HookSession
 from .state import AdapterRun
@@ -30,6 +31,12 @@ BOUND_CACHE_SIZE = 32
 
 class Generation(HookSession):
     """Adapter layer: the run life cycle (`generate`, `forward_logits`)."""
+
+    #: on CUDA, synchronise every device of the model around each node, so `RunReport.node_ms`
+    #: is the nodes' own time (their GPU work included); False: no sync, host time only
+    sync_node_timing: bool = True
+    #: why the model runs in its dtype (set by load_adapter; shown in the run report)
+    dtype_reason: str = ""
 
     def _bind(self, pipeline: Pipeline) -> Executor:
         """An Executor for `pipeline` bound to this model, checked against it; made once per
@@ -66,14 +73,19 @@ class Generation(HookSession):
             if site not in r.sites:
                 continue
             assert r.state is not None
-            acts = host_keeps(r.ex.run_site(r.state, site, reader, r.seed))
+            on_device = r.ex.run_site(r.state, site, reader, r.seed)
+            acts = host_keeps(on_device)
             for b in range(r.B):
-                for act in acts[b]:
-                    r.blocks[b] = self._apply_pre_keep(r, b, act, vis)
+                for act, dev_act in zip(acts[b], on_device[b]):
+                    r.blocks[b] = self._apply_pre_keep(r, b, act, vis, dev_act.ids)
         for b in range(r.B):
             self._visual_block(r, b)
 
-    def _apply_pre_keep(self, r: AdapterRun, b: int, act: Keep, vis: VisionOut) -> Block:
+    def _apply_pre_keep(self, r: AdapterRun, b: int, act: Keep, vis: VisionOut,
+                        dev_ids: torch.Tensor | None = None) -> Block:
+        """The block after a Keep before the LLM. `act.ids` are on the host (checked there);
+        `dev_ids` are the same ids where the node made them, to gather the rows without a
+        copy of an index from the host (one gather, not one copy per kept token)."""
         ids = act.ids.long()
         if act.tokens is not None:  # new rows: the tokens present before are not needed
             vals = act.tokens.values
@@ -83,27 +95,42 @@ class Generation(HookSession):
                 rows = vals.to(self.device, self.dtype)
             else:
                 raise RunError(f"node {act.node!r}: unknown token space {act.tokens.space!r} (vision or llm)")
+            return self._block(r, b, act, ids, rows, dev_ids)
+        block = self._visual_block(r, b)
+        cls = vis.cls[b]
+        ok = torch.isin(ids, block.ids) | ((ids == -1) & (cls is not None))
+        if not bool(ok.all()):  # on the host: no sync
+            bad = ids[~ok][0].item()
+            raise RunError(f"node {act.node!r} keeps token {bad} at {act.site}, which is not present there")
+        dev = block.rows.device
+        dev_ids = dev_ids.to(dev).long() if dev_ids is not None else ids.to(dev)
+        if block.dev_ids is None and torch.equal(block.ids, torch.arange(block.ids.numel())):
+            at = dev_ids.clamp(min=0)  # the full block in raster order: a token's id is its row
         else:
-            block = self._visual_block(r, b)
-            where = {int(t): j for j, t in enumerate(block.ids.tolist())}
-            parts = []
-            for t in ids.tolist():
-                if t in where:
-                    parts.append(block.rows[where[t]])
-                elif t == -1 and (cls := vis.cls[b]) is not None:
-                    parts.append(self.project(cls.to(self.device, self.dtype)[None, None])[0, 0])
-                else:
-                    raise RunError(f"node {act.node!r} keeps token {t} at {act.site}, which is not present there")
-            rows = torch.stack(parts) if parts else block.rows[:0]
+            known = block.dev_ids if block.dev_ids is not None else block.ids.to(dev)
+            at = columns(known, dev_ids.clamp(min=0), check=False)
+            assert at is not None
+        rows = block.rows.index_select(0, at.clamp(max=max(block.rows.shape[0] - 1, 0))) if ids.numel() \
+            else block.rows[:0]
+        if cls is not None and bool((ids == -1).any()):  # the kept CLS row (id -1), projected
+            cls_row = self.project(cls.to(self.device, self.dtype)[None, None])[0, 0]
+            rows = torch.where((dev_ids == -1)[:, None], cls_row.to(rows), rows)
+        return self._block(r, b, act, ids, rows, dev_ids)
+
+    def _block(self, r: AdapterRun, b: int, act: Keep, ids: torch.Tensor, rows: torch.Tensor,
+               dev_ids: torch.Tensor | None) -> Block:
         layout = r.layouts[b]
         if act.positions is not None:
-            return Block(ids, rows, self.visual_positions(layout, ids, act.positions), act.positions.text_follows)
-        return Block(ids, rows, None, "compact")
+            return Block(ids, rows, self.visual_positions(layout, ids, act.positions), act.positions.text_follows,
+                         dev_ids)
+        return Block(ids, rows, None, "compact", dev_ids)
 
     def _assemble(self, r: AdapterRun) -> tuple[torch.Tensor, torch.Tensor, Segment]:
         """inputs_embeds (B, L, d), 2-D mask, and segment 0 for the LLM."""
         blocks = [self._visual_block(r, b) for b in range(r.B)]
         embs, poss, lens, img_idx, img_ids, post_start, n_text = [], [], [], [], [], [], []
+        text_ids = [torch.cat([lay.pre_ids, lay.post_ids]) for lay in r.layouts]
+        text_rows = self.embed(torch.cat(text_ids)).split([t.numel() for t in text_ids])  # one copy of the ids
         for b in range(r.B):
             lay, blk = r.layouts[b], blocks[b]
             k = blk.ids.numel()
@@ -113,8 +140,8 @@ class Generation(HookSession):
             if follows == "compact" and post.shape[1]:
                 top = vpos.max() if k else (lay.pos_pre.max() if lay.pos_pre.numel() else -1)
                 post = post - post[:, :1] + top + 1
-            ids_all = torch.cat([lay.pre_ids, lay.post_ids])
-            e = self.embed(ids_all)
+            ids_all = text_ids[b]
+            e = text_rows[b]
             npre = lay.pre_ids.numel()
             embs.append(torch.cat([e[:npre], blk.rows.to(e), e[npre:]]))
             poss.append(torch.cat([lay.pos_pre, vpos.to(lay.pos_pre), post], dim=1))
@@ -171,13 +198,20 @@ class Generation(HookSession):
         r.phase = "vision"
         vis = self.vision_forward(r)
         r.state = r.ex.start([self.geometry(r, b) for b in range(r.B)], device=self.device)
+        devices = model_devices(self.model, self.device)
+        if self.sync_node_timing and any(d.type == "cuda" for d in devices):
+            r.state.sync = partial(sync, devices)
         self._pre_llm(r, vis)
-        x, am, seg0 = self._assemble(r)
+        x, _, seg0 = self._assemble(r)
         r.segments = [seg0]
         cache = DynamicCache(config=self.text_model().config) if use_cache else None
         r.phase = "prefill"
-        out = self.text_model()(inputs_embeds=x, attention_mask=am.to(self.device),
-                                position_ids=self.llm_position_ids(seg0.pos).to(self.device),
+        on = seg0.on(self.device)  # mask and positions in one copy from the host
+        # unpadded and cached: no mask, which the stock model ends up with too (it skips an all-ones one
+        # after reading it: a host sync); without a cache the mask must stay, or transformers reads
+        # gapped position ids (PESP) as packed sequences
+        mask = None if cache is not None and not seg0.padded else on.valid.long()
+        out = self.text_model()(inputs_embeds=x, attention_mask=mask, position_ids=self.llm_position_ids(on.pos),
                                 cache=cache, use_cache=use_cache)
         hs = out.last_hidden_state
         logits = self.lm_head()(hs if all_logits else hs[:, -1:])
@@ -220,26 +254,31 @@ class Generation(HookSession):
         decode_s = 0.0
         ttft_s = 0.0
         steps = 0
-        mem = PeakMemory(self.device)
+        devices = model_devices(self.model, self.device)  # under a device_map: every GPU of the model
+        mem = PeakMemory(devices)
         with self.session(r), mem:
-            sync(self.device)
+            sync(devices)
             t0 = time.perf_counter()
             logits, cache = (conversation.extend(self, r, prompts, pipeline) if resume
                              else self._prefill(r, use_cache=True))
-            sync(self.device)
+            sync(devices)
             prefill_s = time.perf_counter() - t0
             r.phase = "decode"
             for seg in r.segments:  # decoding state lives on the device: no per-step copies
-                seg.key_valid = seg.valid.to(self.device, copy=True)
-                seg.last_pos = seg.pos[:, :, -1].to(self.device, copy=True)
+                on = seg.on(self.device)
+                seg.key_valid = on.valid.clone()
+                seg.last_pos = on.pos[:, :, -1].clone()
             # an unpadded first segment needs no mask in the steps (the stock model skips an
-            # all-ones one after reading it, a sync per step on a GPU), and one segment alone
+            # all-ones one after reading it, a sync per step on a GPU); a padded one gets its
+            # 4-D mask in the implementation's form, built on the device (the stock model would
+            # read the 2-D one to decide whether to skip it: a sync per step); one segment alone
             # (no llm.K prune) needs no layer hooks: the steps then run as the stock model's
-            unpadded = bool(r.segments[0].valid.all())  # on the host: no sync
+            unpadded = not r.segments[0].padded  # on the host: no sync
             growing = r.segments[1:] if unpadded else r.segments
             if len(r.segments) == 1:
                 self._release_layer_hooks()
             grow = torch.ones(r.B, 1, dtype=torch.bool, device=self.device)
+            out_dtype = self.dtype
             last_logits = logits[:, -1].float()
             for step in range(max_new_tokens):
                 if return_logits:
@@ -262,14 +301,15 @@ class Generation(HookSession):
                 assert seg0.key_valid is not None and seg0.last_pos is not None
                 pos0 = seg0.last_pos[:, :, None] + 1
                 r.step = step
-                mask0 = None if unpadded else seg0.key_valid.long()
+                mask0 = None if unpadded else self._impl_mask(decode_mask(seg0.key_valid, 1), seg0.key_valid,
+                                                              out_dtype, True)
                 out = self.text_model()(inputs_embeds=self.embed(nxt_dev[:, None]), attention_mask=mask0,
                                         position_ids=self.llm_position_ids(pos0), cache=cache, use_cache=True)
                 for seg in r.segments:
                     assert seg.last_pos is not None
                     seg.last_pos = seg.last_pos + 1
                 last_logits = self.lm_head()(out.last_hidden_state[:, -1]).float()
-                sync(self.device)
+                sync(devices)
                 decode_s += time.perf_counter() - t1
                 steps += 1
             r.phase = "idle"

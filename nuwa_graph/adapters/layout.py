@@ -97,6 +97,7 @@ class Block:
     rows: torch.Tensor  # (k, d_llm)
     positions: torch.Tensor | None = None  # (P, k) absolute, None = contiguous
     text_follows: str = "compact"
+    dev_ids: torch.Tensor | None = None  # `ids` on the rows' device (None: not made there yet)
 
 
 @dataclass
@@ -124,30 +125,87 @@ class Segment:
     replacements: list[dict[int, torch.Tensor]] = field(default_factory=list)  # per sample: slot -> row
     tables: dict[torch.device, tuple[Any, ...]] = field(default_factory=dict, repr=False)
     step_tables: tuple[Any, ...] | None = field(default=None, repr=False)  # (key, mask, (cos, sin), pos_ids)
+    copies: dict[torch.device, SegmentOn] = field(default_factory=dict, repr=False)
+
+    @property
+    def padded(self) -> bool:
+        """Whether some row has left padding (read on the host: no sync)."""
+        return not bool(self.valid.all())
+
+    def on(self, device: torch.device) -> SegmentOn:
+        """The segment's index tensors on `device`, moved in ONE host-to-device copy the first
+        time a device asks (a blocking copy is a host sync on a GPU), then reused."""
+        hit = self.copies.get(device)
+        if hit is None:
+            parts = [self.valid.reshape(-1), self.pos.reshape(-1), *self.img_idx, *self.img_ids]
+            slots = [torch.tensor(list(rows), dtype=torch.long) for rows in self.replacements]
+            parts += slots
+            if self.gather is not None:
+                parts.append(self.gather.reshape(-1))
+            flat = torch.cat([p.long().reshape(-1) for p in parts]).to(device)
+            it = iter(flat.split([p.numel() for p in parts]))
+            B = self.valid.shape[0]
+            valid = next(it).view(self.valid.shape) != 0
+            pos = next(it).view(self.pos.shape)
+            img_idx = [next(it) for _ in range(B)]
+            img_ids = [next(it) for _ in range(B)]
+            slot_rows = [next(it) for _ in slots]
+            gather = next(it).view(self.gather.shape) if self.gather is not None else None
+            hit = self.copies[device] = SegmentOn(valid, pos, img_idx, img_ids, gather, slot_rows)
+        return hit
 
 
-def columns(ids: torch.Tensor, present: torch.Tensor) -> torch.Tensor | None:
+@dataclass
+class SegmentOn:
+    """A Segment's index tensors on one device (`Segment.on`)."""
+
+    valid: torch.Tensor
+    pos: torch.Tensor
+    img_idx: list[torch.Tensor]
+    img_ids: list[torch.Tensor]
+    gather: torch.Tensor | None
+    slots: list[torch.Tensor]  # per sample: the slots of `replacements`, in its order
+
+
+def columns(ids: torch.Tensor, present: torch.Tensor, check: bool = True) -> torch.Tensor | None:
     """Index into `ids` of each token of `present` (same device; no Python lists), or None
-    when a token of `present` is not in `ids`."""
+    when a token of `present` is not in `ids` (`check=False`: not checked, no host sync; the
+    caller knows they are all there)."""
     if ids.numel() == 0:
         return None if present.numel() else present.long()
     order = torch.argsort(ids)
     at = torch.searchsorted(ids[order], present).clamp(max=ids.numel() - 1)
     cols = order[at]
-    return cols if bool((ids[cols] == present).all()) else None
+    return cols if not check or bool((ids[cols] == present).all()) else None
 
 
 def host_keeps(acts: list[list[Keep]]) -> list[list[Keep]]:
     """The Keep actions of one site with their ids and position plans on the CPU: the
-    adapter's layout bookkeeping is host-side and small; this is the one copy per site
-    (merged token values stay on the device)."""
-    def host(a: Keep) -> Keep:
+    adapter's layout bookkeeping is host-side and small; this is the one copy per site (one
+    per dtype: ids and offsets of every action of every sample travel together; merged token
+    values stay on the device)."""
+    tensors = []
+    for ab in acts:
+        for a in ab:
+            tensors.append(a.ids)
+            if a.positions is not None:
+                tensors += [a.positions.ids, a.positions.offsets]
+    if not tensors:
+        return acts
+    host: dict[int, torch.Tensor] = {}
+    for dtype in dict.fromkeys(t.dtype for t in tensors):
+        group = [t for t in tensors if t.dtype == dtype]
+        flat = torch.cat([t.reshape(-1) for t in group]).cpu()
+        for t, h in zip(group, flat.split([t.numel() for t in group])):
+            host[id(t)] = h.view(t.shape)
+
+    def moved(a: Keep) -> Keep:
         pos = a.positions
         if pos is not None:
-            pos = replace(pos, ids=pos.ids.cpu(), offsets=pos.offsets.cpu())
-        return replace(a, ids=a.ids.cpu(), positions=pos)
+            pos = replace(pos, ids=host[id(pos.ids)], offsets=host[id(pos.offsets)])
+        return replace(a, ids=host[id(a.ids)], positions=pos)
 
-    return [[host(a) for a in ab] for ab in acts]
+    return [[moved(a) for a in ab] for ab in acts]
 
 
 def prefill_mask(valid: torch.Tensor) -> torch.Tensor:
@@ -260,9 +318,10 @@ def keep_in_segment(layer: int, seg: Segment, acts: list[list[Keep]], layouts: l
 def gather_hidden(h: torch.Tensor, new: Segment) -> torch.Tensor:
     """Hidden states (B, L', d) of segment `new` from the previous segment's `h`."""
     assert new.gather is not None, "gather_hidden needs a segment made by keep_in_segment"
-    gather = new.gather.to(h.device)
-    out = torch.gather(h, 1, gather.clamp(min=0)[:, :, None].expand(-1, -1, h.shape[-1]))
+    dev = new.on(h.device)
+    assert dev.gather is not None
+    out = torch.gather(h, 1, dev.gather.clamp(min=0)[:, :, None].expand(-1, -1, h.shape[-1]))
     for b, rows in enumerate(new.replacements):
-        for j, v in rows.items():
-            out[b, j] = v.to(out)
+        if rows:  # merged rows of sample b, in one copy
+            out[b].index_copy_(0, dev.slots[b], torch.stack(list(rows.values())).to(out))
     return out

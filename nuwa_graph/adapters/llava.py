@@ -50,6 +50,9 @@ class LlavaAdapter(VLMAdapter):
                                    "vision.keys", "vision.qk_single_head"}) | LLM_SIGNALS
 
     prompt_template = "USER: <image>\n{prompt} ASSISTANT:"
+    official_dtype = "float16"
+    official_dtype_source = ("LLaVA-1.5's official code (load_pretrained_model), which FastV, PDrop, SparseVLM, "
+                             "VisionZip and PruMerge+ run on")
 
     @classmethod
     def from_pretrained(cls, id_or_path: str, dtype: torch.dtype, device: str, attn_implementation: str = "sdpa",
@@ -168,7 +171,8 @@ class LlavaAdapter(VLMAdapter):
             return hs[self._vision_layer(req)][b, 0]
         if req.kind == "vision.hidden_mean":
             sel = hs[slice(req.arg("start"), req.arg("stop"))]
-            return torch.stack([h[b, 1:] for h in sel]).float().mean(0).to(sel[0].dtype)
+            # a device_map may split the tower: the layers' outputs meet on the adapter's device
+            return torch.stack([h[b, 1:].to(self.device) for h in sel]).float().mean(0).to(sel[0].dtype)
         attn = run.vision.get("attn", {})
         L = self._vision_layer(req)
         name = {"vision.cls_attention": "cls_attention", "vision.keys": "keys", "vision.qk_single_head": "qk"}.get(req.kind)

@@ -39,6 +39,19 @@ def load_checkpoint(model_cls, id_or_path: str, dtype: torch.dtype, device: str,
     return model, input_device(model, device)
 
 
+def to_dtype_as_loaded(model: nn.Module, dtype: torch.dtype, device: str | torch.device | None = None) -> nn.Module:
+    """`model.to(device, dtype)` leaving what `from_pretrained(dtype=...)` leaves: parameters and
+    persistent buffers in `dtype`, non-persistent floating buffers (the RoPE `inv_freq` tables,
+    which checkpoints do not hold and which the modules make in float32) as they are. A plain
+    `.to(bfloat16)` would round the RoPE frequencies: another model than a loaded checkpoint."""
+    kept = [(mod, name, buf) for mod in model.modules() for name, buf in mod._buffers.items()
+            if name in mod._non_persistent_buffers_set and buf is not None and buf.is_floating_point()]
+    model.to(device=device, dtype=dtype)
+    for mod, name, buf in kept:
+        mod._buffers[name] = buf.to(device) if device is not None else buf
+    return model
+
+
 def input_device(model: nn.Module, fallback: str | torch.device) -> torch.device:
     """The device of the model's input embeddings (where a device_map puts the first layer)."""
     try:

@@ -83,23 +83,30 @@ def block_index(layer: int, depth: int) -> int:
     return idx
 
 
-def attention_received(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scaling: float,
-                       chunk: int = 1024) -> torch.Tensor:
+#: elements of one (heads, chunk, keys) score block in `attention_received` (float32: 256 MB)
+CHUNK_ELEMENTS = 64 * 2 ** 20
+
+
+def attention_received(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor | list[int], scaling: float,
+                       chunk: int | None = None) -> torch.Tensor:
     """Attention each patch receives, mean over heads and summed over queries, within each
     attention segment [cu[i], cu[i+1]) (a window, or a whole image at full-attention blocks).
 
     q, k: (heads, S, d) after RoPE. Returns (S,) float32. Rows are computed in query chunks,
-    so no S x S map is kept (a window's map is small; a full-attention block is chunked)."""
+    so no S x S map is kept (a window's map is small; a full-attention block is chunked so
+    that heads x chunk x keys stays near CHUNK_ELEMENTS, about 256 MB per float32 block, at
+    any resolution; `chunk` fixes the row count instead)."""
     q = q.float()
     k = k.float()
     out = torch.zeros(q.shape[1], dtype=torch.float32, device=q.device)
-    bounds = cu_seqlens.tolist()
+    bounds = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
     for a, b in zip(bounds[:-1], bounds[1:]):
         if b <= a:
             continue
         kk = k[:, a:b]
-        for qs in range(a, b, chunk):
-            qe = min(b, qs + chunk)
+        rows = chunk or max(1, CHUNK_ELEMENTS // (q.shape[0] * (b - a)))
+        for qs in range(a, b, rows):
+            qe = min(b, qs + rows)
             p = torch.softmax(torch.matmul(q[:, qs:qe], kk.transpose(1, 2)) * scaling, dim=-1)
             out[a:b] += p.sum(dim=1).mean(dim=0)
     return out
@@ -128,6 +135,8 @@ class QwenAdapter(VLMAdapter):
     family = "qwen2_5_vl"
     model_types = ("qwen2_5_vl",)
     supported_signals = LLM_SIGNALS | QWEN_VISION_SIGNALS
+    official_dtype = "bfloat16"
+    official_dtype_source = "Qwen2.5-VL's official examples (and its checkpoints' torch_dtype)"
 
     # ---- loading -----------------------------------------------------------------------
     @classmethod
@@ -275,10 +284,11 @@ class QwenAdapter(VLMAdapter):
                             key: torch.Tensor, kwargs: dict) -> None:
         if layer not in run.vision.get("attn_blocks", ()):
             return
-        # one call per attention segment (window, or whole image), in sequence order
-        n = query.shape[2]
-        cu = torch.tensor([0, n])
-        run.vision["recv"][layer].append(attention_received(query[0], key[0], cu, module.scaling))
+        # sdpa/eager: one call per attention segment (window, or whole image), in sequence order;
+        # flash attention: one call over every segment, which cu_seq_lens_q delimits
+        cu = kwargs.get("cu_seq_lens_q")
+        bounds = cu.tolist() if cu is not None else [0, query.shape[2]]
+        run.vision["recv"][layer].append(attention_received(query[0], key[0], bounds, module.scaling))
 
     def _hidden_hooks(self, run: AdapterRun) -> list:
         wanted = sorted({i for k in run.vision["sums"] for i in k})
@@ -287,7 +297,7 @@ class QwenAdapter(VLMAdapter):
         def add(i: int, h: torch.Tensor) -> None:
             for k in run.vision["sums"]:
                 if i in k:
-                    h32 = h.detach().float()
+                    h32 = h.detach().float().to(self.device)  # blocks may sit on several devices
                     cur = run.vision["sums"][k]
                     run.vision["sums"][k] = h32.clone() if cur is None else cur + h32
                     run.vision["counted"][k] += 1
@@ -306,7 +316,7 @@ class QwenAdapter(VLMAdapter):
     def vision_forward(self, run: AdapterRun) -> VisionOut:
         grid_thw = run.enc.vision_inputs["image_grid_thw"].to(self.device)
         pixels = run.enc.vision_inputs["pixel_values"].to(self.device, self.visual.dtype)
-        vg = VisionGeometry.of(self.visual, grid_thw)
+        vg = VisionGeometry.of(self.visual, run.enc.vision_inputs["image_grid_thw"], self.device)  # on the host
         run.vision["geometry"] = vg
         self._vision_plan(run)
         handles = self._hidden_hooks(run)

@@ -22,14 +22,17 @@ class VisionGeometry:
     counts: list[int]  # merged tokens per image
 
     @classmethod
-    def of(cls, visual, grid_thw: torch.Tensor) -> VisionGeometry:
+    def of(cls, visual, grid_thw: torch.Tensor, device: torch.device | str | None = None) -> VisionGeometry:
+        """Computed from `grid_thw` where it lies (give the processor's host copy: no device sync);
+        the window index is then moved once to `device` (default: grid_thw's)."""
         from transformers.vision_utils import get_vision_window_index
 
         merge = visual.spatial_merge_size
         window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=merge, window_size=visual.window_size,
                                                   patch_size=visual.patch_size)
         counts = (grid_thw.prod(-1) // (merge * merge)).tolist()
-        return cls(grid_thw, merge, window_index.to(grid_thw.device), [int(c) for c in counts])
+        return cls(grid_thw, merge, window_index.to(grid_thw.device if device is None else device),
+                   [int(c) for c in counts])
 
     def merged_grid(self, image: int) -> tuple[int, int]:
         t, h, w = (int(x) for x in self.grid_thw[image])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import tracemalloc
 from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
 
@@ -43,6 +43,10 @@ class RunReport:
     attn_implementation: str = "sdpa"
     peak_memory_above_start_bytes: int | None = None  # CUDA: peak minus what was allocated before (the weights)
     visual_tokens_full_per_sample: list[int] = field(default_factory=list)  # image tokens before pruning
+    dtype_reason: str = ""  # why this dtype (--dtype auto: the dtype the family's official code runs)
+    devices: list[str] = field(default_factory=list)  # every device holding part of the model
+    peak_memory_per_device: dict[str, int] = field(default_factory=dict)  # CUDA: each GPU's peak
+    node_ms_synchronized: bool = True  # node times include their GPU work (every device synchronised)
     ttft_ms: float = 0.0  # time to first token: from the generate call (inputs encoded) to the first token id on the host
     # per sample, the run's Keep actions as tensors, for a replay on another prompt (nuwa_graph/replay.py);
     # not part of to_dict()
@@ -55,20 +59,48 @@ class RunReport:
 
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+Devices: TypeAlias = "torch.device | str | list[torch.device]"
+
+
+def model_devices(model: Any, fallback: torch.device | str) -> list[torch.device]:
+    """Every device that holds part of `model`: those of its `hf_device_map` (set by accelerate
+    under a device_map; ints are GPU indices; offloaded "disk" parts are left out), else
+    `fallback` (the adapter's device)."""
+    dmap = getattr(model, "hf_device_map", None) or {}
+    out: list[torch.device] = []
+    for v in dmap.values():
+        if v == "disk":
+            continue
+        d = torch.device("cuda", v) if isinstance(v, int) else torch.device(v)
+        if d not in out:
+            out.append(d)
+    return out or [torch.device(fallback)]
+
+
+def _devices(devices: Devices) -> list[torch.device]:
+    return [torch.device(d) for d in devices] if isinstance(devices, list) else [torch.device(devices)]
+
+
+def sync(devices: Devices) -> None:
+    """Wait for the queued work of every CUDA device given (one device or a list)."""
+    for d in _devices(devices):
+        if d.type == "cuda":
+            torch.cuda.synchronize(d)
 
 
 class PeakMemory:
-    """Peak memory of a block: torch.cuda on GPU; on CPU the process peak RSS (VmHWM, reset
-    through /proc/self/clear_refs), else tracemalloc (Python heap only)."""
+    """Peak memory of a block: torch.cuda on GPU (summed over every CUDA device given: under a
+    device_map each GPU holds its share; `per_device` keeps each); on CPU the process peak RSS
+    (VmHWM, reset through /proc/self/clear_refs), else tracemalloc (Python heap only)."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, devices: Devices):
+        self.devices = _devices(devices)
+        self.cuda = [d for d in self.devices if d.type == "cuda"]
+        self.device = self.cuda[0] if self.cuda else self.devices[0]
         self.source = ""
         self.peak = 0
         self.start = 0
+        self.per_device: dict[str, int] = {}
         self._tm = False
 
     @staticmethod
@@ -81,10 +113,12 @@ class PeakMemory:
             return None
 
     def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.start = int(torch.cuda.memory_allocated(self.device))
-            self.source = "torch.cuda.max_memory_allocated"
+        if self.cuda:
+            for d in self.cuda:
+                torch.cuda.reset_peak_memory_stats(d)
+            self.start = sum(int(torch.cuda.memory_allocated(d)) for d in self.cuda)
+            self.source = "torch.cuda.max_memory_allocated" + (
+                f" (sum over {', '.join(str(d) for d in self.cuda)})" if len(self.cuda) > 1 else "")
             return self
         try:
             with open("/proc/self/clear_refs", "w") as f:
@@ -102,8 +136,9 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            self.peak = int(torch.cuda.max_memory_allocated(self.device))
+        if self.cuda:
+            self.per_device = {str(d): int(torch.cuda.max_memory_allocated(d)) for d in self.cuda}
+            self.peak = sum(self.per_device.values())
         elif self.source.startswith("peak RSS"):
             self.peak = int(self._hwm() or 0)
         else:
@@ -142,8 +177,11 @@ def build_report(adapter: Generation, r: AdapterRun, new_tokens: list[list[int]]
         node_ms={k: v * 1e3 for k, v in r.state.timings.items()}, kept=kept, actions=actions,
         device=str(adapter.device), dtype=str(adapter.dtype).replace("torch.", ""), flops=flops,
         attn_implementation=adapter.attn_implementation,
-        peak_memory_above_start_bytes=(mem.peak - mem.start) if adapter.device.type == "cuda" else None,
+        peak_memory_above_start_bytes=(mem.peak - mem.start) if mem.cuda else None,
         visual_tokens_full_per_sample=[lay.n_image for lay in r.layouts],
+        dtype_reason=adapter.dtype_reason, devices=[str(d) for d in mem.devices],
+        peak_memory_per_device=dict(mem.per_device),
+        node_ms_synchronized=r.state.sync is not None or not mem.cuda,
     )
 
 

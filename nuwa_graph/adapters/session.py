@@ -49,6 +49,10 @@ class HookSession(SignalRows):
         adapter = self
         impl = self.attn_implementation
         own: dict[type, Any] = {}  # module class -> its modeling file's eager_attention_forward
+        # the session's name (attn_name) never says "flash": transformers would then load a flash
+        # kernel BY that name (its hub-kernel loader, which fails); under flash the registered
+        # function calls the kernel by its own name (_as_kernel), and the modeling code takes its
+        # non-flash branches (Qwen's vision tower: one call per window, not one varlen call)
 
         def forward_of(module):
             if impl == "sdpa":
@@ -60,6 +64,8 @@ class HookSession(SignalRows):
 
                     own[cls] = sys.modules[cls.__module__].eager_attention_forward
                 return own[cls]
+            if impl.startswith("flash"):
+                return _as_kernel(ALL_ATTENTION_FUNCTIONS[impl], impl)
             return ALL_ATTENTION_FUNCTIONS[impl]
 
         def attention(module, query, key, value, attention_mask, **kwargs):
@@ -120,10 +126,14 @@ class HookSession(SignalRows):
 
     def _layer_pre(self, r: AdapterRun, layer: int, module: nn.Module, args: tuple, kwargs: dict):
         h = args[0] if args else kwargs["hidden_states"]
+        # under a device_map (accelerate) this hook runs BEFORE the layer's inputs are moved to its
+        # device: h may still be on the previous layer's device and the RoPE tables on rotary_emb's
+        dev = _device_of(module)
         if r.phase == "prefill":
+            h = _to(h, dev)
             seg = r.segment_of(layer)
             first = seg is r.segments[0]
-            cos, sin = kwargs["position_embeddings"] if first else self._prefill_tables(seg, h)[1]
+            cos, sin = (_to(t, dev) for t in kwargs["position_embeddings"]) if first else self._prefill_tables(seg, h)[1]
             if layer in r.llm_sites:
                 self._capture_pre(r, layer, module, h, cos, sin, seg)
                 assert r.state is not None
@@ -142,6 +152,9 @@ class HookSession(SignalRows):
             for b in range(r.B):
                 r.counts[b].append(int(seg.valid[b].sum()) - seg.n_text[b])
             if first:
+                if self.attn_implementation.startswith("flash") and kwargs.get("position_ids") is not None:
+                    # not packed either (pre-LLM PESP leaves gaps that flash would read as packed rows)
+                    return args, {**kwargs, "position_ids": None}
                 return None
             mask, pe, pos_ids = self._prefill_tables(seg, h)
             return self._substitute(args, kwargs, h, mask, pe, pos_ids)
@@ -149,6 +162,7 @@ class HookSession(SignalRows):
         seg = r.segment_of(layer)
         if seg is r.segments[0]:
             return None
+        h = _to(h, dev)
         mask, pe, pos_ids = self._step_tables(r, seg, h)
         return self._substitute(args, kwargs, h, mask, pe, pos_ids)
 
@@ -156,10 +170,11 @@ class HookSession(SignalRows):
         """(4-D mask, (cos, sin), position_ids) of a segment at prefill, on h's device: built
         once per segment (and device, under a device_map), not per layer."""
         if h.device not in seg.tables:
-            pos_ids = self.llm_position_ids(seg.pos.to(h.device))
-            valid = seg.valid.to(h.device)
-            seg.tables[h.device] = (self._impl_mask(prefill_mask(valid), valid, h.dtype), self.rotary(h, pos_ids),
-                                    pos_ids)
+            on = seg.on(h.device)
+            pos_ids = self.llm_position_ids(on.pos)
+            valid = on.valid
+            pe = tuple(_to(t, h.device) for t in self.rotary(h, pos_ids))  # rotary_emb may sit on another device
+            seg.tables[h.device] = (self._impl_mask(prefill_mask(valid), valid, h.dtype, seg.padded), pe, pos_ids)
         return seg.tables[h.device]
 
     def _step_tables(self, r: AdapterRun, seg: Segment, h: torch.Tensor) -> tuple[Any, ...]:
@@ -172,7 +187,8 @@ class HookSession(SignalRows):
             pos = seg.last_pos.to(h.device)[:, :, None] + 1 + torch.arange(q, device=h.device)
             pos_ids = self.llm_position_ids(pos)
             kv = seg.key_valid.to(h.device)
-            seg.step_tables = (key, self._impl_mask(decode_mask(kv, q), kv, h.dtype), self.rotary(h, pos_ids), pos_ids)
+            pe = tuple(_to(t, h.device) for t in self.rotary(h, pos_ids))
+            seg.step_tables = (key, self._impl_mask(decode_mask(kv, q), kv, h.dtype, seg.padded), pe, pos_ids)
         return seg.step_tables[1:]
 
     @staticmethod
@@ -185,16 +201,68 @@ class HookSession(SignalRows):
         kwargs["attention_mask"] = mask
         kwargs["position_embeddings"] = pe
         if "position_ids" in kwargs:
-            kwargs["position_ids"] = pos_ids
+            # RoPE comes from position_embeddings; a layer's position_ids only tell flash attention
+            # whether a batch-1 row holds packed sequences (gapped or M-RoPE ids look packed), and a
+            # segment is never packed: None, as stock Qwen2.5-VL passes for its (3, B, L) ids
+            kwargs["position_ids"] = None
         return args, kwargs
 
-    def _impl_mask(self, allowed: torch.Tensor, key_valid: torch.Tensor, dtype: torch.dtype):
+    def _impl_mask(self, allowed: torch.Tensor, key_valid: torch.Tensor, dtype: torch.dtype, padded: bool):
         """The (B, 1, q, kv) bool mask in the form the attention implementation takes: sdpa the
-        bool mask; eager an additive float mask; flash attention the 2-D key padding mask
-        (None when nothing is padded), with causality from the kernel itself."""
+        bool mask, or None when nothing is padded and q == kv (prefill) or q == 1 (a step), so
+        SDPA can pick its flash kernel (is_causal); eager an additive float mask; flash
+        attention the 2-D key padding mask (None when nothing is padded), with causality from
+        the kernel itself. `padded` comes from the host-side layout (reading key_valid would
+        be a host sync in every decode step)."""
         if self.attn_implementation == "eager":
             return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
                 ~allowed, torch.finfo(dtype).min)
         if self.attn_implementation.startswith("flash"):
-            return None if bool(key_valid.all()) else key_valid.long()
-        return allowed
+            return key_valid.long() if padded else None
+        q, kv = allowed.shape[-2:]
+        return allowed if padded or q not in (kv, 1) else None
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t on `device`; no call at all when it is there already (the hooks run in every layer)."""
+    return t if t.device == device else t.to(device)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    """Where a module's weights live (a decoder layer's device under a device_map)."""
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+class _ConfigAs:
+    """A config that answers `_attn_implementation` with a kernel's name (the rest is the model's)."""
+
+    def __init__(self, config: Any, impl: str):
+        self._config = config
+        self._attn_implementation = impl
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._config, name)
+
+
+class _ModuleAs:
+    """An attention module as transformers' flash_attention_forward sees it: its config names the
+    kernel to load (flash_attention_2), not the session's registered function."""
+
+    def __init__(self, module: nn.Module, impl: str):
+        self._module = module
+        self.config = _ConfigAs(module.config, impl)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+
+def _as_kernel(forward, impl: str):
+    """`forward` (transformers' flash_attention_forward) loading the kernel named `impl`: it reads
+    the name from module.config._attn_implementation, which in a session is the session's name,
+    and loads kernels only by their own names."""
+    def call(module, *args, **kwargs):
+        return forward(_ModuleAs(module, impl), *args, **kwargs)
+
+    return call

@@ -36,7 +36,8 @@ def attention_rows(q: torch.Tensor, k: torch.Tensor, seg: Segment, b: int, qidx:
                    softmax_over: str) -> torch.Tensor:
     """q (H, nq, hd) rows at sequence indices qidx; k (H, L, hd) all keys of sample b.
     Returns (H, nq, n_img) post-softmax rows over the image keys of the segment."""
-    img = seg.img_idx[b].to(k.device)
+    on = seg.on(k.device)  # the segment's index tensors on this layer's device (copied once)
+    img = on.img_idx[b]
     qi = qidx.to(k.device)[:, None]
     if softmax_over == "image":
         logits = torch.einsum("hqd,hkd->hqk", q.float(), k[:, img].float()) * scaling
@@ -45,7 +46,7 @@ def attention_rows(q: torch.Tensor, k: torch.Tensor, seg: Segment, b: int, qidx:
         return torch.softmax(logits, dim=-1)
     logits = torch.einsum("hqd,hkd->hqk", q.float(), k.float()) * scaling
     kj = torch.arange(k.shape[1], device=k.device)[None]
-    allowed = (kj <= qi) & seg.valid[b].to(k.device)[None]
+    allowed = (kj <= qi) & on.valid[b][None]
     logits = logits.masked_fill(~allowed[None], float("-inf"))
     return torch.softmax(logits, dim=-1)[:, :, img]
 
@@ -59,7 +60,7 @@ class SignalRows(FamilyHooks):
         block = r.blocks[b]
         if block is None:
             assert r.vision_out is not None, "the vision pass has not run"
-            rows = r.vision_out.projected_rows(b)
+            rows = r.vision_out.projected_rows(b).to(self.device)  # a no-op unless a device_map split the model
             block = r.blocks[b] = Block(torch.arange(rows.shape[0]), rows)
         return block
 
@@ -70,17 +71,17 @@ class SignalRows(FamilyHooks):
         for req in r.rows_attn[layer]:
             vals = []
             for b in range(r.B):
-                qidx = query_index(seg, b, req.queries)
+                qidx = query_index(seg, b, req.queries, query.device)
                 k = key[b].repeat_interleave(groups, dim=0)
-                rows = attention_rows(query[b][:, qidx.to(query.device)], k, seg, b, qidx, module.scaling,
-                                      req.softmax_over)
-                vals.append((rows, seg.img_ids[b]))
+                rows = attention_rows(query[b][:, qidx], k, seg, b, qidx, module.scaling, req.softmax_over)
+                vals.append((rows, seg.on(rows.device).img_ids[b]))
             r.captured[req.key] = vals
 
     def _capture_pre(self, r: AdapterRun, layer: int, module: nn.Module, h: torch.Tensor, cos, sin,
                      seg: Segment) -> None:
         for req in r.hidden_at.get(layer, []):
-            r.captured[req.key] = [(h[b, seg.img_idx[b].to(h.device)], seg.img_ids[b]) for b in range(r.B)]
+            on = seg.on(h.device)
+            r.captured[req.key] = [(h[b, on.img_idx[b]], on.img_ids[b]) for b in range(r.B)]
         reqs = r.rows_pre.get(layer, [])
         if not reqs:
             return
@@ -91,7 +92,7 @@ class SignalRows(FamilyHooks):
             rope = req.rope
             vals = []
             for b in range(r.B):
-                qidx = query_index(seg, b, req.queries).to(h.device)
+                qidx = query_index(seg, b, req.queries, h.device)
                 q = attn.q_proj(x[b, qidx]).view(qidx.numel(), -1, hd).transpose(0, 1)
                 k = attn.k_proj(x[b]).view(x.shape[1], -1, hd).transpose(0, 1)
                 if rope:
@@ -99,7 +100,7 @@ class SignalRows(FamilyHooks):
                     k = apply_rope(k, cos[b], sin[b])
                 k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
                 rows = attention_rows(q, k, seg, b, qidx, attn.scaling, req.softmax_over)
-                vals.append((rows, seg.img_ids[b]))
+                vals.append((rows, seg.on(rows.device).img_ids[b]))
             r.captured[req.key] = vals
 
     def _reader(self, r: AdapterRun) -> Callable[[SignalRequest, int], torch.Tensor]:
@@ -114,20 +115,25 @@ class SignalRows(FamilyHooks):
                 return v[b] if isinstance(v, (list, tuple)) else v
             if kind == "pre_llm.visual":
                 return self._visual_block(r, b).rows
-            if kind == "pre_llm.text":
-                return self.embed(r.layouts[b].prompt_post_ids)
+            if kind == "pre_llm.text":  # every sample embedded at the first read: one copy of the ids per run
+                if b not in r.text_rows:
+                    ids = [lay.prompt_post_ids for lay in r.layouts]
+                    r.text_rows.update(enumerate(self.embed(torch.cat(ids)).split([i.numel() for i in ids])))
+                return r.text_rows[b]
             if kind in ("llm.attention", "llm.hidden"):
                 if req.key not in r.captured:
                     raise RunError(f"internal: signal {req.key} was not captured")
                 assert r.state is not None
-                val, ids = r.captured[req.key][b]
-                cols = columns(ids.to(val.device), r.state.present[b].to(val.device))
-                if cols is None:
+                val, ids = r.captured[req.key][b]  # ids: the captured tokens, on val's device
+                # checked on the host, from the layout (a check on the device would be a sync per read):
+                # the tokens present now are those of the latest segment
+                if columns(r.segment_of(int(req.arg("layer"))).img_ids[b], r.segments[-1].img_ids[b]) is None:
                     raise RunError(f"signal {req.key}: a token present now was not present at layer {req.arg('layer')}")
+                cols = columns(ids, r.state.present[b].to(val.device), check=False)
                 out = val[..., cols, :] if kind == "llm.hidden" else val[..., cols]
                 return out.to(self.device)  # a no-op unless a device_map put layer L elsewhere
-            if kind.startswith("vision."):
-                return self.read_vision_signal(r, req, b)
+            if kind.startswith("vision."):  # on the adapter's device even if a device_map put the tower elsewhere
+                return self.read_vision_signal(r, req, b).to(self.device)
             raise RunError(f"{self.family} adapter cannot give signal {kind}")
 
         return read

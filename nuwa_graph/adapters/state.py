@@ -29,6 +29,7 @@ class AdapterRun:
         self.layouts: list[SampleLayout] = []
         self.captured: dict[str, list[Any]] = {}  # signal key -> per sample value
         self.vision: dict[str, Any] = {}  # family scratch for vision captures
+        self.text_rows: dict[int, Any] = {}  # per sample: pre_llm.text, embedded once
         self.vision_out: VisionOut | None = None  # the family's vision pass
         self.blocks: list[Block | None] = []  # None: the full projected block, not built yet
         self.segments: list[Segment] = []

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .loading import to_dtype_as_loaded
+
 if TYPE_CHECKING:
     from .qwen import QwenAdapter
 
@@ -113,7 +115,7 @@ def tiny_llava(dtype: torch.dtype = torch.float32, device: str = "cpu", seed: in
     from .llava import LlavaAdapter
 
     model, proc = build_tiny_llava(seed)
-    model = model.to(device=device, dtype=dtype)
+    model = to_dtype_as_loaded(model, dtype, device)  # RoPE tables stay float32, as from_pretrained keeps them
     return LlavaAdapter(model, proc, name="tiny-llava", dtype=dtype, device=device)
 
 
@@ -222,7 +224,7 @@ def tiny_qwen(dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int
     from .qwen import QwenAdapter
 
     model, processor = build_tiny_qwen(seed)
-    model = model.to(device=device, dtype=dtype)
+    model = to_dtype_as_loaded(model, dtype, device)  # RoPE tables stay float32, as from_pretrained keeps them
     return QwenAdapter(model, processor, name="tiny-qwen", dtype=dtype, device=device)
 
 

@@ -136,7 +136,7 @@ def eval_(
         with_vanilla,
     )
     from .prompts import LMMS_REC_PROMPT, LMMS_VQA_PROMPT, STYLES, lmms_eval_style, unescape
-    from .shards import Group, Shard, device_for, merge, parse_shard, read_shards, shard_payload, write_shard
+    from .shards import Group, Shard, check_launch, device_for, merge, parse_shard, read_shards, shard_payload, write_shard
 
     for template, field, option in ((grounding_prompt, "expression", "--grounding-prompt"),
                                     (vqa_prompt, "question", "--vqa-prompt")):
@@ -158,6 +158,7 @@ def eval_(
         raise typer.BadParameter(f"{turn_mode!r}: give reuse and/or prune, comma-separated", param_hint="--turn-mode")
     try:
         shard = parse_shard(shard_) if shard_ else Shard.from_env()
+        check_launch(shard, device_map)
         runs = plan_runs(files, grid)
         added_vanilla = False
         if not no_vanilla:

@@ -21,6 +21,7 @@ def batch_costs(rep: Any) -> dict[str, Any]:
             "ttft_ms": round(float(getattr(rep, "ttft_ms", 0.0) or 0.0), 4),
             "decode_ms_per_token": round(float(rep.decode_ms_per_token), 4), "decode_steps": int(rep.decode_steps),
             "method_ms": round(sum(node.values()), 4), "node_ms": node,
+            "node_ms_synchronized": bool(getattr(rep, "node_ms_synchronized", False)),
             "peak_memory_bytes": int(rep.peak_memory_bytes), "peak_memory_source": rep.peak_memory_source,
             "peak_memory_above_start_bytes": rep.peak_memory_above_start_bytes,
             "kv_cache_bytes": int(rep.kv_cache_bytes), "device": str(rep.device)}
@@ -59,8 +60,11 @@ def summarize_costs(batches: list[dict[str, Any]], flops: dict[str, Any] | None 
                                        f"median of {len(decoded)} calls that decoded"},
         "method_ms": {"median": _median([b["method_ms"] for b in batches]),
                       "per_node": {k: _median(v) for k, v in nodes.items()},
-                      "how": f"sum of the pipeline's node wall times in one generate call (RunReport.node_ms; "
-                             f"'replay' = issuing recorded Keeps); median of {n} calls"},
+                      "how": "sum of the pipeline's node wall times in one generate call (RunReport.node_ms; "
+                             "'replay' = issuing recorded Keeps), "
+                             + ("on CUDA every GPU synchronised around each node" if all(b.get("node_ms_synchronized")
+                                                                                         for b in batches)
+                                else "host time only (GPU work not waited for)") + f"; median of {n} calls"},
         "peak_memory_bytes": {"max": peak["peak_memory_bytes"], "above_start": peak.get("peak_memory_above_start_bytes"),
                               "how": f"{peak['peak_memory_source']} during one generate call; largest of {n} calls"},
         "kv_cache_bytes": {"per_sample": round(statistics.fmean(b["kv_cache_bytes"] / b["batch"] for b in batches), 1),

@@ -29,8 +29,11 @@ def resolve_device(device: str | None) -> str:
 
 
 def resolve_dtype(dtype: str | None, device: str) -> str:
+    """`auto` (or nothing) stays `auto`, for load_adapter to resolve per family and device:
+    float32 off CUDA, on CUDA the dtype the family's official code runs (float16 for LLaVA,
+    bfloat16 for Qwen2.5-VL); the run report says which and why."""
     if dtype in (None, "", "auto"):
-        return "bfloat16" if device.startswith("cuda") else "float32"
+        return "auto"
     return str(dtype)
 
 
@@ -107,6 +110,10 @@ def print_report(rep, console=None) -> None:
         suffix = "" if len(rep.visual_tokens_per_layer) == 1 else f" [{b}]"
         t.add_row(f"visual tokens per LLM layer{suffix}", " ".join(str(c) for c in counts))
         t.add_row(f"average visual tokens{suffix}", f"{rep.visual_tokens_avg[b]:.2f} (of {rep.visual_tokens_full})")
+    if rep.dtype_reason:
+        t.add_row("dtype", f"{rep.dtype} ({escape(rep.dtype_reason)})")
+    if len(rep.devices) > 1:
+        t.add_row("devices", ", ".join(rep.devices))
     t.add_row("prefill", f"{rep.prefill_ms:.1f} ms")
     t.add_row("decode", f"{rep.decode_ms_per_token:.1f} ms/token ({rep.decode_steps} steps)")
     t.add_row("peak memory", f"{_fmt_bytes(rep.peak_memory_bytes)} ({rep.peak_memory_source})")

@@ -92,14 +92,28 @@ def parse_shard(text: str) -> Shard:
 
 
 def device_for(shard: Shard | None, device: str) -> str:
-    """Under torchrun/accelerate with --device auto, rank r uses cuda:LOCAL_RANK when CUDA is there."""
-    if shard is None or not shard.launched or device != "auto":
+    """Under torchrun/accelerate, `--device auto` (with CUDA there) and `--device cuda` put rank r on
+    cuda:LOCAL_RANK (modulo the GPUs it sees) and make that the current CUDA device, so every rank
+    has its own GPU (not all of them GPU 0); an explicit `cuda:N` or `cpu` is kept."""
+    if shard is None or not shard.launched or device not in ("auto", "cuda"):
         return device
     import torch
 
     if torch.cuda.is_available():
-        return f"cuda:{shard.local_rank % torch.cuda.device_count()}"
+        dev = f"cuda:{shard.local_rank % torch.cuda.device_count()}"
+        torch.cuda.set_device(dev)
+        return dev
     return device
+
+
+def check_launch(shard: Shard | None, device_map: str | None) -> None:
+    """A device_map spreads ONE copy of the model over every GPU: under torchrun/accelerate each of
+    the WORLD_SIZE ranks would spread its own copy over all of them. Refused with what to do."""
+    if shard is not None and shard.launched and device_map is not None:
+        raise EvalError(f"--device-map {device_map} with WORLD_SIZE={shard.count}: each rank would spread its own "
+                        f"copy of the model over every GPU. Under torchrun/accelerate use --device cuda (rank r runs "
+                        f"on cuda:LOCAL_RANK); for a model too large for one GPU run a single process with "
+                        f"--device-map (or split the data with --shard I/N, one job per group of GPUs)")
 
 
 # --- shard files ---------------------------------------------------------------------------------
@@ -298,5 +312,5 @@ class Group:
             self._made = False
 
 
-__all__ = ["Group", "Shard", "device_for", "merge", "parse_shard", "read_shards", "shard_files", "shard_payload",
+__all__ = ["Group", "Shard", "check_launch", "device_for", "merge", "parse_shard", "read_shards", "shard_files", "shard_payload",
            "write_shard"]
