@@ -89,7 +89,9 @@ def test_cli_report_writes_the_page_and_refuses_other_files(evaluated, tmp_path)
     assert r.exit_code == 2  # the output may not be the input
 
 
-def _chromium() -> str | None:
+@pytest.fixture
+def chromium() -> str:
+    """Debian's chromium (checked before the eval fixture runs)."""
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found is None:
         if os.environ.get("CI"):
@@ -99,11 +101,10 @@ def _chromium() -> str | None:
     return found
 
 
-def test_the_page_renders_in_a_real_browser(evaluated, tmp_path):
+def test_the_page_renders_in_a_real_browser(chromium, evaluated, tmp_path):
     """Chromium lays out the plots, decodes every picture and builds the tables (the page's own
     check script writes what it found into #render-check, read from the DOM after load), and a
     screenshot of the page is not blank."""
-    chromium = _chromium()
     out, res, _ = evaluated
     page = tmp_path / "report.html"
     r = CliRunner().invoke(app, ["report", str(out / "ev"), "-o", str(page)])
