@@ -8,17 +8,25 @@ Two modes:
   vanilla, the pipeline nodes' time as % of the prefill, and `prefill / oracle`: the oracle
   is the stock model (no adapter, no hooks) fed the same number of visual tokens directly
   (vision tower + projector, then the first k projected rows as inputs_embeds, greedy
-  decoding with a cache), the cheapest possible run at that count. LLaVA-family models only
-  for the oracle.
+  decoding with a cache; on Qwen3-VL the first k rows of each DeepStack level too), the
+  cheapest possible run at that count. Also `Stock`: the unmodified model's own `generate`
+  (its placeholder scatter, M-RoPE, DeepStack and cache), run in turn with keep-everything
+  through the adapter (vanilla), which is compared with it.
 - `growth`: how cost grows with the number of visual tokens (`--tokens 576,1152,2304,2880`,
   as with LLaVA-NeXT / Qwen2.5-VL dynamic resolution), on a Qwen2.5-VL-architecture model
   whose merged grid is sized per row (24x24, 24x48, 48x48, 48x60): vanilla and the
   `--growth-methods` at `--growth-budget`.
 
 Models: `random-llava` (random weights at LLaVA-1.5-like shapes, sizes from the flags; 336
-px CLIP grid = 576 tokens), `random-qwen` (growth mode), or any local directory / hub id /
-preset `load_adapter` takes. Every number is the median of `--repeats` runs after one
-warm-up run.
+px CLIP grid = 576 tokens), `random-llava-next` (LLaVA-NeXT v1.6 token geometry: 336 px crops,
+a 640x480 image = 5 crops, 2340 tokens), `random-internvl` (448 px tiles, 256 tokens each, up
+to 12 tiles + thumbnail, Qwen3 LLM), `random-llava-onevision` (384 px SigLIP crops, anyres_max_9,
+Qwen2 LLM), `random-qwen` (Qwen2.5-VL; growth mode), `random-qwen2-vl`, `random-qwen3-vl` (the
+real classes and structure: patch 14 / 16, Qwen3-VL's DeepStack levels at 8/27, 16/27, 24/27 of
+the vision depth, QK-norm, head_dim 128; widths and depths from the flags; a 24 x 24 merged
+grid = 576 tokens in methods mode), or any local directory / hub id / preset `load_adapter`
+takes. Every number is the median (`--stat min`: the minimum) of `--repeats` runs after
+`--warmup` warm-up runs.
 
     # CPU, a small model (the command of docs/performance.md)
     python benchmarks/bench_adapters.py --dtype float32 --repeats 2 --new-tokens 8 --write docs/performance.md
@@ -45,7 +53,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nuwa_graph import RunError, load  # noqa: E402
+from nuwa_graph import PipelineError, RunError, load  # noqa: E402
 from nuwa_graph.adapters import load_adapter  # noqa: E402
 from nuwa_graph.adapters.llava import LlavaAdapter  # noqa: E402
 from nuwa_graph.adapters.loading import to_dtype_as_loaded  # noqa: E402
@@ -63,11 +71,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 # ---- models ------------------------------------------------------------------------------------
-def random_llava(dtype, device, attn, args, seed: int = 0) -> LlavaAdapter:
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+def _clip_llama(args, tok):
+    """(CLIP-L/336-shaped vision config, Llama config) at the flags' widths: 576 tokens a crop."""
+    from transformers import CLIPVisionConfig, LlamaConfig
 
-    proc = build_processor(image_size=336)
-    tok = proc.tokenizer
     vision = CLIPVisionConfig(hidden_size=args.vision_hidden, intermediate_size=4 * args.vision_hidden,
                               num_hidden_layers=args.vision_layers, num_attention_heads=max(1, args.vision_hidden // 64),
                               image_size=336, patch_size=14, projection_dim=args.vision_hidden)
@@ -76,15 +83,89 @@ def random_llava(dtype, device, attn, args, seed: int = 0) -> LlavaAdapter:
                        num_key_value_heads=max(1, args.llm_hidden // 128), vocab_size=32064,
                        max_position_embeddings=4096, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                        eos_token_id=tok.eos_token_id)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
-                      vision_feature_layer=-2, vision_feature_select_strategy="default", pad_token_id=tok.pad_token_id)
+    return vision, text
+
+
+def _random_model(model_cls, cfg, dtype, device, seed: int, pad_token_id=None):
     torch.manual_seed(seed)
     with torch.device(device):
-        model = to_dtype_as_loaded(LlavaForConditionalGeneration(cfg), dtype).eval()  # RoPE tables stay float32
-    model.generation_config.pad_token_id = tok.pad_token_id
+        model = to_dtype_as_loaded(model_cls(cfg), dtype).eval()  # RoPE tables stay float32
+    if pad_token_id is not None:
+        model.generation_config.pad_token_id = pad_token_id
+    return model
+
+
+def random_llava(dtype, device, attn, args, seed: int = 0) -> LlavaAdapter:
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    proc = build_processor(image_size=336)
+    tok = proc.tokenizer
+    vision, text = _clip_llama(args, tok)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                      vision_feature_layer=-2, vision_feature_select_strategy="default", pad_token_id=tok.pad_token_id)
+    model = _random_model(LlavaForConditionalGeneration, cfg, dtype, device, seed, tok.pad_token_id)
     name = (f"random LLaVA (CLIP {args.vision_hidden}x{args.vision_layers} on 336 px = 576 tokens, "
             f"Llama {args.llm_hidden}x{args.llm_layers})")
     return LlavaAdapter(model, proc, name=name, dtype=dtype, device=device, attn_implementation=attn)
+
+
+def random_llava_next(dtype, device, attn, args, seed: int = 0):
+    """LLaVA-NeXT (v1.6) token geometry at the flags' widths: 336 px crops of 24x24, the v1.6
+    pinpoints; a 640x480 image gives 5 crops and 576 + 36 x 49 = 2340 stream tokens."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    from nuwa_graph.adapters.llava_next import LlavaNextAdapter
+    from nuwa_graph.adapters.tiny_tiled import next_processor
+
+    tok = build_processor().tokenizer
+    proc = next_processor(tok, image_size=336)
+    vision, text = _clip_llama(args, tok)
+    cfg = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                          vision_feature_layer=-2, vision_feature_select_strategy="default",
+                          image_grid_pinpoints=proc.image_processor.image_grid_pinpoints, pad_token_id=tok.pad_token_id)
+    model = _random_model(LlavaNextForConditionalGeneration, cfg, dtype, device, seed, tok.pad_token_id)
+    name = (f"random LLaVA-NeXT (CLIP {args.vision_hidden}x{args.vision_layers}, 336 px crops, v1.6 pinpoints, "
+            f"Llama {args.llm_hidden}x{args.llm_layers})")
+    return LlavaNextAdapter(model, proc, name=name, dtype=dtype, device=device, attn_implementation=attn)
+
+
+def random_internvl(dtype, device, attn, args, seed: int = 0):
+    """InternVL3.5 token geometry at the flags' widths: 448 px tiles of 14 px patches, 256 tokens per
+    tile after the pixel shuffle, up to 12 tiles + thumbnail; a Qwen3 LLM with QK-norm."""
+    from transformers import InternVLForConditionalGeneration
+
+    from nuwa_graph.adapters.internvl import InternVLAdapter
+    from nuwa_graph.adapters.tiny_tiled import internvl_config, internvl_processor, internvl_tokenizer
+
+    tok = internvl_tokenizer()
+    proc = internvl_processor(tok, tile=448, units=256, max_patches=12)
+    cfg = internvl_config(tok, tile=448, patch=14, vision_hidden=args.vision_hidden, vision_layers=args.vision_layers,
+                          text_hidden=args.llm_hidden, text_layers=args.llm_layers)
+    model = _random_model(InternVLForConditionalGeneration, cfg, dtype, device, seed)
+    name = (f"random InternVL3.5 (InternViT {args.vision_hidden}x{args.vision_layers}, 448 px tiles, "
+            f"Qwen3 {args.llm_hidden}x{args.llm_layers})")
+    return InternVLAdapter(model, proc, name=name, dtype=dtype, device=device, attn_implementation=attn)
+
+
+def random_llava_onevision(dtype, device, attn, args, seed: int = 0):
+    """LLaVA-OneVision token geometry at the flags' widths: 384 px SigLIP crops (27x27), the released
+    pinpoints (up to 6x6) with anyres_max_9; a Qwen2 LLM."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    from nuwa_graph.adapters.llava_onevision import LlavaOnevisionAdapter
+    from nuwa_graph.adapters.tiny_tiled import onevision_config, onevision_processor
+
+    proc = onevision_processor(image_size=384, patch=14, aspect="anyres_max_9",
+                               pinpoints=LlavaOnevisionImageProcessorPil.image_grid_pinpoints)
+    cfg = onevision_config(proc, image_size=384, patch=14, vision_hidden=args.vision_hidden,
+                           vision_layers=args.vision_layers, text_hidden=args.llm_hidden, text_layers=args.llm_layers)
+    model = _random_model(LlavaOnevisionForConditionalGeneration, cfg, dtype, device, seed)
+    name = (f"random LLaVA-OneVision (SigLIP {args.vision_hidden}x{args.vision_layers}, 384 px crops, anyres_max_9, "
+            f"Qwen2 {args.llm_hidden}x{args.llm_layers})")
+    return LlavaOnevisionAdapter(model, proc, name=name, dtype=dtype, device=device, attn_implementation=attn)
 
 
 def random_qwen(dtype, device, attn, args, seed: int = 0):
@@ -98,12 +179,58 @@ def random_qwen(dtype, device, attn, args, seed: int = 0):
     cfg = tiny_qwen_config(len(tok), ids, depth=args.vision_layers, patch_size=14, window_size=112,
                            vision_hidden=args.vision_hidden, text_hidden=args.llm_hidden, text_layers=args.llm_layers)
     proc = qwen_processor(tok, patch_size=14, merge_size=2, min_pixels=28 * 28, max_pixels=3000 * 28 * 28)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = to_dtype_as_loaded(Qwen2_5_VLForConditionalGeneration(cfg), dtype).eval()
+    model = _random_model(Qwen2_5_VLForConditionalGeneration, cfg, dtype, device, seed)
     name = (f"random Qwen2.5-VL (vision {args.vision_hidden}x{args.vision_layers}, windows 112 px, "
             f"LLM {args.llm_hidden}x{args.llm_layers})")
     return QwenAdapter(model, proc, name=name, dtype=dtype, device=device, attn_implementation=attn)
+
+
+def random_qwen_line(kind: str, dtype, device, attn, args, seed: int = 0):
+    """A random-weight Qwen2-VL (`kind` qwen2_vl) or Qwen3-VL (qwen3_vl) with the real classes
+    and structure at the flags' widths and depths (heads of 64 dims in the tower, 128 in the LLM)."""
+    import transformers
+
+    from nuwa_graph.adapters.qwen_processing import qwen_processor
+    from nuwa_graph.adapters.qwen_vl import Qwen2VLAdapter, Qwen3VLAdapter
+    from nuwa_graph.adapters.tiny import TINY_SPECIALS, TINY_VISION_TOKENS, tiny_qwen_tokenizer
+
+    tok = tiny_qwen_tokenizer()
+    ids = {t: tok.convert_tokens_to_ids(t) for t in TINY_SPECIALS + TINY_VISION_TOKENS}
+    heads, dv = max(1, args.llm_hidden // 128), args.vision_hidden
+    half = args.llm_hidden // heads // 2
+    text = dict(vocab_size=len(tok), hidden_size=args.llm_hidden, intermediate_size=int(args.llm_hidden * 2.6875),
+                num_hidden_layers=args.llm_layers, num_attention_heads=heads, num_key_value_heads=heads,
+                max_position_embeddings=4096, eos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<pad>"])
+    special = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                   vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    if kind == "qwen2_vl":
+        patch, cls, adapter_cls, proc = 14, transformers.Qwen2VLForConditionalGeneration, Qwen2VLAdapter, "Qwen2VLProcessor"
+        section = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
+        cfg = transformers.Qwen2VLConfig(
+            vision_config=dict(depth=args.vision_layers, embed_dim=dv, hidden_size=args.llm_hidden, mlp_ratio=4,
+                               num_heads=max(1, dv // 64), patch_size=patch, spatial_merge_size=2),
+            text_config=dict(text, rope_parameters={"rope_type": "default", "mrope_section": section,
+                                                    "rope_theta": 1000000.0}), **special)
+    else:
+        patch, cls, adapter_cls, proc = 16, transformers.Qwen3VLForConditionalGeneration, Qwen3VLAdapter, "Qwen3VLProcessor"
+        depth = args.vision_layers
+        deepstack = sorted({min(depth - 1, round(depth * f)) for f in (8 / 27, 16 / 27, 24 / 27)})
+        section = [half - 2 * (half * 5 // 16), half * 5 // 16, half * 5 // 16]  # [24, 20, 20] at head_dim 128
+        cfg = transformers.Qwen3VLConfig(
+            vision_config=dict(depth=depth, hidden_size=dv, intermediate_size=4 * dv, num_heads=max(1, dv // 64),
+                               patch_size=patch, spatial_merge_size=2, out_hidden_size=args.llm_hidden,
+                               num_position_embeddings=2304, deepstack_visual_indexes=deepstack),
+            text_config=dict(text, head_dim=128, rope_parameters={"rope_type": "default", "mrope_section": section,
+                                                                  "mrope_interleaved": True, "rope_theta": 5000000.0}),
+            **special)
+    unit = patch * 2
+    processor = qwen_processor(tok, patch_size=patch, merge_size=2, min_pixels=unit * unit,
+                               max_pixels=3000 * unit * unit, processor_class=proc)
+    model = _random_model(cls, cfg, dtype, device, seed)
+    name = (f"random {adapter_cls.display_name} (vision {dv}x{args.vision_layers}, patch {patch}"
+            + (f", DeepStack after blocks {cfg.vision_config.deepstack_visual_indexes}" if kind == "qwen3_vl" else "")
+            + f", LLM {args.llm_hidden}x{args.llm_layers})")
+    return adapter_cls(model, processor, name=name, dtype=dtype, device=device, attn_implementation=attn)
 
 
 def qwen_inputs(adapter, grid, seed: int = 0):
@@ -117,21 +244,37 @@ def qwen_inputs(adapter, grid, seed: int = 0):
 
 # ---- timing ------------------------------------------------------------------------------------
 def _median(xs):
-    return statistics.median(xs) if xs else float("nan")
+    """The statistic of a row's timings: the median (default), or the minimum with `--stat min`
+    (the least disturbed run: for a machine that other jobs share)."""
+    if not xs:
+        return float("nan")
+    return min(xs) if STAT == "min" else statistics.median(xs)
 
 
 WARMUP = 1
+STAT = "median"
 
 
-def bench_pipeline(adapter, pipe, image, prompt, new_tokens, repeats, batch: int = 1):
-    rows = []
+def bench_pipeline(adapter, pipe, image, prompt, new_tokens, repeats, batch: int = 1, oracle_of=None):
+    """A row's runs; with `oracle_of(k)` (a one-run oracle at k visual tokens, k from the first
+    run), the oracle runs in turn with the row's runs, so both see the same machine (--interleave)."""
+    rows, oracle_rows, oracle = [], [], None
     for i in range(repeats + WARMUP):
         rep = adapter.generate(pipe, [image] * batch, [prompt] * batch, max_new_tokens=new_tokens, stop_at_eos=False)
+        if oracle_of is not None and oracle is None:
+            oracle = oracle_of(round(rep.visual_tokens_avg[0]))
+        o = oracle() if oracle is not None else None
         if i >= WARMUP:
             rows.append(rep)
+            oracle_rows.append(o)
     last = rows[-1]
     fl = last.flops[0]
+    interleaved = None
+    if oracle is not None:
+        interleaved = {"prefill_ms": _median([o[0] for o in oracle_rows]), "decode_ms": _median([o[1] for o in oracle_rows]),
+                       "peak_bytes": _median([o[2] for o in oracle_rows])}
     return {
+        "oracle": interleaved,
         "prefill_ms": _median([r.prefill_ms for r in rows]),
         "decode_ms": _median([r.decode_ms_per_token for r in rows]),
         "peak_bytes": _median([r.peak_memory_bytes for r in rows]),
@@ -146,48 +289,163 @@ def bench_pipeline(adapter, pipe, image, prompt, new_tokens, repeats, batch: int
     }
 
 
-@torch.no_grad()
-def bench_oracle(adapter, image, prompt, k: int, new_tokens: int, repeats: int):
-    """The stock LLaVA model (no hooks) fed the first k projected visual tokens directly."""
-    from transformers import DynamicCache
+def _one_run(devices, prefill, step, new_tokens: int) -> tuple[float, float, int]:
+    """(prefill ms, decode ms/token, peak memory) of one run: `prefill()` -> (last logits, state)
+    is timed as the prefill, then greedy decoding, `step(next ids, state, i)` -> logits, per step;
+    `devices`: every device of the model (`model_devices`: all GPUs of a --device-map model)."""
+    mem = PeakMemory(devices)
+    with mem:
+        sync(devices)
+        t0 = time.perf_counter()
+        logits, state = prefill()
+        sync(devices)
+        prefill_ms = (time.perf_counter() - t0) * 1e3
+        steps, t_dec = 0, 0.0
+        for j in range(new_tokens - 1):
+            t1 = time.perf_counter()
+            logits = step(logits.argmax(-1), state, j)
+            sync(devices)
+            t_dec += time.perf_counter() - t1
+            steps += 1
+    return prefill_ms, t_dec * 1e3 / max(steps, 1), mem.peak
 
+
+def _timed_runs(once, repeats: int):
+    """The statistic of `repeats` runs of `once()` after WARMUP."""
+    rows = [once() for _ in range(repeats + WARMUP)][WARMUP:]
+    return {"prefill_ms": _median([r[0] for r in rows]), "decode_ms": _median([r[1] for r in rows]),
+            "peak_bytes": _median([r[2] for r in rows])}
+
+
+def _oracle_parts(adapter, image, prompt):
+    """The encoded prompt, its ids on the model's device, and where its image block starts and ends."""
     model, dev = adapter.model, adapter.device
-    devices = model_devices(model, dev)  # every GPU of a --device-map model
     enc = adapter.encode([image], [prompt])
     ids = enc.input_ids[0].to(dev)
     where = (ids == model.config.image_token_id).nonzero().flatten()
-    s, e = int(where[0]), int(where[-1]) + 1
-    pix = enc.vision_inputs["pixel_values"].to(dev, adapter.dtype)
+    return enc, ids, int(where[0]), int(where[-1]) + 1
+
+
+def bench_oracle(adapter, image, prompt, k: int, new_tokens: int, repeats: int):
+    """The oracle at k visual tokens (`oracle_run`), `repeats` runs after WARMUP."""
+    return _timed_runs(oracle_run(adapter, image, prompt, k, new_tokens), repeats)
+
+
+def oracle_run(adapter, image, prompt, k: int, new_tokens: int):
+    """One-run function of the family's oracle at k tokens (the LLaVA line or the Qwen-VL line)."""
+    qwen = adapter.model_variables().get("family_group") == "qwen-vl"
+    return (_oracle_qwen if qwen else _oracle_llava)(adapter, image, prompt, k, new_tokens)
+
+
+def _oracle_llava(adapter, image, prompt, k: int, new_tokens: int):
+    """The stock LLaVA-line model (no hooks; LLaVA-1.5 and the tiled families) fed the first k
+    projected visual tokens directly (tiled: the packed crops' rows, in stream order)."""
+    from transformers import DynamicCache
+
+    model, dev = adapter.model, adapter.device
+    enc, ids, s, e = _oracle_parts(adapter, image, prompt)
+    vision = {name: (v.to(dev, adapter.dtype) if name == "pixel_values" else v.to(dev))
+              for name, v in enc.vision_inputs.items()}
     lm, head, emb = model.model.language_model, model.lm_head, model.get_input_embeddings()
+
+    def prefill():
+        pooled = model.model.get_image_features(**vision).pooler_output  # per image rows (tiled: packed)
+        feats = (torch.cat(list(pooled)) if isinstance(pooled, (list, tuple))
+                 else pooled.reshape(-1, pooled.shape[-1]))[:k]
+        e_ids = emb(ids)
+        x = torch.cat([e_ids[:s], feats.to(e_ids), e_ids[e:]])[None]
+        cache = DynamicCache(config=model.config.text_config)
+        out = lm(inputs_embeds=x, cache=cache, use_cache=True)
+        return head(out.last_hidden_state[:, -1]), (cache, x.shape[1])
+
+    def step(nxt, state, j):
+        cache, n = state
+        pos = torch.full((1, 1), n + j, device=dev, dtype=torch.long)
+        return head(lm(inputs_embeds=emb(nxt[:, None]), position_ids=pos, cache=cache,
+                       use_cache=True).last_hidden_state[:, -1])
+
+    return torch.no_grad()(lambda: _one_run(model_devices(model, dev), prefill, step, new_tokens))
+
+
+def _oracle_qwen(adapter, image, prompt, k: int, new_tokens: int):
+    """The stock Qwen-VL model (no hooks) fed the first k merged visual tokens directly: its
+    vision tower and merger on the image, then the text model on [text | k rows | text] with
+    contiguous M-RoPE ids (on Qwen3-VL the first k rows of each DeepStack level, added by the
+    stock text model), and cached greedy decoding."""
+    from transformers import DynamicCache
+
+    model, dev = adapter.model, adapter.device
+    enc, ids, s, e = _oracle_parts(adapter, image, prompt)
+    pix = enc.vision_inputs["pixel_values"].to(dev, adapter.dtype)
+    thw = enc.vision_inputs["image_grid_thw"].to(dev)
+    lm, head, emb = model.model.language_model, model.lm_head, model.get_input_embeddings()
+
+    def prefill():
+        out = model.model.get_image_features(pixel_values=pix, image_grid_thw=thw)
+        feats = out.pooler_output[0][:k]
+        e_ids = emb(ids)
+        x = torch.cat([e_ids[:s], feats.to(e_ids), e_ids[e:]])[None]
+        n = x.shape[1]
+        extra = {}
+        if getattr(out, "deepstack_features", None):
+            mask = torch.zeros(1, n, dtype=torch.bool, device=dev)
+            mask[0, s:s + feats.shape[0]] = True
+            extra = {"visual_pos_masks": mask, "deepstack_visual_embeds": [f[0][:k] for f in out.deepstack_features]}
+        cache = DynamicCache(config=model.config.text_config)
+        pos = torch.arange(n, device=dev).view(1, 1, -1).expand(3, 1, -1)
+        hs = lm(inputs_embeds=x, position_ids=pos, cache=cache, use_cache=True, **extra).last_hidden_state
+        return head(hs[:, -1]), (cache, n)
+
+    def step(nxt, state, j):
+        cache, n = state
+        pos = torch.full((3, 1, 1), n + j, device=dev, dtype=torch.long)
+        return head(lm(inputs_embeds=emb(nxt[:, None]), position_ids=pos, cache=cache,
+                       use_cache=True).last_hidden_state[:, -1])
+
+    return torch.no_grad()(lambda: _one_run(model_devices(model, dev), prefill, step, new_tokens))
+
+
+@torch.no_grad()
+def bench_stock(adapter, vanilla, image, prompt, new_tokens: int, repeats: int):
+    """The unmodified model's own `generate` on the processor's inputs (its placeholder scatter,
+    M-RoPE, DeepStack, cache; greedy) and keep-everything through the adapter (`vanilla`), run
+    in turn so that both see the same machine: what the adapter costs next to no adapter at
+    all. Stock times come from a clock logits processor (called once a step, after that step's
+    forward): prefill = start to the first call, decode ms/token = first to last call / steps;
+    the adapter's are its report's."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    model, dev = adapter.model, adapter.device
+    enc = adapter.encode([image], [prompt])
+    inputs = {"input_ids": enc.input_ids.to(dev), "attention_mask": enc.attention_mask.to(dev)}
+    inputs.update({k: v.to(dev, adapter.dtype) if v.is_floating_point() else v.to(dev)
+                   for k, v in enc.vision_inputs.items()})
+    inputs.update({k: v.to(dev) for k, v in enc.extras.items() if torch.is_tensor(v)})
+
+    devices = model_devices(model, dev)
+
+    class Clock(LogitsProcessor):
+        def __init__(self):
+            self.t: list[float] = []
+
+        def __call__(self, input_ids, scores):
+            sync(devices)
+            self.t.append(time.perf_counter())
+            return scores
+
     rows = []
     for i in range(repeats + WARMUP):
-        mem = PeakMemory(devices)
-        with mem:
-            sync(devices)
-            t0 = time.perf_counter()
-            feats = model.model.get_image_features(pixel_values=pix).pooler_output[0][:k]
-            e_ids = emb(ids)
-            x = torch.cat([e_ids[:s], feats.to(e_ids), e_ids[e:]])[None]
-            cache = DynamicCache(config=model.config.text_config)
-            out = lm(inputs_embeds=x, cache=cache, use_cache=True)
-            logits = head(out.last_hidden_state[:, -1])
-            sync(devices)
-            prefill = (time.perf_counter() - t0) * 1e3
-            n = x.shape[1]
-            steps, t_dec = 0, 0.0
-            for step in range(new_tokens - 1):
-                t1 = time.perf_counter()
-                nxt = logits.argmax(-1)
-                pos = torch.full((1, 1), n + step, device=dev, dtype=torch.long)
-                out = lm(inputs_embeds=emb(nxt[:, None]), position_ids=pos, cache=cache, use_cache=True)
-                logits = head(out.last_hidden_state[:, -1])
-                sync(devices)
-                t_dec += time.perf_counter() - t1
-                steps += 1
+        rep = adapter.generate(vanilla, [image], [prompt], max_new_tokens=new_tokens, stop_at_eos=False)
+        clock = Clock()
+        sync(devices)
+        t0 = time.perf_counter()
+        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       logits_processor=LogitsProcessorList([clock]))
+        decode = (clock.t[-1] - clock.t[0]) * 1e3 / max(len(clock.t) - 1, 1)
         if i >= WARMUP:
-            rows.append((prefill, t_dec * 1e3 / max(steps, 1), mem.peak))
+            rows.append(((clock.t[0] - t0) * 1e3, decode, rep.prefill_ms, rep.decode_ms_per_token))
     return {"prefill_ms": _median([r[0] for r in rows]), "decode_ms": _median([r[1] for r in rows]),
-            "peak_bytes": _median([r[2] for r in rows])}
+            "vanilla_prefill_ms": _median([r[2] for r in rows]), "vanilla_decode_ms": _median([r[3] for r in rows])}
 
 
 # ---- the two modes -----------------------------------------------------------------------------
@@ -206,7 +464,10 @@ def _pipelines(methods, budgets, qwen: bool):
             over = {"budget": b}
             if qwen and name == "nuwa_qwen":
                 over = {}
-            out.append((name, str(b), load(path, over)))
+            try:
+                out.append((name, str(b), load(path, over)))
+            except PipelineError as exc:  # a budget this method's file has no entry for (nuwa: 64/128/192)
+                print(f"skipping {name} at budget {b}: {str(exc).splitlines()[-1].strip()[:160]}", file=sys.stderr)
             if not over:
                 break
     return out
@@ -226,23 +487,31 @@ def _method_row(name, budget, r) -> str:
 
 
 def methods_mode(adapter, args) -> str:
-    qwen = adapter.family != "llava"
+    qwen = adapter.model_variables().get("family_group") == "qwen-vl"
     if qwen:
         image, prompt = qwen_inputs(adapter, GROWTH_GRIDS[576])
+    elif adapter.family != "llava":  # tiled families: a 640x480 picture (LLaVA-NeXT: 2x2 tiles, 5 crops)
+        image, prompt = synthetic_image(640).resize((640, 480)), "What shapes are in the image, and what colour is each one?"
     else:
         image, prompt = synthetic_image(336), "What shapes are in the image, and what colour is each one?"
     rows, oracles = [], {}
     for name, budget, pipe in _pipelines(args.methods or (QWEN_METHODS if qwen else LLAVA_METHODS), args.budgets, qwen):
+        wants = args.oracle == "all" or (args.oracle == "pre-llm" and (name in PRE_LLM or name == "vanilla"))
+        oracle_of = None
+        if wants and args.interleave:
+            def oracle_of(k):
+                return oracle_run(adapter, image, prompt, k, args.new_tokens)
         try:
-            r = bench_pipeline(adapter, pipe, image, prompt, args.new_tokens, args.repeats, args.batch)
+            r = bench_pipeline(adapter, pipe, image, prompt, args.new_tokens, args.repeats, args.batch, oracle_of)
         except RunError as exc:  # a method this model cannot run (e.g. a layer past the last): say so
             print(f"{name} {budget}: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
             continue
         k = round(r["avg_tokens"])
-        wants = args.oracle == "all" or (args.oracle == "pre-llm" and (name in PRE_LLM or name == "vanilla"))
-        if not qwen and wants and k not in oracles:
+        if r["oracle"] is not None:  # run in turn with this row (the last such row's is listed below)
+            oracles[k] = r["oracle"]
+        elif wants and k not in oracles:
             oracles[k] = bench_oracle(adapter, image, prompt, k, args.new_tokens, args.repeats)
-        o = oracles.get(k)
+        o = r["oracle"] or oracles.get(k)
         r["prefill_vs_oracle"] = r["prefill_ms"] / o["prefill_ms"] if o else None
         r["decode_vs_oracle"] = r["decode_ms"] / o["decode_ms"] if o else None
         rows.append((name, budget, r))
@@ -251,6 +520,13 @@ def methods_mode(adapter, args) -> str:
               "(% of vanilla) | node time % of prefill | prefill / oracle | decode / oracle |"),
              "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [_method_row(name, budget, r) for name, budget, r in rows]
+    if any(name == "vanilla" for name, _, _ in rows):
+        st = bench_stock(adapter, load(ROOT / "pipelines/vanilla.yaml"), image, prompt, args.new_tokens, args.repeats)
+        lines += ["", f"Stock (the unmodified model's own generate, no adapter), run in turn with vanilla through the "
+                      f"adapter: stock {st['prefill_ms']:.0f} ms prefill, {st['decode_ms']:.1f} ms/token; vanilla "
+                      f"{st['vanilla_prefill_ms']:.0f} ms, {st['vanilla_decode_ms']:.1f} ms/token; prefill / stock "
+                      f"{st['vanilla_prefill_ms'] / st['prefill_ms']:.2f}, decode / stock "
+                      f"{st['vanilla_decode_ms'] / st['decode_ms']:.2f}"]
     if oracles:
         lines += ["", "Oracle (stock model, k visual tokens fed directly): "
                   + "; ".join(f"k={k}: {o['prefill_ms']:.0f} ms prefill, {o['decode_ms']:.1f} ms/token"
@@ -296,7 +572,9 @@ def add_model_args(ap: argparse.ArgumentParser, vision_layers: int | None, visio
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=["methods", "growth"], default="methods")
-    ap.add_argument("--model", default=None, help="random-llava (methods default), random-qwen (growth default), "
+    ap.add_argument("--model", default=None, help="random-llava (methods default), random-llava-next, random-internvl, "
+                                                  "random-llava-onevision, random-qwen (growth default), "
+                                                  "random-qwen2-vl, random-qwen3-vl, "
                                                   "a preset, a local directory or a hub id")
     ap.add_argument("--device-map", default=None, help="e.g. auto (checkpoints only; needs accelerate)")
     ap.add_argument("--methods", type=lambda s: s.split(","), default=None, help="comma-separated pipeline names")
@@ -306,8 +584,13 @@ def main(argv=None) -> int:
     ap.add_argument("--growth-budget", type=int, default=192)
     ap.add_argument("--oracle", choices=["pre-llm", "all", "none"], default="pre-llm",
                     help="which runs get an oracle (pre-llm: vanilla and the methods that prune before the LLM)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="run each row's oracle in turn with the row's runs (both see the same machine: for a shared "
+                         "machine whose load moves)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
+    ap.add_argument("--stat", choices=["median", "min"], default="median",
+                    help="statistic of the timed runs (min: the least disturbed run, on a shared machine)")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--write", type=Path, default=None, help="replace this mode's results block of a markdown file")
@@ -316,29 +599,39 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     global WARMUP
     WARMUP = args.warmup
+    global STAT
+    STAT = args.stat
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
     model = args.model or ("random-qwen" if args.mode == "growth" else "random-llava")
-    qwen_sizes = model == "random-qwen"
+    qwen_sizes = model in ("random-qwen", "random-qwen2-vl", "random-qwen3-vl")
     args.vision_layers = args.vision_layers or (4 if qwen_sizes else 6)
     args.vision_hidden = args.vision_hidden or (128 if qwen_sizes else 256)
     t0 = time.perf_counter()
     if model == "random-llava":
         adapter = random_llava(dtype, args.device, args.attn_implementation, args)
+    elif model in ("random-llava-next", "random-internvl", "random-llava-onevision"):
+        build = {"random-llava-next": random_llava_next, "random-internvl": random_internvl,
+                 "random-llava-onevision": random_llava_onevision}[model]
+        adapter = build(dtype, args.device, args.attn_implementation, args)
     elif model == "random-qwen":
         adapter = random_qwen(dtype, args.device, args.attn_implementation, args)
+    elif model in ("random-qwen2-vl", "random-qwen3-vl"):
+        adapter = random_qwen_line(model[len("random-"):].replace("-", "_"), dtype, args.device,
+                                   args.attn_implementation, args)
     else:
         adapter = load_adapter(model, dtype, args.device, attn_implementation=args.attn_implementation,
                                device_map=args.device_map)
-    if args.mode == "growth" and adapter.family != "qwen2_5_vl":
-        ap.error("growth mode needs a Qwen2.5-VL model (dynamic resolution): --model random-qwen or a checkpoint")
+    if args.mode == "growth" and adapter.model_variables().get("family_group") != "qwen-vl":
+        ap.error("growth mode needs a Qwen-VL model (dynamic resolution): --model random-qwen, random-qwen2-vl, "
+                 "random-qwen3-vl or a checkpoint")
     print(f"model ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     text = methods_mode(adapter, args) if args.mode == "methods" else growth_mode(adapter, args)
     dev = (torch.cuda.get_device_name(adapter.device) if adapter.device.type == "cuda"
            else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads")
     env = (f"{adapter.name}; {dev}; torch {torch.__version__}; {args.dtype}, {args.attn_implementation}; batch "
-           f"{args.batch}; {args.new_tokens} new tokens; median of {args.repeats} after {args.warmup} warm-up; "
+           f"{args.batch}; {args.new_tokens} new tokens; {args.stat} of {args.repeats} after {args.warmup} warm-up; "
            f"{time.strftime('%Y-%m-%d %H:%M')}")
     start, end = MARKS[args.mode]
     block = f"{start}\n{env}.\n\n{text}\n{end}"

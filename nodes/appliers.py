@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
@@ -16,6 +16,11 @@ from nuwa_graph.types import Applied, PositionPlan, Selection, Tokens
 
 class KeepParams(NodeParams):
     site: SiteName = Field(description=f"where the token set changes: {VALID_SITES}")
+    newlines: Literal["compete", "keep", "drop"] = Field(
+        "compete", description="newline slots of a tiled image (LLaVA-NeXT's image_newline rows): compete = kept "
+        "when the selection names them, like any image token (FastV-style LLM methods); keep = always kept in "
+        "place, outside the budget; drop = never kept (VisionZip's official LLaVA-NeXT path). No effect on "
+        "images without newline slots")
 
 
 @register
@@ -52,5 +57,36 @@ class KeepTokens(Node[KeepParams]):
         present = set(ctx.present.tolist())
         if tokens is None and not set(ids.tolist()) <= present:
             raise ValueError(f"selection names tokens not present at {self.params.site}")
+        if self.params.newlines != "compete":
+            ids, tokens, positions = self._newlines(ctx, ids, tokens, positions)
         ctx.apply(Keep(self.params.site, ids, tokens, positions))
         return {"applied": Applied(self.params.site, int(ids.numel()))}
+
+    def _newlines(self, ctx, ids: torch.Tensor, tokens: Tokens | None, positions: PositionPlan | None):
+        """Apply the newline policy (keep | drop) to the kept ids, rows and positions."""
+        nl = ctx.geometry.newline_ids(ids.device)
+        if nl.numel() == 0:
+            return ids, tokens, positions
+        is_nl = torch.isin(ids, nl)
+        if self.params.newlines == "drop":
+            keep = ~is_nl
+            if tokens is not None:
+                tokens = Tokens(tokens.values[keep], tokens.ids[keep], tokens.space)
+            if positions is not None:
+                positions = PositionPlan(positions.ids[keep], positions.offsets[keep], positions.policy,
+                                         positions.text_follows)
+            return ids[keep], tokens, positions
+        # keep: every newline slot present stays where it is, whatever the selection says
+        if tokens is not None:
+            raise ValueError("newlines: keep needs a selection (merged tokens have no newline rows); use drop")
+        if positions is not None and positions.policy != "pesp":
+            raise ValueError(f"newlines: keep works with PESP positions (a newline keeps its own id), not "
+                             f"{positions.policy!r}; use compete or drop")
+        present = ctx.present.to(ids.device)
+        wanted = torch.isin(present, ids) | torch.isin(present, nl)
+        if not torch.equal(ids, present[torch.isin(present, ids)]):
+            raise ValueError("newlines: keep needs the selection in sequence order (order: index)")
+        new_ids = present[wanted]
+        if positions is not None:
+            positions = PositionPlan(new_ids, new_ids.clamp(min=0).clone(), "pesp", positions.text_follows)
+        return new_ids, None, positions

@@ -50,5 +50,21 @@ class PositionReencoder(Node[ReencodeParams]):
     paper = "https://arxiv.org/abs/2602.02951"
     outputs = {"positions": Port(PositionPlan)}
 
+    def check_model(self, model_vars, sources):
+        if self.params.policy == "perc" or model_vars.get("crops", 1) <= 1:
+            return None
+        if any(p.off_stream for p in sources.get("selection", [])):
+            return (f"policy {self.params.policy!r} places each token by its id, but on this model's images of "
+                    f"several crops the selection holds tokens with no stream position (each crop's CLS row, cells "
+                    f"the stock model cuts away); use policy perc (as VisionZip's official LLaVA-NeXT path)")
+        return None
+
     def run(self, ctx, selection: Annotated[Selection, "the kept tokens, in sequence order"]):
-        return {"positions": plan_positions(selection.ids, self.params.policy, ctx.geometry.n_tokens)}
+        n = ctx.geometry.n_tokens
+        if self.params.policy != "perc" and bool((selection.ids >= n).any()):
+            # a tiled image: a crop's CLS or a cell the stock model cuts away has no stream position
+            raise ValueError(f"policy {self.params.policy!r} gives each token a position from its id, but "
+                             f"{int((selection.ids >= n).sum())} kept tokens have no place in the {n}-token stream (a "
+                             f"crop's CLS, cells cut away by unpad); hint: use policy perc (as VisionZip's official "
+                             f"LLaVA-NeXT path), or keep stream tokens only")
+        return {"positions": plan_positions(selection.ids, self.params.policy, n)}

@@ -93,6 +93,7 @@ class RegionCohesion(Node[CohesionParams]):
     """Nüwa aggregation: each kept collector absorbs similar nearby tokens; pillars stay."""
 
     type_name = "region-cohesion.nuwa"
+    spatial = True  # per part on a tiled image (nuwa_graph/part_views.py)
     paper = "https://arxiv.org/abs/2602.02951"
     outputs = {
         "tokens": Port(Tokens, "aggregated kept tokens, in selection order, space of `features`"),
@@ -107,9 +108,12 @@ class RegionCohesion(Node[CohesionParams]):
         p = self.params
         grid = ctx.geometry.grid
         n = ctx.geometry.n_tokens
+        grid_vals = {}
         for name, t in (("features", features), ("similarity", similarity)):
-            if t.values.shape[0] != n or not torch.equal(t.ids, torch.arange(n, device=t.ids.device)):
-                raise ValueError(f"{name} must cover the whole {grid[0]}x{grid[1]} grid in raster order")
+            vals = t.grid_values(n)
+            if vals is None:
+                raise ValueError(f"{name} must cover the whole {grid[0]}x{grid[1]} grid (one row per token)")
+            grid_vals[name] = vals
         ids = selection.ids
         if (ids < 0).any() or (ids >= n).any():
             raise ValueError("the selection names tokens outside the grid")
@@ -119,7 +123,7 @@ class RegionCohesion(Node[CohesionParams]):
                 raise ValueError("roles were made for a different kept set (or order) than the selection")
             pillar = roles.pillar
         radius = cohesion_radius(grid, p.distance, p.distance_grid, p.distance_fraction, p.pad_to)
-        s = F.normalize(similarity.values, p=2, dim=-1)
+        s = F.normalize(grid_vals['similarity'], p=2, dim=-1)
         sim = s[ids] @ s.transpose(0, 1)
         if p.relu:
             sim = F.relu(sim)
@@ -131,6 +135,6 @@ class RegionCohesion(Node[CohesionParams]):
         w = w / (w.sum(dim=-1, keepdim=True) + p.eps)
         if p.self_weight == "one":
             w[rows, ids] = 1.0
-        x = features.values
+        x = grid_vals['features']
         out = w.to(x.dtype) @ x
         return {"tokens": Tokens(out, ids.clone(), features.space), "selection": Selection(ids.clone())}

@@ -24,6 +24,7 @@ class GridCells(Node[GridCellsParams]):
     """
 
     type_name = "region.grid-cells"
+    spatial = True  # per part on a tiled image (nuwa_graph/part_views.py)
     paper = "https://arxiv.org/abs/2602.02951"
     outputs = {"regions": Port(Regions, "region id of every grid token")}
 

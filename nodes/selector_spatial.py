@@ -51,6 +51,7 @@ class UniformCount(Node[CountParams]):
     """Exactly k tokens spread evenly over the grid (spatial downsampling baseline)."""
 
     type_name = "selector.uniform-count"
+    spatial = True  # per part on a tiled image (nuwa_graph/part_views.py)
     outputs = {"selection": Port(Selection, "k grid tokens, ascending")}
 
     def run(self, ctx):

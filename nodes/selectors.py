@@ -182,6 +182,7 @@ class TopKPerRegion(Node[TopKPerRegionParams]):
     """
 
     type_name = "selector.top-k-per-region"
+    spatial = True  # per part on a tiled image (nuwa_graph/part_views.py)
     paper = "https://arxiv.org/abs/2602.02951"
     outputs = {"selection": Port(Selection, "at most n tokens of every region")}
 
@@ -234,6 +235,7 @@ class UniformGrid(Node[GridParams]):
     """A uniform grid of tokens, [offset::stride, offset::stride] (downsampling, FEATHER)."""
 
     type_name = "selector.uniform-grid"
+    spatial = True  # per part on a tiled image (nuwa_graph/part_views.py)
     outputs = {"selection": Port(Selection, "grid tokens, ascending")}
 
     def run(self, ctx):

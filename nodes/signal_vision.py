@@ -27,10 +27,11 @@ def _grid_tokens(ctx, values: torch.Tensor, space: str, what: str) -> Tokens:
 
 def grid_rows(tokens: Tokens, n: int, port: str) -> torch.Tensor:
     """The (n, d) values of Tokens that cover the whole grid in raster order (ValueError otherwise)."""
-    if tokens.values.shape[0] != n or not torch.equal(tokens.ids, torch.arange(n, device=tokens.ids.device)):
+    values = tokens.grid_values(n)
+    if values is None:
         raise ValueError(f"{port} must cover the {n} tokens of the grid in raster order (ids 0..{n - 1}), got "
                          f"{tokens.values.shape[0]} rows; connect a signal node (signal.vision-hidden, ...)")
-    return tokens.values
+    return values
 
 
 class HiddenParams(NodeParams):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -52,6 +53,9 @@ class SampleContext:
     node_name: str = ""
     reader: Callable[[SignalRequest, int], torch.Tensor] | None = None
     actions: list[Keep] = field(default_factory=list)
+    # the crop or part this run of the node covers (per: crop | part), else None; `geometry`
+    # is then that unit's grid and ids are its local ids (nuwa_graph/part_views.py)
+    unit: Any = None
 
     @property
     def device(self) -> torch.device:
@@ -66,7 +70,8 @@ class SampleContext:
 
     def generator(self) -> torch.Generator:
         g = torch.Generator(device="cpu")
-        g.manual_seed(node_seed(self.seed, self.node_name, self.sample))
+        name = self.node_name if self.unit is None else f"{self.node_name}/{self.unit.kind}{self.unit.index}"
+        g.manual_seed(node_seed(self.seed, name, self.sample))
         return g
 
     def apply(self, action: Keep) -> None:

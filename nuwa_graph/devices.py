@@ -62,6 +62,8 @@ def check_signal(kind: str, value: Any, device: torch.device | str, model_dtype:
     """Problems of one signal value against the contract (empty when it holds)."""
     if SIGNAL_CLASSES.get(kind, "caller") == "caller":
         return []
+    if isinstance(value, list) and value:  # per crop (part_views.CropSignals): each crop's tensor
+        return [p for v in value for p in check_signal(kind, v, device, model_dtype)]
     if not isinstance(value, torch.Tensor):
         return [f"signal {kind} is a {type(value).__name__}, not a tensor"]
     problems = []

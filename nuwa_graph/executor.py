@@ -17,10 +17,11 @@ import torch
 
 from .context import Keep, SampleContext
 from .errors import BudgetError, RunError
+from .part_views import image_reader, memo_reader, scope_of, split_to_units, to_block, unit_present, unit_reader
 from .pipeline import Pipeline
 from .signals import SignalRequest
 from .sites import Site
-from .types import Geometry
+from .types import Geometry, Selection
 
 
 @dataclass
@@ -35,6 +36,10 @@ class RunState:
     timings: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     order: list[str] = field(default_factory=list)
     done_sites: list[str] = field(default_factory=list)
+    # (node, port, sample) -> (per, the node's per-unit outputs in local ids): a node of the same
+    # `per` takes these as they are instead of cutting the joined value again (that cut is a host
+    # sync per unit on a GPU: how many ids fall in each unit is data)
+    unit_values: dict[tuple[str, str, int], tuple[str, list[Any]]] = field(default_factory=dict)
     # waits for the device's queued work; called around each node when set, so a node's time is
     # its own work (on a GPU, work is queued: without it a node's first host read would be timed
     # waiting for the model's layers before it, and its own kernels would be missed)
@@ -66,6 +71,19 @@ class Executor:
         for src, out, dst, port in pipeline.edges:
             self.inputs_of[dst].append((port, src, out))
 
+    def model_problems(self, model_vars: dict[str, Any]) -> list[str]:
+        """What the nodes say they cannot do on this model (`Node.check_model`), node by node."""
+        problems = []
+        for name in self.order:
+            node = self.pipeline.nodes[name]
+            sources: dict[str, list[Any]] = defaultdict(list)
+            for port, src, out in self.inputs_of[name]:
+                sources[port].append(self.pipeline.nodes[src].outputs[out])
+            msg = node.check_model(model_vars, dict(sources))
+            if msg:
+                problems.append(f"node {name!r} ({node.type_name}): {msg}")
+        return problems
+
     def sites(self) -> list[Site]:
         return sorted(self.by_site)
 
@@ -95,6 +113,7 @@ class Executor:
                 state.sync()
             t0 = time.perf_counter()
             outs_per_sample = []
+            scope = scope_of(node, getattr(node, "per", None))
             for b in range(state.batch):
                 kwargs: dict[str, Any] = {}
                 for port, src, out in self.inputs_of[name]:
@@ -103,10 +122,20 @@ class Executor:
                         kwargs.setdefault(port, []).append(v)
                     else:
                         kwargs[port] = v
-                ctx = SampleContext(sample=b, geometry=state.geometries[b], present=state.present[b], seed=seed,
-                                    node_name=name, reader=reader, actions=issued[b])
+                geom = state.geometries[b]
                 try:
-                    out_vals = node.run(ctx, **kwargs) or {}
+                    if scope == "image" or geom.simple:
+                        ctx = SampleContext(sample=b, geometry=geom, present=state.present[b], seed=seed,
+                                            node_name=name, reader=image_reader(reader, name, getattr(node, "per", None)),
+                                            actions=issued[b])
+                        out_vals = node.run(ctx, **kwargs) or {}
+                    else:
+                        split = {port: state.unit_values[(src, out, b)][1] for port, src, out in self.inputs_of[name]
+                                 if not node.inputs[port].many
+                                 and (src, out, b) in state.unit_values
+                                 and geom.same_units(state.unit_values[(src, out, b)][0], scope)}
+                        out_vals = self._run_units(node, name, scope, state, b, site, kwargs, reader, seed, issued[b],
+                                                   split)
                 except BudgetError as exc:  # the same data, now naming the node
                     raise exc.at(name, f"node {name!r} ({node.type_name}) failed on sample {b} at site {site}") from exc
                 except RunError:
@@ -126,6 +155,36 @@ class Executor:
             state.order.append(name)
         state.record(site, issued)
         return issued
+
+    def _run_units(self, node: Any, name: str, scope: str, state: RunState, b: int, site: Site,
+                   kwargs: dict[str, Any], reader: Any, seed: int, issued: list[Keep],
+                   split: dict[str, list[Any]]) -> dict[str, Any]:
+        """Run `node` once per crop or spatial part of sample b's image (part_views.py); `split`:
+        inputs already per unit (made by a node of the same `per`), taken as they are."""
+        geom = state.geometries[b]
+        units = geom.units(scope)
+        if not units:
+            what = "spatial part (a grid)" if scope == "part" else "vision crop"
+            raise RunError(f"node {name!r} ({node.type_name}) runs per {scope}, but this image has no "
+                           f"{what}: {geom.describe()}; it cannot run on this model (a spatial node never runs "
+                           f"over the flat sequence)")
+        untouched = site.name == "vision" and not state.actions[b]
+        reader = memo_reader(reader)
+        outs = []
+        split = {**{port: split_to_units(v, units, port, name) for port, v in kwargs.items() if port not in split},
+                 **split}
+        presents = (None if untouched else
+                    split_to_units(Selection(state.present[b]), units, "present", name, markers=False))
+        for i, u in enumerate(units):
+            local = {port: split[port][i] for port in kwargs}
+            present = unit_present(geom, u, state.present[b], untouched) if presents is None else presents[i].ids
+            ctx = SampleContext(sample=b, geometry=Geometry(u.shape, geom.image_start), present=present, seed=seed,
+                                node_name=name, reader=unit_reader(reader, u, state.present[b], name),
+                                actions=issued, unit=u)
+            outs.append(node.run(ctx, **local) or {})
+        for port in outs[0]:
+            state.unit_values[(name, port, b)] = (scope, [o[port] for o in outs])
+        return {port: to_block([o[port] for o in outs], units, port, name) for port in outs[0]}
 
     def run_all(self, geometries: list[Geometry], signals: dict[str, Any] | Callable | None = None,
                 seed: int | None = None) -> RunState:

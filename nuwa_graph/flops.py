@@ -4,11 +4,12 @@ The convention is the one of the FastV and PDrop papers: one multiply-accumulate
 one FLOP, and only the matrix products of the transformer layers are counted (norms,
 softmax, RoPE, embeddings and the LM head are left out). For a layer that sees n tokens:
 
-    FLOPs(n) = n*d*(2*d + 2*d_kv)  +  2*n^2*d  +  f*n*d*m
+    FLOPs(n) = n*d*(2*d_q + 2*d_kv)  +  2*n^2*d_q  +  f*n*d*m
 
-- n*d*(2d + 2 d_kv): the q, k, v and o projections (d_kv = kv_heads * head_dim; with
-  multi-head attention d_kv = d and this is FastV's 4*n*d^2);
-- 2*n^2*d: attention scores (q k^T) and the weighted sum of values;
+- n*d*(2 d_q + 2 d_kv): the q, k, v and o projections (d_q = heads * head_dim, which is d
+  unless the config sets a wider head_dim, as Qwen3-VL-4B does; d_kv = kv_heads * head_dim;
+  with multi-head attention d_q = d_kv = d and this is FastV's 4*n*d^2);
+- 2*n^2*d_q: attention scores (q k^T) and the weighted sum of values;
 - f*n*d*m: the FFN with intermediate width m; f = 3 for a gated FFN (SwiGLU: gate, up,
   down; LLaMA, Qwen2, the Qwen2.5-VL vision blocks; what PDrop counts) and 2 for a plain
   two-matrix MLP (CLIP; FastV's 2*n*d*m). A config with hidden_act silu/swish is gated.
@@ -19,11 +20,14 @@ cache of c_l keys at layer l costs  d*(2d + 2 d_kv) + 2*c_l*d + f*d*m  per layer
 gives the first decode step (c_l = the prompt tokens kept at layer l, plus the new one).
 
 The vision tower is counted as it runs (pre-LLM pruning does not make it cheaper): CLIP
-over n_patches + CLS tokens in every encoder layer; Qwen2.5-VL's blocks with windowed
-attention (2 * sum over windows of w^2 * d) except the full-attention blocks; plus the
-patch embedding (n_patches * channels * patch_area * d). The projector: LLaVA's 2-layer
-MLP (d_v*d + d*d per token) over every visual token; Qwen2.5-VL's patch merger
-((4 d_v)^2 + 4 d_v * d per merged token).
+over n_patches + CLS tokens in every encoder layer; the Qwen-VL towers over every patch of
+the image: Qwen2.5-VL's blocks with windowed attention (2 * sum over windows of w^2 * d)
+except the full-attention blocks, Qwen2-VL's and Qwen3-VL's with full attention in every
+block (Qwen2-VL's width is `embed_dim`, its MLP `mlp_ratio` x wider and plain; Qwen2.5-VL's
+MLP gated; Qwen3-VL's plain); plus the patch embedding (n_patches * channels * patch_area
+* d). The projector: LLaVA's 2-layer MLP (d_v*d + d*d per token) over every visual token;
+the Qwen patch merger ((4 d_v)^2 + 4 d_v * d per merged token), and on Qwen3-VL one more
+merger of that size per DeepStack level.
 
 Multiply by 2 for hardware FLOPs (a multiply and an add).
 """
@@ -43,22 +47,27 @@ class LayerShape:
     m: int  # FFN intermediate width
     d_kv: int  # kv_heads * head_dim
     gated: bool  # 3-matrix (SwiGLU) FFN
+    d_q: int = 0  # heads * head_dim (0: d)
 
     @property
     def ffn_factor(self) -> int:
         return 3 if self.gated else 2
 
+    @property
+    def q_width(self) -> int:
+        return self.d_q or self.d
+
     def linear(self, n: int) -> int:
         """Projections and FFN for n tokens."""
-        return n * self.d * (2 * self.d + 2 * self.d_kv) + self.ffn_factor * n * self.d * self.m
+        return n * self.d * (2 * self.q_width + 2 * self.d_kv) + self.ffn_factor * n * self.d * self.m
 
     def prefill(self, n: int) -> int:
         """FLOPs(n): one layer over n tokens with causal/full attention among them."""
-        return self.linear(n) + 2 * n * n * self.d
+        return self.linear(n) + 2 * n * n * self.q_width
 
     def decode(self, cache: int) -> int:
         """One new token attending to `cache` keys (itself included)."""
-        return self.linear(1) + 2 * cache * self.d
+        return self.linear(1) + 2 * cache * self.q_width
 
 
 def _gated(cfg) -> bool:
@@ -66,12 +75,14 @@ def _gated(cfg) -> bool:
 
 
 def layer_shape(cfg) -> LayerShape:
-    """The LayerShape of a text or vision config (LLaMA/Qwen2/CLIP/Qwen2.5-VL vision)."""
-    d = int(cfg.hidden_size)
+    """The LayerShape of a text or vision config (LLaMA/Qwen2/Qwen3/CLIP; the Qwen-VL vision
+    configs: Qwen2-VL's width is `embed_dim` and its MLP `mlp_ratio` x that)."""
+    d = int(getattr(cfg, "embed_dim", None) or cfg.hidden_size)
     heads = int(getattr(cfg, "num_attention_heads", None) or cfg.num_heads)
     head_dim = int(getattr(cfg, "head_dim", None) or d // heads)
     kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
-    return LayerShape(d=d, m=int(cfg.intermediate_size), d_kv=kv * head_dim, gated=_gated(cfg))
+    m = int(getattr(cfg, "intermediate_size", None) or d * int(cfg.mlp_ratio))
+    return LayerShape(d=d, m=m, d_kv=kv * head_dim, gated=_gated(cfg), d_q=heads * head_dim)
 
 
 def llm_prefill(cfg, n_text: int, visual_per_layer: list[int]) -> int:
@@ -94,45 +105,62 @@ def _window_sizes(rows: int, cols: int, window: int) -> list[int]:
     return [r * c for r in rs for c in cs]
 
 
-def vision_flops(config, grid: tuple[int, int] | None = None) -> dict[str, int]:
+def _first(x) -> int:
+    return int(x[0] if isinstance(x, (list, tuple)) else x)
+
+
+def vision_flops(config, grid: tuple[int, int] | None = None, crops: int = 1) -> dict[str, int]:
     """{'vision': tower FLOPs, 'projector': projector FLOPs} for one image.
 
-    LLaVA (model_type llava): the CLIP grid from the config. Qwen2.5-VL: `grid` is the
-    merged-token grid (rows, cols) of the image."""
+    LLaVA (model_type llava): the CLIP grid from the config. The Qwen-VL line (qwen2_vl,
+    qwen2_5_vl, qwen3_vl): `grid` is the merged-token grid (rows, cols) of the image. Tiled
+    families (llava_next, llava_onevision, internvl): the tower and the projector run once per
+    crop, `crops` of them (the base image or thumbnail and its tiles)."""
     vc = config.vision_config
     s = layer_shape(vc)
     d_llm = int(config.text_config.hidden_size)
     mt = str(getattr(config, "model_type", ""))
-    if mt.startswith("qwen2_5_vl"):
+    if getattr(vc, "spatial_merge_size", None) and mt.startswith(("qwen2_vl", "qwen2_5_vl", "qwen3_vl")):
         if grid is None:
-            raise ValueError("Qwen2.5-VL FLOPs need the merged grid of the image")
+            raise ValueError(f"{mt} FLOPs need the merged grid of the image")
         merge = int(vc.spatial_merge_size)
         u = merge * merge
         rows, cols = grid
         n = rows * cols * u  # patches
-        window = max(1, int(vc.window_size) // merge // int(vc.patch_size))
-        win_sq = sum((w * u) ** 2 for w in _window_sizes(rows, cols, window))
         full = {int(i) for i in (getattr(vc, "fullatt_block_indexes", None) or [])}
         depth = int(getattr(vc, "depth", None) or vc.num_hidden_layers)
-        tower = sum(s.linear(n) + 2 * (n * n if i in full else win_sq) * s.d for i in range(depth))
+        if getattr(vc, "window_size", None):  # Qwen2.5-VL: windows, full attention at fullatt_block_indexes
+            window = max(1, int(vc.window_size) // merge // int(vc.patch_size))
+            win_sq = sum((w * u) ** 2 for w in _window_sizes(rows, cols, window))
+        else:  # Qwen2-VL, Qwen3-VL: every block attends over the whole image
+            full, win_sq = set(range(depth)), 0
+        tower = sum(s.linear(n) + 2 * (n * n if i in full else win_sq) * s.q_width for i in range(depth))
         patch_in = int(getattr(vc, "in_channels", 3)) * int(getattr(vc, "temporal_patch_size", 1)) * int(vc.patch_size) ** 2
         tower += n * patch_in * s.d
         width = u * s.d
-        projector = (n // u) * (width * width + width * int(getattr(vc, "out_hidden_size", d_llm)))
+        # the merger's output: out_hidden_size (Qwen2.5-VL, Qwen3-VL); Qwen2-VL's vision hidden_size is that width
+        out = int(getattr(vc, "out_hidden_size", None) or (vc.hidden_size if getattr(vc, "embed_dim", None) else d_llm))
+        mergers = 1 + len(getattr(vc, "deepstack_visual_indexes", None) or ())  # Qwen3-VL: one per DeepStack level
+        projector = mergers * (n // u) * (width * width + width * out)
         return {"vision": tower, "projector": projector}
-    side = int(vc.image_size) // int(vc.patch_size)
+    px, patch = _first(vc.image_size), _first(vc.patch_size)  # InternVL gives [h, w] pairs
+    side = px // patch
     n_patches = side * side
-    n = n_patches + 1  # CLS
+    n = n_patches + (0 if mt.startswith("llava_onevision") else 1)  # CLS (SigLIP has none)
     tower = int(vc.num_hidden_layers) * s.prefill(n)
-    tower += n_patches * int(getattr(vc, "num_channels", 3)) * int(vc.patch_size) ** 2 * s.d
+    tower += n_patches * int(getattr(vc, "num_channels", 3)) * patch ** 2 * s.d
     layer = getattr(config, "vision_feature_layer", -2)
     width = s.d * (len(layer) if isinstance(layer, (list, tuple)) else 1)
-    projector = n_patches * (width * d_llm + d_llm * d_llm)
-    return {"vision": tower, "projector": projector}
+    rows = n_patches
+    if mt.startswith("internvl"):  # the projector takes 2x2 patch units (pixel shuffle)
+        u = int(round(1 / float(config.downsample_ratio) ** 2))
+        rows, width = n_patches // u, width * u
+    projector = rows * (width * d_llm + d_llm * d_llm)
+    return {"vision": tower * crops, "projector": projector * crops}
 
 
 def run_flops(config, n_text: int, visual_per_layer: list[int], n_visual_full: int,
-              grid: tuple[int, int] | None = None) -> dict[str, Any]:
+              grid: tuple[int, int] | None = None, crops: int = 1) -> dict[str, Any]:
     """The FLOPs of one sample's run and of the vanilla run of the same prompt.
 
     Keys: vision, projector, llm_prefill, prefill (the three together), decode_step, their
@@ -140,7 +168,7 @@ def run_flops(config, n_text: int, visual_per_layer: list[int], n_visual_full: i
     prefill_ratio (pruned / vanilla) and the convention."""
     tc = config.text_config
     full = [n_visual_full] * len(visual_per_layer)
-    vis = vision_flops(config, grid)
+    vis = vision_flops(config, grid, crops)
     out: dict[str, Any] = dict(vis)
     out["llm_prefill"] = llm_prefill(tc, n_text, visual_per_layer)
     out["vanilla_llm_prefill"] = llm_prefill(tc, n_text, full)

@@ -9,7 +9,7 @@ two can use this module without importing each other.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -32,6 +32,10 @@ class NodeSpec(BaseModel):
     type: str = Field(description="registered node type, e.g. selector.top-k")
     params: dict[str, Any] = Field(default_factory=dict, description="node parameters")
     inputs: dict[str, str | list[str]] = Field(default_factory=dict, description="port -> 'node.port' (or a list)")
+    per: Literal["image", "crop", "part"] | None = Field(
+        None, description="on an image made of several crops or parts (LLaVA-NeXT, InternVL): run once for the whole "
+        "image, once per vision crop (its budget then counts per crop) or once per spatial part; default: spatial "
+        "nodes per part, nodes reading a vision signal per crop, the rest per image (nuwa_graph/part_views.py)")
     _line: int | None = PrivateAttr(default=None)  # line of the entry in its file (not dumped)
 
 
@@ -43,8 +47,9 @@ class PipelineSpec(BaseModel):
     description: str = ""
     variables: dict[str, Any] = Field(default_factory=dict)
     seed: StrictInt = 0
-    # model family (adapter `family`, e.g. qwen2_5_vl) -> file run INSTEAD of this one on such a
-    # model (path relative to this file): one method, one file name, the authors' per-family code
+    # model family (adapter `family`, e.g. qwen2_5_vl) or family group (`family_group`, e.g.
+    # qwen-vl: every Qwen-VL generation) -> file run INSTEAD of this one on such a model (path
+    # relative to this file): one method, one file name, the authors' per-family code
     family_files: dict[str, str] = Field(default_factory=dict)
     nodes: list[NodeSpec]
 
@@ -55,7 +60,11 @@ class PipelineSpec(BaseModel):
 # A variable's default may itself be an expression over them (`K: "${scale32(2)}"`): it is
 # evaluated for each model; `--set K=3` replaces it by the exact value.
 MODEL_VARIABLES: dict[str, Any] = {
-    "family": "llava",  # adapter family: llava | qwen2_5_vl (see family_files)
+    "family": "llava",  # adapter family: llava | qwen2_vl | qwen2_5_vl | qwen3_vl (see family_files)
+    # the family's group: models that share a token stream and its signals (qwen-vl: every
+    # Qwen-VL generation; llava: CLIP + projector + LLM). `family_files` keys may name one.
+    "family_group": "llava",
+    "has_cls": True,  # the vision tower has a CLS token (CLS-based methods need one)
     "llm_layers": 32,  # decoder layers of the language model
     "vision_layers": 24,  # layers (blocks) of the vision encoder
     # visual tokens per image on a FIXED patch grid (576 = 24x24 on LLaVA-1.5). Budgets in the
@@ -63,7 +72,26 @@ MODEL_VARIABLES: dict[str, Any] = {
     # `budget=64` keeps 1/9 of the tokens on any fixed grid (16 of 144 on the embedded model).
     # Models whose grid depends on the image (Qwen2.5-VL) do not bind it: there budget is a count.
     "grid_tokens": 576,
+    # tiled families (LLaVA-NeXT, OneVision, InternVL): the most crops (vision passes) an image
+    # can have, the tokens of one crop's grid, and the most visual tokens of one image. One-grid
+    # families: crops 1, crop_tokens = visual_tokens = the grid. Papers count LLaVA-NeXT
+    # budgets over 5 crops (640/320/160 = 5 x 128/64/32), so `budget // crops` is a per-crop count.
+    "crops": 1,
+    "crop_tokens": 576,
+    "visual_tokens": 576,
 }
+
+
+def family_file_of(family_files: dict[str, str], model_vars: dict[str, Any] | None) -> str | None:
+    """The file `family_files` names for a model (None: this file itself runs): its family's
+    entry, else its family group's. Only the values a caller gives count (never the defaults
+    above), so a file is switched for a model only when its adapter says what it is."""
+    if not family_files or not model_vars:
+        return None
+    for key in ("family", "family_group"):
+        if key in model_vars and str(model_vars[key]) in family_files:
+            return family_files[str(model_vars[key])]
+    return None
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -116,6 +116,9 @@ class Port:
     doc: str = ""
     optional: bool = False
     many: bool = False
+    # on an image of several crops its ids may have no stream position (a crop's CLS row, a cell
+    # the stock model cuts away): a node that places tokens by id refuses it before a run
+    off_stream: bool = False
 
     def describe(self) -> str:
         t = self.type.type_name()
@@ -214,6 +217,9 @@ class Node(Generic[P]):
     inputs: ClassVar[dict[str, Port]] = {}
     outputs: ClassVar[dict[str, Port]] = {}
     Params: ClassVar[type[NodeParams]] = NoParams
+    # reads the image's grid (regions, uniform grids, distances): on an image of several parts
+    # it runs per spatial part by default and never over the flat sequence (part_views.py)
+    spatial: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -233,6 +239,7 @@ class Node(Generic[P]):
             params = {}
         validated = params if isinstance(params, self.Params) else self.Params.model_validate(params)
         self.params: P = cast(P, validated)
+        self.per: str | None = None  # the file's `per:` (image | crop | part); None: the node's default
 
     # --- site and signals -------------------------------------------------------------
     def site(self) -> Site | None:
@@ -246,6 +253,11 @@ class Node(Generic[P]):
     def check(self) -> list[str]:
         """Extra consistency checks on params (messages name the field)."""
         return []
+
+    def check_model(self, model_vars: dict[str, Any], sources: dict[str, list[Port]]) -> str | None:
+        """What this node cannot do on a model (its variables), given the output ports its inputs
+        come from; checked before any forward pass (None: it can)."""
+        return None
 
     # --- execution --------------------------------------------------------------------
     def run(self, *args: Any, **kwargs: Any) -> dict[str, Any]:

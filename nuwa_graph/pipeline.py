@@ -31,7 +31,7 @@ import yaml
 from pydantic import ValidationError
 
 from .errors import PipelineError, Problem
-from .loader import MODEL_VARIABLES, NodeSpec, PipelineSpec, parse_override, read_bounded, read_spec
+from .loader import MODEL_VARIABLES, NodeSpec, PipelineSpec, family_file_of, parse_override, read_bounded, read_spec
 from .resources import resolve_pipeline, shipped_names
 from .safe_yaml import YamlLimitError, load_yaml
 from .sites import Site
@@ -50,16 +50,24 @@ class Pipeline(CheckedSpec):
     def bind_model(self, model_vars: dict[str, Any]) -> Pipeline:
         """This pipeline for a model (re-validated with its variables), or itself if they don't matter.
 
-        If `model_vars` name a `family` listed in the file's `family_files`, that file is
-        loaded instead, with the same overrides (each must be one of its variables)."""
+        If `model_vars` name a `family` (or a `family_group`) listed in the file's
+        `family_files`, that file is loaded instead, with the same overrides (each must be one
+        of its variables)."""
         merged = {**self.model_vars, **model_vars}
-        other = self.spec.family_files.get(str(model_vars["family"])) if "family" in model_vars else None
+        if "family" in model_vars and "family_group" not in model_vars:
+            merged["family_group"] = str(model_vars["family"])  # a family named alone is its own group
+        other = family_file_of(self.spec.family_files, model_vars)
         if other is not None:
             return self._family_file(other, merged)
         if all(self.model_vars.get(k) == merged.get(k) for k in self.model_vars_used):
             return self
         node_lines = {n.name: n._line for n in self.spec.nodes}
         return _build(self.spec, self.source, dict(self.overrides), [], node_lines, merged)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> Pipeline:
+        """This file again with `overrides` added to its own (`--set`); PipelineError if they do not fit."""
+        node_lines = {n.name: n._line for n in self.spec.nodes}
+        return _build(self.spec, self.source, {**self.overrides, **overrides}, [], node_lines, dict(self.model_vars))
 
     def _family_file(self, other: str, model_vars: dict[str, Any]) -> Pipeline:
         path = Path(self.source).parent / other
@@ -70,9 +78,10 @@ class Pipeline(CheckedSpec):
         except (OSError, TypeError, YamlLimitError, ValidationError, PipelineError):
             raise PipelineError([Problem(self.source, f"family_files: {other} (for {family} models) is missing or "
                                          f"not a pipeline file", field="family_files")]) from None
-        if str(family) in target.family_files:
+        onward = family_file_of(target.family_files, model_vars)
+        if onward is not None:
             raise PipelineError([Problem(self.source, f"family_files: {other} sends {family} models on to "
-                                         f"{target.family_files[str(family)]}; name the final file", field="family_files")])
+                                         f"{onward}; name the final file", field="family_files")])
         stray = [k for k in self.overrides if k not in target.variables]
         if stray:
             raise PipelineError([Problem(self.source, f"on a {family} model this file runs {other} (family_files), "
@@ -96,7 +105,22 @@ class Pipeline(CheckedSpec):
             vals[k] = {"value": v, "from": how}
         return {"file": self.source, "chosen_for_family": self.model_vars.get("family") if self.chosen_from else None,
                 "instead_of": self.chosen_from, "model": {k: self.model_vars.get(k) for k in sorted(self.model_vars)},
-                "variables": vals, "sites": [str(s) for s in self.site_order()]}
+                "variables": vals, "sites": [str(s) for s in self.site_order()], "resolved": self.resolved()}
+
+    def resolved(self) -> dict[str, dict[str, Any]]:
+        """Per node, what its expressions resolved to for this model (budgets as counts) and its
+        `per` when the file gives one (a budget then counts per crop or part)."""
+        out: dict[str, dict[str, Any]] = {}
+        for ns in self.spec.nodes:
+            node = self.nodes.get(ns.name)
+            if node is None:
+                continue
+            vals = {k: getattr(node.params, k) for k, v in ns.params.items() if isinstance(v, str) and "${" in v}
+            if ns.per:
+                vals["per"] = ns.per
+            if vals:
+                out[ns.name] = vals
+        return out
 
     @property
     def name(self) -> str:
@@ -125,6 +149,8 @@ class Pipeline(CheckedSpec):
                 n.pop("params")
             if not n["inputs"]:
                 n.pop("inputs")
+            if n.get("per") is None:
+                n.pop("per", None)
         return data
 
     def dumps(self) -> str:
@@ -145,7 +171,7 @@ def load_text(text: str | bytes, source: str = "<string>", overrides: dict[str, 
     With `model_vars` of a family listed in the file's `family_files`, that file is loaded."""
     spec, problems, node_lines = read_spec(text, source)
     pipe = _build(spec, source, overrides or {}, problems, node_lines, model_vars)
-    if model_vars and str(model_vars.get("family")) in spec.family_files:
+    if model_vars and family_file_of(spec.family_files, model_vars) is not None:
         return pipe.bind_model(model_vars)
     return pipe
 

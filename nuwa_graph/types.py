@@ -4,7 +4,9 @@ Every value describes ONE sample (the executor carries a list of them for a batc
 every value that talks about tokens carries their original indices (`ids`): the index of
 the token in the image grid, row-major, without CLS (a merged token keeps its anchor's id,
 a CLS token, where a method keeps it, has id -1). Selections in original indices are what
-lets nodes at different sites compose.
+lets nodes at different sites compose. On an image made of several crops or parts (LLaVA-NeXT,
+InternVL) ids are stream ids of the whole block; nuwa_graph/geometry.py says how they map to
+crops and cells.
 
 Port types are compared by identity when two nodes are connected: a `Scores` output never
 feeds a `Selection` input, and nothing is converted silently.
@@ -17,8 +19,7 @@ from typing import ClassVar
 
 import torch
 
-CLS_ID = -1  # the id a kept CLS token carries (VisionZip keeps it)
-POOLED_ID = -2  # the id of a token pooled from dropped tokens with no anchor (PruMerge+'s extra token)
+from .geometry import CLS_ID, POOLED_ID, Crop, Geometry, GeometryError, Part  # noqa: F401  (the block's geometry)
 
 
 def _check_ids(name: str, ids: torch.Tensor) -> None:
@@ -127,6 +128,17 @@ class Tokens(PortType):
         if self.mix is not None and self.mix.weights.shape[0] != self.ids.numel():
             raise ValueError(f"Tokens: mix has {self.mix.weights.shape[0]} rows for {self.ids.numel()} tokens")
 
+    def grid_values(self, n: int) -> torch.Tensor | None:
+        """The values in raster order when the rows are exactly the grid's n tokens (ids a
+        permutation of 0..n-1; rows of a tiled image's part may come crop by crop), else None."""
+        if self.values.shape[0] != n:
+            return None
+        ar = torch.arange(n, device=self.ids.device)
+        if torch.equal(self.ids, ar):
+            return self.values
+        order = torch.argsort(self.ids)
+        return self.values[order] if torch.equal(self.ids[order], ar) else None
+
 
 @dataclass
 class PositionPlan(PortType):
@@ -157,15 +169,3 @@ class Applied(PortType):
     site: str
     kept: int
     doc: ClassVar[str] = "marker: the token set was changed at this site"
-
-
-@dataclass
-class Geometry:
-    """Static facts of one sample that any node may read (not a signal: no site)."""
-
-    grid: tuple[int, int]  # (rows, cols) of the token grid the pipeline sees
-    image_start: int = 0  # sequence position of the first image token
-
-    @property
-    def n_tokens(self) -> int:
-        return self.grid[0] * self.grid[1]

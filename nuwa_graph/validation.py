@@ -121,6 +121,11 @@ def check_spec(
         except ValidationError as exc:
             problems += pydantic_problems(source, exc, ns.name, "params.", line)
             continue
+        node.per = ns.per
+        if ns.per not in (None, "image") and node.family == "applier":
+            problems.append(Problem(source, f"an applier changes the whole image's token set once: per: {ns.per} is "
+                                    f"not allowed here (run the nodes before it per {ns.per})", node=ns.name,
+                                    field="per", line=line))
         checks = node.check()
         for msg in checks:
             problems.append(Problem(source, msg, node=ns.name, field="params", line=line))

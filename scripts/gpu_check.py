@@ -23,7 +23,7 @@ the same ones with pytest where CUDA exists):
   tests/_virtual_devices.py count them (from a checkout). Must be 1: the next token's ids;
 - node time with and without the synchronisations around each node (RunReport.node_ms);
 - pruned vs oracle prefill: a pre-LLM pipeline's prefill against the stock model fed the same
-  number of visual tokens (benchmarks/bench_adapters.py's oracle; LLaVA-family models).
+  number of visual tokens (benchmarks/bench_adapters.py's oracle: LLaVA and the Qwen-VL line).
 """
 
 from __future__ import annotations
@@ -60,8 +60,14 @@ PROMPTS = ["what colour is the square ?", "how many shapes are there in the imag
 NEW_TOKENS = 4
 
 
-def images(n: int) -> list:
-    return [synthetic_image(96, seed=s) for s in (0, 3)][:n]
+def images(n: int, adapter=None) -> list:
+    """n pictures (at most 2): 96 px (fixed grids resize them), or on a model whose resolution is
+    dynamic (the Qwen-VL line) 12 x 12 merged tokens (patch x merge px each): room for budgets
+    that are counts there (64)."""
+    vc = getattr(getattr(getattr(adapter, "model", None), "config", None), "vision_config", None)
+    merge = getattr(vc, "spatial_merge_size", None)
+    size = 12 * int(vc.patch_size) * int(merge) if merge else 96
+    return [synthetic_image(size, seed=s) for s in (0, 3)][:n]
 
 
 def build(model: str, dtype: str, device: str, attn: str = "sdpa"):
@@ -86,9 +92,9 @@ def runnable(adapter, names: list[str]) -> list[tuple[str, Any]]:
 
 def run(adapter, pipe, B: int = 1, new_tokens: int = NEW_TOKENS) -> dict[str, Any]:
     """A generate call (kept sets, tokens, step logits) and a cache-free prefill (node scores)."""
-    rep = adapter.generate(pipe, images(B), PROMPTS[:B], max_new_tokens=new_tokens, stop_at_eos=False,
+    rep = adapter.generate(pipe, images(B, adapter), PROMPTS[:B], max_new_tokens=new_tokens, stop_at_eos=False,
                            return_logits=True)
-    _, r = adapter.forward_logits(pipe, images(B), PROMPTS[:B])
+    _, r = adapter.forward_logits(pipe, images(B, adapter), PROMPTS[:B])
     scores = [v.values for vals in r.state.values.values() for v in vals if isinstance(v, Scores)]
     logits = torch.stack(rep.step_logits).float()
     return {"kept": [{s: set(ids) for s, ids in k.items()} for k in rep.kept], "tokens": rep.new_tokens,
@@ -169,7 +175,7 @@ def check_padded_batch(device: str, models: list[str], names: list[str]) -> list
             with no_tf32():
                 batch = run(adapter, pipe, B=2)
                 for b in range(2):
-                    rep = adapter.generate(pipe, [images(2)[b]], [PROMPTS[b]], max_new_tokens=NEW_TOKENS,
+                    rep = adapter.generate(pipe, [images(2, adapter)[b]], [PROMPTS[b]], max_new_tokens=NEW_TOKENS,
                                            stop_at_eos=False, return_logits=True)
                     single = torch.stack(rep.step_logits).float()[:, 0]
                     rows.append({"model": model, "pipeline": name, "sample": b,
@@ -194,7 +200,7 @@ def syncs_per_step(adapter, pipe, B: int = 1) -> float:
                     warnings.simplefilter("always")
                     torch.cuda.set_sync_debug_mode("warn")
                     try:
-                        adapter.generate(pipe, images(B), PROMPTS[:B], max_new_tokens=steps, stop_at_eos=False)
+                        adapter.generate(pipe, images(B, adapter), PROMPTS[:B], max_new_tokens=steps, stop_at_eos=False)
                     finally:
                         torch.cuda.set_sync_debug_mode("default")
                 counts.append(sum("synchroniz" in str(w.message) for w in caught))
@@ -203,7 +209,7 @@ def syncs_per_step(adapter, pipe, B: int = 1) -> float:
         from _virtual_devices import device_map, virtual_run
 
         with virtual_run(adapter, device_map(adapter, None)) as vd:
-            adapter.generate(pipe, images(B), PROMPTS[:B], max_new_tokens=6, stop_at_eos=False)
+            adapter.generate(pipe, images(B, adapter), PROMPTS[:B], max_new_tokens=6, stop_at_eos=False)
         per = [sum(e.is_sync for e in vd.select(label=f"step{s}")) for s in range(1, 5)]
         return sum(per) / len(per)
     finally:
@@ -229,7 +235,7 @@ def check_node_timing(device: str, models: list[str], names: list[str], repeats:
             row: dict[str, Any] = {"model": model, "pipeline": name}
             for synced in (True, False):
                 adapter.sync_node_timing = synced
-                reps = [adapter.generate(pipe, images(1), PROMPTS[:1], max_new_tokens=2) for _ in range(repeats + 1)][1:]
+                reps = [adapter.generate(pipe, images(1, adapter), PROMPTS[:1], max_new_tokens=2) for _ in range(repeats + 1)][1:]
                 key = "synced" if synced else "not_synced"
                 row[f"node_ms_{key}"] = sorted(sum(r.node_ms.values()) for r in reps)[repeats // 2]
                 row[f"prefill_ms_{key}"] = sorted(r.prefill_ms for r in reps)[repeats // 2]
@@ -244,16 +250,13 @@ def check_oracle(device: str, models: list[str], names: list[str], repeats: int 
     rows = []
     for model in models:
         adapter = build(model, "auto", device)
-        if adapter.family != "llava":
-            rows.append({"model": model, "skipped": "the oracle is written for LLaVA-family models"})
-            continue
         for name, pipe in runnable(adapter, names):
-            reps = [adapter.generate(pipe, images(1), PROMPTS[:1], max_new_tokens=2) for _ in range(repeats + 1)][1:]
+            reps = [adapter.generate(pipe, images(1, adapter), PROMPTS[:1], max_new_tokens=2) for _ in range(repeats + 1)][1:]
             counts = reps[0].visual_tokens_per_layer[0]
             if len(set(counts)) != 1:
                 continue  # prunes inside the LLM: no oracle with the same schedule
             pruned = sorted(r.prefill_ms for r in reps)[repeats // 2]
-            oracle = bench.bench_oracle(adapter, images(1)[0], PROMPTS[0], counts[0], 2, repeats)["prefill_ms"]
+            oracle = bench.bench_oracle(adapter, images(1, adapter)[0], PROMPTS[0], counts[0], 2, repeats)["prefill_ms"]
             rows.append({"model": model, "pipeline": name, "visual_tokens": counts[0], "prefill_ms": pruned,
                          "oracle_prefill_ms": oracle, "ratio": pruned / oracle if oracle else None})
     return rows

@@ -160,6 +160,7 @@ class VirtualDevices(TorchFunctionMode):
         self.memory_reads: list[tuple[str, str]] = []
         self._undo: list[Any] = []
         self._placed: list[torch.nn.Module] = []
+        self._placed_tensors: list[torch.Tensor] = []
         self._special = {_TB.get_device: self._get_device, _TB.to: lambda f, a, k: self._to(a[0], a[1:], k),
                          _TB.cuda: self._cuda, _TB.cpu: self._cpu, _TB.copy_: self._copy,
                          _TB.__getitem__: lambda f, a, k: self._getitem(f, a),
@@ -384,6 +385,9 @@ class VirtualDevices(TorchFunctionMode):
                 for t in list(module.parameters()) + list(module.buffers()):
                     _set_tag(t, "cpu")
             self._placed = []
+            for t in self._placed_tensors:
+                _set_tag(t, "cpu")
+            self._placed_tensors = []
             while self._undo:
                 obj, name, old = self._undo.pop()
                 if old is _MISSING:
@@ -405,11 +409,23 @@ class VirtualDevices(TorchFunctionMode):
         """accelerate's dispatch_model, imitated: each mapped module (names as in hf_device_map,
         "" = the whole model) goes to its device, and its `forward` is wrapped to move every
         tensor argument there first (after the module's forward pre-hooks, as with accelerate)."""
+        tensors = {n for n, _ in list(model.named_parameters()) + list(model.named_buffers())}
         for name in sorted(device_map, key=len):  # parents first, children override
+            if name in tensors:  # one parameter or buffer mapped by its name
+                t = model.get_parameter(name) if name in dict(model.named_parameters()) else model.get_buffer(name)
+                _set_tag(t, self.norm(device_map[name]))
+                self._placed_tensors.append(t)
+                continue
             self.place(model.get_submodule(name) if name else model, device_map[name])
         for name, device in device_map.items():
-            if name:
-                self._wrap_forward(model.get_submodule(name), self.norm(device))
+            if name and name not in tensors:
+                module = model.get_submodule(name)
+                # a container is never called (its children are: Qwen3-VL's deepstack_merger_list);
+                # accelerate aligns the children's inputs (attach_execution_device_hook), so do that
+                targets = list(module.children()) if isinstance(module, (torch.nn.ModuleList, torch.nn.ModuleDict)) \
+                    else [module]
+                for target in targets:
+                    self._wrap_forward(target, self.norm(device))
         self._undo.append((model, "hf_device_map", getattr(model, "hf_device_map", _MISSING)))
         model.hf_device_map = dict(device_map)
 
@@ -462,7 +478,10 @@ def device_map(adapter, boundary: int | None = None, vision_device: int = 0,
     for child in adapter.text_model().children():
         if child is not adapter.decoder_layers():
             pinned[id(child)] = 0 if child is emb else last
-    pinned[id(adapter.lm_head())] = last
+    head = adapter.lm_head()
+    # a head tied to the input embeddings (small Qwen3 LLMs, as in tiny-internvl) shares their
+    # weight: accelerate keeps tied parameters on one device, the embeddings'
+    pinned[id(head)] = 0 if getattr(head, "weight", None) is emb.weight else last
     if vision_boundary is not None:
         for i, attn in enumerate(adapter.vision_attention_modules()):
             block = model.get_submodule(names[id(attn)].rsplit(".", 1)[0])
@@ -477,8 +496,11 @@ def device_map(adapter, boundary: int | None = None, vision_device: int = 0,
                 assign(child)
             else:
                 dmap[names[id(child)]] = vision_device
+        # a tensor held by a module whose children are split (LLaVA-NeXT's `model.image_newline`):
+        # accelerate lists it before the children and maps it by its own name, to the device it
+        # is filling first (cuda:0)
         for pname, _ in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-            raise AssertionError(f"{names[id(module)]}.{pname} is held by a module above the mapped ones")
+            dmap[f"{names[id(module)]}.{pname}" if names[id(module)] else pname] = 0
 
     assign(model)
     return dmap
@@ -524,3 +546,18 @@ def one_host_copy_per_step(vd: VirtualDevices, steps: range, gpus_copy: bool = F
         assert gpus_copy or not d2d, d2d
         per_step.append(len(d2d))
     assert len(set(per_step)) <= 1, f"copies between GPUs grow with the steps: {per_step}"
+
+
+def batch_images(adapter) -> list:
+    """Two pictures for a left-padded batch of two on `adapter`: 96 px synthetic ones, or on a
+    model that cuts images into crops two wide ones of different crop counts."""
+    from nuwa_graph.adapters.tiny import synthetic_image
+
+    if adapter.model_variables().get("crops", 1) <= 1:
+        return [synthetic_image(96, seed=0), synthetic_image(96, seed=3)]
+    from nuwa_graph.adapters.tiny_tiled import wide_image
+
+    if adapter.family == "internvl":  # 1x3 tiles + thumbnail, then 2x2 + thumbnail (64 px tiles)
+        return [wide_image(160, 64), wide_image(200, 150)]
+    return [wide_image(200, 150), wide_image(240, 120)]  # AnyRes: 2x2 and 1x2 tiles, cut by unpad
+

@@ -1,6 +1,11 @@
-"""The Qwen2.5-VL adapter on the tiny offline preset (fp32, CPU, seconds)."""
+"""The Qwen-VL adapters on their tiny offline presets (fp32, CPU, seconds): every test runs on
+each generation (`qwen2_5_vl`: tiny-qwen, window attention; `qwen2_vl`: tiny-qwen2-vl, no
+windows; `qwen3_vl`: tiny-qwen3-vl, DeepStack and QK-norm), against an independent copy of the
+same stock model."""
 
 from __future__ import annotations
+
+import sys
 
 import pytest
 import torch
@@ -14,11 +19,18 @@ from nuwa_graph.types import Scores
 
 qwen = pytest.importorskip("nuwa_graph.adapters.qwen")
 tiny = pytest.importorskip("nuwa_graph.adapters.tiny")
+tiny_vl = pytest.importorskip("nuwa_graph.adapters.tiny_qwen_vl")
 
 GRID_A = tiny.TINY_GRID  # 5 x 7
 GRID_B = (4, 6)
 N_A = GRID_A[0] * GRID_A[1]
 N_B = GRID_B[0] * GRID_B[1]
+# family -> (preset factory, (model, processor) builder with the same seed)
+FAMILIES = {
+    "qwen2_5_vl": (tiny.tiny_qwen, tiny.build_tiny_qwen),
+    "qwen2_vl": (tiny_vl.tiny_qwen2_vl, tiny_vl.build_tiny_qwen2_vl),
+    "qwen3_vl": (tiny_vl.tiny_qwen3_vl, tiny_vl.build_tiny_qwen3_vl),
+}
 
 # ---- a test-only probe node: reads one signal, keeps the raw tensor -------------------------
 PROBED: dict[str, list[torch.Tensor]] = {}
@@ -57,15 +69,20 @@ class QwenTestProbe(Node):
 
 
 # ---- fixtures ----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def adapter():
-    return tiny.tiny_qwen()
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def reference():
+def adapter(family):
+    return FAMILIES[family][0]()
+
+
+@pytest.fixture(scope="module")
+def reference(family):
     """An independent copy of the same tiny model (same seed) for stock / eager references."""
-    model, processor = tiny.build_tiny_qwen()
+    model, processor = FAMILIES[family][1]()
     return model, processor
 
 
@@ -74,9 +91,29 @@ def _clear_probe():
     PROBED.clear()
 
 
-def images_prompts():
-    return ([tiny.tiny_qwen_image(GRID_A, seed=1), tiny.tiny_qwen_image(GRID_B, seed=2)],
+@pytest.fixture(scope="module")
+def unit(adapter) -> int:
+    """Pixels per merged token side: the test images are sized in merged tokens."""
+    return tiny_vl.unit_pixels(adapter)
+
+
+def image(grid, seed: int, unit: int):
+    return tiny.tiny_qwen_image(grid, seed=seed, unit=unit)
+
+
+def images_prompts(unit: int):
+    return ([image(GRID_A, 1, unit), image(GRID_B, 2, unit)],
             [tiny.tiny_qwen_prompt("what is the color of the shape ?"), tiny.tiny_qwen_prompt("how many ?")])
+
+
+def window_index(model, grid_thw) -> torch.Tensor:
+    """The stock tower's order of merge units: windows on Qwen2.5-VL, raster without windows."""
+    from transformers.vision_utils import get_vision_window_index
+
+    vc = model.config.vision_config
+    if getattr(vc, "window_size", None) is None:
+        return torch.arange(int((grid_thw.prod(-1) // 4).sum()))
+    return get_vision_window_index(grid_thw, 2, vc.window_size, vc.patch_size)[0]
 
 
 def keep_pipeline(k: int, site: str, policy: str | None, score_site: str | None = None) -> nuwa_graph.Pipeline:
@@ -121,9 +158,9 @@ def scores(n: int, seed: int) -> torch.Tensor:
 
 # ---- invariant 1: keep everything == the unmodified model -------------------------------------
 @pytest.mark.parametrize("site,policy", [("pre_llm", "pesp"), ("vision", None), ("llm.2", "pesp"), ("llm.1", None)])
-def test_keep_everything_is_identical(adapter, reference, site, policy):
+def test_keep_everything_is_identical(adapter, reference, site, policy, unit):
     model, processor = reference
-    img = tiny.tiny_qwen_image(GRID_A, seed=1)
+    img = image(GRID_A, 1, unit)
     prompt = tiny.tiny_qwen_prompt()
     enc = processor(images=[img], text=[prompt], return_tensors="pt")
     with torch.no_grad():
@@ -146,8 +183,8 @@ CASES = [("pre_llm", "pesp"), ("pre_llm", "perc"), ("pre_llm", "rpme"), ("vision
 
 
 @pytest.mark.parametrize("site,policy", CASES)
-def test_cached_decoding_matches_recompute(adapter, site, policy):
-    imgs, prompts = images_prompts()
+def test_cached_decoding_matches_recompute(adapter, site, policy, unit):
+    imgs, prompts = images_prompts(unit)
     k = 9
     ext = {"sc": [scores(N_A, 1), scores(N_B, 2)]}
     pipe = keep_pipeline(k, site, policy)
@@ -172,8 +209,8 @@ def test_cached_decoding_matches_recompute(adapter, site, policy):
 
 # ---- a left-padded batch of 2 == single runs --------------------------------------------------
 @pytest.mark.parametrize("site,policy", [("pre_llm", "rpme"), ("llm.2", "pesp"), ("llm.1", "perc")])
-def test_left_padded_batch_equals_single_runs(adapter, site, policy):
-    imgs, prompts = images_prompts()
+def test_left_padded_batch_equals_single_runs(adapter, site, policy, unit):
+    imgs, prompts = images_prompts(unit)
     ext = [scores(N_A, 3), scores(N_B, 4)]
     pipe = keep_pipeline(10, site, policy)
     batch = adapter.generate(pipe, imgs, prompts, max_new_tokens=3, external={"sc": ext}, return_logits=True,
@@ -188,8 +225,8 @@ def test_left_padded_batch_equals_single_runs(adapter, site, policy):
 
 
 # ---- positions ----------------------------------------------------------------------------------
-def test_positions_3d_policies(adapter):
-    imgs, prompts = images_prompts()
+def test_positions_3d_policies(adapter, unit):
+    imgs, prompts = images_prompts(unit)
     enc = adapter.encode(imgs[:1], prompts[:1])
     lay = adapter.split_sample(enc, 0)
     s = int(lay.pos_image[0, 0])
@@ -209,11 +246,11 @@ def test_positions_3d_policies(adapter):
     assert lay.pos_image[1].tolist() == [s + r for r in range(rows) for _ in range(cols)]
 
 
-def test_decode_positions_continue_with_rope_deltas(adapter, reference):
+def test_decode_positions_continue_with_rope_deltas(adapter, reference, unit):
     """PESP keeps the text's unpruned ids, so the sequence ends where the stock model's rope
     deltas say (length + delta - 1); PERC compacts the text after the image."""
     model, processor = reference
-    imgs, prompts = images_prompts()
+    imgs, prompts = images_prompts(unit)
     enc = processor(images=imgs[:1], text=prompts[:1], return_tensors="pt")
     _, delta = model.model.get_rope_index(enc["input_ids"], enc["mm_token_type_ids"], image_grid_thw=enc["image_grid_thw"])
     L = enc["input_ids"].shape[1]
@@ -232,7 +269,8 @@ def _eager_reference_maps(model, processor, imgs, prompts):
     maps recorded from the stock eager function (vision attention modules return outputs only)."""
     from transformers import AttentionInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
+
+    eager_attention_forward = sys.modules[type(model).__module__].eager_attention_forward
 
     vis_maps: dict[int, list[torch.Tensor]] = {}
     index = {id(b.attn): i for i, b in enumerate(model.model.visual.blocks)}
@@ -255,37 +293,34 @@ def _eager_reference_maps(model, processor, imgs, prompts):
     return enc, out, vis_maps
 
 
-def test_attention_received_matches_eager(adapter, reference):
+def test_attention_received_matches_eager(adapter, reference, unit, family):
     model, processor = reference
-    imgs, prompts = images_prompts()
+    imgs, prompts = images_prompts(unit)
     enc, _, vis_maps = _eager_reference_maps(model, processor, imgs, prompts)
     depth = len(model.model.visual.blocks)
     pipe = probe_pipeline(*[(f"b{i}", "vision.attention_received", "vision", {"layer": i}) for i in range(depth)],
                           ("last", "vision.attention_received", "vision", {"layer": -1}))
     adapter.forward_logits(pipe, imgs, prompts)
-    from transformers.vision_utils import get_vision_window_index
-
-    window_index, _ = get_vision_window_index(enc["image_grid_thw"], 2, model.config.vision_config.window_size,
-                                              model.config.vision_config.patch_size)
+    order = window_index(model, enc["image_grid_thw"])
     for i in range(depth):
         per_patch = torch.cat([w[0].mean(0).sum(0) for w in vis_maps[i]])  # window-permuted patch order
         per_unit = per_patch.reshape(-1, 4).mean(1)
         raster = torch.empty_like(per_unit)
-        raster[window_index] = per_unit
+        raster[order] = per_unit
         ref = torch.split(raster, [N_A, N_B])
         for b in range(2):
             assert PROBED[f"b{i}"][b].shape == (ref[b].numel(),)
             assert torch.allclose(PROBED[f"b{i}"][b], ref[b], atol=1e-5, rtol=0)
     for b in range(2):
         assert torch.equal(PROBED["last"][b], PROBED[f"b{depth - 1}"][b])
-    # window blocks distribute the attention of each window only; full blocks over the image
-    full = set(model.config.vision_config.fullatt_block_indexes)
-    assert full and any(i not in full for i in range(depth))
+    # Qwen2.5-VL: window blocks distribute the attention of each window only, full blocks over the image
+    full = set(getattr(model.config.vision_config, "fullatt_block_indexes", None) or range(depth))
+    assert full and (any(i not in full for i in range(depth)) or family != "qwen2_5_vl")
 
 
-def test_llm_attention_rows_match_eager(adapter, reference):
+def test_llm_attention_rows_match_eager(adapter, reference, unit):
     model, processor = reference
-    imgs, prompts = images_prompts()
+    imgs, prompts = images_prompts(unit)
     enc, out, _ = _eager_reference_maps(model, processor, imgs, prompts)
     ids = enc["input_ids"]
     image_cols = [(row == model.config.image_token_id).nonzero().flatten() for row in ids]
@@ -295,9 +330,11 @@ def test_llm_attention_rows_match_eager(adapter, reference):
         ("text2", "llm.attention", "llm.2", {"layer": 2, "queries": "text", "rope": True, "softmax_over": "all"}),
         ("img1", "llm.attention", "llm.2", {"layer": 1, "queries": "last", "rope": True, "softmax_over": "image"}),
         ("hid", "llm.hidden", "llm.2", {"layer": 2}),
+        ("pre3", "llm.attention", "llm.3", {"layer": 3, "queries": "last:2", "rope": True, "softmax_over": "all"}),
     ]
     adapter.forward_logits(probe_pipeline(*probes), imgs, prompts)
     L = ids.shape[1]
+    deepstack = _deepstack_rows(model, enc, level=1)
     for b in range(2):
         cols = image_cols[b]
         post = int(cols[-1]) + 1
@@ -308,25 +345,36 @@ def test_llm_attention_rows_match_eager(adapter, reference):
         assert torch.allclose(PROBED["text2"][b], a2[:, post:, cols], atol=1e-5, rtol=0)
         sub = a1[:, L - 1:, cols]
         assert torch.allclose(PROBED["img1"][b], sub / sub.sum(-1, keepdim=True), atol=1e-5, rtol=0)
-        assert torch.allclose(PROBED["hid"][b], out.hidden_states[2][b, cols], atol=1e-5, rtol=0)
+        # rows computed in the pre-hook of the layer read (L == K; QK-norm on Qwen3-VL)
+        assert torch.allclose(PROBED["pre3"][b], out.attentions[3][b][:, L - 2:, cols], atol=1e-5, rtol=0)
+        # the input of layer 2; on Qwen3-VL the stock `hidden_states[2]` is layer 1's output
+        # BEFORE its DeepStack rows are added (the text model adds them after recording it)
+        ref = out.hidden_states[2][b, cols] + (deepstack[b] if deepstack is not None else 0)
+        assert torch.allclose(PROBED["hid"][b], ref, atol=1e-5, rtol=0)
 
 
-def test_vision_hidden_signals(adapter, reference):
+def _deepstack_rows(model, enc, level: int):
+    """Per sample, the DeepStack rows of `level` (raster order), or None without DeepStack."""
+    if not getattr(model.config.vision_config, "deepstack_visual_indexes", None):
+        return None
+    with torch.no_grad():
+        out = model.model.get_image_features(enc["pixel_values"], enc["image_grid_thw"])
+    return out.deepstack_features[level]
+
+
+def test_vision_hidden_signals(adapter, reference, unit):
     model, processor = reference
-    imgs, prompts = images_prompts()
+    imgs, prompts = images_prompts(unit)
     enc = processor(images=imgs, text=prompts, return_tensors="pt", padding=True, padding_side="left")
     vis = model.model.visual
     with torch.no_grad():
         vo = vis(enc["pixel_values"], grid_thw=enc["image_grid_thw"], output_hidden_states=True)
     hs = vo.hidden_states  # window order; hs[0] = patch embeddings, hs[i] = output of block i - 1
-    from transformers.vision_utils import get_vision_window_index
-
-    window_index, _ = get_vision_window_index(enc["image_grid_thw"], 2, model.config.vision_config.window_size,
-                                              model.config.vision_config.patch_size)
+    order = window_index(model, enc["image_grid_thw"])
 
     def raster(x):
         out = torch.empty_like(x)
-        out[window_index] = x
+        out[order] = x
         return torch.split(out, [N_A, N_B])
 
     probes = [("h2", "vision.hidden", "vision", {"layer": 2}),
@@ -356,13 +404,13 @@ def test_vision_hidden_signals(adapter, reference):
 
 # ---- refusals and clean-up ------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["vision.cls_attention", "vision.cls_hidden", "vision.keys", "vision.qk_single_head"])
-def test_cls_signals_are_refused_before_any_forward(adapter, kind):
+def test_cls_signals_are_refused_before_any_forward(adapter, kind, unit):
     calls = []
     h = adapter.model.register_forward_pre_hook(lambda *a: calls.append(1))
     h2 = adapter.model.model.visual.register_forward_pre_hook(lambda *a: calls.append(1))
     try:
         pipe = probe_pipeline(("cls", kind, "vision", {"layer": -2}))
-        imgs, prompts = images_prompts()
+        imgs, prompts = images_prompts(unit)
         with pytest.raises(RunError) as info:
             adapter.generate(pipe, imgs, prompts, max_new_tokens=2)
     finally:
@@ -377,9 +425,9 @@ def _hook_count(model) -> int:
     return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
 
 
-def test_model_unchanged_after_an_error(adapter, reference):
+def test_model_unchanged_after_an_error(adapter, reference, unit):
     model, processor = reference
-    imgs, prompts = images_prompts()
+    imgs, prompts = images_prompts(unit)
     before_hooks = _hook_count(adapter.model)
     impls = (adapter.model.config.vision_config._attn_implementation, adapter.model.config.text_config._attn_implementation)
     # k larger than the tokens present at llm.2 -> the selector fails in the middle of the forward
@@ -400,22 +448,24 @@ def test_model_unchanged_after_an_error(adapter, reference):
         assert torch.equal(adapter.model(**enc).logits, model(**enc).logits)
 
 
-def test_bad_vision_layer_is_refused(adapter):
+def test_bad_vision_layer_is_refused(adapter, unit):
     pipe = probe_pipeline(("a", "vision.attention_received", "vision", {"layer": 9}))
-    imgs, prompts = images_prompts()
+    imgs, prompts = images_prompts(unit)
     with pytest.raises(RunError, match="out of range"):
         adapter.forward_logits(pipe, imgs, prompts)
 
 
-def test_load_adapter_preset():
-    from nuwa_graph.adapters import load_adapter
+def test_load_adapter_preset(family):
+    from nuwa_graph.adapters import PRESETS, load_adapter
 
-    ad = load_adapter("tiny-qwen")
-    assert isinstance(ad, qwen.QwenAdapter) and ad.family == "qwen2_5_vl"
+    preset = {"qwen2_5_vl": "tiny-qwen", "qwen2_vl": "tiny-qwen2-vl", "qwen3_vl": "tiny-qwen3-vl"}[family]
+    ad = load_adapter(preset)
+    assert preset in PRESETS and isinstance(ad, qwen.QwenAdapter) and ad.family == family
+    assert ad.model_variables()["family_group"] == "qwen-vl" and ad.model_variables()["has_cls"] is False
 
 
-def test_plain_question_gets_the_chat_template_and_bad_prompts_are_clear(adapter):
-    imgs, _ = images_prompts()
+def test_plain_question_gets_the_chat_template_and_bad_prompts_are_clear(adapter, unit):
+    imgs, _ = images_prompts(unit)
     pipe = nuwa_graph.load_text("name: v\nnodes:\n  - {name: k, type: random-dropper.uniform, params: {ratio: 1.0}}\n"
                                 "  - {name: a, type: applier.keep, params: {site: pre_llm}, inputs: {selection: k.selection}}\n")
     rep = adapter.generate(pipe, imgs[:1], ["what colour is the square?"], max_new_tokens=1)
@@ -423,3 +473,26 @@ def test_plain_question_gets_the_chat_template_and_bad_prompts_are_clear(adapter
     two_blocks = adapter.prompt("a") + "<|vision_start|><|image_pad|><|vision_end|>"
     with pytest.raises(nuwa_graph.RunError, match="exactly one"):
         adapter.generate(pipe, imgs[:1], [two_blocks], max_new_tokens=1)
+
+
+# ---- a checkpoint folder (what --model Qwen/Qwen3-VL-8B-Instruct downloads) -------------------------
+def test_a_saved_checkpoint_folder_loads_through_the_same_path(adapter, family, unit, tmp_path):
+    """The tiny model written as a checkpoint folder (config, safetensors weights, tokenizer,
+    preprocessor config) loads through `load_adapter(path)` -> the family's `from_pretrained`,
+    the path a hub id takes, and runs as the preset does (no torchvision needed)."""
+    from nuwa_graph.adapters import load_adapter
+
+    adapter.model.save_pretrained(tmp_path)
+    adapter.processor.tokenizer.save_pretrained(tmp_path)
+    adapter.processor.image_processor.save_pretrained(tmp_path)
+    loaded = load_adapter(str(tmp_path))
+    assert type(loaded) is type(adapter) and loaded.family == family and loaded.name == str(tmp_path)
+    imgs, prompts = images_prompts(unit)
+    for pipe in (nuwa_graph.load_text("name: v\nnodes:\n  - {name: k, type: random-dropper.uniform, params: {ratio: 1.0}}\n"
+                                      "  - {name: a, type: applier.keep, params: {site: pre_llm}, "
+                                      "inputs: {selection: k.selection}}\n"),
+                 keep_pipeline(7, "llm.1", None)):
+        ext = {"sc": [scores(N_A, 8), scores(N_B, 9)]}
+        want, _ = adapter.forward_logits(pipe, imgs, prompts, external=ext)
+        got, _ = loaded.forward_logits(pipe, imgs, prompts, external=ext)
+        assert torch.equal(got, want)

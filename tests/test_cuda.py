@@ -82,7 +82,7 @@ def test_device_contract_and_schedule_on_the_gpu(on_gpu, name):
     for adapter in on_gpu.values():
         pipe = _pipe(adapter, name)
         with DeviceAudit(adapter) as audit:
-            rep = adapter.generate(pipe, gc.images(1), [PROMPT], max_new_tokens=3, stop_at_eos=False)
+            rep = adapter.generate(pipe, gc.images(1, adapter), [PROMPT], max_new_tokens=3, stop_at_eos=False)
         assert not audit.problems, "\n".join(audit.problems)
         assert rep.device.startswith("cuda")
         assert rep.visual_tokens_per_layer[0] == _expected_counts(rep, rep.visual_tokens_full, adapter.n_layers)

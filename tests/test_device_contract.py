@@ -1,6 +1,7 @@
 """The device and dtype contract (docs/CONTRACTS.md), enforced without a GPU.
 
-- Every shipped pipeline runs on tiny LLaVA and tiny Qwen in bfloat16 (a dtype that differs
+- Every shipped pipeline runs on tiny LLaVA and the tiny Qwen-VL presets (Qwen2-VL, Qwen2.5-VL,
+  Qwen3-VL) in bfloat16 (a dtype that differs
   from float32) under `DeviceAudit`: every signal is on the model's device with the contract
   dtype (scores float32, features bfloat16), every node output is on its inputs' device,
   and node bodies run with the default device set to `meta` so a tensor made without
@@ -34,11 +35,15 @@ def llava_bf16():
     return load_adapter("tiny-llava", DTYPE, "cpu"), synthetic_image()
 
 
-@pytest.fixture(scope="module")
-def qwen_bf16():
-    from nuwa_graph.adapters.tiny import tiny_qwen, tiny_qwen_image
+@pytest.fixture(scope="module", params=["tiny-qwen", "tiny-qwen2-vl", "tiny-qwen3-vl"])
+def qwen_bf16(request):
+    """Each Qwen-VL generation in bfloat16 (Qwen3-VL: DeepStack rows added in bf16 too)."""
+    from nuwa_graph.adapters import load_adapter
+    from nuwa_graph.adapters.tiny import tiny_qwen_image
+    from nuwa_graph.adapters.tiny_qwen_vl import unit_pixels
 
-    return tiny_qwen(dtype=DTYPE), tiny_qwen_image((6, 8), seed=1)
+    adapter = load_adapter(request.param, DTYPE, "cpu")
+    return adapter, tiny_qwen_image((6, 8), seed=1, unit=unit_pixels(adapter))
 
 
 def _audit(adapter, image, pipe):
@@ -58,10 +63,37 @@ def test_llava_signals_and_nodes_keep_the_contract_in_bf16(llava_bf16, name):
         assert dt == (torch.float32 if kind.endswith(("attention", "attention_received")) else DTYPE), kind
 
 
+# On Qwen2-VL and Qwen3-VL (the same nodes and signals as Qwen2.5-VL, other towers and LLMs): the
+# files that read each kind of model signal (vision signals and merges, rows inside the LLM from
+# the attention function and from a layer's pre-hook, recycling), not every file again.
+OTHER_QWEN = ("fastv", "pdrop", "sparsevlm", "nuwa_qwen")
+
+
 @pytest.mark.parametrize("name", list(QWEN_CASES))
 def test_qwen_signals_and_nodes_keep_the_contract_in_bf16(qwen_bf16, name):
     adapter, image = qwen_bf16
+    if adapter.family != "qwen2_5_vl" and name not in OTHER_QWEN:
+        pytest.skip(f"{name} on {adapter.family}: covered on Qwen2.5-VL (same nodes and signals)")
     _audit(adapter, image, load(ROOT / "pipelines" / f"{name}.yaml", QWEN_CASES[name]))
+
+
+_TILED: dict = {}  # one bf16 adapter per preset for this module
+TILED_CASES = [("tiny-llava-next", "visionzip", {"budget": 320}), ("tiny-llava-next", "nuwa", {}),
+               ("tiny-llava-next", "fastv", {}), ("tiny-internvl", "nuwa", {}), ("tiny-internvl", "downsample", {}),
+               ("tiny-llava-onevision", "pdrop", {}), ("tiny-llava-onevision", "vanilla", {})]
+
+
+@pytest.mark.parametrize("preset,name,over", TILED_CASES, ids=lambda x: x if isinstance(x, str) else "")
+def test_tiled_families_keep_the_contract_in_bf16(preset, name, over):
+    """Per-crop signals (each crop's tensor) and per-crop / per-part node outputs on the model's
+    device with the contract dtype, nothing made without device= (meta)."""
+    from nuwa_graph.adapters import load_adapter
+    from nuwa_graph.adapters.tiny_tiled import wide_image
+
+    adapter = _TILED.get(preset) or _TILED.setdefault(preset, load_adapter(preset, DTYPE, "cpu"))
+    image = wide_image(160, 64) if preset == "tiny-internvl" else wide_image()
+    audit, _ = _audit(adapter, image, load(ROOT / "pipelines" / f"{name}.yaml", over))
+    assert name == "vanilla" or audit.outputs
 
 
 def test_the_audit_catches_a_node_that_makes_a_tensor_without_device(llava_bf16, monkeypatch):

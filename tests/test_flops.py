@@ -113,3 +113,47 @@ def test_mean_flops_does_not_depend_on_the_order_of_the_samples():
         random.Random(seed).shuffle(shuffled)
         assert mean_flops(shuffled) == want
     assert want["convention"] == "x"
+
+
+def test_tiled_families_count_the_tower_once_per_crop():
+    """LLaVA-NeXT: CLIP and the projector run per crop; InternVL: the projector takes 2x2 units."""
+    from nuwa_graph.adapters.tiny import build_tokenizer
+    from nuwa_graph.adapters.tiny_tiled import internvl_config, internvl_tokenizer, next_config
+    from nuwa_graph.flops import layer_shape, vision_flops
+
+    cfg = next_config(build_tokenizer())
+    one = vision_flops(cfg, crops=1)
+    five = vision_flops(cfg, crops=5)
+    assert five == {k: 5 * v for k, v in one.items()}
+    s = layer_shape(cfg.vision_config)
+    assert one["vision"] == 4 * s.prefill(65) + 64 * 3 * 14 ** 2 * 64  # 4 layers over CLS + 8x8, patch embedding
+    icfg = internvl_config(internvl_tokenizer())
+    fl = vision_flops(icfg, crops=7)
+    d, d_llm = icfg.vision_config.hidden_size, icfg.text_config.hidden_size
+    assert fl["projector"] == 7 * 64 * (4 * d * d_llm + d_llm * d_llm)  # 8x8 units of 4 patches per tile
+
+
+def test_qwen2_vl_and_qwen3_vl_towers_attend_over_the_whole_image():
+    """No windows: every block is full attention. Qwen2-VL's width is embed_dim (its vision
+    hidden_size is the merger's output width) with a plain MLP mlp_ratio x wider; Qwen3-VL's
+    MLP is plain too and each DeepStack level adds a merger of the main one's size."""
+    from nuwa_graph.adapters.tiny_qwen_vl import tiny_qwen2_vl, tiny_qwen3_vl
+
+    rows, cols = 6, 8
+    n, dv, units = 192, 32, 48  # 12 x 16 patches of width 32; 48 merged tokens of 4 patches
+    layer = n * dv * (4 * dv) + 2 * n * dv * 64 + 2 * n * n * dv
+    merger = units * (128 * 128 + 128 * 64)
+    q2 = vision_flops(tiny_qwen2_vl().model.config, (rows, cols))
+    assert q2 == {"vision": 4 * layer + n * 3 * 2 * 4 * 4 * dv, "projector": merger}
+    q3 = vision_flops(tiny_qwen3_vl().model.config, (rows, cols))  # patch 4: 3 x 2 x 4 x 4 inputs per patch
+    assert q3 == {"vision": 4 * layer + n * 3 * 2 * 4 * 4 * dv, "projector": 4 * merger}
+
+
+def test_a_head_dim_wider_than_the_hidden_size_counts_the_query_width():
+    """Qwen3-VL-4B's LLM: hidden 2560 but 32 heads x 128 = 4096 query dims, 8 KV heads."""
+    from transformers import Qwen3VLTextConfig
+
+    cfg = Qwen3VLTextConfig(hidden_size=2560, num_attention_heads=32, head_dim=128, num_key_value_heads=8,
+                            intermediate_size=9728, num_hidden_layers=2)
+    d, dq, dkv, m, n = 2560, 4096, 1024, 9728, 100
+    assert llm_prefill(cfg, 40, [60, 60]) == 2 * (n * d * (2 * dq + 2 * dkv) + 2 * n * n * dq + 3 * n * d * m)

@@ -272,8 +272,9 @@ def test_visionzip_too_few_remaining_is_a_clear_error():
     from nuwa_graph.errors import RunError
 
     text = (PIPES / "visionzip.yaml").read_text()
-    text = text.replace('"${ (budget * grid_tokens // 576) * 27 // 32 - 1 }"', "10")
-    text = text.replace('"${ (budget * grid_tokens // 576) - (budget * grid_tokens // 576) * 27 // 32 }"', "10")
+    text = text.replace('"${ (budget * crop_tokens // 576 // crops) * 27 // 32 - 1 }"', "10")
+    text = text.replace('"${ (budget * crop_tokens // 576 // crops) - (budget * crop_tokens // 576 // crops) * 27 // 32 }"',
+                        "10")
     text = text.replace("variables:\n  budget: 64\n", "")
     ex = Executor(load_text(text, "visionzip-small"))
     n, g = 16, torch.Generator().manual_seed(0)

@@ -27,7 +27,9 @@ def test_quick_cpu_run_writes_the_report(tmp_path):
     assert data["problems"] == []
     fp32 = [r for r in data["agreement"] if r["dtype"] == "float32"]
     assert fp32 and all(r["min_jaccard"] == 1.0 and r["same_tokens"] and r["max_logit_diff"] == 0.0 for r in fp32)
-    assert {r["model"] for r in data["agreement"]} == {"tiny-llava", "tiny-qwen"}
+    from nuwa_graph.adapters import PRESETS
+
+    assert {r["model"] for r in data["agreement"]} == set(PRESETS)  # every tiny preset: each family
     assert all(r["finite"] for r in data["agreement"] + [r for r in data["attention"] if "skipped" not in r])
     assert data["syncs"] and all(r["syncs_per_step"] == 1 for r in data["syncs"])  # virtual devices on a CPU
     assert data["padded_batch"] and all(r["same_kept"] and r["same_tokens"] for r in data["padded_batch"])

@@ -4,8 +4,8 @@
   node times are synchronised (virtual devices count the synchronize calls);
 - data-parallel eval: `--device cuda` under torchrun puts rank r on cuda:LOCAL_RANK (and makes
   it the current device); `--device-map` with WORLD_SIZE > 1 is refused with what to do;
-- `--dtype auto` on CUDA is the dtype each family's official code runs (LLaVA float16,
-  Qwen2.5-VL bfloat16), said in --help and in the run report;
+- `--dtype auto` on CUDA is the dtype each family's official code runs (LLaVA, LLaVA-NeXT,
+  LLaVA-OneVision float16; the Qwen-VL line, InternVL bfloat16), said in --help and in the run report;
 - tiny presets and benchmark models cast to half keep RoPE `inv_freq` in float32, as
   `from_pretrained` does;
 - Qwen's attention_received keeps its score blocks near CHUNK_ELEMENTS at any resolution;
@@ -138,6 +138,15 @@ def test_auto_dtype_is_what_the_official_code_runs():
     assert auto_dtype(LlavaAdapter, "cuda")[0] == torch.float16
     assert auto_dtype(QwenAdapter, "cuda:1")[0] == torch.bfloat16
     assert "LLaVA-1.5's official code" in auto_dtype(LlavaAdapter, "cuda")[1]
+    # the tiled families: LLaVA-NeXT and OneVision's official loaders default to float16, InternVL's to bfloat16
+    from nuwa_graph.adapters.internvl import InternVLAdapter
+    from nuwa_graph.adapters.llava_next import LlavaNextAdapter
+    from nuwa_graph.adapters.llava_onevision import LlavaOnevisionAdapter
+
+    assert auto_dtype(LlavaNextAdapter, "cuda")[0] == torch.float16
+    assert auto_dtype(LlavaOnevisionAdapter, "cuda")[0] == torch.float16
+    assert auto_dtype(InternVLAdapter, "cuda")[0] == torch.bfloat16
+    assert "LLaVA-NeXT's official code" in auto_dtype(LlavaNextAdapter, "cuda")[1]
     assert auto_dtype(QwenAdapter, "cpu") == (torch.float32, "auto: float32 on cpu")
     assert resolve_dtype("auto", "cuda") == "auto" and resolve_dtype(None, "cpu") == "auto"
     assert resolve_dtype("bfloat16", "cuda") == "bfloat16"
@@ -170,7 +179,7 @@ def test_run_report_and_help_say_which_dtype(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "float32 (auto: float32 on cpu)" in out
     text = " ".join(CliRunner().invoke(app, ["run", "--help"], env={"COLUMNS": "300"}).output.replace("│", " ").split())
-    assert "LLaVA float16" in text and "Qwen2.5-VL bfloat16" in text
+    assert "float16: LLaVA, LLaVA-NeXT, LLaVA-OneVision;" in text and "bfloat16: the Qwen-VL line, InternVL" in text
 
 
 # ---- RoPE frequencies stay float32 -------------------------------------------------------------

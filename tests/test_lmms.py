@@ -312,22 +312,62 @@ def _qwen_vl_utils(monkeypatch):
     return importlib.import_module("qwen_vl_utils.vision_process")
 
 
-def test_qwen_images_are_prepared_as_qwen2_5_vl_does(monkeypatch):
-    """qwen_image_as_lmms against lmms-eval's data URL + qwen-vl-utils' fetch_image."""
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_qwen_images_are_prepared_as_each_qwen_model_does(monkeypatch, family):
+    """qwen_image_as_lmms with the family's settings (QWEN_LMMS) against what lmms-eval's model
+    for it hands qwen-vl-utils' fetch_image: a JPEG data URL on qwen2_vl / qwen2_5_vl, the
+    image itself on qwen3_vl (image_patch_size 16: sides in multiples of 32)."""
     import numpy as np
     from lmms_eval.models.model_utils.media_encoder import encode_image_to_data_url
     from PIL import Image
 
-    from nuwa_graph.integrations.lmms import QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, qwen_image_as_lmms
+    from nuwa_graph.integrations.lmms import QWEN_LMMS, qwen_image_as_lmms
 
     fetch_image = _qwen_vl_utils(monkeypatch).fetch_image
-
+    cfg = QWEN_LMMS[family]
+    patch = 16 if family == "qwen3_vl" else 14
     rng = np.random.default_rng(0)
     for h, w in [(100, 150), (480, 640), (1500, 1100), (333, 901)]:
         img = Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8))
-        url = encode_image_to_data_url(img, image_format="JPEG", mime_type="image/jpeg", convert_rgb=True, quality=85)
-        theirs = fetch_image({"image": url, "min_pixels": QWEN_MIN_PIXELS, "max_pixels": QWEN_MAX_PIXELS},
-                             image_patch_size=14)
-        ours = qwen_image_as_lmms(img, 28)
-        assert ours.size == theirs.size and ours.size[0] % 28 == 0 and ours.size[1] % 28 == 0
+        given = (encode_image_to_data_url(img, image_format="JPEG", mime_type="image/jpeg", convert_rgb=True, quality=85)
+                 if cfg.jpeg else img)
+        theirs = fetch_image({"image": given, "min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels},
+                             image_patch_size=patch)
+        ours = qwen_image_as_lmms(img, 2 * patch, cfg.min_pixels, cfg.max_pixels, jpeg=cfg.jpeg)
+        assert ours.size == theirs.size and ours.size[0] % (2 * patch) == 0 and ours.size[1] % (2 * patch) == 0
         assert np.array_equal(np.asarray(ours), np.asarray(theirs)), (h, w)
+
+
+QWEN_LIKE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+             "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|>"
+             "<|vision_end|>{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+             "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen", "tiny-qwen2-vl", "tiny-qwen3-vl"])
+def test_the_plugin_serves_each_qwen_generation(preset, tmp_path):
+    """`--model nuwa_graph --model_args pretrained=<Qwen-VL>`: the family's pixel defaults, its
+    lmms-eval stop rule, its chat text, and per-sample stats of a pruned run."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from nuwa_graph.integrations.lmms import QWEN_LMMS, NuwaGraph
+
+    plugin = NuwaGraph(pretrained=preset, pipeline=str(PIPELINES / "fastv.yaml"), budget="16", device="cpu",
+                       stats=str(tmp_path / "stats"))
+    family = plugin.adapter.family
+    cfg = QWEN_LMMS[family]
+    assert (plugin.min_pixels, plugin.max_pixels) == (cfg.min_pixels, cfg.max_pixels)
+    assert ("\n\n" in plugin._options({"until": ["\n\n", "x"]})[1]) == (not cfg.drop_blank_line_stop)
+    plugin.adapter.processor.chat_template = QWEN_LIKE
+    doc = {"image": Image.new("RGB", (300, 200), (200, 30, 30))}
+    plugin.task_dict = {"t": {"val": {0: doc, 1: doc}}}
+    visual = lambda d: [d["image"]]  # noqa: E731
+    requests = [SimpleNamespace(args=(f"what colour is it ? {i}", {"max_new_tokens": 2, "until": ["\n\n"]}, visual, i,
+                                      "t", "val")) for i in (0, 1)]
+    answers = plugin.generate_until(requests)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    stats = [json.loads(line) for line in plugin.stats_path.read_text().splitlines()]
+    assert [r["doc_id"] for r in stats] == [0, 1]
+    assert all(r["visual_tokens_per_layer"][-1] == 16 < r["visual_tokens_full"] for r in stats)

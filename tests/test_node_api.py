@@ -33,7 +33,8 @@ NEW_MERGER_INPUTS = {
     "merger.sparsevlm-recycle": {"hidden": ["Tokens", False, False]},
 }
 NEW_SIGNAL_NODES = {"signal.vision-key-mean", "signal.vision-key-single-head", "signal.vision-cls-hidden",
-                    "signal.llm-hidden"}
+                    "signal.llm-hidden",
+                    "merger.stitch-crops"}  # issue 23: per-crop rows into one block
 
 
 def _table(ports: dict[str, Port]) -> dict[str, list]:

@@ -1,9 +1,10 @@
-"""Every shipped pipeline end to end on tiny LLaVA / tiny Qwen: SDPA, KV cache, schedules.
+"""Every shipped pipeline end to end on tiny LLaVA and the tiny Qwen-VL presets (Qwen2-VL,
+Qwen2.5-VL, Qwen3-VL): SDPA, KV cache, schedules.
 
 The tiny models have 64 (LLaVA, 8x8) visual tokens and 4 LLM layers. Budgets are LLaVA-1.5
 counts scaled by grid_tokens / 576 (budget 144 -> 16 of 64 tokens); layer schedules written
 for 32 layers follow the model's depth by themselves (scale32); the files are unedited and,
-in test_every_shipped_file_runs_unchanged, run without any override.
+in tests/test_matrix.py, run without any override on every model.
 For each run: the per-layer visual-token counts measured in the layer hooks equal the
 schedule the pipeline's own Keep actions imply (and, for fixed budgets, the schedule a
 model-free run on the same geometry gives), and cached decoding equals a cache-free
@@ -117,15 +118,23 @@ QWEN_CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def tiny_qwen():
-    from nuwa_graph.adapters.tiny import tiny_qwen, tiny_qwen_image
+QWEN_PRESETS = ["tiny-qwen", "tiny-qwen2-vl", "tiny-qwen3-vl"]  # Qwen2.5-VL, Qwen2-VL, Qwen3-VL
 
-    return tiny_qwen(), tiny_qwen_image((6, 8), seed=1)
+
+@pytest.fixture(scope="module", params=QWEN_PRESETS)
+def tiny_qwen(request):
+    """A tiny Qwen-VL preset (each generation in turn) and a 6 x 8 merged-grid image for it."""
+    from nuwa_graph.adapters import load_adapter
+    from nuwa_graph.adapters.tiny import tiny_qwen_image
+    from nuwa_graph.adapters.tiny_qwen_vl import unit_pixels
+
+    adapter = load_adapter(request.param)
+    return adapter, tiny_qwen_image((6, 8), seed=1, unit=unit_pixels(adapter))
 
 
 @pytest.mark.parametrize("name", list(QWEN_CASES))
 def test_pipeline_on_tiny_qwen(tiny_qwen, name):
+    """On Qwen3-VL, FastV (K=1) and PDrop / SparseVLM prune inside the DeepStack layers 0-2."""
     adapter, image = tiny_qwen
     pipe = load(ROOT / "pipelines" / f"{name}.yaml", QWEN_CASES[name])
     rep = _check_cached_equals_recompute(adapter, pipe, image)
@@ -135,94 +144,24 @@ def test_pipeline_on_tiny_qwen(tiny_qwen, name):
         assert min(counts) < rep.visual_tokens_full
 
 
-# CLS-only methods (and the ablations/variants of the CLS recipes): refused on Qwen2.5-VL
-CLS_ONLY = ["visionzip", "visionzip_fix", "prumerge_plus", "variants/visionzip_regions"] + [
-    f"ablations/{p.stem}" for p in sorted((ROOT / "pipelines/ablations").glob("*.yaml"))]
-
-
-@pytest.mark.parametrize("name", CLS_ONLY)
-def test_cls_based_pipelines_are_refused_on_qwen_before_any_forward(tiny_qwen, name, monkeypatch):
-    from nuwa_graph import RunError
-
-    adapter, image = tiny_qwen
-
-    def no_forward(*a, **k):
-        raise AssertionError("a forward pass started")
-
-    monkeypatch.setattr(adapter, "vision_forward", no_forward)
-    monkeypatch.setattr(adapter, "encode", no_forward)
-    with pytest.raises(RunError, match="cannot run") as err:
-        adapter.generate(load(ROOT / "pipelines" / f"{name}.yaml"), [image], [PROMPT], max_new_tokens=1)
-    assert "hint:" in str(err.value) and "pipelines/nuwa.yaml" in str(err.value)
-
-
-# --- every shipped method file, unchanged, on every model --------------------------------------
-SHIPPED = sorted(str(p.relative_to(ROOT / "pipelines"))[:-5] for p in (ROOT / "pipelines").rglob("*.yaml"))
+# Every shipped file, unchanged, on every model (run, or refused before any forward with a hint
+# naming a file that runs): tests/test_matrix.py, over every preset in PRESETS and the embedded model.
 
 
 @pytest.fixture(scope="module")
-def big_qwen_image():
+def big_qwen_image(tiny_qwen):
     """A 12x12 merged grid (144 tokens): room for the default budget of 64 (a count on Qwen)."""
     from nuwa_graph.adapters.tiny import tiny_qwen_image
+    from nuwa_graph.adapters.tiny_qwen_vl import unit_pixels
 
-    return tiny_qwen_image((12, 12), seed=2)
-
-
-@pytest.fixture(scope="module")
-def embedded():
-    from nuwa_graph.adapters import load_adapter
-    from nuwa_graph.apps.models import default_model
-
-    return load_adapter(default_model(), "float32", "cpu")
-
-
-def _runs_unchanged(adapter, image, name):
-    pipe = load(ROOT / "pipelines" / f"{name}.yaml")  # no override at all
-    rep = adapter.generate(pipe, [image], [PROMPT], max_new_tokens=1)
-    counts = rep.visual_tokens_per_layer[0]
-    assert counts == _expected_counts(rep, rep.visual_tokens_full, adapter.n_layers)
-    assert rep.schedule["sites"] and all(s.startswith(("vision", "pre_llm", "llm.")) for s in rep.schedule["sites"])
-    for s in rep.schedule["sites"]:
-        if s.startswith("llm."):
-            assert 0 < int(s[4:]) < adapter.n_layers  # never an illegal layer
-    return rep
-
-
-@pytest.mark.parametrize("name", SHIPPED)
-def test_every_shipped_file_runs_unchanged_on_tiny_llava(tiny_llava, tiny_image, name):
-    if name == "nuwa_qwen":  # a LLaVA model runs nuwa.yaml instead (family_files)
-        assert _runs_unchanged(tiny_llava, tiny_image, name).schedule["file"].endswith("nuwa.yaml")
-        return
-    _runs_unchanged(tiny_llava, tiny_image, name)
-
-
-@pytest.mark.parametrize("name", SHIPPED)
-def test_every_shipped_file_runs_unchanged_on_the_embedded_model(embedded, tiny_image, name):
-    rep = _runs_unchanged(embedded, tiny_image, name)
-    if name not in ("vanilla", "prumerge_plus"):
-        assert rep.visual_tokens_avg[0] < rep.visual_tokens_full
-
-
-@pytest.mark.parametrize("name", SHIPPED)
-def test_every_shipped_file_runs_unchanged_on_tiny_qwen(tiny_qwen, big_qwen_image, name):
-    from nuwa_graph import RunError
-
-    adapter, _ = tiny_qwen
-    if name in CLS_ONLY:
-        with pytest.raises(RunError, match="hint:"):
-            adapter.generate(load(ROOT / "pipelines" / f"{name}.yaml"), [big_qwen_image], [PROMPT], max_new_tokens=1)
-        return
-    rep = _runs_unchanged(adapter, big_qwen_image, name)
-    if name.startswith("nuwa"):  # the authors' Qwen recipe, chosen by the file itself
-        assert rep.schedule["file"].endswith("nuwa_qwen.yaml")
-        assert any(s.startswith("vision.attention_received") for s in rep.signals)
+    return tiny_qwen_image((12, 12), seed=2, unit=unit_pixels(tiny_qwen[0]))
 
 
 def test_nuwa_on_qwen_says_which_file_and_signal_it_used(tiny_qwen, big_qwen_image):
     adapter, _ = tiny_qwen
     rep = adapter.generate(load(ROOT / "pipelines/nuwa.yaml"), [big_qwen_image], [PROMPT], max_new_tokens=1)
     d = rep.to_dict()
-    assert d["schedule"]["instead_of"].endswith("nuwa.yaml") and d["schedule"]["chosen_for_family"] == "qwen2_5_vl"
+    assert d["schedule"]["instead_of"].endswith("nuwa.yaml") and d["schedule"]["chosen_for_family"] == adapter.family
     assert d["schedule"]["variables"]["keep"] == {"value": 25, "from": "file default"}
     assert "llm.3" in d["schedule"]["sites"]  # llm_layers // 2 + 1 on 4 layers
     assert any(s.startswith("vision.attention_received(layer=-1)") for s in d["signals"])
@@ -287,3 +226,25 @@ def test_run_json_and_table_say_which_schedule_and_signals(capsys):
     assert run_command(ROOT / "pipelines/feather.yaml", model="tiny-llava", max_new_tokens=1) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "schedule" in out and "signals" in out and "scale32([8, 16])" in out
+
+
+def test_family_files_route_by_family_then_by_group(tmp_path):
+    """A key names a family or a family group; the family's entry wins; a family named alone is
+    its own group; a file that would send the model on again is an error."""
+    from nuwa_graph import PipelineError
+
+    body = "\nnodes:\n  - {name: s, type: selector.uniform-grid, params: {stride: 1}}\n" \
+           "  - {name: k, type: applier.keep, params: {site: vision}, inputs: {selection: s.selection}}\n"
+    (tmp_path / "a.yaml").write_text("name: a\nfamily_files: {qwen-vl: b.yaml, qwen2_vl: c.yaml}" + body)
+    (tmp_path / "b.yaml").write_text("name: b" + body)
+    (tmp_path / "c.yaml").write_text("name: c" + body)
+    a = tmp_path / "a.yaml"
+    assert load(a, model_vars={"family": "qwen3_vl", "family_group": "qwen-vl"}).name == "b"
+    assert load(a, model_vars={"family": "qwen2_vl", "family_group": "qwen-vl"}).name == "c"
+    assert load(a, model_vars={"family": "llava", "family_group": "llava"}).name == "a"
+    assert load(a, model_vars={"family": "qwen3_vl"}).name == "a"  # no group given: the family alone
+    bound = load(a).bind_model({"family": "qwen2_5_vl", "family_group": "qwen-vl", "llm_layers": 4})
+    assert bound.name == "b" and bound.chosen_from == str(a)
+    (tmp_path / "b.yaml").write_text("name: b\nfamily_files: {qwen-vl: a.yaml}" + body)
+    with pytest.raises(PipelineError, match="sends qwen3_vl models on to a.yaml; name the final file"):
+        load(a, model_vars={"family": "qwen3_vl", "family_group": "qwen-vl"})

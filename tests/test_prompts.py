@@ -1,6 +1,6 @@
 """Prompt handling of `nuwa-graph eval`: escapes, lmms-eval's RefCOCO prompt and box parsing,
 the chat text lmms-eval's models build, the data options on the command line, and full
-tokens counted per sample (Qwen2.5-VL)."""
+tokens counted per sample (each Qwen-VL generation)."""
 
 import io
 import json
@@ -81,32 +81,47 @@ QWEN_LIKE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['conte
              "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def test_qwen_chat_text_has_system_and_image_first():
-    from nuwa_graph.adapters.tiny import tiny_qwen
+QWEN_PRESETS = ["tiny-qwen", "tiny-qwen2-vl", "tiny-qwen3-vl"]  # Qwen2.5-VL, Qwen2-VL, Qwen3-VL
 
-    adapter = tiny_qwen()
-    with pytest.raises(ValueError, match="no chat template"):
+
+@pytest.mark.parametrize("preset", QWEN_PRESETS)
+def test_qwen_chat_text_has_system_and_image_first(preset):
+    """lmms-eval's qwen2_vl, qwen2_5_vl and qwen3_vl build the same messages (system prompt
+    "You are a helpful assistant.", the image, then the text) through the checkpoint's template."""
+    from nuwa_graph.adapters import load_adapter
+    from nuwa_graph.apps.prompts import LMMS_MODELS, lmms_eval_style
+
+    adapter = load_adapter(preset)
+    with pytest.raises(ValueError, match=f"no chat template.*{LMMS_MODELS[adapter.family]}"):
         chat_text(adapter, "what is it ?")
     adapter.processor.chat_template = QWEN_LIKE
     text = chat_text(adapter, "<image>what is it ?")
     assert "You are a helpful assistant." in text and "<image>" not in text
     assert text.index("<|vision_start|><|image_pad|><|vision_end|>") < text.index("what is it ?")
     assert text.rstrip().endswith("assistant")
+    prompt_fn, _ = lmms_eval_style(adapter)
+    assert prompt_fn(None, "what is it ?") == chat_text(adapter, "what is it ?")
 
 
-def test_qwen_full_tokens_are_counted_per_sample():
-    """Two images of different sizes in one batch: `full` is the mean of both, not the first."""
-    from nuwa_graph.adapters.tiny import TINY_GRID, tiny_qwen, tiny_qwen_image
+@pytest.mark.parametrize("preset", QWEN_PRESETS)
+def test_qwen_full_tokens_are_counted_per_sample(preset):
+    """Two images of different sizes in one batch: `full` is the mean of both, not the first
+    (`nuwa-graph eval` on each Qwen-VL generation)."""
+    from nuwa_graph.adapters import load_adapter
+    from nuwa_graph.adapters.tiny import TINY_GRID, tiny_qwen_image
+    from nuwa_graph.adapters.tiny_qwen_vl import unit_pixels
 
     def png(img):
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         return buf.getvalue()
 
+    adapter = load_adapter(preset)
     grids = [TINY_GRID, (4, 6)]
-    samples = [VQASample(str(i), png(tiny_qwen_image(g, seed=i)), "what ?", ["red"]) for i, g in enumerate(grids)]
+    samples = [VQASample(str(i), png(tiny_qwen_image(g, seed=i, unit=unit_pixels(adapter))), "what ?", ["red"])
+               for i, g in enumerate(grids)]
     runs = plan_runs([PIPELINES / "vanilla.yaml"])
-    result = evaluate(tiny_qwen(), runs, [Task("vqa", "mem", samples)], batch=2, max_new_tokens=1, warmup=False)
+    result = evaluate(adapter, runs, [Task("vqa", "mem", samples)], batch=2, max_new_tokens=1, warmup=False)
     full = [g[0] * g[1] for g in grids]
     assert result["results"][0]["visual_tokens_full"] == pytest.approx(sum(full) / 2)
     assert result["results"][0]["visual_tokens_per_layer"][0] == pytest.approx(sum(full) / 2)
@@ -151,3 +166,25 @@ def test_cli_eval_prompt_options_are_checked(tmp_path):
                                  str(tmp_path)])
     assert r.exit_code == 1 and "bbox-format" in r.output
     assert "{expression}" in LMMS_REC_PROMPT
+
+
+def test_lmms_prompts_per_tiled_family():
+    """LLaVA-NeXT checkpoints go through lmms-eval's llava_hf (the same text as LLaVA); InternVL and
+    OneVision have no llava_hf / qwen2_5_vl form here: a clear error naming --prompt-style native."""
+    from nuwa_graph.apps.errors import EvalError
+    from nuwa_graph.apps.prompts import chat_text, lmms_eval_style
+
+    class NoTemplate:
+        chat_template = None
+
+    class Adapter:
+        processor = NoTemplate()
+
+    nxt = Adapter()
+    nxt.family = "llava_next"  # type: ignore[attr-defined]
+    assert chat_text(nxt, "q ?") == f"{VICUNA_SYSTEM} USER: <image>\nq ? ASSISTANT:"
+    for family in ("internvl", "llava_onevision"):
+        other = Adapter()
+        other.family = family  # type: ignore[attr-defined]
+        with pytest.raises(EvalError, match="prompt-style native"):
+            lmms_eval_style(other)

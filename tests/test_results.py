@@ -28,7 +28,8 @@ from results_report import (  # noqa: E402
     with_heads_excluded,
 )
 
-EMBEDDED_VARS = {"llm_layers": 16, "vision_layers": 6, "grid_tokens": 144}  # the deep embedded model
+# the deep embedded model
+EMBEDDED_VARS = {"llm_layers": 16, "vision_layers": 6, "grid_tokens": 144, "crop_tokens": 144, "crops": 1}
 
 
 # --- head masking --------------------------------------------------------------------------------

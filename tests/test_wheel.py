@@ -110,8 +110,8 @@ def test_validate_and_nodes_from_an_empty_folder(installed):
 
 
 def test_family_files_resolve_inside_the_installed_package(installed):
-    code = ("from nuwa_graph import load; p = load('pipelines/nuwa.yaml', model_vars={'family': 'qwen2_5_vl'}); "
-            "print(p.name); print(p.source)")
+    code = ("from nuwa_graph import load; p = load('pipelines/nuwa.yaml', model_vars={'family': 'qwen3_vl', "
+            "'family_group': 'qwen-vl'}); print(p.name); print(p.source)")
     out = _run([str(installed["py"]), "-c", code], installed["cwd"], installed["env"]).stdout.split()
     assert out[1].endswith("nuwa_qwen.yaml"), out
     assert Path(out[1]).resolve().is_relative_to(installed["venv"].resolve()), out[1]

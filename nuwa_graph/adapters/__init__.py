@@ -4,8 +4,9 @@
     adapter = load_adapter("llava-hf/llava-1.5-7b-hf", "bfloat16", "cuda")
     report = adapter.generate(pipeline, [image], ["What is in the image?"], max_new_tokens=16)
 
-Presets: `tiny-llava` (nuwa_graph.adapters.tiny) and `tiny-qwen` (built by
-`nuwa_graph.adapters.tiny.tiny_qwen(dtype=..., device=...)`).
+Presets: `tiny-llava` and `tiny-qwen` (Qwen2.5-VL) in nuwa_graph.adapters.tiny,
+`tiny-qwen2-vl` and `tiny-qwen3-vl` in nuwa_graph.adapters.tiny_qwen_vl (each a factory
+`(dtype=..., device=...) -> adapter`).
 """
 
 from __future__ import annotations
@@ -24,12 +25,22 @@ from .loading import to_dtype_as_loaded
 # model_type -> module that defines (and @register_adapter-s) its adapter
 FAMILY_MODULES = {
     "llava": "nuwa_graph.adapters.llava",
+    "qwen2_vl": "nuwa_graph.adapters.qwen_vl",
     "qwen2_5_vl": "nuwa_graph.adapters.qwen",
+    "qwen3_vl": "nuwa_graph.adapters.qwen_vl",
+    "llava_next": "nuwa_graph.adapters.llava_next",
+    "internvl": "nuwa_graph.adapters.internvl",
+    "llava_onevision": "nuwa_graph.adapters.llava_onevision",
 }
 # preset -> (module, factory(dtype=..., device=...) -> adapter)
 PRESETS = {
     "tiny-llava": ("nuwa_graph.adapters.tiny", "tiny_llava"),
     "tiny-qwen": ("nuwa_graph.adapters.tiny", "tiny_qwen"),
+    "tiny-qwen2-vl": ("nuwa_graph.adapters.tiny_qwen_vl", "tiny_qwen2_vl"),
+    "tiny-qwen3-vl": ("nuwa_graph.adapters.tiny_qwen_vl", "tiny_qwen3_vl"),
+    "tiny-llava-next": ("nuwa_graph.adapters.tiny_tiled", "tiny_llava_next"),
+    "tiny-internvl": ("nuwa_graph.adapters.tiny_tiled", "tiny_internvl"),
+    "tiny-llava-onevision": ("nuwa_graph.adapters.tiny_tiled", "tiny_llava_onevision"),
 }
 
 
@@ -96,8 +107,8 @@ def _model_type(spec: str) -> str:
 
 def auto_dtype(cls: type[VLMAdapter], device: str | torch.device) -> tuple[torch.dtype, str]:
     """What `--dtype auto` means for a family on a device, and why: on CUDA the dtype the
-    family's official code runs (`official_dtype`: float16 for LLaVA, bfloat16 for
-    Qwen2.5-VL), elsewhere float32."""
+    family's official code runs (`official_dtype`: float16 for LLaVA, LLaVA-NeXT and
+    LLaVA-OneVision, bfloat16 for the Qwen-VL line and InternVL), elsewhere float32."""
     if torch.device(device).type == "cuda":
         return dtype_of(cls.official_dtype), (f"auto: {cls.official_dtype} on CUDA, as {cls.official_dtype_source} "
                                               f"runs it")
@@ -109,8 +120,8 @@ def load_adapter(model: str = "tiny-llava", dtype: str | torch.dtype = "float32"
     """An adapter for a preset name, local model directory or hub id (family from model_type).
 
     `dtype`: float32 | bfloat16 | float16, or `auto`: on CUDA the dtype the family's official
-    code runs (float16 for LLaVA, bfloat16 for Qwen2.5-VL; `official_dtype`), else float32; the
-    adapter's `dtype_reason` says which (it goes into the run report).
+    code runs (`official_dtype`: float16 for the LLaVA line, bfloat16 for Qwen-VL and
+    InternVL), else float32; the adapter's `dtype_reason` says which (in the run report).
     `attn_implementation` (sdpa | flash_attention_2 | eager): what the model's layers run
     (the rows a scorer reads are computed from q and k either way). `device_map` (e.g.
     'auto', needs accelerate) spreads a checkpoint over devices; checkpoints load straight

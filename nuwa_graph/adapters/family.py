@@ -3,6 +3,8 @@
 Extension points (what a family subclass implements; LLaVA in llava.py is the example):
 
 - class attributes `family`, `model_types` (config.model_type values handled),
+  `family_group` (the group of families sharing a token stream and its signals, e.g. `qwen-vl`;
+  `family_files` keys may name it), `has_cls` (the vision tower has a CLS token),
   `supported_signals` (the SIGNAL_KINDS this family can give) and `official_dtype` /
   `official_dtype_source` (what its official code runs on a GPU: `--dtype auto` on CUDA);
   decorate the class with `@register_adapter` so `load_adapter` finds it by model_type.
@@ -27,6 +29,9 @@ Extension points (what a family subclass implements; LLaVA in llava.py is the ex
   (P, B, L) for a batch; `llm_position_ids` turns them into what the text model takes.
 - `llm_position_ids(pos)`: (P, B, L) -> the text model's `position_ids` (default: pos[0]).
 - `geometry(run, b)`: the sample's `Geometry` (grid the pipeline sees, image_start).
+- `post_layers()` / `on_layer_output(run, layer, seg, hidden)`: decoder layers whose OUTPUT
+  the family changes during prefill, and the change (Qwen3-VL's DeepStack adds vision rows
+  to the visual positions still present after layers 0..2); the session hooks them.
 - `turn_text(question)` / `turn_end_id()`: a later user turn of a conversation in the
   family's chat format, and the token that ends an answer (adapters/conversation.py).
 """
@@ -36,6 +41,7 @@ from __future__ import annotations
 import itertools
 import uuid
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any, ClassVar, Self
 
 import torch
@@ -47,10 +53,11 @@ from ..pipeline import Pipeline
 from ..signals import SignalRequest
 from ..sites import Site
 from ..types import Geometry, PositionPlan
-from .layout import Encoded, SampleLayout, VisionOut
+from .layout import Encoded, SampleLayout, Segment, VisionOut
 from .state import AdapterRun
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
+BUDGETS_TRIED = (160, 320, 640, 1280)  # variables_hint: LLaVA-NeXT papers' budgets (5 crops x 32/64/128), and more
 LLM_SIGNALS = frozenset({"external", "pre_llm.visual", "pre_llm.text", "llm.attention", "llm.hidden"})
 _counter = itertools.count()
 
@@ -84,6 +91,8 @@ class FamilyHooks:
     """The family extension points with their defaults (see the module docstring)."""
 
     family: ClassVar[str] = ""
+    family_group: ClassVar[str] = ""  # "" = the family is its own group
+    has_cls: ClassVar[bool] = False
     model_types: ClassVar[tuple[str, ...]] = ()
     supported_signals: ClassVar[frozenset[str]] = LLM_SIGNALS
     #: the dtype the family's official code runs on a GPU (`--dtype auto` picks it on CUDA), and
@@ -104,6 +113,7 @@ class FamilyHooks:
         self._run: AdapterRun | None = None
         self._attn_index: dict[int, tuple[str, int]] = {}
         self._layer_hooks: list[Any] = []  # the session's decoder-layer hook handles
+        self._runnable: list[tuple[str, str | None]] | None = None  # runnable_shipped(), once
         # pipeline object -> (that pipeline, bound to this model, and its executor); see Generation._bind
         self._bound: OrderedDict[int, tuple[Pipeline, Executor]] = OrderedDict()
 
@@ -186,11 +196,75 @@ class FamilyHooks:
                 f"family; it gives: {', '.join(sorted(self.supported_signals))}")
 
     def refusal_hint(self, ex: Executor) -> str:
-        """Advice appended to the refusal of a pipeline this model cannot run ('' = none)."""
+        """Advice appended to the refusal of a pipeline this model cannot run ('' = none): when
+        it reads a signal this family cannot give, or a node says it cannot work on this model
+        (`Node.check_model`), the shipped files that do run here."""
+        if (not any(self.unavailable_signal(req) for req in ex.requests())
+                and not ex.model_problems(self.model_variables())):
+            return ""
+        return f"\nhint: {self.runnable_hint()}"
+
+    def runnable_shipped(self) -> list[tuple[str, str | None]]:
+        """The shipped pipeline files this model runs unchanged, as (name, the file its
+        `family_files` runs instead or None), each bound to this model and checked as
+        `check_pipeline` checks a run (signals, arguments, sites); worked out once per adapter."""
+        if self._runnable is None:
+            from ..errors import PipelineError
+            from ..pipeline import load
+            from ..resources import shipped_names, shipped_pipeline
+
+            found: list[tuple[str, str | None]] = []
+            for name in shipped_names():
+                try:
+                    bound = load(shipped_pipeline(name)).bind_model(self.model_variables())
+                    if not self.check_pipeline(Executor(bound)):
+                        found.append((name, Path(bound.source).stem if bound.chosen_from else None))
+                except (PipelineError, RunError):
+                    continue
+            self._runnable = found
+        return self._runnable
+
+    def runnable_hint(self) -> str:
+        """'shipped files that run on this model (qwen3_vl): pipelines/nuwa.yaml (runs nuwa_qwen.yaml
+        here), pipelines/fastv.yaml, ...' (the routing and checks of `runnable_shipped`)."""
+        files = [f"pipelines/{name}.yaml" + (f" (runs {chosen}.yaml here)" if chosen else "")
+                 for name, chosen in self.runnable_shipped()]
+        return (f"shipped files that run on this model ({self.family}): {', '.join(files)}" if files
+                else f"no shipped file runs on this model ({self.family})")
+
+    def variables_hint(self, pipeline: Pipeline) -> str:
+        """Advice appended when `pipeline`'s expressions do not fit this model's variables ('' = none):
+        on a model of several crops, the smallest of the budgets papers report on tiled models
+        (BUDGETS_TRIED) with which the file does fit, when a per-crop budget came out too small."""
+        from ..errors import PipelineError
+
+        model_vars = self.model_variables()
+        crops = model_vars.get("crops", 1)
+        if crops <= 1 or "budget" not in pipeline.variables:
+            return ""
+        for budget in BUDGETS_TRIED:
+            if budget <= pipeline.variables["budget"]:
+                continue
+            try:
+                pipeline.with_overrides({"budget": budget}).bind_model(model_vars)
+            except PipelineError:
+                continue
+            return (f"\nhint: this model cuts an image into up to {crops} crops and files that count a budget per "
+                    f"crop divide it by {crops} (LLaVA-NeXT papers: 160 / 320 / 640 = 5 x 32 / 64 / 128): raise it, "
+                    f"e.g. --set budget={budget} (the smallest of {', '.join(map(str, BUDGETS_TRIED))} that fits)")
         return ""
 
     def geometry(self, run: AdapterRun, b: int) -> Geometry:
         raise NotImplementedError
+
+    def post_layers(self) -> frozenset[int]:
+        """Decoder layers whose output `on_layer_output` changes during prefill (default none)."""
+        return frozenset()
+
+    def on_layer_output(self, run: AdapterRun, layer: int, seg: Segment, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The output of decoder `layer` at prefill, changed (None: unchanged); `seg` is the layout
+        that layer saw (its visual tokens `seg.img_ids` at `seg.img_idx`, after any Keep there)."""
+        return None
 
     def visual_positions(self, layout: SampleLayout, ids: torch.Tensor, plan: PositionPlan | None) -> torch.Tensor:
         """Absolute positions (P, k) for kept visual tokens `ids` (1-D default)."""
@@ -234,7 +308,8 @@ class FamilyHooks:
         """Values of the pipeline model variables (pipeline.MODEL_VARIABLES) for this model."""
         vc = getattr(self.model.config, "vision_config", None)
         depth = getattr(vc, "num_hidden_layers", None) or getattr(vc, "depth", None)
-        out: dict[str, Any] = {"family": self.family, "llm_layers": self.n_layers}
+        out: dict[str, Any] = {"family": self.family, "family_group": self.family_group or self.family,
+                               "has_cls": self.has_cls, "llm_layers": self.n_layers}
         if depth:
             out["vision_layers"] = int(depth)
         return out
@@ -247,6 +322,7 @@ class FamilyHooks:
             if site.layer is not None and site.layer >= self.n_layers:
                 problems.append(f"site {site} is past the last LLM layer ({self.n_layers - 1}); "
                                 + layer_variable_hint(ex.pipeline, site))
+        problems += ex.model_problems(self.model_variables())
         for req in ex.requests():
             missing = self.unavailable_signal(req)
             if missing:

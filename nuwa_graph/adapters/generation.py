@@ -16,6 +16,7 @@ import torch
 from ..context import Keep
 from ..errors import PipelineError, RunError
 from ..executor import Executor
+from ..loader import family_file_of
 from ..pipeline import Pipeline
 from ..replay import ReplayExecutor, recorded_keeps
 from ..sites import Site
@@ -45,20 +46,29 @@ class Generation(HookSession):
         if hit is not None and hit[0] is pipeline:
             self._bound.move_to_end(id(pipeline))
             return hit[1]
+        model_vars = self.model_variables()
         try:
-            bound = pipeline.bind_model(self.model_variables())
+            bound = pipeline.bind_model(model_vars)
         except PipelineError as exc:
+            if family_file_of(pipeline.spec.family_files, model_vars) is None:
+                self._refuse(Executor(pipeline), signals_only=True)  # what it reads can never be had here: say that
             raise RunError(f"pipeline {pipeline.name!r} does not fit this model "
-                           f"({self.model_variables()}):\n{exc}") from None
+                           f"({model_vars}):\n{exc}{self.variables_hint(pipeline)}") from None
         ex = Executor(bound)
-        problems = self.check_pipeline(ex)
-        if problems:
-            raise RunError(f"pipeline {ex.pipeline.name!r} cannot run on {self.name}:\n  - " + "\n  - ".join(problems)
-                           + self.refusal_hint(ex))
+        self._refuse(ex)
         self._bound[id(pipeline)] = (pipeline, ex)  # the pipeline is held, so its id is not reused
         while len(self._bound) > BOUND_CACHE_SIZE:
             self._bound.popitem(last=False)
         return ex
+
+    def _refuse(self, ex: Executor, signals_only: bool = False) -> None:
+        """RunError 'cannot run' with the problems `check_pipeline` finds and the family's hint;
+        `signals_only`: only signals this family can never give (for a pipeline not yet bound)."""
+        problems = ([m for m in (self.unavailable_signal(r) for r in ex.requests()) if m] if signals_only
+                    else self.check_pipeline(ex))
+        if problems:
+            raise RunError(f"pipeline {ex.pipeline.name!r} cannot run on {self.name}:\n  - " + "\n  - ".join(problems)
+                           + self.refusal_hint(ex))
 
     def _pre_llm(self, r: AdapterRun, vis: VisionOut) -> None:
         """Vision and pre_llm sites; leaves r.blocks."""

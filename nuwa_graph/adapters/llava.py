@@ -45,6 +45,7 @@ class LlavaAdapter(VLMAdapter):
     """LLaVA-1.5 layout (also any `llava` model_type with a CLIP-like tower and a Llama-like LLM)."""
 
     family = "llava"
+    has_cls = True  # CLIP-style towers: the CLS-based methods (VisionZip, PruMerge+, Nüwa's LLaVA recipe) run here
     model_types = ("llava",)
     supported_signals = frozenset({"vision.hidden", "vision.hidden_mean", "vision.cls_hidden", "vision.cls_attention",
                                    "vision.keys", "vision.qk_single_head"}) | LLM_SIGNALS
@@ -93,8 +94,9 @@ class LlavaAdapter(VLMAdapter):
         return (n, n)
 
     def model_variables(self) -> dict[str, int]:
-        """LLaVA's grid is fixed by the CLIP config, so budgets scale to it (grid_tokens)."""
-        return {**super().model_variables(), "grid_tokens": self.grid[0] * self.grid[1]}
+        """LLaVA's grid is fixed by the CLIP config, so budgets scale to it (grid_tokens); one crop."""
+        n = self.grid[0] * self.grid[1]
+        return {**super().model_variables(), "grid_tokens": n, "crops": 1, "crop_tokens": n, "visual_tokens": n}
 
     # ---- inputs ------------------------------------------------------------------------
     def format_prompt(self, prompt: str) -> str:

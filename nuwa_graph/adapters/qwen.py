@@ -1,4 +1,10 @@
-"""The Qwen2.5-VL adapter (`Qwen2_5_VLForConditionalGeneration`); its tiny preset is in tiny.py.
+"""The Qwen2.5-VL adapter (`Qwen2_5_VLForConditionalGeneration`), and the base of the Qwen-VL
+line (Qwen2-VL and Qwen3-VL in qwen_vl.py); its tiny preset is in tiny.py.
+
+Family hooks of the line (overridden by the other generations): `window_index(grid_thw)`
+(the tower's order of merge units: windows on Qwen2.5-VL, raster on Qwen2-VL / Qwen3-VL),
+`merge_units(x)` (vision-space merge units -> LLM space through the patch merger, whatever
+its module names), `after_vision(run, out, vg)` (family outputs of the tower: DeepStack).
 
 Geometry. The grid a pipeline sees is the MERGED grid (after the 2x2 patch merger): one
 token per merge unit, raster order, ids = arange(rows * cols). `image_start` is the position
@@ -59,7 +65,8 @@ from ..errors import RunError
 from ..signals import SignalRequest
 from ..types import Geometry, PositionPlan
 from .base import LLM_SIGNALS, AdapterRun, Encoded, SampleLayout, VisionOut, VLMAdapter, load_checkpoint, register_adapter
-from .qwen_geometry import VisionGeometry, visual_positions_3d
+from .qwen_geometry import VisionGeometry, block_index, hidden_index, hidden_indices, visual_positions_3d
+from .qwen_processing import _processor_class, qwen_processor
 
 #: signals that need a CLS token; Qwen2.5-VL's vision tower has none
 NO_CLS_SIGNALS = ("vision.cls_attention", "vision.cls_hidden", "vision.keys", "vision.qk_single_head")
@@ -67,22 +74,6 @@ QWEN_VISION_SIGNALS = frozenset({"vision.attention_received", "vision.hidden", "
                                  "vision.merged_hidden_mean"})
 
 # --- vision-side signals ----------------------------------------------------------------------
-def hidden_index(layer: int, depth: int) -> int:
-    """hidden_states index (HF convention: 0 = patch embeddings, i = output of block i - 1)."""
-    idx = layer if layer >= 0 else depth + 1 + layer
-    if not 0 <= idx <= depth:
-        raise RunError(f"vision hidden_states index {layer} is out of range for a {depth}-block vision tower "
-                       f"(valid: 0..{depth} or -{depth + 1}..-1)")
-    return idx
-
-
-def block_index(layer: int, depth: int) -> int:
-    idx = layer if layer >= 0 else depth + layer
-    if not 0 <= idx < depth:
-        raise RunError(f"vision block {layer} is out of range for a {depth}-block vision tower")
-    return idx
-
-
 #: elements of one (heads, chunk, keys) score block in `attention_received` (float32: 256 MB)
 CHUNK_ELEMENTS = 64 * 2 ** 20
 
@@ -113,28 +104,19 @@ def attention_received(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tenso
 
 
 # --- the adapter ------------------------------------------------------------------------------
-def _hidden_indices(req: SignalRequest, depth: int) -> list[int]:
-    """hidden_states indices a vision hidden request averages."""
-    if req.kind == "vision.hidden":
-        return [hidden_index(int(req.arg("layer", -1)), depth)]
-    start, stop = int(req.arg("start")), int(req.arg("stop"))
-    if req.kind == "vision.merged_hidden_mean":  # block outputs start..stop-1
-        lo, hi = block_index(start, depth) + 1, block_index(stop - 1, depth) + 2
-    else:
-        lo = hidden_index(start, depth)
-        hi = hidden_index(stop - 1, depth) + 1
-    if hi <= lo:
-        raise RunError(f"signal {req.key}: empty range")
-    return list(range(lo, hi))
-
-
 @register_adapter
 class QwenAdapter(VLMAdapter):
     """Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`); see the module docstring."""
 
     family = "qwen2_5_vl"
+    family_group = "qwen-vl"
     model_types = ("qwen2_5_vl",)
     supported_signals = LLM_SIGNALS | QWEN_VISION_SIGNALS
+    display_name = "Qwen2.5-VL"
+    model_class = "Qwen2_5_VLForConditionalGeneration"  # transformers class of the checkpoint
+    processor_class = "Qwen2_5_VLProcessor"
+    #: the native chat template's system message (None: the template adds none)
+    system_prompt: str | None = "You are a helpful assistant."
     official_dtype = "bfloat16"
     official_dtype_source = "Qwen2.5-VL's official examples (and its checkpoints' torch_dtype)"
 
@@ -142,15 +124,17 @@ class QwenAdapter(VLMAdapter):
     @classmethod
     def from_pretrained(cls, id_or_path: str, dtype: torch.dtype, device: str, attn_implementation: str = "sdpa",
                         device_map: str | dict | None = None) -> QwenAdapter:
-        from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+        import transformers
+        from transformers import AutoTokenizer
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        model, device = load_checkpoint(Qwen2_5_VLForConditionalGeneration, id_or_path, dtype, device, device_map,
+        model, device = load_checkpoint(getattr(transformers, cls.model_class), id_or_path, dtype, device, device_map,
                                         attn_implementation)
         tok = AutoTokenizer.from_pretrained(id_or_path)
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(id_or_path)
-        processor = _processor_class()(image_processor=image_processor, tokenizer=tok, video_processor=None,
-                                       chat_template=getattr(tok, "chat_template", None))
+        processor = _processor_class(cls.processor_class)(image_processor=image_processor, tokenizer=tok,
+                                                          video_processor=None,
+                                                          chat_template=getattr(tok, "chat_template", None))
         return cls(model, processor, name=str(id_or_path), dtype=dtype, device=device,
                    attn_implementation=attn_implementation)
 
@@ -168,10 +152,12 @@ class QwenAdapter(VLMAdapter):
     def vision_attention_modules(self) -> list[nn.Module]:
         return [blk.attn for blk in self.visual.blocks]
 
-    @staticmethod
-    def prompt(question: str) -> str:
-        """A Qwen2.5-VL chat prompt with one image before the question."""
-        return ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    @classmethod
+    def prompt(cls, question: str) -> str:
+        """The family's native chat prompt with one image before the question (Qwen2-VL and
+        Qwen2.5-VL: with their default system message; Qwen3-VL: none)."""
+        system = f"<|im_start|>system\n{cls.system_prompt}<|im_end|>\n" if cls.system_prompt is not None else ""
+        return (f"{system}<|im_start|>user\n"
                 f"<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n")
 
     def turn_text(self, question: str) -> str:
@@ -185,18 +171,17 @@ class QwenAdapter(VLMAdapter):
     # ---- checks -------------------------------------------------------------------------
     def unavailable_signal(self, req: SignalRequest) -> str | None:
         if req.kind in NO_CLS_SIGNALS:
-            return (f"signal {req.kind!r} (read at {req.site}) needs a CLS token, and Qwen2.5-VL's vision tower "
-                    f"has none; use 'vision.attention_received' (attention each merged token receives at a vision "
+            return (f"signal {req.kind!r} (read at {req.site}) needs a CLS token, and {self.display_name}'s vision "
+                    f"tower has none; use 'vision.attention_received' (attention each merged token receives at a vision "
                     f"block, e.g. layer -1 as Nüwa's Qwen code does) as the saliency signal instead")
         return super().unavailable_signal(req)
 
     def refusal_hint(self, ex) -> str:
         if not any(req.kind in NO_CLS_SIGNALS for req in ex.requests()):
-            return ""
+            return super().refusal_hint(ex)
         return (f"\nhint: {ex.pipeline.name} is defined on a CLS token (CLIP-style towers, LLaVA-1.5) and has "
-                f"no Qwen2.5-VL form; on this model run pipelines/nuwa.yaml (it switches to its authors' Qwen "
-                f"code by itself) or a method that reads only LLM signals (fastv, pdrop, sparsevlm, feather, "
-                f"random, downsample)")
+                f"no form for the Qwen-VL models ({self.display_name} here: no CLS token); "
+                f"{self.runnable_hint()}")
 
     def check_request(self, req: SignalRequest) -> str | None:
         if not req.kind.startswith("vision."):
@@ -206,7 +191,7 @@ class QwenAdapter(VLMAdapter):
             if req.kind == "vision.attention_received":
                 block_index(int(req.arg("layer", -1)), depth)
             else:
-                _hidden_indices(req, depth)
+                hidden_indices(req, depth)
         except (RunError, TypeError, ValueError) as exc:
             return f"signal {req.key}: {exc}"
         return None
@@ -219,7 +204,7 @@ class QwenAdapter(VLMAdapter):
             enc = self.processor(images=list(images), text=list(prompts), return_tensors="pt", padding=True,
                                  padding_side="left")
         except ValueError as exc:
-            raise RunError(f"the Qwen2.5-VL processor refused the prompt: {exc}; give a plain question, or a chat "
+            raise RunError(f"the {self.display_name} processor refused the prompt: {exc}; give a plain question, or a chat "
                            f"prompt with exactly one <|vision_start|><|image_pad|><|vision_end|> block") from None
         am = enc["attention_mask"]
         if am.shape[0] > 1 and bool((am[:, -1] == 0).any()):
@@ -275,7 +260,7 @@ class QwenAdapter(VLMAdapter):
             if req.kind == "vision.attention_received":
                 attn_blocks.add(block_index(int(req.arg("layer", -1)), depth))
             elif req.kind in ("vision.hidden", "vision.hidden_mean", "vision.merged_hidden_mean"):
-                idx = _hidden_indices(req, depth)
+                idx = hidden_indices(req, depth)
                 sums[tuple(idx)] = idx
         run.vision.update(attn_blocks=attn_blocks, recv={i: [] for i in attn_blocks},
                           sums={k: None for k in sums}, counted={k: 0 for k in sums})
@@ -314,9 +299,12 @@ class QwenAdapter(VLMAdapter):
 
     @torch.no_grad()
     def vision_forward(self, run: AdapterRun) -> VisionOut:
-        grid_thw = run.enc.vision_inputs["image_grid_thw"].to(self.device)
+        # the tower computes from grid_thw next to its patch embedding's outputs (Qwen3-VL's
+        # interpolated position embeddings): give it on that module's device (a split tower)
+        grid_thw = run.enc.vision_inputs["image_grid_thw"].to(self._patch_embed_device())
         pixels = run.enc.vision_inputs["pixel_values"].to(self.device, self.visual.dtype)
-        vg = VisionGeometry.of(self.visual, run.enc.vision_inputs["image_grid_thw"], self.device)  # on the host
+        host_thw = run.enc.vision_inputs["image_grid_thw"]  # on the host: no device sync
+        vg = VisionGeometry.of(self.visual, host_thw, self.window_index(host_thw), self.device)
         run.vision["geometry"] = vg
         self._vision_plan(run)
         handles = self._hidden_hooks(run)
@@ -330,18 +318,50 @@ class QwenAdapter(VLMAdapter):
         u = vg.merge * vg.merge
         last = out.last_hidden_state
         units = vg.to_raster(last.reshape(last.shape[0] // u, -1))
+        self.after_vision(run, out, vg)
         return VisionOut(tokens=vg.split(units), projected=projected, cls=[None] * run.B)
+
+    def _patch_embed_device(self) -> torch.device:
+        p = next(self.visual.patch_embed.parameters(), None)
+        return self.device if p is None or p.device.type == "meta" else p.device
+
+    # ---- family hooks of the Qwen-VL line -----------------------------------------------
+    def window_index(self, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Window position -> raster merged-token index of the tower's merge units (Qwen2.5-VL
+        runs them in attention windows; a tower without windows overrides this with arange)."""
+        from transformers.vision_utils import get_vision_window_index
+
+        index, _ = get_vision_window_index(grid_thw, spatial_merge_size=self.visual.spatial_merge_size,
+                                           window_size=self.visual.window_size, patch_size=self.visual.patch_size)
+        return index
+
+    def after_vision(self, run: AdapterRun, out, vg: VisionGeometry) -> None:
+        """Keep what else the tower returned that the LLM side needs (Qwen3-VL: DeepStack)."""
+
+    @property
+    def unit_width(self) -> int:
+        """Width of one merge unit in vision space: its m x m patch rows concatenated."""
+        return int(self.visual.merger.hidden_size)
+
+    def merge_units(self, x: torch.Tensor) -> torch.Tensor:
+        """Merge units (..., m*m * d_vision) -> LLM space through the tower's own patch merger
+        (its forward takes the patch rows, whatever its module names: ln_q + mlp on Qwen2-VL and
+        Qwen2.5-VL, norm + linear_fc1/fc2 on Qwen3-VL)."""
+        merger = self.visual.merger
+        lead = x.shape[:-1]
+        m = self.visual.spatial_merge_size
+        dtype = next(merger.parameters()).dtype
+        y = merger(x.reshape(-1, self.unit_width // (m * m)).to(dtype))
+        return y.reshape(*lead, -1)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Merge-unit rows (..., 4 * d_vision) -> LLM space through the patch merger."""
-        merger = self.visual.merger
-        d = self.visual.config.hidden_size
-        if x.shape[-1] != merger.hidden_size:
-            raise RunError(f"Qwen2.5-VL projects merge units of width {merger.hidden_size} (4 patches x {d}); "
-                           f"got tokens of width {x.shape[-1]} in space 'vision' (use space 'llm' for merger outputs)")
-        lead = x.shape[:-1]
-        y = merger.mlp(merger.ln_q(x.reshape(-1, d).to(merger.ln_q.weight.dtype)).reshape(-1, merger.hidden_size))
-        return y.reshape(*lead, -1)
+        if x.shape[-1] != self.unit_width:
+            m = self.visual.spatial_merge_size
+            raise RunError(f"{self.display_name} projects merge units of width {self.unit_width} ({m * m} patches x "
+                           f"{self.unit_width // (m * m)}); got tokens of width {x.shape[-1]} in space 'vision' (use "
+                           f"space 'llm' for merger outputs)")
+        return self.merge_units(x)
 
     def read_vision_signal(self, run: AdapterRun, req: SignalRequest, b: int) -> torch.Tensor:
         vg: VisionGeometry = run.vision["geometry"]
@@ -353,48 +373,19 @@ class QwenAdapter(VLMAdapter):
             per_unit = vg.per_unit_mean(per_patch)
             rows = per_unit if window else vg.to_raster(per_unit)
             return vg.split(rows)[b]
-        idx = tuple(_hidden_indices(req, depth))
+        idx = tuple(hidden_indices(req, depth))
         total = run.vision["sums"][idx]
         if total is None:
             raise RunError(f"internal: vision hidden states {idx} were not captured")
         mean = total / len(idx)
+        u = vg.merge * vg.merge
+        rows = mean.reshape(mean.shape[0] // u, -1)
         if req.kind == "vision.merged_hidden_mean" or bool(req.arg("merger", False)):
             with torch.no_grad():
-                rows = self.visual.merger(mean.to(self.visual.merger.ln_q.weight.dtype))
-        else:
-            u = vg.merge * vg.merge
-            rows = mean.reshape(mean.shape[0] // u, -1)
+                rows = self.merge_units(rows)
         rows = rows if window else vg.to_raster(rows)
         return vg.split(rows)[b].to(self.dtype)  # features: the model dtype (docs/CONTRACTS.md)
 
 
-
-def _processor_class():
-    from transformers import Qwen2_5_VLProcessor
-
-    class QwenImageProcessorNoVideo(Qwen2_5_VLProcessor):
-        """Qwen2.5-VL processor usable without torchvision: `video_processor=None` is accepted
-        (the stock class check looks the video base class up in a mapping that does not exist
-        when torchvision is missing). Videos are not supported by this adapter anyway."""
-
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument is None and argument_name == "video_processor":
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    return QwenImageProcessorNoVideo
-
-
-def qwen_processor(tokenizer, patch_size: int = 14, merge_size: int = 2, temporal_patch_size: int = 2,
-                   min_pixels: int | None = None, max_pixels: int | None = None):
-    """A Qwen2.5-VL processor from a tokenizer and PIL image processing (no torchvision)."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
-        Qwen2VLImageProcessorPil,
-    )
-
-    factor = patch_size * merge_size
-    kwargs = dict(patch_size=patch_size, merge_size=merge_size, temporal_patch_size=temporal_patch_size)
-    kwargs["min_pixels"] = min_pixels if min_pixels is not None else factor * factor
-    kwargs["max_pixels"] = max_pixels if max_pixels is not None else factor * factor * 1280
-    image_processor = Qwen2VLImageProcessorPil(**kwargs)
-    return _processor_class()(image_processor=image_processor, tokenizer=tokenizer, video_processor=None)
+__all__ = ["NO_CLS_SIGNALS", "QWEN_VISION_SIGNALS", "QwenAdapter", "attention_received", "block_index", "hidden_index",
+           "qwen_processor"]

@@ -1,5 +1,6 @@
-"""Qwen2.5-VL's vision geometry: window order <-> raster order of the merged tokens, and the
-3-D (M-RoPE) position ids of a kept set of visual tokens under a PositionPlan."""
+"""The Qwen-VL line's vision geometry: window order <-> raster order of the merged tokens, the
+index conventions of the vision signals (blocks, hidden states), and the 3-D (M-RoPE) position
+ids of a kept set of visual tokens under a PositionPlan."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 
 from ..errors import RunError
 from ..positions import rpme_offsets
+from ..signals import SignalRequest
 from ..types import PositionPlan
 
 
@@ -22,14 +24,13 @@ class VisionGeometry:
     counts: list[int]  # merged tokens per image
 
     @classmethod
-    def of(cls, visual, grid_thw: torch.Tensor, device: torch.device | str | None = None) -> VisionGeometry:
-        """Computed from `grid_thw` where it lies (give the processor's host copy: no device sync);
-        the window index is then moved once to `device` (default: grid_thw's)."""
-        from transformers.vision_utils import get_vision_window_index
-
+    def of(cls, visual, grid_thw: torch.Tensor, window_index: torch.Tensor,
+           device: torch.device | str | None = None) -> VisionGeometry:
+        """The geometry of a batch, computed from `grid_thw` where it lies (give the processor's
+        host copy: no device sync); `window_index` is the family's order of merge units
+        (`QwenAdapter.window_index`: windows on Qwen2.5-VL, arange without windows), moved once
+        to `device` (default: grid_thw's)."""
         merge = visual.spatial_merge_size
-        window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=merge, window_size=visual.window_size,
-                                                  patch_size=visual.patch_size)
         counts = (grid_thw.prod(-1) // (merge * merge)).tolist()
         return cls(grid_thw, merge, window_index.to(grid_thw.device if device is None else device),
                    [int(c) for c in counts])
@@ -51,6 +52,38 @@ class VisionGeometry:
 
     def split(self, rows: torch.Tensor) -> list[torch.Tensor]:
         return list(torch.split(rows, self.counts, dim=0))
+
+
+# --- vision signal indices: blocks and hidden states ------------------------------------------
+def hidden_index(layer: int, depth: int) -> int:
+    """hidden_states index (HF convention: 0 = patch embeddings, i = output of block i - 1)."""
+    idx = layer if layer >= 0 else depth + 1 + layer
+    if not 0 <= idx <= depth:
+        raise RunError(f"vision hidden_states index {layer} is out of range for a {depth}-block vision tower "
+                       f"(valid: 0..{depth} or -{depth + 1}..-1)")
+    return idx
+
+
+def block_index(layer: int, depth: int) -> int:
+    idx = layer if layer >= 0 else depth + layer
+    if not 0 <= idx < depth:
+        raise RunError(f"vision block {layer} is out of range for a {depth}-block vision tower")
+    return idx
+
+
+def hidden_indices(req: SignalRequest, depth: int) -> list[int]:
+    """hidden_states indices a vision hidden request averages."""
+    if req.kind == "vision.hidden":
+        return [hidden_index(int(req.arg("layer", -1)), depth)]
+    start, stop = int(req.arg("start")), int(req.arg("stop"))
+    if req.kind == "vision.merged_hidden_mean":  # block outputs start..stop-1
+        lo, hi = block_index(start, depth) + 1, block_index(stop - 1, depth) + 2
+    else:
+        lo = hidden_index(start, depth)
+        hi = hidden_index(stop - 1, depth) + 1
+    if hi <= lo:
+        raise RunError(f"signal {req.key}: empty range")
+    return list(range(lo, hi))
 
 
 # --- 3D positions (M-RoPE) --------------------------------------------------------------------

@@ -43,6 +43,9 @@ class RunReport:
     attn_implementation: str = "sdpa"
     peak_memory_above_start_bytes: int | None = None  # CUDA: peak minus what was allocated before (the weights)
     visual_tokens_full_per_sample: list[int] = field(default_factory=list)  # image tokens before pruning
+    # per sample: the image's parts as picture views (label, rows x cols ids; Geometry.views), [] for one grid
+    views: list[list[Any]] = field(default_factory=list)
+    geometry: list[str] = field(default_factory=list)  # per sample: the parts, e.g. "grid 24x24, tiles 36x48, ..."
     dtype_reason: str = ""  # why this dtype (--dtype auto: the dtype the family's official code runs)
     devices: list[str] = field(default_factory=list)  # every device holding part of the model
     peak_memory_per_device: dict[str, int] = field(default_factory=dict)  # CUDA: each GPU's peak
@@ -179,6 +182,8 @@ def build_report(adapter: Generation, r: AdapterRun, new_tokens: list[list[int]]
         attn_implementation=adapter.attn_implementation,
         peak_memory_above_start_bytes=(mem.peak - mem.start) if mem.cuda else None,
         visual_tokens_full_per_sample=[lay.n_image for lay in r.layouts],
+        views=[[] if g.simple else [list(v) for v in g.views()] for g in r.state.geometries],
+        geometry=[g.describe() for g in r.state.geometries],
         dtype_reason=adapter.dtype_reason, devices=[str(d) for d in mem.devices],
         peak_memory_per_device=dict(mem.per_device),
         node_ms_synchronized=r.state.sync is not None or not mem.cuda,
@@ -191,8 +196,9 @@ def run_flops_of(adapter: Generation, r: AdapterRun, b: int, counts: list[int]) 
 
     assert r.state is not None
     try:
+        geom = r.state.geometries[b]
         return run_flops(adapter.model.config, int(r.segments[0].n_text[b]), counts, r.layouts[b].n_image,
-                         r.state.geometries[b].grid)
+                         geom.grid if geom.simple else None, max(1, len(geom.crops)))
     except (AttributeError, TypeError, ValueError) as exc:
         return {"unavailable": f"FLOPs cannot be counted for this config: {exc}"}
 

@@ -5,8 +5,10 @@
 implementation for the output and, during prefill, computes only the attention ROWS a
 pipeline asked for; and a forward pre-hook per decoder layer that runs the `llm.K` sites and
 hands layers of a later segment their own hidden states, 4-D mask, RoPE (cos, sin) and
-position ids, also during decoding. Everything is removed on exit, also on error, and the
-attention implementation of both sub-models is restored.
+position ids, also during decoding; and a forward hook on each layer the family names in
+`post_layers()` (its `on_layer_output`, at prefill: Qwen3-VL's DeepStack). Everything is
+removed on exit, also on error, and the attention implementation of both sub-models is
+restored.
 """
 
 from __future__ import annotations
@@ -89,6 +91,8 @@ class HookSession(SignalRows):
             self.model.set_attn_implementation({k: self.attn_name for k in saved})
             for i, layer in enumerate(self.decoder_layers()):
                 handles.append(layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True))
+            for i in sorted(self.post_layers()):  # the family's post-layer point (DeepStack)
+                handles.append(self.decoder_layers()[i].register_forward_hook(self._make_post_hook(i)))
             self._layer_hooks = handles
             self._run = run
             yield self
@@ -121,6 +125,21 @@ class HookSession(SignalRows):
             if r is None or r.phase not in ("prefill", "decode"):
                 return None
             return self._layer_pre(r, layer, module, args, kwargs)
+
+        return hook
+
+    def _make_post_hook(self, layer: int):
+        """A forward hook on decoder `layer`: at prefill, the family's `on_layer_output` may
+        change the layer's output (the layout is the one the layer saw: its segment)."""
+        def hook(module, args, output):
+            r = self._run
+            if r is None or r.phase != "prefill":
+                return None
+            h = output[0] if isinstance(output, tuple) else output
+            new = self.on_layer_output(r, layer, r.segment_of(layer), h)
+            if new is None:
+                return None
+            return (new, *output[1:]) if isinstance(output, tuple) else new
 
         return hook
 

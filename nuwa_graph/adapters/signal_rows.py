@@ -28,8 +28,28 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (H, n, hd); cos/sin (n, hd) -> rotated (standard half-rotation RoPE)."""
-    return x * cos[None] + _rotate_half(x) * sin[None]
+    """x (H, n, hd); cos/sin (n, r) -> rotated (standard half-rotation RoPE). With partial
+    rotary (r < hd, e.g. Qwen3.5's 0.25 of the head) only the first r dims of each head turn
+    and the rest pass through, as the transformers models with partial rotary do."""
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return x * cos[None] + _rotate_half(x) * sin[None]
+    rot, rest = x[..., :r], x[..., r:]
+    return torch.cat((rot * cos[None] + _rotate_half(rot) * sin[None], rest), dim=-1)
+
+
+def head_norm(attn: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    """Apply the attention module's QK-norm `name` (q_norm / k_norm; Qwen3, Gemma 3, InternVL3.5)
+    to x (n, heads, hd) where the module has one, as its forward does: before RoPE, over each
+    head's dims, or over the whole width where the norm spans heads x hd (OLMo 2). x as is
+    when the module has none."""
+    norm = getattr(attn, name, None)
+    if norm is None:
+        return x
+    weight = getattr(norm, "weight", None)
+    if weight is not None and weight.shape[-1] != x.shape[-1]:  # a norm over all heads at once
+        return norm(x.reshape(x.shape[0], -1)).view_as(x)
+    return norm(x)
 
 
 def attention_rows(q: torch.Tensor, k: torch.Tensor, seg: Segment, b: int, qidx: torch.Tensor, scaling: float,
@@ -93,8 +113,8 @@ class SignalRows(FamilyHooks):
             vals = []
             for b in range(r.B):
                 qidx = query_index(seg, b, req.queries, h.device)
-                q = attn.q_proj(x[b, qidx]).view(qidx.numel(), -1, hd).transpose(0, 1)
-                k = attn.k_proj(x[b]).view(x.shape[1], -1, hd).transpose(0, 1)
+                q = head_norm(attn, "q_norm", attn.q_proj(x[b, qidx]).view(qidx.numel(), -1, hd)).transpose(0, 1)
+                k = head_norm(attn, "k_norm", attn.k_proj(x[b]).view(x.shape[1], -1, hd)).transpose(0, 1)
                 if rope:
                     q = apply_rope(q, cos[b, qidx], sin[b, qidx])
                     k = apply_rope(k, cos[b], sin[b])

@@ -113,7 +113,8 @@ SET_HELP = "Override a pipeline variable, NAME=VALUE (value read as YAML); repea
 MODEL_OPTION = typer.Option(None, "--model", "-m", help="Model id or local path (default: the embedded model).")
 DTYPE_OPTION = typer.Option("auto", "--dtype", help=(
     "auto, float32, bfloat16 or float16. auto: float32 off CUDA; on CUDA the dtype the family's official code runs "
-    "(LLaVA float16, Qwen2.5-VL bfloat16); the run report says which."))
+    "(float16: LLaVA, LLaVA-NeXT, LLaVA-OneVision; bfloat16: the Qwen-VL line, InternVL); the run report says "
+    "which."))
 DEVICE_OPTION = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
 ATTN_OPTION = typer.Option("sdpa", "--attn-implementation",
                            help="Attention the model's layers run: sdpa, flash_attention_2 or eager.")

@@ -93,10 +93,10 @@ def run_demo(pipeline: Pipeline, out: str | Path = "runs/run", samples: int = DE
         return 2 if isinstance(exc, PipelineError) else 1
     mine = next((r for r in result["results"] if r["label"] == pipeline.name), result["results"][0])
     picture = None
-    if mine.get("sample_image") and mine.get("grid"):
-        picture = draw_kept(mine["sample_image"], mine.get("sample_kept") or {}, mine["grid"],
+    if mine.get("sample_image") and (mine.get("grid") or mine.get("views")):
+        picture = draw_kept(mine["sample_image"], mine.get("sample_kept") or {}, mine.get("grid"),
                             out / f"{safe_name(mine['label'])}_kept.png",
-                            title=f"{mine['label']}: {mine.get('sample_prompt', '')}")
+                            title=f"{mine['label']}: {mine.get('sample_prompt', '')}", views=mine.get("views"))
     if as_json:
         slim = {**result, "results": [{k: v for k, v in r.items() if k != "predictions"} for r in result["results"]],
                 "picture": str(picture) if picture else None}

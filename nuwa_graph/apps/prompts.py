@@ -7,8 +7,9 @@ Two styles:
 - `lmms-eval`: what lmms-eval 0.7 does, so numbers are comparable with the field's harness:
   its RefCOCO REC prompt (`refcoco_bbox_rec_*` tasks), the short-answer VQA post-prompt of
   its GQA / VQAv2 tasks, the first `[a, b, c, d]` in the answer read as a box normalised to
-  0..1 (no such group = the box [0, 0, 0, 0], IoU 0), and the chat text its `llava_hf` /
-  `qwen2_5_vl` models build (`chat_text`).
+  0..1 (no such group = the box [0, 0, 0, 0], IoU 0), and the chat text its own model for the
+  checkpoint builds (`chat_text`; `LMMS_MODELS`: `llava_hf` for LLaVA and LLaVA-NeXT, `qwen2_vl`,
+  `qwen2_5_vl`, `qwen3_vl` for the Qwen-VL generations).
 """
 
 from __future__ import annotations
@@ -26,7 +27,11 @@ STYLES = ("native", "lmms-eval")
 # llava_hf's fallback when a checkpoint's tokenizer has no chat template (Vicuna v1 with its system line)
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
                  "helpful, detailed, and polite answers to the user's questions.")
-QWEN_SYSTEM = "You are a helpful assistant."
+QWEN_SYSTEM = "You are a helpful assistant."  # the default system_prompt of lmms-eval's qwen2_vl / 2_5_vl / 3_vl
+# model family -> lmms-eval 0.7's model for such a checkpoint (whose chat text `chat_text` builds);
+# its `llava_hf` loads LLaVA-1.5 and LLaVA-NeXT checkpoints alike
+LMMS_MODELS = {"llava": "llava_hf", "llava_next": "llava_hf", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl",
+               "qwen3_vl": "qwen3_vl"}
 
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
 _NUM = r"(-?\d+(?:\.\d+)?)"
@@ -97,12 +102,13 @@ def llava_chat_text(processor, context: str, chat_template: str | None = None) -
     return text
 
 
-def qwen_chat_text(processor, context: str, system_prompt: str | None = QWEN_SYSTEM) -> str:
-    """The text lmms-eval's `qwen2_5_vl` gives: a system message, then one user message with the
-    image before the context (`<image>` placeholders removed), generation prompt added."""
+def qwen_chat_text(processor, context: str, system_prompt: str | None = QWEN_SYSTEM, model: str = "qwen2_5_vl") -> str:
+    """The text lmms-eval's `qwen2_vl` / `qwen2_5_vl` / `qwen3_vl` give (the same messages): a
+    system message, then one user message with the image before the context (`<image>`
+    placeholders removed), through the checkpoint's chat template, generation prompt added."""
     if getattr(processor, "chat_template", None) is None:
-        raise ValueError("this Qwen2.5-VL checkpoint has no chat template (chat_template.jinja / .json); lmms-eval's "
-                         "qwen2_5_vl needs one")
+        raise ValueError(f"this Qwen-VL checkpoint has no chat template (chat_template.jinja / .json); lmms-eval's "
+                         f"{model} needs one")
     context = context.replace("<image>", "")
     messages: list[dict[str, Any]] = []
     if system_prompt is not None:
@@ -112,17 +118,19 @@ def qwen_chat_text(processor, context: str, system_prompt: str | None = QWEN_SYS
 
 
 def chat_text(adapter, context: str, system_prompt: str | None = None, chat_template: str | None = None) -> str:
-    """The full prompt text lmms-eval's own model for this checkpoint would build (`llava_hf` for
-    LLaVA, `qwen2_5_vl` for Qwen2.5-VL); the adapter takes it as it is."""
+    """The full prompt text lmms-eval's own model for this checkpoint would build (LMMS_MODELS:
+    `llava_hf` for LLaVA-1.5 and NeXT, `qwen2_vl` / `qwen2_5_vl` / `qwen3_vl` for the Qwen-VL line); the
+    adapter takes it as it is."""
     family = getattr(adapter, "family", "")
-    if family == "qwen2_5_vl":
-        return qwen_chat_text(adapter.processor, context, QWEN_SYSTEM if system_prompt is None else system_prompt)
-    if family == "llava":
+    if family in LMMS_MODELS and family.startswith("qwen"):
+        return qwen_chat_text(adapter.processor, context, QWEN_SYSTEM if system_prompt is None else system_prompt,
+                              LMMS_MODELS[family])
+    if LMMS_MODELS.get(family) == "llava_hf":
         if system_prompt is not None:
             raise ValueError("system_prompt: lmms-eval's llava_hf has none (the chat template decides); "
                              "leave it out for LLaVA")
         return llava_chat_text(adapter.processor, context, chat_template)
-    raise ValueError(f"no lmms-eval prompt format for model family {family!r} (known: llava, qwen2_5_vl)")
+    raise ValueError(f"no lmms-eval prompt format for model family {family!r} (known: {', '.join(LMMS_MODELS)})")
 
 
 def lmms_eval_style(adapter):
@@ -132,9 +140,10 @@ def lmms_eval_style(adapter):
     from .scoring import vqa_score
 
     family = getattr(adapter, "family", "")
-    if family not in ("llava", "qwen2_5_vl"):
-        raise EvalError(f"--prompt-style lmms-eval: lmms-eval's prompt format is known for LLaVA (llava_hf) and "
-                        f"Qwen2.5-VL (qwen2_5_vl), not for model family {family!r}; use --prompt-style native")
+    if family not in LMMS_MODELS:
+        known = ", ".join(f"{f} ({m})" for f, m in LMMS_MODELS.items())
+        raise EvalError(f"--prompt-style lmms-eval: lmms-eval's prompt format is known for the model families "
+                        f"{known}, not for {family!r}; use --prompt-style native")
 
     def prompt_fn(sample, text: str) -> str:
         return chat_text(adapter, text)
@@ -148,5 +157,5 @@ def lmms_eval_style(adapter):
     return prompt_fn, score_fn
 
 
-__all__ = ["LMMS_REC_PROMPT", "LMMS_VQA_PROMPT", "STYLES", "chat_text", "llava_chat_text", "lmms_eval_style",
+__all__ = ["LMMS_MODELS", "LMMS_REC_PROMPT", "LMMS_VQA_PROMPT", "STYLES", "chat_text", "llava_chat_text", "lmms_eval_style",
            "lmms_grounding_score", "lmms_iou", "parse_lmms_box", "qwen_chat_text", "unescape"]

@@ -91,7 +91,12 @@ def describe_schedule(schedule: dict[str, Any]) -> str:
     if schedule.get("instead_of"):
         head += f" (for {schedule['chosen_for_family']} models, instead of {schedule['instead_of']})"
     parts = [f"{k}={v['value']!r} ({v['from']})" for k, v in schedule.get("variables", {}).items()]
-    return head + (": " + ", ".join(parts) if parts else "") + "; sites " + " ".join(schedule.get("sites", []))
+    line = head + (": " + ", ".join(parts) if parts else "") + "; sites " + " ".join(schedule.get("sites", []))
+    per = {n: v for n, v in schedule.get("resolved", {}).items() if "per" in v}
+    if per:  # budgets counted per crop or part: what they resolved to
+        line += "; " + ", ".join(f"{n} per {v['per']}: " + ", ".join(f"{k}={x}" for k, x in v.items() if k != "per")
+                                 for n, v in per.items())
+    return line
 
 
 def print_report(rep, console=None) -> None:
@@ -110,6 +115,9 @@ def print_report(rep, console=None) -> None:
         suffix = "" if len(rep.visual_tokens_per_layer) == 1 else f" [{b}]"
         t.add_row(f"visual tokens per LLM layer{suffix}", " ".join(str(c) for c in counts))
         t.add_row(f"average visual tokens{suffix}", f"{rep.visual_tokens_avg[b]:.2f} (of {rep.visual_tokens_full})")
+        geometry = getattr(rep, "geometry", None)
+        if geometry and "," in geometry[b]:  # an image made of parts
+            t.add_row(f"image parts{suffix}", escape(geometry[b]))
     if rep.dtype_reason:
         t.add_row("dtype", f"{rep.dtype} ({escape(rep.dtype_reason)})")
     if len(rep.devices) > 1:

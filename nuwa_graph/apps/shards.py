@@ -213,12 +213,12 @@ def merge(shards: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, list[
             if p["label"] != label:
                 raise EvalError(f"shard runs differ: {p['label']!r} where {label!r} was expected")
         run = {k: v for k, v in parts[0].items()
-               if k not in ("raw", "tasks", "predictions", "sample_kept", "sample_image", "sample_prompt", "grid")}
+               if k not in ("raw", "tasks", "predictions", "sample_kept", "sample_image", "sample_prompt", "grid", "views")}
         # the kept-token sample is the first sample of the first task: the shard whose block starts it
         for s, p in zip([s for s in shards if s["result"] is not None], parts):
             lo, hi = s["ranges"][first_task]
             if lo == 0 and hi > 0 and "sample_kept" in p:
-                for k in ("sample_kept", "sample_image", "sample_prompt", "grid"):
+                for k in ("sample_kept", "sample_image", "sample_prompt", "grid", "views"):
                     if k in p:
                         run[k] = p[k]
                 break

@@ -3,8 +3,9 @@
 - `plot_accuracy(result, axis, path)`: accuracy against a swept variable (the budget), one
   line per pipeline (and per value of any other swept variable); runs that do not have the
   variable (vanilla) are dashed horizontal lines.
-- `draw_kept(image, kept, grid, path)`: the tokens a pipeline kept, over the image: dropped
-  patches shaded, kept ones outlined; one panel per site where tokens were dropped.
+- `draw_kept(image, kept, grid, path, views=...)`: the tokens a pipeline kept, over the image:
+  dropped patches shaded, kept ones outlined; one panel per site where tokens were dropped
+  (a tiled image: one row per site, a panel per crop view: base and tiles, tiles and thumbnail).
 """
 
 from __future__ import annotations
@@ -72,13 +73,16 @@ def plot_accuracy(result: dict[str, Any], axis: str, path: str | Path, metric: s
     return path
 
 
-def draw_kept(image, kept: dict[str, list[int]], grid: tuple[int, int] | list[int], path: str | Path,
-              title: str = "") -> Path:
+def draw_kept(image, kept: dict[str, list[int]], grid: tuple[int, int] | list[int] | None, path: str | Path,
+              title: str = "", views: list | None = None) -> Path:
     """Kept tokens over `image` (PIL or path): dropped patches shaded, kept ones outlined.
 
     `kept`: site -> kept original ids (RunReport.kept of one sample); ids outside the grid
     (CLS = -1, extra merged tokens) are not drawn but counted in the panel title. An empty
-    `kept` (nothing dropped) gives one panel with every patch kept."""
+    `kept` (nothing dropped) gives one panel with every patch kept. A tiled image (LLaVA-NeXT's
+    base crop and stitched tiles, InternVL's tiles and thumbnail) passes `views`: (label,
+    rows x cols ids) each covering the whole picture (`Geometry.views()`, RunReport.views);
+    every site then gets one row with a panel per view, so every crop of the run is shown."""
     from matplotlib.patches import Rectangle
     from PIL import Image
 
@@ -86,26 +90,43 @@ def draw_kept(image, kept: dict[str, list[int]], grid: tuple[int, int] | list[in
     if not isinstance(image, Image.Image):
         with Image.open(image) as im:
             image = im.convert("RGB")
-    rows, cols = int(grid[0]), int(grid[1])
-    n = rows * cols
-    panels = sorted(kept.items(), key=lambda kv: _site_key(kv[0])) or [("all", list(range(n)))]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.8), dpi=110, squeeze=False)
+    if not views:
+        if grid is None:
+            raise ValueError("draw_kept needs a grid or views")
+        rows, cols = int(grid[0]), int(grid[1])
+        views = [("", [list(range(r * cols, (r + 1) * cols)) for r in range(rows)])]
+    every = sorted({int(i) for _, ids in views for row in ids for i in row})
+    panels = sorted(kept.items(), key=lambda kv: _site_key(kv[0])) or [("all", every)]
+    fig, axes = plt.subplots(len(panels), len(views), figsize=(3.4 * len(views), 3.8 * len(panels)), dpi=110,
+                             squeeze=False)
     W, H = image.size
-    cw, ch = W / cols, H / rows
-    for ax, (site, ids) in zip(axes[0], panels):
-        ax.imshow(image, extent=(0, W, H, 0))
-        inside = {int(i) for i in ids if 0 <= int(i) < n}
-        for t in range(n):
-            r, c = divmod(t, cols)
-            if t in inside:
-                ax.add_patch(Rectangle((c * cw, r * ch), cw, ch, fill=False, edgecolor="#ffe600", linewidth=0.8))
-            else:
-                ax.add_patch(Rectangle((c * cw, r * ch), cw, ch, facecolor="black", alpha=0.6, linewidth=0))
-        extra = len(ids) - len(inside)
-        ax.set_title(f"{site}: {len(inside)}/{n} kept" + (f" (+{extra} other)" if extra else ""), fontsize=9)
-        ax.set_xlim(0, W)
-        ax.set_ylim(H, 0)
-        ax.axis("off")
+    for pi, (site, ids) in enumerate(panels):
+        wanted = {int(i) for i in ids}
+        drawn = set()
+        for vi, (label, grid_ids) in enumerate(views):
+            ax = axes[pi][vi]
+            rows, cols = len(grid_ids), len(grid_ids[0]) if grid_ids else 0
+            cw, ch = W / max(cols, 1), H / max(rows, 1)
+            ax.imshow(image, extent=(0, W, H, 0))
+            inside = 0
+            for r, row in enumerate(grid_ids):
+                for c, t in enumerate(row):
+                    if t in wanted:
+                        inside += 1
+                        drawn.add(t)
+                        ax.add_patch(Rectangle((c * cw, r * ch), cw, ch, fill=False, edgecolor="#ffe600",
+                                               linewidth=0.8))
+                    else:
+                        ax.add_patch(Rectangle((c * cw, r * ch), cw, ch, facecolor="black", alpha=0.6, linewidth=0))
+            head = f"{site}" + (f" {label}" if label else "")
+            text = f"{head}: {inside}/{rows * cols} kept"
+            if vi == len(views) - 1:
+                extra = len(wanted - drawn)
+                text += f" (+{extra} other)" if extra else ""
+            ax.set_title(text, fontsize=9)
+            ax.set_xlim(0, W)
+            ax.set_ylim(H, 0)
+            ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -123,11 +144,11 @@ def write_pictures(result: dict[str, Any], out_dir: str | Path, axis: str | None
     if axis:
         written.append(plot_accuracy(result, axis, out / f"accuracy_vs_{safe_name(axis)}.png"))
     for r in result["results"]:
-        img, grid = r.get("sample_image"), r.get("grid")
-        if img is None or grid is None:
+        img, grid, views = r.get("sample_image"), r.get("grid"), r.get("views")
+        if img is None or (grid is None and not views):
             continue
         written.append(draw_kept(img, r.get("sample_kept") or {}, grid, out / "kept" / f"{safe_name(r['label'])}.png",
-                                 title=r["label"]))
+                                 title=r["label"], views=views))
     return written
 
 

@@ -10,15 +10,19 @@ Registered through the entry-point group `lmms_eval.models` (pyproject.toml) as 
 model_args: `pretrained` (model id, local folder or preset; default the embedded model),
 `pipeline` (a pipeline YAML; default pipelines/vanilla.yaml), `dtype`, `device`, `seed`,
 `max_new_tokens` (when the task gives none; default 1024 as llava_hf), `chat_template` (LLaVA),
-`system_prompt` (Qwen2.5-VL; default "You are a helpful assistant."), `min_pixels` /
-`max_pixels` (Qwen2.5-VL; qwen2_5_vl's defaults), `stats` (the per-sample side file, default
+`system_prompt` (the Qwen-VL line; default "You are a helpful assistant."), `min_pixels` /
+`max_pixels` (the Qwen-VL line; the defaults of lmms-eval's model for the family, QWEN_LMMS),
+`stats` (the per-sample side file, default
 `nuwa_graph_stats/`), and any variable of the pipeline, its value read as
 YAML like `--set` (`layers=[2,6,15]`, `budget=64`). An unknown name is an error naming the
 pipeline's variables.
 
 Prompts are the text lmms-eval's own model builds for the checkpoint (`prompts.chat_text`:
-`llava_hf` for LLaVA, `qwen2_5_vl` for Qwen2.5-VL); Qwen2.5-VL images are prepared as
-qwen2_5_vl does (`qwen_image_as_lmms`: JPEG quality 85, then resized into its pixel range). Decoding is
+`llava_hf` for LLaVA, `qwen2_vl` / `qwen2_5_vl` / `qwen3_vl` for the Qwen-VL generations);
+Qwen-VL images are prepared as that model does (`qwen_image_as_lmms`: JPEG quality 85 for
+qwen2_vl and qwen2_5_vl, the image as given for qwen3_vl, then resized into its pixel range
+in multiples of patch x merge: 28 px, 32 px on Qwen3-VL), and its stop-string rule is kept
+(qwen2_5_vl and qwen3_vl drop "\n\n" from the stops; qwen2_vl strips the answer). Decoding is
 the adapter's KV-cached loop: greedy with temperature 0 (the tasks' default), sampled with
 `temperature` > 0 or `do_sample` (with `top_k` / `top_p`, seeded by the run's seed:
 `adapters.base.Sampling`); stop strings (`until`) cut the answer at their first occurrence.
@@ -48,13 +52,14 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 
 from ..adapters.base import Sampling
 from ..apps.efficiency import batch_costs
+from ..apps.prompts import LMMS_MODELS
 from ..errors import RunError
 from ..resources import resolve_pipeline, shipped_pipeline
 
@@ -91,19 +96,40 @@ QWEN_MIN_PIXELS = 256 * 28 * 28     # qwen2_5_vl's defaults in lmms-eval 0.7
 QWEN_MAX_PIXELS = 1605632
 
 
-def qwen_image_as_lmms(image, factor: int, min_pixels: int = QWEN_MIN_PIXELS, max_pixels: int = QWEN_MAX_PIXELS):
-    """The picture lmms-eval's qwen2_5_vl hands the processor: re-encoded as JPEG (quality 85,
-    its data URL), then resized so both sides are multiples of `factor` (patch x merge) with
-    the pixel count inside [min_pixels, max_pixels] (qwen-vl-utils' rule)."""
+class QwenLmms(NamedTuple):
+    """What lmms-eval 0.7's model for a Qwen-VL family does around the prompt."""
+
+    min_pixels: int
+    max_pixels: int
+    jpeg: bool  # the image goes through a JPEG data URL (quality 85) first
+    drop_blank_line_stop: bool  # "\n\n" is removed from the task's stop strings
+    strip: bool  # the answer is stripped after the stops
+
+
+QWEN_LMMS = {
+    "qwen2_vl": QwenLmms(3136, 602112, jpeg=True, drop_blank_line_stop=False, strip=True),
+    "qwen2_5_vl": QwenLmms(QWEN_MIN_PIXELS, QWEN_MAX_PIXELS, jpeg=True, drop_blank_line_stop=True, strip=False),
+    "qwen3_vl": QwenLmms(QWEN_MIN_PIXELS, QWEN_MAX_PIXELS, jpeg=False, drop_blank_line_stop=True, strip=False),
+}
+
+
+def qwen_image_as_lmms(image, factor: int, min_pixels: int = QWEN_MIN_PIXELS, max_pixels: int = QWEN_MAX_PIXELS,
+                       jpeg: bool = True):
+    """The picture lmms-eval's Qwen models hand the processor: re-encoded as JPEG (quality 85,
+    their data URL; not on qwen3_vl: `jpeg=False`), then resized so both sides are multiples of
+    `factor` (patch x merge) with the pixel count inside [min_pixels, max_pixels] (qwen-vl-utils'
+    rule)."""
     import io
     import math
 
     from PIL import Image
 
-    buf = io.BytesIO()
-    image.convert("RGB").save(buf, format="JPEG", quality=85)
-    buf.seek(0)
-    img = Image.open(buf).convert("RGB")
+    img = image.convert("RGB")
+    if jpeg:
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=85)
+        buf.seek(0)
+        img = Image.open(buf).convert("RGB")
     w, h = img.size
     hb, wb = max(factor, round(h / factor) * factor), max(factor, round(w / factor) * factor)
     if hb * wb > max_pixels:
@@ -130,7 +156,7 @@ class NuwaGraph(lmms):
                  device: str | None = None, batch_size: int | str = 1, max_batch_size: int | None = None,
                  seed: int | None = None, max_new_tokens: int = 1024, chat_template: str | None = None,
                  system_prompt: str | None = None, stats: str = "nuwa_graph_stats",
-                 min_pixels: int = QWEN_MIN_PIXELS, max_pixels: int = QWEN_MAX_PIXELS, question_agnostic: bool = False,
+                 min_pixels: int | None = None, max_pixels: int | None = None, question_agnostic: bool = False,
                  neutral_prompt: str = "", **variables: Any) -> None:
         super().__init__()
         import torch
@@ -170,10 +196,10 @@ class NuwaGraph(lmms):
             raise PluginError(f"pipeline {path}: " + "; ".join(str(p) for p in exc.problems)) from None
         except RunError as exc:
             raise PluginError(str(exc)) from None
-        if getattr(self.adapter, "family", "") not in ("llava", "qwen2_5_vl"):
+        if getattr(self.adapter, "family", "") not in LMMS_MODELS:
             raise PluginError(f"model family {getattr(self.adapter, 'family', '?')!r}: the plugin builds lmms-eval's "
-                              f"prompts for llava (llava_hf) and qwen2_5_vl only")
-        if system_prompt is not None and self.adapter.family == "llava":
+                              f"prompts for " + ", ".join(f"{f} ({m})" for f, m in LMMS_MODELS.items()) + " only")
+        if system_prompt is not None and LMMS_MODELS.get(self.adapter.family) == "llava_hf":
             raise PluginError("model_args system_prompt: lmms-eval's llava_hf has none (the checkpoint's chat "
                               "template decides); leave it out for LLaVA, or pass chat_template")
         self._device = torch.device(dev)
@@ -182,7 +208,10 @@ class NuwaGraph(lmms):
         self.chat_template = chat_template
         self.system_prompt = system_prompt
         self.pretrained = str(pretrained) if pretrained else "embedded"
-        self.min_pixels, self.max_pixels = int(min_pixels), int(max_pixels)
+        self.qwen = QWEN_LMMS.get(self.adapter.family)  # None: not a Qwen-VL model
+        defaults = self.qwen or QwenLmms(QWEN_MIN_PIXELS, QWEN_MAX_PIXELS, True, True, False)
+        self.min_pixels = int(defaults.min_pixels if min_pixels is None else min_pixels)
+        self.max_pixels = int(defaults.max_pixels if max_pixels is None else max_pixels)
         self._rank, self._world_size = rank, world
         if world > 1:
             import torch.distributed as dist
@@ -248,10 +277,10 @@ class NuwaGraph(lmms):
             raise PluginError(f"{where}: {len(visuals)} images; the pipelines handle one image per prompt")
         v = visuals[0]
         if isinstance(v, Image.Image):
-            if self.adapter.family == "qwen2_5_vl":
+            if self.qwen is not None:
                 vc = self.adapter.model.config.vision_config
                 return qwen_image_as_lmms(v, int(vc.patch_size) * int(vc.spatial_merge_size), self.min_pixels,
-                                          self.max_pixels)
+                                          self.max_pixels, jpeg=self.qwen.jpeg)
             return v.convert("RGB")
         what = "video or audio" if isinstance(v, (str, dict)) else "unknown"
         raise PluginError(f"{where}: a {type(v).__name__} visual ({what}); "
@@ -266,9 +295,9 @@ class NuwaGraph(lmms):
             until = [until]
         elif not isinstance(until, list):
             raise PluginError(f"gen_kwargs until {until!r}: expected a string or a list of strings")
-        if self.adapter.family == "qwen2_5_vl":  # qwen2_5_vl drops "\n\n" from the stops
+        if self.qwen is not None and self.qwen.drop_blank_line_stop:  # qwen2_5_vl, qwen3_vl drop "\n\n"
             until = [u for u in until if u != "\n\n"]
-        # as lmms-eval's llava_hf / qwen2_5_vl: temperature > 0 samples, 0 (the tasks' default) is greedy
+        # as lmms-eval's llava_hf / Qwen models: temperature > 0 samples, 0 (the tasks' default) is greedy
         temperature = float(kw.get("temperature") or 0.0)
         do_sample = bool(kw.get("do_sample")) or temperature > 0
         try:
@@ -312,7 +341,7 @@ class NuwaGraph(lmms):
                         answer = rep.answers[b]
                         for stop in until:
                             answer = answer.split(stop)[0]
-                        out[i] = answer
+                        out[i] = answer.strip() if self.qwen is not None and self.qwen.strip else answer
                         _, _, _, doc_id, task, split = args[b]
                         stats.write(json.dumps({
                             "task": task, "split": split, "doc_id": doc_id, "pipeline": self.pipeline.name,
@@ -355,4 +384,4 @@ class NuwaGraph(lmms):
                                               for t, c in self.costs.items()}}, indent=1) + "\n")
 
 
-__all__ = ["MODEL_ID", "NuwaGraph", "PluginError", "manifest"]
+__all__ = ["MODEL_ID", "QWEN_LMMS", "NuwaGraph", "PluginError", "manifest", "qwen_image_as_lmms"]
