@@ -114,7 +114,7 @@ def plan(entries=ENTRIES, budgets=BUDGETS, model_vars: dict[str, Any] | None = N
                     continue
                 label += " -head"
             runs.append(EvalRun(label, f"pipelines/{e.file}.yaml", {"budget": b} if b is not None else {}, pipe))
-    return with_question_agnostic(runs) if question_agnostic and mask is None else runs
+    return with_question_agnostic(runs, model_vars) if question_agnostic and mask is None else runs
 
 
 def run_all(model: str, n: int, out: Path, batch: int = 32, max_new_tokens: int = 6, budgets=BUDGETS,

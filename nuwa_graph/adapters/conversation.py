@@ -33,6 +33,39 @@ if TYPE_CHECKING:
     from .generation import Generation
     from .report import RunReport
 
+#: a later user turn in ChatML (Qwen-VL line, InternVL), after `answer<|im_end|>`
+CHATML_TURN = "\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+CHATML_END = "<|im_end|>"
+_ANSWER, _QUESTION = "NUWA_ANSWER_MARK", "NUWA_QUESTION_MARK"
+
+
+def token_id(tokenizer, token: str) -> int | None:
+    """The id of `token` when the tokenizer has it as one token (None: it has not)."""
+    i = tokenizer.convert_tokens_to_ids(token)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    return int(i) if isinstance(i, int) and i >= 0 and i != unk else None
+
+
+def template_turn(processor) -> tuple[str, str]:
+    """(a later user turn with `{question}` in it, the end-of-answer token) read off the
+    processor's chat template: a conversation of one answered turn and a next question is
+    rendered, and what follows the answer is split at the special token it starts with.
+    For families whose prompt is the checkpoint's chat template (LLaVA-OneVision)."""
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": _ANSWER}]},
+            {"role": "user", "content": [{"type": "text", "text": _QUESTION}]}]
+    text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    after = text[text.index(_ANSWER) + len(_ANSWER):] if _ANSWER in text else ""
+    tok = getattr(processor, "tokenizer", processor)
+    specials = sorted(set(tok.all_special_tokens) | set(tok.get_added_vocab()), key=len, reverse=True)
+    end = next((t for t in specials if t and after.startswith(t)), None)
+    if end is None or _QUESTION not in after:
+        raise RunError("multi-turn conversations: the chat template does not end an answer with a special token "
+                       f"and then give the next user turn (after the answer it renders {after[:80]!r}); a "
+                       "conversation cannot be continued in it: use the dialog mode 'prune' with a model whose "
+                       "template does, or one question per image")
+    return after[len(end):].replace(_QUESTION, "{question}"), end
+
 
 class Conversation:
     """The state a multi-turn exchange carries between `generate` calls (one batch of images)."""
@@ -44,13 +77,16 @@ class Conversation:
         self.answers: list[list[int]] = []  # the last turn's generated ids per sample
         self.steps = 0  # decoding steps fed to the cache in the last turn
         self.history: list[list[int]] = []  # per sample: every id after the first prompt, fed or to feed
+        self.pipeline_name = ""  # the pipeline the first call was given (a family file may have run instead)
 
     @property
     def active(self) -> bool:
         return self.run is not None
 
-    def keep(self, r: AdapterRun, cache: Any, new_tokens: list[list[int]], steps: int, rep: RunReport) -> None:
+    def keep(self, r: AdapterRun, cache: Any, new_tokens: list[list[int]], steps: int, rep: RunReport,
+             pipeline_name: str = "") -> None:
         """Called by `generate` at the end of a turn."""
+        self.pipeline_name = self.pipeline_name or pipeline_name
         if self.turns and rep.flops:
             rep.flops = [{"unavailable": f"turn {self.turns + 1} continues the KV cache: its prefill is the new "
                                          f"tokens only, which nuwa_graph/flops.py does not count"}] * r.B
@@ -84,7 +120,7 @@ class Conversation:
             texts = [texts]
         if len(texts) != r.B:
             raise RunError(f"{len(texts)} questions for a conversation of {r.B} samples; give one per sample")
-        if pipeline is not None and pipeline.name != r.ex.pipeline.name:
+        if pipeline is not None and pipeline.name not in (r.ex.pipeline.name, self.pipeline_name):
             raise RunError(f"this conversation was pruned by {r.ex.pipeline.name!r}; it continues with that pipeline "
                            f"(got {pipeline.name!r}); start a new Conversation for another")
         new = self.next_ids(adapter, texts)

@@ -329,7 +329,7 @@ class Generation(HookSession):
         rep.ttft_ms = ttft_s * 1e3
         rep.keeps = recorded_keeps(r.state)  # type: ignore[arg-type]
         if conversation is not None:
-            conversation.keep(r, cache, new_tokens, steps, rep)
+            conversation.keep(r, cache, new_tokens, steps, rep, pipeline.name)
         if return_logits:
             rep.step_logits = step_logits  # type: ignore[attr-defined]
         return rep

@@ -65,6 +65,7 @@ from ..errors import RunError
 from ..signals import SignalRequest
 from ..types import Geometry, PositionPlan
 from .base import LLM_SIGNALS, AdapterRun, Encoded, SampleLayout, VisionOut, VLMAdapter, load_checkpoint, register_adapter
+from .conversation import CHATML_END, CHATML_TURN, token_id
 from .qwen_geometry import VisionGeometry, block_index, hidden_index, hidden_indices, visual_positions_3d
 from .qwen_processing import _processor_class, qwen_processor
 
@@ -162,11 +163,11 @@ class QwenAdapter(VLMAdapter):
 
     def turn_text(self, question: str) -> str:
         """A later user turn of the chat template, after `answer<|im_end|>`."""
-        return f"\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+        return CHATML_TURN.format(question=question)
 
     def turn_end_id(self) -> int:
-        end = self._tokenizer().convert_tokens_to_ids("<|im_end|>")
-        return int(end) if isinstance(end, int) and end >= 0 else super().turn_end_id()
+        end = token_id(self._tokenizer(), CHATML_END)
+        return end if end is not None else super().turn_end_id()
 
     # ---- checks -------------------------------------------------------------------------
     def unavailable_signal(self, req: SignalRequest) -> str | None:

@@ -165,8 +165,6 @@ def eval_(
             runs, added_vanilla = with_vanilla(runs)
         if difficulty:
             runs = with_difficulty_filter(runs, difficulty)
-        if question_agnostic:
-            runs = with_question_agnostic(runs)
     except PipelineError as exc:
         _print_problems(exc)
         raise typer.Exit(1) from None
@@ -198,6 +196,8 @@ def eval_(
             dev = resolve_device(device_for(shard, device))
             adapter = load_adapter(model or default_model(), resolve_dtype(dtype, dev), dev,
                                    attn_implementation=attn_implementation, device_map=device_map)
+            if question_agnostic:  # what each file reads on this model (its family file, where it names one)
+                runs = with_question_agnostic(runs, adapter.model_variables())
             if added_vanilla and (shard is None or shard.index == 0):
                 err.print("added pipelines/vanilla.yaml as the reference (loyalty, % of vanilla; --no-vanilla "
                           "leaves it out)")

@@ -130,13 +130,21 @@ def with_difficulty_filter(runs: list[EvalRun], name: str) -> list[EvalRun]:
     return runs + extra
 
 
-def with_question_agnostic(runs: list[EvalRun]) -> list[EvalRun]:
+def with_question_agnostic(runs: list[EvalRun], model_vars: dict[str, Any] | None = None) -> list[EvalRun]:
     """Each run whose pruning reads the prompt's text (replay.prompt_signals), followed by its
-    question-agnostic twin; runs that read the image only are question-agnostic already."""
+    question-agnostic twin; runs that read the image only are question-agnostic already.
+    `model_vars` (the adapter's): what a file reads is that of the file it runs as on the model
+    (`family_files`: nuwa.yaml runs nuwa_qwen.yaml on the Qwen-VL line)."""
     out = []
     for r in runs:
         out.append(r)
-        if prompt_signals(r.pipeline) and not r.question_agnostic:
+        pipe = r.pipeline
+        if model_vars:
+            try:
+                pipe = pipe.bind_model(model_vars)
+            except PipelineError:
+                pass  # it does not fit the model: evaluate() says so; the file as given decides here
+        if prompt_signals(pipe) and not r.question_agnostic:
             out.append(EvalRun(f"{r.label} (question-agnostic)", r.file, dict(r.variables), r.pipeline, True))
     return out
 

@@ -30,7 +30,7 @@ th,td{border:1px solid #ddd;padding:3px 8px;text-align:right}th{background:#f4f4
 .plot .axis{font-size:12px;fill:#222}.plot .ptitle{font-size:13px;font-weight:600;fill:#222}
 .plot .frontier{fill:none;stroke:#000;stroke-width:1;stroke-dasharray:2 3}.plot .frontier-point{fill:none;stroke:#000}
 .kept-grid{display:flex;flex-wrap:wrap;gap:16px}.kept figcaption{font-weight:600;margin-bottom:4px}
-.panels{display:flex;gap:8px}.stack{position:relative}
+.panels{display:flex;gap:8px;margin-bottom:6px}.stack{position:relative}
 .stack img,.stack .grid-overlay,.stack .noimg{position:absolute;left:0;top:0}
 .noimg{background:#ccc;color:#555;font-size:11px;display:flex;align-items:center;justify-content:center}
 .grid-overlay .drop{fill:#000;fill-opacity:.6}.grid-overlay .keep{fill:none;stroke:#ffe600;stroke-width:.8}
@@ -156,17 +156,19 @@ def kept_section(result: dict[str, Any]) -> str:
     uris: dict[str, str | None] = {}
     figs = []
     for r in result["results"]:
-        if not r.get("grid"):
+        if not r.get("grid") and not r.get("views"):
             continue
         img = r.get("sample_image")
         if img not in uris:
             uris[img] = image_data_uri(img)
-        figs.append(kept_picture(uris[img], r.get("sample_kept") or {}, r["grid"], r["label"]))
+        figs.append(kept_picture(uris[img], r.get("sample_kept") or {}, r.get("grid"), r["label"],
+                                 views=r.get("views")))
     if not figs:
         return ""
     prompt = next((r.get("sample_prompt") for r in result["results"] if r.get("sample_prompt")), "")
     return (f"<h2>Kept tokens</h2><p>The first sample of the first task (prompt: <code>{escape(str(prompt))}</code>): "
-            f"dropped patches shaded, kept ones outlined, one panel per site where tokens were dropped.</p>"
+            f"dropped patches shaded, kept ones outlined, one row per site where tokens were dropped (a tiled image: "
+            f"a panel per crop view in each row).</p>"
             f'<div class="kept-grid">{"".join(figs)}</div>')
 
 

@@ -132,30 +132,47 @@ def image_data_uri(path: str | None, max_side: int = 336) -> str | None:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def kept_picture(uri: str | None, kept: dict[str, list[int]], grid: list[int] | tuple[int, int], title: str,
-                 size: int = 200) -> str:
-    """One panel per site where tokens were dropped: the image (an <img> with a data URI, or a
-    grey square when the image is not available) under its grid, dropped patches shaded."""
-    rows, cols = int(grid[0]), int(grid[1])
-    n = rows * cols
-    panels = sorted(kept.items(), key=lambda kv: _site_rank(kv[0])) or [("all", list(range(n)))]
-    out = [f'<figure class="kept"><figcaption>{escape(title)}</figcaption><div class="panels">']
+def kept_picture(uri: str | None, kept: dict[str, list[int]], grid: list[int] | tuple[int, int] | None, title: str,
+                 size: int = 200, views: list | None = None) -> str:
+    """One row of panels per site where tokens were dropped: the image (an <img> with a data
+    URI, or a grey square when the image is not available) under a grid, dropped patches
+    shaded. A tiled image passes `views` (label, rows x cols ids; RunReport.views: LLaVA-NeXT's
+    base crop and tiles, InternVL's tiles and thumbnail), each spread over the whole picture:
+    a panel per view in each row, so every crop of the run is shown (as viz.draw_kept)."""
+    if not views:
+        if grid is None:
+            raise ValueError("kept_picture needs a grid or views")
+        rows, cols = int(grid[0]), int(grid[1])
+        views = [("", [list(range(r * cols, (r + 1) * cols)) for r in range(rows)])]
+    every = sorted({int(i) for _, ids in views for row in ids for i in row})
+    panels = sorted(kept.items(), key=lambda kv: _site_rank(kv[0])) or [("all", every)]
+    out = [f'<figure class="kept"><figcaption>{escape(title)}</figcaption>']
     for site, ids in panels:
-        inside = {int(i) for i in ids if 0 <= int(i) < n}
-        extra = len(ids) - len(inside)
-        cw, ch = size / cols, size / rows
-        cells = []
-        for t in range(n):
-            r, c = divmod(t, cols)
-            cls = "keep" if t in inside else "drop"
-            cells.append(f'<rect x="{c * cw:.2f}" y="{r * ch:.2f}" width="{cw:.2f}" height="{ch:.2f}" class="{cls}"/>')
-        bg = (f'<img src="{uri}" width="{size}" height="{size}" alt="sample image">' if uri
-              else f'<div class="noimg" style="width:{size}px;height:{size}px">image not available</div>')
-        out.append(f'<div class="panel"><div class="stack" style="width:{size}px;height:{size}px">{bg}'
-                   f'<svg class="grid-overlay" width="{size}" height="{size}" viewBox="0 0 {size} {size}">'
-                   f'{"".join(cells)}</svg></div><div class="site">{escape(site)}: {len(inside)}/{n} kept'
-                   f'{f" (+{extra} other)" if extra else ""}</div></div>')
-    out.append("</div></figure>")
+        wanted = {int(i) for i in ids}
+        drawn: set[int] = set()
+        out.append('<div class="panels">')
+        for vi, (label, grid_ids) in enumerate(views):
+            rows, cols = len(grid_ids), (len(grid_ids[0]) if grid_ids else 0)
+            cw, ch = size / max(cols, 1), size / max(rows, 1)
+            cells, inside = [], 0
+            for r, row in enumerate(grid_ids):
+                for c, t in enumerate(row):
+                    keep = int(t) in wanted
+                    inside += keep
+                    if keep:
+                        drawn.add(int(t))
+                    cells.append(f'<rect x="{c * cw:.2f}" y="{r * ch:.2f}" width="{cw:.2f}" height="{ch:.2f}" '
+                                 f'class="{"keep" if keep else "drop"}"/>')
+            extra = len(wanted - drawn) if vi == len(views) - 1 else 0
+            head = site + (f" {label}" if label else "")
+            bg = (f'<img src="{uri}" width="{size}" height="{size}" alt="sample image">' if uri
+                  else f'<div class="noimg" style="width:{size}px;height:{size}px">image not available</div>')
+            out.append(f'<div class="panel"><div class="stack" style="width:{size}px;height:{size}px">{bg}'
+                       f'<svg class="grid-overlay" width="{size}" height="{size}" viewBox="0 0 {size} {size}">'
+                       f'{"".join(cells)}</svg></div><div class="site">{escape(head)}: {inside}/{rows * cols} kept'
+                       f'{f" (+{extra} other)" if extra else ""}</div></div>')
+        out.append("</div>")
+    out.append("</figure>")
     return "".join(out)
 
 
