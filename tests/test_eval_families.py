@@ -194,3 +194,24 @@ def test_dialogs_on_a_routed_file_and_the_report_shows_every_crop(one_thread, tm
 
     seen = json.loads(m.group(1))
     assert seen["images_total"] == panels and seen["images"] == panels
+
+
+def test_a_filter_that_keeps_another_count_is_said_in_the_split():
+    """`--difficulty downsample` on a tiled model: downsample counts its budget per spatial part,
+    so the filter may keep more tokens than the methods it splits; the split says so."""
+    from nuwa_graph.apps.loyalty import add_difficulty
+
+    preds = [{"task": "vqa", "id": str(i), "correct": i % 2 == 0, "answer": "a", "answers": ["a"]} for i in range(4)]
+
+    def run(label, pipeline, budget, kept):
+        return {"label": label, "pipeline": pipeline, "variables": {"budget": budget}, "budget": budget,
+                "visual_tokens_avg": kept, "predictions": preds}
+
+    for kept, noted in ((64.0, False), (128.0, True)):
+        result = {"results": [run("random budget=64", "random", 64, 64.0),
+                              run("downsample budget=64 (filter)", "downsample", 64, kept)]}
+        add_difficulty(result, "downsample")
+        (split,) = result["difficulty"]["splits"]
+        assert split["filter_tokens"] == kept and ("note" in split) == noted
+        if noted:
+            assert "kept 128 visual tokens per sample on average, not 64" in split["note"]

@@ -76,8 +76,9 @@ def difficulty_tables(result: dict[str, Any]) -> list[Table]:
     out = []
     for split in diff.get("splits", []):
         tasks, counts, rows = split_rows(split)
+        note = f"; {split['note']}" if split.get("note") else ""
         table = Table(title=f"hard samples at budget {split['budget']}: what {escape(split['filter'])} gets wrong "
-                            f"({counts})")
+                            f"({counts}){escape(note)}")
         table.add_column("run", overflow="fold")
         for t in tasks:
             table.add_column(f"{t} hard", justify="right")

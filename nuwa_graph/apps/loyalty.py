@@ -108,7 +108,15 @@ def add_difficulty(result: dict[str, Any], filter_name: str) -> None:
                 runs[r["label"]] = _split_counts(r["predictions"], hard, easy)
                 if rb == b:
                     r["difficulty"] = {"filter": f["label"], "budget": b, "tasks": runs[r["label"]]}
-        splits.append({"budget": b, "filter": f["label"], "counts": counts, "runs": runs})
+        split = {"budget": b, "filter": f["label"], "counts": counts, "runs": runs,
+                 "filter_tokens": f.get("visual_tokens_avg")}
+        kept = f.get("visual_tokens_avg")
+        if isinstance(b, (int, float)) and isinstance(kept, (int, float)) and kept and abs(kept - b) > 0.5:
+            # a filter that keeps another count is a different difficulty: said, never silently the same split
+            split["note"] = (f"the filter kept {kept:g} visual tokens per sample on average, not {b:g}: this "
+                             f"model counts its budget differently (downsample: per spatial part of a tiled "
+                             f"image, docs/families.md)")
+        splits.append(split)
     result["difficulty"] = {"filter": filter_name, "splits": splits,
                             "rule": f"hard = samples {filter_name} at the same budget answers wrongly, easy = rightly "
                                     f"(VTC-Bench)"}

@@ -120,6 +120,7 @@ def difficulty_section(result: dict[str, Any]) -> str:
         head = ["run"] + [f"{t} {side}" for t in tasks for side in ("hard", "easy")]
         parts.append(f"<h3>budget {escape(str(split['budget']))}: filter {escape(split['filter'])} "
                      f"({escape(counts)})</h3>"
+                     + (f'<p class="how">{escape(split["note"])}</p>' if split.get("note") else "")
                      + _table(head, [[escape(label)] + [escape(c) for c in cells] for label, cells in rows],
                               "difficulty"))
     return "".join(parts)
