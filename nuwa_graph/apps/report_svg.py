@@ -139,13 +139,9 @@ def kept_picture(uri: str | None, kept: dict[str, list[int]], grid: list[int] | 
     shaded. A tiled image passes `views` (label, rows x cols ids; RunReport.views: LLaVA-NeXT's
     base crop and tiles, InternVL's tiles and thumbnail), each spread over the whole picture:
     a panel per view in each row, so every crop of the run is shown (as viz.draw_kept)."""
-    if not views:
-        if grid is None:
-            raise ValueError("kept_picture needs a grid or views")
-        rows, cols = int(grid[0]), int(grid[1])
-        views = [("", [list(range(r * cols, (r + 1) * cols)) for r in range(rows)])]
-    every = sorted({int(i) for _, ids in views for row in ids for i in row})
-    panels = sorted(kept.items(), key=lambda kv: _site_rank(kv[0])) or [("all", every)]
+    from .viz import kept_panels
+
+    views, panels = kept_panels(kept, grid, views)
     out = [f'<figure class="kept"><figcaption>{escape(title)}</figcaption>']
     for site, ids in panels:
         wanted = {int(i) for i in ids}
@@ -174,13 +170,3 @@ def kept_picture(uri: str | None, kept: dict[str, list[int]], grid: list[int] | 
         out.append("</div>")
     out.append("</figure>")
     return "".join(out)
-
-
-def _site_rank(site: str) -> tuple[int, int]:
-    if site == "vision":
-        return (0, 0)
-    if site == "pre_llm":
-        return (1, 0)
-    if site.startswith("llm.") and site[4:].isdigit():
-        return (2, int(site[4:]))
-    return (3, 0)
