@@ -32,10 +32,28 @@ class Keep:
     node: str = ""
 
 
-def node_seed(seed: int, node_name: str, sample: int) -> int:
-    """A stable per-node, per-sample seed: reproducible, different across nodes and seeds."""
+def node_seed(seed: int, node_name: str, sample: int | str) -> int:
+    """A stable per-node, per-sample seed: reproducible, different across nodes and seeds.
+    `sample`: the sample's content key (`sample_key`) in a model run, so a sample draws the
+    same whatever its place in a batch or shard; its index in a model-free run."""
     h = hashlib.sha256(f"{seed}/{node_name}/{sample}".encode()).digest()
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def sample_key(image: Any, prompt: str) -> str:
+    """A key of one sample's content (its image's pixels and its prompt): what seeded draws are
+    keyed on in a model run, so a sample's random choices do not depend on the batch it is in,
+    its position there, or how an evaluation is sharded (hashed once per sample, on the host)."""
+    h = hashlib.sha256(prompt.encode())
+    if hasattr(image, "tobytes") and hasattr(image, "size") and hasattr(image, "mode"):  # a PIL image
+        h.update(f"{image.mode}/{image.size}".encode())
+        h.update(image.tobytes())
+    elif isinstance(image, torch.Tensor):
+        h.update(f"{tuple(image.shape)}/{image.dtype}".encode())
+        h.update(image.detach().cpu().contiguous().numpy().tobytes())
+    else:
+        h.update(repr(image).encode())
+    return h.hexdigest()[:32]
 
 
 @dataclass
@@ -56,6 +74,9 @@ class SampleContext:
     # the crop or part this run of the node covers (per: crop | part), else None; `geometry`
     # is then that unit's grid and ids are its local ids (nuwa_graph/part_views.py)
     unit: Any = None
+    # the sample's content key (`sample_key`; a model run sets it): seeded draws are keyed on it
+    # rather than on `sample`, the position in the batch
+    key: str | None = None
 
     @property
     def device(self) -> torch.device:
@@ -71,7 +92,7 @@ class SampleContext:
     def generator(self) -> torch.Generator:
         g = torch.Generator(device="cpu")
         name = self.node_name if self.unit is None else f"{self.node_name}/{self.unit.kind}{self.unit.index}"
-        g.manual_seed(node_seed(self.seed, name, self.sample))
+        g.manual_seed(node_seed(self.seed, name, self.key if self.key is not None else self.sample))
         return g
 
     def apply(self, action: Keep) -> None:

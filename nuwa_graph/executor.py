@@ -40,6 +40,9 @@ class RunState:
     # `per` takes these as they are instead of cutting the joined value again (that cut is a host
     # sync per unit on a GPU: how many ids fall in each unit is data)
     unit_values: dict[tuple[str, str, int], tuple[str, list[Any]]] = field(default_factory=dict)
+    # per sample, its content key (context.sample_key; a model run gives them): seeded draws are
+    # keyed on it, so they do not depend on the batch; None: on the sample's index
+    keys: list[str] | None = None
     # waits for the device's queued work; called around each node when set, so a node's time is
     # its own work (on a GPU, work is queued: without it a node's first host read would be timed
     # waiting for the model's layers before it, and its own kernels would be missed)
@@ -95,12 +98,13 @@ class Executor:
         return list(seen.values())
 
     def start(self, geometries: list[Geometry], present: list[torch.Tensor] | None = None,
-              device: torch.device | str = "cpu") -> RunState:
-        """`device`: where the stream's ids live (the model's device); nodes make tensors there."""
+              device: torch.device | str = "cpu", keys: list[str] | None = None) -> RunState:
+        """`device`: where the stream's ids live (the model's device); nodes make tensors there.
+        `keys`: each sample's content key (`context.sample_key`), which seeded draws follow."""
         if present is None:
             present = [torch.arange(g.n_tokens, device=device) for g in geometries]
         return RunState(batch=len(geometries), geometries=geometries, present=list(present),
-                        actions=[[] for _ in geometries])
+                        actions=[[] for _ in geometries], keys=keys)
 
     def run_site(self, state: RunState, site: Site, reader: Callable[[SignalRequest, int], torch.Tensor] | None,
                  seed: int | None = None) -> list[list[Keep]]:
@@ -127,7 +131,7 @@ class Executor:
                     if scope == "image" or geom.simple:
                         ctx = SampleContext(sample=b, geometry=geom, present=state.present[b], seed=seed,
                                             node_name=name, reader=image_reader(reader, name, getattr(node, "per", None)),
-                                            actions=issued[b])
+                                            actions=issued[b], key=state.keys[b] if state.keys else None)
                         out_vals = node.run(ctx, **kwargs) or {}
                     else:
                         split = {port: state.unit_values[(src, out, b)][1] for port, src, out in self.inputs_of[name]
@@ -180,7 +184,7 @@ class Executor:
             present = unit_present(geom, u, state.present[b], untouched) if presents is None else presents[i].ids
             ctx = SampleContext(sample=b, geometry=Geometry(u.shape, geom.image_start), present=present, seed=seed,
                                 node_name=name, reader=unit_reader(reader, u, state.present[b], name),
-                                actions=issued, unit=u)
+                                actions=issued, unit=u, key=state.keys[b] if state.keys else None)
             outs.append(node.run(ctx, **local) or {})
         for port in outs[0]:
             state.unit_values[(name, port, b)] = (scope, [o[port] for o in outs])

@@ -395,6 +395,29 @@ def test_left_padded_batch_equals_single_runs(tiny_llava, tiny_image, site):
     assert batch.visual_tokens_per_layer[0] != batch.visual_tokens_per_layer[1]
 
 
+@pytest.mark.parametrize("name", ["random", "sparsevlm"])
+def test_seeded_draws_follow_the_sample_not_its_place_in_the_batch(tiny_llava, tiny_image, name):
+    """A random draw (random.yaml's dropper, SparseVLM's tie-break noise) is keyed on the sample's
+    content: the same image and prompt keep the same tokens alone, first or second in a batch
+    (so an evaluation's results do not depend on its batch size or its sharding); two different
+    samples draw differently."""
+    from pathlib import Path
+
+    from nuwa_graph.adapters.tiny import synthetic_image
+    from nuwa_graph.pipeline import load
+
+    img2 = synthetic_image(seed=5)
+    pipe = load(Path(__file__).resolve().parents[1] / "pipelines" / f"{name}.yaml")
+    run = lambda images, prompts: tiny_llava.generate(pipe, images, prompts, max_new_tokens=1).kept  # noqa: E731
+    alone = run([img2], [PROMPT2])[0]
+    second = run([tiny_image, img2], [PROMPT, PROMPT2])[1]
+    first = run([img2, tiny_image], [PROMPT2, PROMPT])[0]
+    assert alone == second == first
+    if name == "random":  # different content, different draw (the same draw for all would also pass above)
+        twin = run([img2, img2], [PROMPT2, PROMPT2 + " ?"])
+        assert twin[0] != twin[1]
+
+
 # --- invariant 5: hooks never outlive a run ----------------------------------------------------
 def _hook_counts(adapter):
     mods = list(adapter.decoder_layers()) + list(adapter.vision_attention_modules())

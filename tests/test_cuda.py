@@ -89,7 +89,8 @@ def test_device_contract_and_schedule_on_the_gpu(on_gpu, name):
         assert rep.peak_memory_source.startswith("torch.cuda") and rep.peak_memory_above_start_bytes is not None
 
 
-@pytest.mark.parametrize("name", gc.DETERMINISTIC)
+@pytest.mark.parametrize("name", ["fastv", "pdrop", "sparsevlm", "random", "nuwa", "visionzip", "feather", "downsample",
+                                  "vanilla"])  # seeded draws follow the sample's content, not its batch place
 def test_padded_batch_equals_each_prompt_alone(model, name):
     rows = gc.check_padded_batch("cuda", [model], [name])
     for r in rows:

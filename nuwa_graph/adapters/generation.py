@@ -13,7 +13,7 @@ from functools import partial
 
 import torch
 
-from ..context import Keep
+from ..context import Keep, sample_key
 from ..errors import PipelineError, RunError
 from ..executor import Executor
 from ..loader import family_file_of
@@ -192,6 +192,7 @@ class Generation(HookSession):
             raise RunError(f"{len(images)} images for {len(prompts)} prompts; give one image per prompt")
         enc = self.encode(list(images), list(prompts))
         r = AdapterRun(self, ex, enc, external, seed)
+        r.keys = [sample_key(image, prompt) for image, prompt in zip(images, prompts)]  # seeded draws follow content
         r.layouts = [self.split_sample(enc, b) for b in range(r.B)]
         if extra_ids is not None:
             for b in range(r.B):
@@ -207,7 +208,7 @@ class Generation(HookSession):
 
         r.phase = "vision"
         vis = self.vision_forward(r)
-        r.state = r.ex.start([self.geometry(r, b) for b in range(r.B)], device=self.device)
+        r.state = r.ex.start([self.geometry(r, b) for b in range(r.B)], device=self.device, keys=r.keys)
         devices = model_devices(self.model, self.device)
         if self.sync_node_timing and any(d.type == "cuda" for d in devices):
             r.state.sync = partial(sync, devices)

@@ -27,6 +27,7 @@ class AdapterRun:
         self.sites = ex.sites()
         self.state: RunState | None = None
         self.layouts: list[SampleLayout] = []
+        self.keys: list[str] | None = None  # per sample, its content key (context.sample_key)
         self.captured: dict[str, list[Any]] = {}  # signal key -> per sample value
         self.vision: dict[str, Any] = {}  # family scratch for vision captures
         self.text_rows: dict[int, Any] = {}  # per sample: pre_llm.text, embedded once
