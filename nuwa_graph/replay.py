@@ -103,11 +103,11 @@ class ReplayExecutor(Executor):
         need = sorted({Site(a.site) for acts in self.actions for a in acts if _merged_in_llm(a)})
         return [SignalRequest.make("llm.hidden", s.name, layer=s.layer) for s in need]
 
-    def start(self, geometries, present=None, device: torch.device | str = "cpu") -> RunState:
+    def start(self, geometries, present=None, device: torch.device | str = "cpu", keys=None) -> RunState:
         if len(geometries) != len(self.actions):
             raise RunError(f"the replay holds the pruning of {len(self.actions)} samples; this batch has "
                            f"{len(geometries)} (replay on the same images, in the same order)")
-        return self.inner.start(geometries, present, device)
+        return self.inner.start(geometries, present, device, keys)
 
     def run_site(self, state: RunState, site: Site, reader: Callable[[SignalRequest, int], torch.Tensor] | None,
                  seed: int | None = None) -> list[list[Keep]]:
