@@ -190,6 +190,23 @@ def test_plugin_arguments_and_refusals(plugin, tmp_path):
         NuwaGraph(pipeline=str(tmp_path / "none.yaml"), device="cpu", stats=str(tmp_path))
 
 
+def test_question_agnostic_through_the_plugin(tmp_path):
+    """`question_agnostic=true`: the image is pruned from the neutral prompt (lmms-eval's chat text
+    around an empty question), and the task's prompt is answered over those tokens."""
+    from nuwa_graph.adapters.base import GREEDY
+    from nuwa_graph.apps.prompts import chat_text
+    from nuwa_graph.integrations.lmms import NuwaGraph
+    from nuwa_graph.world import make_scene
+
+    qa = NuwaGraph(pipeline=str(PIPELINES / "fastv.yaml"), budget="32", device="cpu", stats=str(tmp_path),
+                   question_agnostic="true")
+    images = [make_scene(4242, i).image() for i in range(2)]
+    prompts = [chat_text(qa.adapter, q, None, None) for q in ("what color is the circle ?", "how many squares ?")]
+    rep = qa._generate(images, prompts, 3, GREEDY)
+    neutral = qa.adapter.generate(qa.pipeline, images, [chat_text(qa.adapter, "", None, None)] * 2, max_new_tokens=1)
+    assert qa.question_agnostic and rep.kept == neutral.kept and "replay" in rep.node_ms
+
+
 def test_pipeline_variables_are_read_as_yaml(tmp_path):
     from nuwa_graph.integrations.lmms import _yaml_value
 
@@ -227,7 +244,7 @@ def test_lmms_cli_matches_builtin_eval(local, single):
     args = [sys.executable, "-m", "nuwa_graph.apps.cli", "eval", str(PIPELINES / "fastv.yaml"), "--set", "budget=32",
             "--data", str(paths["refcoco"]), "--data", str(paths["vqa"]), "--prompt-style", "lmms-eval",
             "--grounding-prompt", "where is {expression} ?", "--vqa-prompt", "{question}", "--max-new-tokens", "6",
-            "--batch", "2", "--device", "cpu", "-o", str(out / "builtin")]
+            "--batch", "2", "--device", "cpu", "--no-vanilla", "-o", str(out / "builtin")]
     p = subprocess.run(args, capture_output=True, text=True, env=ENV, cwd=out, timeout=900, check=False)
     assert p.returncode == 0, p.stderr[-3000:]
     ours = json.loads((out / "builtin" / "results.json").read_text())["results"][0]
@@ -249,6 +266,17 @@ def test_lmms_cli_matches_builtin_eval(local, single):
     assert len(single["stats"]) == 8
     assert {tuple(s["visual_tokens_per_layer"]) for s in single["stats"]} == {tuple([144] * k + [8] * (depth - k))}
     assert all(s["visual_tokens_full"] == 144 and s["prefill_ms_batch"] > 0 for s in single["stats"])
+    # the cost columns of `nuwa-graph eval`, per sample, and their per-task summary with how each was measured
+    for s in single["stats"]:
+        assert s["ttft_ms_batch"] >= s["prefill_ms_batch"] and s["method_ms_batch"] > 0
+        assert s["kv_cache_bytes_per_sample"] > 0 and s["peak_memory_bytes_batch"] > 0 and s["peak_memory_source"]
+        assert s["flops"]["prefill"] < s["flops"]["vanilla_prefill"] and s["flops"]["vision"] > 0  # counted
+        assert s["question_agnostic"] is False and "decode_ms_per_token_batch" in s
+    summary = json.loads(next((out / "single" / "stats").glob("efficiency-rank0-of-1.json")).read_text())
+    for task in ("nuwa_local_vqa", "nuwa_local_rec"):
+        eff = summary["tasks"][task]
+        assert eff["prefill_ms"]["median"] > 0 and "median of" in eff["prefill_ms"]["how"]
+        assert eff["ttft_ms"]["median"] > 0 and eff["flops"]["prefill"] > 0 and eff["kv_cache_bytes"]["per_sample"] > 0
 
 
 def test_lmms_torchrun_two_processes_equal_one(local, single):
@@ -259,8 +287,8 @@ def test_lmms_torchrun_two_processes_equal_one(local, single):
     assert two["answers"] == single["answers"]
     for task, metric in (("nuwa_local_vqa", "exact_match,none"), ("nuwa_local_rec", "refcoco_ACC@0.5,none")):
         assert two["results"][task][metric] == single["results"][task][metric]
-    assert len(two["stats"]) == 8 and sorted(f.name for f in (d / "stats").iterdir()) == ["rank0-of-2.jsonl",
-                                                                                          "rank1-of-2.jsonl"]
+    assert len(two["stats"]) == 8 and sorted(f.name for f in (d / "stats").iterdir()) == [
+        "efficiency-rank0-of-2.json", "efficiency-rank1-of-2.json", "rank0-of-2.jsonl", "rank1-of-2.jsonl"]
 
 
 def _qwen_vl_utils(monkeypatch):

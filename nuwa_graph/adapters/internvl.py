@@ -36,6 +36,7 @@ from ..part_views import CropSignals
 from ..signals import SignalRequest
 from ..types import Geometry
 from .base import LLM_SIGNALS, AdapterRun, Encoded, VisionOut, load_checkpoint, register_adapter
+from .conversation import CHATML_END, CHATML_TURN, token_id
 from .llava import LlavaAdapter
 
 NO_UNIT_SIGNALS = frozenset({"vision.cls_hidden", "vision.qk_single_head"})
@@ -129,6 +130,14 @@ class InternVLAdapter(LlavaAdapter):
         if image in prompt:
             return prompt
         return self.prompt_template.format(image=image, prompt=prompt)
+
+    def turn_text(self, question: str) -> str:
+        """A later user turn in InternVL's chat format (ChatML, as its prompt), after `answer<|im_end|>`."""
+        return CHATML_TURN.format(question=question)
+
+    def turn_end_id(self) -> int:
+        end = token_id(self._tokenizer(), CHATML_END)
+        return end if end is not None else super().turn_end_id()
 
     def tiles_of(self, size_hw: tuple[int, int]) -> tuple[int, int, bool]:
         """(tile rows, tile cols, thumbnail) GotOcr2's processing gives an image of (height, width) pixels."""

@@ -160,6 +160,10 @@ class LlavaAdapter(VLMAdapter):
             return prompt
         return self.prompt_template.format(prompt=prompt)
 
+    def turn_text(self, question: str) -> str:
+        """LLaVA-1.5's later user turn: `...ASSISTANT: answer</s>USER: {question} ASSISTANT:`."""
+        return f"USER: {question} ASSISTANT:"
+
     def encode(self, images: list, prompts: list[str]) -> Encoded:
         texts = [self.format_prompt(p) for p in prompts]
         tok = self.processor.tokenizer

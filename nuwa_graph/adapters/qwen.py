@@ -65,6 +65,7 @@ from ..errors import RunError
 from ..signals import SignalRequest
 from ..types import Geometry, PositionPlan
 from .base import LLM_SIGNALS, AdapterRun, Encoded, SampleLayout, VisionOut, VLMAdapter, load_checkpoint, register_adapter
+from .conversation import CHATML_END, CHATML_TURN, token_id
 from .qwen_geometry import VisionGeometry, block_index, hidden_index, hidden_indices, visual_positions_3d
 from .qwen_processing import _processor_class, qwen_processor
 
@@ -159,6 +160,14 @@ class QwenAdapter(VLMAdapter):
         system = f"<|im_start|>system\n{cls.system_prompt}<|im_end|>\n" if cls.system_prompt is not None else ""
         return (f"{system}<|im_start|>user\n"
                 f"<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n")
+
+    def turn_text(self, question: str) -> str:
+        """A later user turn of the chat template, after `answer<|im_end|>`."""
+        return CHATML_TURN.format(question=question)
+
+    def turn_end_id(self) -> int:
+        end = token_id(self._tokenizer(), CHATML_END)
+        return end if end is not None else super().turn_end_id()
 
     # ---- checks -------------------------------------------------------------------------
     def unavailable_signal(self, req: SignalRequest) -> str | None:

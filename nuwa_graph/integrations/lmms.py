@@ -34,8 +34,16 @@ there and makes the process group (NCCL on GPUs, gloo on CPU) so that lmms-eval'
 gathers the ranks' results itself.
 
 Side file: one JSON line per sample in `STATS/rank{R}-of-{W}.jsonl`: task, split, doc_id,
-pipeline, visual tokens per LLM layer, their average, the unpruned count, the batch's prefill ms
-and batch size, and `flops` (filled by `flops_fn` when set: the hook for a FLOPs counter).
+pipeline, visual tokens per LLM layer, their average, the unpruned count, and what the sample's
+generate call cost, as `nuwa-graph eval` measures it (apps/efficiency.py): the batch's prefill
+ms, TTFT, decode ms per token, method (node) ms, peak memory, KV-cache bytes, and the sample's
+counted FLOPs (vision + LLM; `flops_fn`, when set, replaces them). At the end of
+`generate_until`, `STATS/efficiency-rank{R}-of-{W}.json` summarises them per task (medians,
+with how each was measured).
+
+`question_agnostic=true` prunes each image from `neutral_prompt` (default: empty, the question
+removed, the chat template kept) and answers the task's prompt over the kept tokens
+(nuwa_graph/replay.py).
 """
 
 from __future__ import annotations
@@ -50,13 +58,14 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 
 from ..adapters.base import Sampling
+from ..apps.efficiency import batch_costs
 from ..apps.prompts import LMMS_MODELS
 from ..errors import RunError
 from ..resources import resolve_pipeline, shipped_pipeline
 
 MODEL_ID = "nuwa_graph"
 OWN_ARGS = {"pretrained", "pipeline", "dtype", "device", "seed", "max_new_tokens", "chat_template", "system_prompt",
-            "stats", "batch_size", "max_batch_size", "min_pixels", "max_pixels"}
+            "stats", "batch_size", "max_batch_size", "min_pixels", "max_pixels", "question_agnostic", "neutral_prompt"}
 DEFAULT_PIPELINE = shipped_pipeline("vanilla")  # installed, or the checkout's pipelines/vanilla.yaml
 
 
@@ -147,7 +156,8 @@ class NuwaGraph(lmms):
                  device: str | None = None, batch_size: int | str = 1, max_batch_size: int | None = None,
                  seed: int | None = None, max_new_tokens: int = 1024, chat_template: str | None = None,
                  system_prompt: str | None = None, stats: str = "nuwa_graph_stats",
-                 min_pixels: int | None = None, max_pixels: int | None = None, **variables: Any) -> None:
+                 min_pixels: int | None = None, max_pixels: int | None = None, question_agnostic: bool = False,
+                 neutral_prompt: str = "", **variables: Any) -> None:
         super().__init__()
         import torch
 
@@ -214,7 +224,13 @@ class NuwaGraph(lmms):
         self.stats_path = Path(stats) / f"rank{rank}-of-{world}.jsonl"
         self.stats_path.parent.mkdir(parents=True, exist_ok=True)
         self.stats_path.write_text("")
-        self.flops_fn: Callable[[Any, Any, int], float | None] | None = None  # hook: (adapter, RunReport, b) -> FLOPs
+        self.flops_fn: Callable[[Any, Any, int], Any] | None = None  # hook: (adapter, RunReport, b) -> FLOPs
+        if isinstance(question_agnostic, str):
+            question_agnostic = question_agnostic.strip().lower() in ("1", "true", "yes")
+        self.question_agnostic = bool(question_agnostic)
+        self.neutral_prompt = str(neutral_prompt)
+        self.costs: dict[str, list[dict[str, Any]]] = {}  # task -> batch_costs of its generate calls
+        self.flops_of: dict[str, list[dict[str, Any]]] = {}  # task -> counted FLOPs per sample
 
     # --- what lmms-eval reads ---------------------------------------------------------------
     @property
@@ -316,8 +332,10 @@ class NuwaGraph(lmms):
                     for context, _, doc_to_visual, doc_id, task, split in args:
                         images.append(self._visual(doc_to_visual(self.task_dict[task][split][doc_id]), task, doc_id))
                         prompts.append(chat_text(self.adapter, context, self.system_prompt, self.chat_template))
-                    rep = self.adapter.generate(self.pipeline, images, prompts, max_new_tokens=max_new, seed=self.seed,
-                                                sampling=sampling)
+                    rep = self._generate(images, prompts, max_new, sampling)
+                    costs = batch_costs(rep)
+                    self.costs.setdefault(args[0][4], []).append(costs)
+                    self.flops_of.setdefault(args[0][4], []).extend(rep.flops or [])
                     full = getattr(rep, "visual_tokens_full_per_sample", None) or [rep.visual_tokens_full] * len(chunk)
                     for b, i in enumerate(chunk):
                         answer = rep.answers[b]
@@ -330,11 +348,40 @@ class NuwaGraph(lmms):
                             "visual_tokens_per_layer": rep.visual_tokens_per_layer[b],
                             "visual_tokens_avg": rep.visual_tokens_avg[b], "visual_tokens_full": full[b],
                             "prefill_ms_batch": round(rep.prefill_ms, 3), "batch_size": len(chunk),
-                            "flops": self.flops_fn(self.adapter, rep, b) if self.flops_fn else None}) + "\n")
+                            "ttft_ms_batch": costs["ttft_ms"], "decode_ms_per_token_batch": costs["decode_ms_per_token"],
+                            "method_ms_batch": costs["method_ms"], "peak_memory_bytes_batch": costs["peak_memory_bytes"],
+                            "peak_memory_source": costs["peak_memory_source"],
+                            "kv_cache_bytes_per_sample": costs["kv_cache_bytes"] / len(chunk),
+                            "question_agnostic": self.question_agnostic,
+                            "flops": self.flops_fn(self.adapter, rep, b) if self.flops_fn else
+                            (rep.flops[b] if rep.flops else None)}) + "\n")
                         self.cache_hook.add_partial("generate_until", (args[b][0], args[b][1]), answer)
                     bar.update(len(chunk))
         bar.close()
+        self._write_efficiency()
         return [a if a is not None else "" for a in out]
+
+    def _generate(self, images: list, prompts: list[str], max_new: int, sampling: Sampling):
+        if not self.question_agnostic:
+            return self.adapter.generate(self.pipeline, images, prompts, max_new_tokens=max_new, seed=self.seed,
+                                         sampling=sampling)
+        from ..apps.prompts import chat_text
+        from ..replay import generate_question_agnostic
+
+        neutral = [chat_text(self.adapter, self.neutral_prompt, self.system_prompt, self.chat_template)] * len(prompts)
+        rep, _ = generate_question_agnostic(self.adapter, self.pipeline, images, prompts, neutral,
+                                            max_new_tokens=max_new, seed=self.seed, sampling=sampling)
+        return rep
+
+    def _write_efficiency(self) -> None:
+        """STATS/efficiency-rank{R}-of-{W}.json: per task, the cost columns of `nuwa-graph eval`."""
+        from ..apps.efficiency import summarize_costs
+        from ..flops import mean_flops
+
+        path = self.stats_path.with_name(f"efficiency-rank{self.rank}-of-{self.world_size}.json")
+        path.write_text(json.dumps({"pipeline": self.pipeline.name, "question_agnostic": self.question_agnostic,
+                                    "tasks": {t: summarize_costs(c, mean_flops(self.flops_of.get(t, [])))
+                                              for t, c in self.costs.items()}}, indent=1) + "\n")
 
 
 __all__ = ["MODEL_ID", "QWEN_LMMS", "NuwaGraph", "PluginError", "manifest", "qwen_image_as_lmms"]
