@@ -371,3 +371,60 @@ def test_the_plugin_serves_each_qwen_generation(preset, tmp_path):
     stats = [json.loads(line) for line in plugin.stats_path.read_text().splitlines()]
     assert [r["doc_id"] for r in stats] == [0, 1]
     assert all(r["visual_tokens_per_layer"][-1] == 16 < r["visual_tokens_full"] for r in stats)
+
+
+@pytest.mark.parametrize("preset", ["tiny-internvl", "tiny-llava-onevision"])
+def test_the_plugin_serves_internvl_and_onevision(preset, tmp_path):
+    """`--model nuwa_graph --model_args pretrained=<InternVL | OneVision>`: the chat text lmms-eval's
+    chat model builds (internvl_hf; llava_hf's chat class) from lmms-eval's own message builder,
+    InternVL tiled with internvl_hf's min/max patches, `until` not applied (those models never read
+    it), the arguments those models do not have refused, and per-sample stats of a pruned run."""
+    from types import SimpleNamespace
+
+    from lmms_eval.api.task import ConfigurableMessagesTask
+    from lmms_eval.protocol import ChatMessages
+    from PIL import Image
+
+    from nuwa_graph.apps.prompts import chat_text
+    from nuwa_graph.integrations.lmms import NuwaGraph, PluginError
+    from tests.test_prompts import CHAT_HF_TEMPLATES
+
+    plugin = NuwaGraph(pretrained=preset, pipeline=str(PIPELINES / "fastv.yaml"), budget="16", device="cpu",
+                       stats=str(tmp_path / "stats"))
+    family, proc = plugin.adapter.family, plugin.adapter.processor
+    proc.chat_template = CHAT_HF_TEMPLATES[family]
+    image = Image.new("RGB", (600, 600), (200, 30, 30))
+    text = "what colour is it ?\nAnswer the question using a single word or phrase."
+    # what internvl_hf / llava_hf (chat) render: the task's auto messages, dumped, through the processor
+    messages = ChatMessages(messages=ConfigurableMessagesTask._build_user_turn([image], text)).model_dump()["messages"]
+    theirs = proc.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert chat_text(plugin.adapter, text) == theirs
+    kwargs = {"min_patches": 1, "max_patches": 12} if family == "internvl" else {}  # internvl_hf's processor call
+    enc = proc(images=[image], text=theirs, return_tensors="pt", **kwargs)
+    lmms_tokens = int((enc["input_ids"] == proc.tokenizer.convert_tokens_to_ids(proc.image_token)).sum())
+    if family == "internvl":
+        assert enc["pixel_values"].shape[0] == 10  # 3x3 tiles + thumbnail at max 12; the preset's own max 6 gives 5
+    assert plugin._options({"until": ["\n\n", "x"]})[1] == []
+
+    doc = {"image": image}
+    plugin.task_dict = {"t": {"val": {0: doc, 1: doc}}}
+    visual = lambda d: [d["image"]]  # noqa: E731
+
+    def ask(until):
+        reqs = [SimpleNamespace(args=(text, {"max_new_tokens": 3, "until": until}, visual, i, "t", "val"))
+                for i in (0, 1)]
+        return plugin.generate_until(reqs)
+
+    answers = ask(["\n\n"])
+    assert len(answers) == 2 and all(isinstance(a, str) and a for a in answers)
+    first_word = answers[0].split()[0]
+    assert ask([first_word]) == answers  # a stop string in the answer does not cut it
+    stats = [json.loads(line) for line in plugin.stats_path.read_text().splitlines()]
+    assert [r["doc_id"] for r in stats] == [0, 1, 0, 1]
+    assert all(r["visual_tokens_full"] == lmms_tokens and r["visual_tokens_per_layer"][-1] == 16 < lmms_tokens
+               for r in stats)
+
+    for refused in ({"system_prompt": "Be brief."}, {"chat_template": "{{ 1 }}"},
+                    {"min_patches": "3", "max_patches": "2"}):  # InternVL: min > max; OneVision: not its tiling
+        with pytest.raises(PluginError, match=next(iter(refused))):
+            NuwaGraph(pretrained=preset, device="cpu", stats=str(tmp_path / "s2"), **refused)

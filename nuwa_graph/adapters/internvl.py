@@ -38,6 +38,7 @@ from ..types import Geometry
 from .base import LLM_SIGNALS, AdapterRun, Encoded, VisionOut, load_checkpoint, register_adapter
 from .conversation import CHATML_END, CHATML_TURN, token_id
 from .llava import LlavaAdapter
+from .processors import checkpoint_chat_template
 
 NO_UNIT_SIGNALS = frozenset({"vision.cls_hidden", "vision.qk_single_head"})
 
@@ -78,7 +79,7 @@ class InternVLAdapter(LlavaAdapter):
         ip = GotOcr2ImageProcessorPil.from_pretrained(id_or_path)  # PIL: no torchvision needed
         proc = internvl_processor_class()(image_processor=ip, tokenizer=tok, video_processor=None,
                                           image_seq_length=cls.units_per_tile(model.config),
-                                          chat_template=getattr(tok, "chat_template", None))
+                                          chat_template=checkpoint_chat_template(id_or_path, tok))
         return cls(model, proc, name=str(id_or_path), dtype=dtype, device=device,
                    attn_implementation=attn_implementation)
 

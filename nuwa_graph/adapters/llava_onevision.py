@@ -25,6 +25,7 @@ from ..signals import SignalRequest
 from .base import LLM_SIGNALS, AdapterRun, load_checkpoint, register_adapter
 from .conversation import template_turn, token_id
 from .llava_next import LlavaNextAdapter
+from .processors import checkpoint_chat_template
 
 
 def onevision_processor_class():
@@ -96,7 +97,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                                            num_image_tokens=(vc.image_size // vc.patch_size) ** 2,
                                            vision_feature_select_strategy="full",
                                            vision_aspect_ratio=model.config.vision_aspect_ratio,
-                                           chat_template=getattr(tok, "chat_template", None))
+                                           chat_template=checkpoint_chat_template(id_or_path, tok))
         return cls(model, proc, name=str(id_or_path), dtype=dtype, device=device,
                    attn_implementation=attn_implementation)
 

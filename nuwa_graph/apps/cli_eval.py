@@ -57,8 +57,9 @@ def eval_(
                                                   "the question using a single word or phrase.')."),
     prompt_style: str = typer.Option("native", "--prompt-style",
                                      help="native: the adapter's chat format, boxes parsed by parse_box; lmms-eval: "
-                                          "lmms-eval's chat text (llava_hf, qwen2_vl, qwen2_5_vl, qwen3_vl), RefCOCO "
-                                          "prompt and box parsing, so numbers compare with lmms-eval's."),
+                                          "lmms-eval's chat text (llava_hf, qwen2_vl, qwen2_5_vl, qwen3_vl, "
+                                          "internvl_hf), RefCOCO prompt and box parsing, so numbers compare with "
+                                          "lmms-eval's."),
     image_root: Path | None = typer.Option(None, "--image-root",
                                               help="Folder relative image paths are read from (default: each data "
                                                    "file's folder)."),

@@ -9,23 +9,33 @@ Registered through the entry-point group `lmms_eval.models` (pyproject.toml) as 
 
 model_args: `pretrained` (model id, local folder or preset; default the embedded model),
 `pipeline` (a pipeline YAML; default pipelines/vanilla.yaml), `dtype`, `device`, `seed`,
-`max_new_tokens` (when the task gives none; default 1024 as llava_hf), `chat_template` (LLaVA),
-`system_prompt` (the Qwen-VL line; default "You are a helpful assistant."), `min_pixels` /
-`max_pixels` (the Qwen-VL line; the defaults of lmms-eval's model for the family, QWEN_LMMS),
+`max_new_tokens` (when the task gives none; default 1024 as llava_hf), `chat_template` (LLaVA,
+LLaVA-NeXT), `system_prompt` (the Qwen-VL line; default "You are a helpful assistant."),
+`min_pixels` / `max_pixels` (the Qwen-VL line; the defaults of lmms-eval's model for the family,
+QWEN_LMMS), `min_patches` / `max_patches` (InternVL; internvl_hf's 1 and 12),
 `stats` (the per-sample side file, default
 `nuwa_graph_stats/`), and any variable of the pipeline, its value read as
 YAML like `--set` (`layers=[2,6,15]`, `budget=64`). An unknown name is an error naming the
 pipeline's variables.
 
 Prompts are the text lmms-eval's own model builds for the checkpoint (`prompts.chat_text`:
-`llava_hf` for LLaVA, `qwen2_vl` / `qwen2_5_vl` / `qwen3_vl` for the Qwen-VL generations);
+`llava_hf` for LLaVA and LLaVA-NeXT, `qwen2_vl` / `qwen2_5_vl` / `qwen3_vl` for the Qwen-VL
+generations; the chat models `internvl_hf` (lmms_eval/models/chat/internvl_hf.py, the class that
+loads InternVL3 / 3.5 `-hf` checkpoints) and `llava_hf` (lmms_eval/models/chat/llava_hf.py, what
+`--model llava_hf` resolves to, loading LLaVA-OneVision `-hf` checkpoints) for InternVL and
+LLaVA-OneVision: one user turn [image, text] through the processor's template, no system message);
 Qwen-VL images are prepared as that model does (`qwen_image_as_lmms`: JPEG quality 85 for
 qwen2_vl and qwen2_5_vl, the image as given for qwen3_vl, then resized into its pixel range
 in multiples of patch x merge: 28 px, 32 px on Qwen3-VL), and its stop-string rule is kept
-(qwen2_5_vl and qwen3_vl drop "\n\n" from the stops; qwen2_vl strips the answer). Decoding is
+(qwen2_5_vl and qwen3_vl drop "\n\n" from the stops; qwen2_vl strips the answer). InternVL images
+are tiled with internvl_hf's `min_patches` / `max_patches` (`prompts.internvl_tiles_as_lmms`);
+OneVision images go to the processor as given, as llava_hf hands them. Neither chat model reads
+the task's `until`: their answers run to the tokenizer's end token or `max_new_tokens`, decoded
+without special tokens and not stripped, and so are the plugin's for these two. Decoding is
 the adapter's KV-cached loop: greedy with temperature 0 (the tasks' default), sampled with
 `temperature` > 0 or `do_sample` (with `top_k` / `top_p`, seeded by the run's seed:
-`adapters.base.Sampling`); stop strings (`until`) cut the answer at their first occurrence.
+`adapters.base.Sampling`); stop strings (`until`) cut the answer at their first occurrence
+(not on InternVL and OneVision, above).
 Beam search, text-only, multi-image and video documents and `loglikelihood` are refused with a
 clear error.
 
@@ -59,13 +69,14 @@ from lmms_eval.api.model import lmms
 
 from ..adapters.base import Sampling
 from ..apps.efficiency import batch_costs
-from ..apps.prompts import LMMS_MODELS
+from ..apps.prompts import INTERNVL_LMMS_PATCHES, LMMS_CHAT_FAMILIES, LMMS_MODELS, internvl_tiles_as_lmms
 from ..errors import RunError
 from ..resources import resolve_pipeline, shipped_pipeline
 
 MODEL_ID = "nuwa_graph"
 OWN_ARGS = {"pretrained", "pipeline", "dtype", "device", "seed", "max_new_tokens", "chat_template", "system_prompt",
-            "stats", "batch_size", "max_batch_size", "min_pixels", "max_pixels", "question_agnostic", "neutral_prompt"}
+            "stats", "batch_size", "max_batch_size", "min_pixels", "max_pixels", "min_patches", "max_patches",
+            "question_agnostic", "neutral_prompt"}
 DEFAULT_PIPELINE = shipped_pipeline("vanilla")  # installed, or the checkout's pipelines/vanilla.yaml
 
 
@@ -141,6 +152,14 @@ def qwen_image_as_lmms(image, factor: int, min_pixels: int = QWEN_MIN_PIXELS, ma
     return img.resize((wb, hb))
 
 
+def _whole(name: str, value: Any) -> int:
+    """A model_args number lmms-eval may hand over as a string."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r}: give a whole number") from None
+
+
 def _launch() -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -156,8 +175,9 @@ class NuwaGraph(lmms):
                  device: str | None = None, batch_size: int | str = 1, max_batch_size: int | None = None,
                  seed: int | None = None, max_new_tokens: int = 1024, chat_template: str | None = None,
                  system_prompt: str | None = None, stats: str = "nuwa_graph_stats",
-                 min_pixels: int | None = None, max_pixels: int | None = None, question_agnostic: bool = False,
-                 neutral_prompt: str = "", **variables: Any) -> None:
+                 min_pixels: int | None = None, max_pixels: int | None = None, min_patches: int | None = None,
+                 max_patches: int | None = None, question_agnostic: bool = False, neutral_prompt: str = "",
+                 **variables: Any) -> None:
         super().__init__()
         import torch
 
@@ -199,9 +219,26 @@ class NuwaGraph(lmms):
         if getattr(self.adapter, "family", "") not in LMMS_MODELS:
             raise PluginError(f"model family {getattr(self.adapter, 'family', '?')!r}: the plugin builds lmms-eval's "
                               f"prompts for " + ", ".join(f"{f} ({m})" for f, m in LMMS_MODELS.items()) + " only")
-        if system_prompt is not None and LMMS_MODELS.get(self.adapter.family) == "llava_hf":
+        family = self.adapter.family
+        if family in LMMS_CHAT_FAMILIES:
+            for name, given in (("system_prompt", system_prompt), ("chat_template", chat_template)):
+                if given is not None:
+                    raise PluginError(f"model_args {name}: lmms-eval's {LMMS_MODELS[family]} (a chat model) renders the "
+                                      f"processor's own chat template with no system message of its own; leave "
+                                      f"{name} out for {family}")
+        elif system_prompt is not None and LMMS_MODELS.get(family) == "llava_hf":
             raise PluginError("model_args system_prompt: lmms-eval's llava_hf has none (the checkpoint's chat "
                               "template decides); leave it out for LLaVA, or pass chat_template")
+        if family == "internvl":
+            try:  # internvl_hf passes these to the processor on every call
+                lo = INTERNVL_LMMS_PATCHES[0] if min_patches is None else _whole("min_patches", min_patches)
+                hi = INTERNVL_LMMS_PATCHES[1] if max_patches is None else _whole("max_patches", max_patches)
+                internvl_tiles_as_lmms(self.adapter, lo, hi)
+            except ValueError as exc:
+                raise PluginError(f"model_args {exc}") from None
+        elif min_patches is not None or max_patches is not None:
+            raise PluginError(f"model_args min_patches / max_patches: InternVL's tiling (internvl_hf); model family "
+                              f"{family!r} does not tile that way")
         self._device = torch.device(dev)
         self.seed = seed
         self.default_max_new_tokens = int(max_new_tokens)
@@ -297,6 +334,8 @@ class NuwaGraph(lmms):
             raise PluginError(f"gen_kwargs until {until!r}: expected a string or a list of strings")
         if self.qwen is not None and self.qwen.drop_blank_line_stop:  # qwen2_5_vl, qwen3_vl drop "\n\n"
             until = [u for u in until if u != "\n\n"]
+        if self.adapter.family in LMMS_CHAT_FAMILIES:  # internvl_hf / llava_hf's chat class never read `until`
+            until = []
         # as lmms-eval's llava_hf / Qwen models: temperature > 0 samples, 0 (the tasks' default) is greedy
         temperature = float(kw.get("temperature") or 0.0)
         do_sample = bool(kw.get("do_sample")) or temperature > 0
