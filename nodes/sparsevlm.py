@@ -47,7 +47,7 @@ from nuwa_graph.node import Node, NodeParams, Port
 from nuwa_graph.registry import register
 from nuwa_graph.signals import SignalRequest
 from nuwa_graph.sites import LLMSiteName, Site
-from nuwa_graph.types import Scores, Selection, Tokens
+from nuwa_graph.types import Mix, Scores, Selection, Tokens
 
 from .scorer_llm import drop_heads, in_simd_body
 
@@ -178,6 +178,15 @@ def dpc_knn_merge(x: torch.Tensor, n_clusters: int, noise: torch.Tensor | None =
     Returns (merged (n_clusters, c), centres (n_clusters,) indices into x, in the order of
     the merged rows). `noise` (n,) values are scaled by 1e-6 and added to the densities;
     tie_break='index' uses none and prefers the earlier token among equal densities."""
+    merged, centres, _ = dpc_knn_clusters(x, n_clusters, noise, tie_break)
+    return merged, centres
+
+
+def dpc_knn_clusters(x: torch.Tensor, n_clusters: int, noise: torch.Tensor | None = None,
+                     tie_break: str = "noise") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`dpc_knn_merge` plus the weights it averaged with: (merged, centres, weights), where
+    weights (n_clusters, n) gives merged = weights @ x (each cluster's members at
+    1 / (count + 1e-6), the official code's normalisation)."""
     n, c = x.shape
     dist = _pairwise_dist(x) / (c ** 0.5)
     nearest = torch.topk(dist, k=n_clusters, dim=-1, largest=False).values
@@ -197,7 +206,9 @@ def dpc_knn_merge(x: torch.Tensor, n_clusters: int, noise: torch.Tensor | None =
     ones = torch.ones(n, 1, dtype=x.dtype, device=x.device)
     counts = torch.zeros(n_clusters, 1, dtype=x.dtype, device=x.device).index_add_(0, assign, ones) + 1e-6
     merged = torch.zeros(n_clusters, c, dtype=x.dtype, device=x.device).index_add_(0, assign, x * (1.0 / counts[assign]))
-    return merged, centres
+    weights = torch.zeros(n_clusters, n, dtype=x.dtype, device=x.device)
+    weights[assign, torch.arange(n, device=x.device)] = (1.0 / counts[assign])[:, 0]
+    return merged, centres, weights
 
 
 class RecycleParams(NodeParams):
@@ -245,6 +256,9 @@ class SparseVLMRecycle(Node[RecycleParams]):
         pruned_pos = torch.where(~kept)[0]
         ids = ctx.present[kept_pos]
         values = hidden_rows[kept_pos]
+        n = ctx.present.numel()
+        weights = torch.zeros(kept_pos.numel(), n, dtype=values.dtype, device=values.device)
+        weights[torch.arange(kept_pos.numel(), device=values.device), kept_pos] = 1.0
         if pruned_pos.numel() > 0:
             n_rec = int(pruned_pos.numel() * self.params.fraction) + 1
             n_rec = min(n_rec, pruned_pos.numel())
@@ -259,7 +273,11 @@ class SparseVLMRecycle(Node[RecycleParams]):
                 noise = ctx.signal(self._noise()).reshape(-1)
                 if noise.numel() != n_rec:
                     raise ValueError(f"noise signal has {noise.numel()} values for {n_rec} recycled tokens")
-            merged, centres = dpc_knn_merge(hidden_rows[rec], n_clusters, noise, self.params.tie_break)
+            merged, centres, w = dpc_knn_clusters(hidden_rows[rec], n_clusters, noise, self.params.tie_break)
             ids = torch.cat([ids, ctx.present[rec[centres]]])
             values = torch.cat([values, merged.to(values.dtype)])
-        return {"tokens": Tokens(values, ids, space="llm"), "selection": Selection(ids)}
+            weights = torch.cat([weights, torch.zeros(n_clusters, n, dtype=w.dtype, device=w.device)
+                                 .index_copy_(1, rec, w)])
+        # how every row was made from the tokens present: a replay on another prompt recomputes them
+        return {"tokens": Tokens(values, ids, space="llm", mix=Mix(ctx.present.clone(), weights)),
+                "selection": Selection(ids)}

@@ -52,6 +52,14 @@ class RunState:
         """Per sample, the Keep actions issued at `site`."""
         return [[a for a in acts if Site(a.site) == site] for acts in self.actions]
 
+    def record(self, site: Site, issued: list[list[Keep]]) -> None:
+        """What a visited site leaves: per sample the tokens present after its Keeps, the Keeps."""
+        for b in range(self.batch):
+            for act in issued[b]:
+                self.present[b] = act.ids
+            self.actions[b].extend(issued[b])
+        self.done_sites.append(site.name)
+
 
 class Executor:
     """Binds a pipeline to a batch; `run_site` is called in stream order."""
@@ -157,10 +165,7 @@ class Executor:
         for b in range(state.batch):
             if len(state.geometries[b].blocks) > 1:  # the stream holds each image's tokens in turn
                 issued[b][:] = [in_block_order(act, state.geometries[b]) for act in issued[b]]
-            for act in issued[b]:
-                state.present[b] = act.ids
-            state.actions[b].extend(issued[b])
-        state.done_sites.append(site.name)
+        state.record(site, issued)
         return issued
 
     def _run_units(self, node: Any, name: str, scope: str, state: RunState, b: int, site: Site,

@@ -103,16 +103,34 @@ class Regions(PortType):
 
 
 @dataclass
+class Mix:
+    """How merged rows were made from the stream's own rows: row j = sum_i weights[j, i] *
+    (the current features of token `sources[i]`). A merger inside the LLM sets it so that a
+    replay on another prompt (question-agnostic pruning, docs/evaluation.md) recomputes the
+    rows from that prompt's hidden states instead of reusing features it never computed."""
+
+    sources: torch.Tensor  # (m,) original ids of the rows mixed
+    weights: torch.Tensor  # (n, m): one row per merged token
+
+    def __post_init__(self) -> None:
+        _check_ids("Mix.sources", self.sources)
+        if self.weights.dim() != 2 or self.weights.shape[1] != self.sources.numel():
+            raise ValueError(f"Mix: weights must be (n, {self.sources.numel()}), got {tuple(self.weights.shape)}")
+
+
+@dataclass
 class Tokens(PortType):
     """Token features (`values`: n x d) with the original id of each row (merged: anchor's).
 
     `space` says where they live: `vision` (vision-encoder width, before the projector) or
-    `llm` (after the projector / inside the language model).
+    `llm` (after the projector / inside the language model). `mix`, where a merger gives it,
+    says how each row was made from the tokens present (see Mix).
     """
 
     values: torch.Tensor
     ids: torch.Tensor
     space: str = "vision"
+    mix: Mix | None = None
     doc: ClassVar[str] = "token features (n x d) with original ids; space vision|llm"
 
     def __post_init__(self) -> None:
@@ -121,6 +139,8 @@ class Tokens(PortType):
             raise ValueError(
                 f"Tokens: values must be (n, d) with n = len(ids); got {tuple(self.values.shape)} and {len(self.ids)}"
             )
+        if self.mix is not None and self.mix.weights.shape[0] != self.ids.numel():
+            raise ValueError(f"Tokens: mix has {self.mix.weights.shape[0]} rows for {self.ids.numel()} tokens")
 
     def grid_values(self, n: int) -> torch.Tensor | None:
         """The values in raster order when the rows are exactly the grid's n tokens (ids a

@@ -60,7 +60,12 @@ NEW_TOKENS = 4
 def images(n: int, adapter=None) -> list:
     """n pictures (at most 2): 96 px (fixed grids resize them), or on a model whose resolution is
     dynamic (the Qwen-VL line) 12 x 12 merged tokens (patch x merge px each): room for budgets
-    that are counts there (64)."""
+    that are counts there (64); on a model that cuts images into crops, two wide pictures of
+    different crop counts (tiny_tiled.wide_pictures, as the tests use)."""
+    if adapter is not None and adapter.model_variables().get("crops", 1) > 1:
+        from nuwa_graph.adapters.tiny_tiled import wide_pictures
+
+        return wide_pictures(adapter.family)[:n]
     vc = getattr(getattr(getattr(adapter, "model", None), "config", None), "vision_config", None)
     merge = getattr(vc, "spatial_merge_size", None)
     size = 12 * int(vc.patch_size) * int(merge) if merge else 96

@@ -7,7 +7,10 @@ not part of the package.
 the shapes world: vanilla and each baseline at budgets equivalent to 64/128/192 of LLaVA-1.5's
 576 tokens (1/9, 2/9, 1/3 of the grid), grounding Acc@0.5 and VQA exact match on held-out
 scenes, every method file run unchanged (its layer schedule scaled to the model's depth), and
-the agreement of the ranking with the paper's tables (scripts/agreement.py). A model trained
+the agreement of the ranking with the paper's tables (scripts/agreement.py), and the evaluations
+the field argues about (docs/evaluation.md): each run's loyalty to vanilla, its accuracy on the
+samples downsampling at the same budget gets wrong (hard) and right (easy), and, for every method
+that reads the prompt's text, its question-agnostic twin. A model trained
 with an attention-supervised head (recorded in its training log) also gets the caveat rerun:
 the text-attention methods with that head left out of their scorers. The markdown is written
 from the numbers; nothing in it is typed by hand.
@@ -25,8 +28,17 @@ from typing import Any
 
 import yaml
 from agreement import render as render_agreement
+from field_report import field_table, question_agnostic_lines
 
-from nuwa_graph.apps.evaluate import EvalRun, evaluate, load_data, sample_data, tokens_runs, write_results
+from nuwa_graph.apps.evaluate import (
+    EvalRun,
+    evaluate,
+    load_data,
+    sample_data,
+    tokens_runs,
+    with_question_agnostic,
+    write_results,
+)
 from nuwa_graph.embedded import WEIGHTS_DIR
 from nuwa_graph.pipeline import Pipeline, load, load_text
 from nuwa_graph.resources import shipped_pipeline
@@ -90,9 +102,11 @@ def with_heads_excluded(pipe: Pipeline, layer: int, heads: list[int], model_vars
 
 
 def plan(entries=ENTRIES, budgets=BUDGETS, model_vars: dict[str, Any] | None = None,
-         mask: tuple[int, list[int]] | None = None) -> list[EvalRun]:
+         mask: tuple[int, list[int]] | None = None, question_agnostic: bool = False) -> list[EvalRun]:
     """The runs: vanilla once, every budgeted pipeline at every budget, adaptive ones once.
-    With `mask` = (layer, heads): only the text-attention pipelines, with those heads excluded."""
+    With `mask` = (layer, heads): only the text-attention pipelines, with those heads excluded.
+    With `question_agnostic`: each run that reads the prompt's text followed by its
+    question-agnostic twin (evaluate.with_question_agnostic)."""
     runs = []
     for e in entries:
         path = shipped_pipeline(e.file)
@@ -109,7 +123,7 @@ def plan(entries=ENTRIES, budgets=BUDGETS, model_vars: dict[str, Any] | None = N
                     continue
                 label += " -head"
             runs.append(EvalRun(label, f"pipelines/{e.file}.yaml", {"budget": b} if b is not None else {}, pipe))
-    return runs
+    return with_question_agnostic(runs, model_vars) if question_agnostic and mask is None else runs
 
 
 def run_all(model: str, n: int, out: Path, batch: int = 32, max_new_tokens: int = 6, budgets=BUDGETS,
@@ -125,11 +139,12 @@ def run_all(model: str, n: int, out: Path, batch: int = 32, max_new_tokens: int 
     tasks = load_data(sample_data(out / "data", n_images=n, seed=HELD_OUT_SEED))
     info = training_info(model)
     head = info.get("supervised_attention_head") or {}
-    main_runs = plan(entries, budgets, mv)
+    main_runs = plan(entries, budgets, mv, question_agnostic=True)
     runs = plan(entries, budgets, mv, mask=(int(head["layer"]), [int(head["head"])])) if caveat and head else []
     if on_total:
         on_total((len(main_runs) + len(runs)) * sum(len(t.samples) for t in tasks))
-    main = evaluate(adapter, main_runs, tasks, batch=batch, max_new_tokens=max_new_tokens, progress=progress)
+    main = evaluate(adapter, main_runs, tasks, batch=batch, max_new_tokens=max_new_tokens, progress=progress,
+                    difficulty="downsample")
     write_results(main, out / "main")
     masked = None
     if runs:
@@ -311,7 +326,7 @@ def write_pictures(res: dict[str, Any], out: Path, budget: int = 64) -> list[Pat
     """Grounding and VQA accuracy vs budget, and the kept tokens of one sample per run at `budget`."""
     from nuwa_graph.apps.viz import draw_kept, plot_accuracy, safe_name
 
-    main = res["main"]
+    main = {**res["main"], "results": [r for r in res["main"]["results"] if not r.get("question_agnostic")]}
     paths = [plot_accuracy(main, "budget", out / "grounding_vs_budget.png", metric="grounding"),
              plot_accuracy(main, "budget", out / "vqa_vs_budget.png", metric="vqa")]
     for r in main["results"]:
@@ -368,7 +383,13 @@ def render(res: dict[str, Any], command: str) -> str:
           "written for LLaVA-1.5's 32 layers are scaled to this model's depth (`scale32`, docs/pipelines.md); "
           "the schedule each file used is listed under \"Schedules used\".",
         "- Metrics: grounding Acc@IoU>=0.5 with the box parsed from the answer (unparsed answers count as wrong "
-        "and are counted), VQA exact match; % of vanilla per task; prefill ms = median over batches.",
+        "and are counted), VQA exact match; % of vanilla per task; prefill ms = median over batches. Under each "
+        "budget's table, the field's evaluations (docs/evaluation.md): loyalty = how often a run answers as "
+        "vanilla does on the same sample (VQA: the same normalised answer; grounding: boxes with IoU >= 0.5); hard "
+        "/ easy = accuracy on the samples downsampling at the same budget answers wrongly / rightly (VTC-Bench's "
+        "split; the counts are in the heading); question-agnostic = accuracy when the method prunes from the "
+        "neutral prompt (the question removed, the chat template kept) and answers the full prompt over the "
+        "kept tokens.",
         "",
     ]
     titles = {e.name: e.title for e in ENTRIES}
@@ -378,14 +399,17 @@ def render(res: dict[str, Any], command: str) -> str:
         if van:
             lines.append(_row("vanilla", van))
         for r in main["results"]:
-            if r["variables"].get("budget") == b:
+            if r["variables"].get("budget") == b and not r.get("question_agnostic"):
                 lines.append(_row(titles.get(_key(r), _key(r)), r))
         lines.append("")
-    adaptive = [r for r in main["results"] if not r["variables"] and r["pipeline"] != "vanilla"]
+        lines += field_table(main, b, titles)
+    adaptive = [r for r in main["results"] if not r["variables"] and r["pipeline"] != "vanilla"
+                and not r.get("question_agnostic")]
     if adaptive:
         lines += ["## Adaptive (no budget)", "", HEADER]
         lines += [_row(titles.get(_key(r), _key(r)), r) for r in adaptive]
         lines.append("")
+    lines += question_agnostic_lines(main, titles)
     lines += ["## Does the paper's effect appear?", "",
               "The paper's claim: VQA survives pruning, grounding collapses for FastV/VisionZip, Nüwa recovers it. "
               "Computed from the tables above:", ""]

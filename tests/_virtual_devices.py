@@ -557,9 +557,6 @@ def batch_images(adapter) -> list:
 
     if adapter.model_variables().get("crops", 1) <= 1:
         return [synthetic_image(96, seed=0), synthetic_image(96, seed=3)]
-    from nuwa_graph.adapters.tiny_tiled import wide_image
+    from nuwa_graph.adapters.tiny_tiled import wide_pictures
 
-    if adapter.family == "internvl":  # 1x3 tiles + thumbnail, then 2x2 + thumbnail (64 px tiles)
-        return [wide_image(160, 64), wide_image(200, 150)]
-    return [wide_image(200, 150), wide_image(240, 120)]  # AnyRes: 2x2 and 1x2 tiles, cut by unpad
-
+    return wide_pictures(adapter.family)

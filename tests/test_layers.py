@@ -50,6 +50,7 @@ ENGINE = [
     "nuwa_graph.prompt_geometry",
     "nuwa_graph.preflight",
     "nuwa_graph.registry",
+    "nuwa_graph.replay",
     "nuwa_graph.resources",
     "nuwa_graph.safe_io",
     "nuwa_graph.safe_yaml",

@@ -190,6 +190,23 @@ def test_plugin_arguments_and_refusals(plugin, tmp_path):
         NuwaGraph(pipeline=str(tmp_path / "none.yaml"), device="cpu", stats=str(tmp_path))
 
 
+def test_question_agnostic_through_the_plugin(tmp_path):
+    """`question_agnostic=true`: the image is pruned from the neutral prompt (lmms-eval's chat text
+    around an empty question), and the task's prompt is answered over those tokens."""
+    from nuwa_graph.adapters.base import GREEDY
+    from nuwa_graph.apps.prompts import chat_text
+    from nuwa_graph.integrations.lmms import NuwaGraph
+    from nuwa_graph.world import make_scene
+
+    qa = NuwaGraph(pipeline=str(PIPELINES / "fastv.yaml"), budget="32", device="cpu", stats=str(tmp_path),
+                   question_agnostic="true")
+    images = [make_scene(4242, i).image() for i in range(2)]
+    prompts = [chat_text(qa.adapter, q, None, None) for q in ("what color is the circle ?", "how many squares ?")]
+    rep = qa._generate(images, prompts, 3, GREEDY)
+    neutral = qa.adapter.generate(qa.pipeline, images, [chat_text(qa.adapter, "", None, None)] * 2, max_new_tokens=1)
+    assert qa.question_agnostic and rep.kept == neutral.kept and "replay" in rep.node_ms
+
+
 def test_pipeline_variables_are_read_as_yaml(tmp_path):
     from nuwa_graph.integrations.lmms import _yaml_value
 
@@ -227,7 +244,7 @@ def test_lmms_cli_matches_builtin_eval(local, single):
     args = [sys.executable, "-m", "nuwa_graph.apps.cli", "eval", str(PIPELINES / "fastv.yaml"), "--set", "budget=32",
             "--data", str(paths["refcoco"]), "--data", str(paths["vqa"]), "--prompt-style", "lmms-eval",
             "--grounding-prompt", "where is {expression} ?", "--vqa-prompt", "{question}", "--max-new-tokens", "6",
-            "--batch", "2", "--device", "cpu", "-o", str(out / "builtin")]
+            "--batch", "2", "--device", "cpu", "--no-vanilla", "-o", str(out / "builtin")]
     p = subprocess.run(args, capture_output=True, text=True, env=ENV, cwd=out, timeout=900, check=False)
     assert p.returncode == 0, p.stderr[-3000:]
     ours = json.loads((out / "builtin" / "results.json").read_text())["results"][0]
@@ -249,6 +266,17 @@ def test_lmms_cli_matches_builtin_eval(local, single):
     assert len(single["stats"]) == 8
     assert {tuple(s["visual_tokens_per_layer"]) for s in single["stats"]} == {tuple([144] * k + [8] * (depth - k))}
     assert all(s["visual_tokens_full"] == 144 and s["prefill_ms_batch"] > 0 for s in single["stats"])
+    # the cost columns of `nuwa-graph eval`, per sample, and their per-task summary with how each was measured
+    for s in single["stats"]:
+        assert s["ttft_ms_batch"] >= s["prefill_ms_batch"] and s["method_ms_batch"] > 0
+        assert s["kv_cache_bytes_per_sample"] > 0 and s["peak_memory_bytes_batch"] > 0 and s["peak_memory_source"]
+        assert s["flops"]["prefill"] < s["flops"]["vanilla_prefill"] and s["flops"]["vision"] > 0  # counted
+        assert s["question_agnostic"] is False and "decode_ms_per_token_batch" in s
+    summary = json.loads(next((out / "single" / "stats").glob("efficiency-rank0-of-1.json")).read_text())
+    for task in ("nuwa_local_vqa", "nuwa_local_rec"):
+        eff = summary["tasks"][task]
+        assert eff["prefill_ms"]["median"] > 0 and "median of" in eff["prefill_ms"]["how"]
+        assert eff["ttft_ms"]["median"] > 0 and eff["flops"]["prefill"] > 0 and eff["kv_cache_bytes"]["per_sample"] > 0
 
 
 def test_lmms_torchrun_two_processes_equal_one(local, single):
@@ -259,8 +287,8 @@ def test_lmms_torchrun_two_processes_equal_one(local, single):
     assert two["answers"] == single["answers"]
     for task, metric in (("nuwa_local_vqa", "exact_match,none"), ("nuwa_local_rec", "refcoco_ACC@0.5,none")):
         assert two["results"][task][metric] == single["results"][task][metric]
-    assert len(two["stats"]) == 8 and sorted(f.name for f in (d / "stats").iterdir()) == ["rank0-of-2.jsonl",
-                                                                                          "rank1-of-2.jsonl"]
+    assert len(two["stats"]) == 8 and sorted(f.name for f in (d / "stats").iterdir()) == [
+        "efficiency-rank0-of-2.json", "efficiency-rank1-of-2.json", "rank0-of-2.jsonl", "rank1-of-2.jsonl"]
 
 
 def _qwen_vl_utils(monkeypatch):
@@ -372,3 +400,59 @@ def test_the_plugin_passes_every_visual_of_a_document(preset, tmp_path):
     stats = [json.loads(line) for line in plugin.stats_path.read_text().splitlines()]
     assert stats[-1]["visual_tokens_per_layer"][-1] < stats[-1]["visual_tokens_full"]
 
+
+@pytest.mark.parametrize("preset", ["tiny-internvl", "tiny-llava-onevision"])
+def test_the_plugin_serves_internvl_and_onevision(preset, tmp_path):
+    """`--model nuwa_graph --model_args pretrained=<InternVL | OneVision>`: the chat text lmms-eval's
+    chat model builds (internvl_hf; llava_hf's chat class) from lmms-eval's own message builder,
+    InternVL tiled with internvl_hf's min/max patches, `until` not applied (those models never read
+    it), the arguments those models do not have refused, and per-sample stats of a pruned run."""
+    from types import SimpleNamespace
+
+    from lmms_eval.api.task import ConfigurableMessagesTask
+    from lmms_eval.protocol import ChatMessages
+    from PIL import Image
+
+    from nuwa_graph.apps.prompts import chat_text
+    from nuwa_graph.integrations.lmms import NuwaGraph, PluginError
+    from tests.test_prompts import CHAT_HF_TEMPLATES
+
+    plugin = NuwaGraph(pretrained=preset, pipeline=str(PIPELINES / "fastv.yaml"), budget="16", device="cpu",
+                       stats=str(tmp_path / "stats"))
+    family, proc = plugin.adapter.family, plugin.adapter.processor
+    proc.chat_template = CHAT_HF_TEMPLATES[family]
+    image = Image.new("RGB", (600, 600), (200, 30, 30))
+    text = "what colour is it ?\nAnswer the question using a single word or phrase."
+    # what internvl_hf / llava_hf (chat) render: the task's auto messages, dumped, through the processor
+    messages = ChatMessages(messages=ConfigurableMessagesTask._build_user_turn([image], text)).model_dump()["messages"]
+    theirs = proc.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert chat_text(plugin.adapter, text) == theirs
+    kwargs = {"min_patches": 1, "max_patches": 12} if family == "internvl" else {}  # internvl_hf's processor call
+    enc = proc(images=[image], text=theirs, return_tensors="pt", **kwargs)
+    lmms_tokens = int((enc["input_ids"] == proc.tokenizer.convert_tokens_to_ids(proc.image_token)).sum())
+    if family == "internvl":
+        assert enc["pixel_values"].shape[0] == 10  # 3x3 tiles + thumbnail at max 12; the preset's own max 6 gives 5
+    assert plugin._options({"until": ["\n\n", "x"]})[1] == []
+
+    doc = {"image": image}
+    plugin.task_dict = {"t": {"val": {0: doc, 1: doc}}}
+    visual = lambda d: [d["image"]]  # noqa: E731
+
+    def ask(until):
+        reqs = [SimpleNamespace(args=(text, {"max_new_tokens": 3, "until": until}, visual, i, "t", "val"))
+                for i in (0, 1)]
+        return plugin.generate_until(reqs)
+
+    answers = ask(["\n\n"])
+    assert len(answers) == 2 and all(isinstance(a, str) and a for a in answers)
+    first_word = answers[0].split()[0]
+    assert ask([first_word]) == answers  # a stop string in the answer does not cut it
+    stats = [json.loads(line) for line in plugin.stats_path.read_text().splitlines()]
+    assert [r["doc_id"] for r in stats] == [0, 1, 0, 1]
+    assert all(r["visual_tokens_full"] == lmms_tokens and r["visual_tokens_per_layer"][-1] == 16 < lmms_tokens
+               for r in stats)
+
+    for refused in ({"system_prompt": "Be brief."}, {"chat_template": "{{ 1 }}"},
+                    {"min_patches": "3", "max_patches": "2"}):  # InternVL: min > max; OneVision: not its tiling
+        with pytest.raises(PluginError, match=next(iter(refused))):
+            NuwaGraph(pretrained=preset, device="cpu", stats=str(tmp_path / "s2"), **refused)

@@ -168,11 +168,28 @@ def test_cli_eval_prompt_options_are_checked(tmp_path):
     assert "{expression}" in LMMS_REC_PROMPT
 
 
+# the chat templates of the released -hf checkpoints, as their conversion scripts write them
+# (transformers' convert_internvl_weights_to_hf / convert_llava_onevision_weights_to_hf): no system message
+INTERNVL_HF_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<IMG_CONTEXT>\n{% elif c['type'] == 'video' %}"
+    "<video>\n{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+ONEVISION_HF_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% for c in m['content'] | selectattr('type', 'equalto', 'image') %}<image>\n{% endfor %}"
+    "{% for c in m['content'] | selectattr('type', 'equalto', 'video') %}<video>\n{% endfor %}"
+    "{% for c in m['content'] | selectattr('type', 'equalto', 'text') %}{{ c['text'] }}{% endfor %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHAT_HF_TEMPLATES = {"internvl": INTERNVL_HF_TEMPLATE, "llava_onevision": ONEVISION_HF_TEMPLATE}
+
+
 def test_lmms_prompts_per_tiled_family():
-    """LLaVA-NeXT checkpoints go through lmms-eval's llava_hf (the same text as LLaVA); InternVL and
-    OneVision have no llava_hf / qwen2_5_vl form here: a clear error naming --prompt-style native."""
-    from nuwa_graph.apps.errors import EvalError
-    from nuwa_graph.apps.prompts import chat_text, lmms_eval_style
+    """LLaVA-NeXT checkpoints go through lmms-eval's llava_hf (the same text as LLaVA); InternVL
+    (internvl_hf) and OneVision (llava_hf's chat class) get one user turn, image then text, through
+    the processor's template, no system message; what that template does not allow is refused."""
+    from nuwa_graph.adapters.tiny_tiled import internvl_processor, onevision_processor
+    from nuwa_graph.apps.prompts import LMMS_MODELS, chat_messages_text, internvl_tiles_as_lmms, lmms_eval_style
 
     class NoTemplate:
         chat_template = None
@@ -183,8 +200,49 @@ def test_lmms_prompts_per_tiled_family():
     nxt = Adapter()
     nxt.family = "llava_next"  # type: ignore[attr-defined]
     assert chat_text(nxt, "q ?") == f"{VICUNA_SYSTEM} USER: <image>\nq ? ASSISTANT:"
-    for family in ("internvl", "llava_onevision"):
+    expected = {"internvl": "<|im_start|>user\n<IMG_CONTEXT>\nq ?\nAnswer.<|im_end|>\n<|im_start|>assistant\n",
+                "llava_onevision": "<|im_start|>user\n<image>\nq ?\nAnswer.<|im_end|>\n<|im_start|>assistant\n"}
+    for family, proc in (("internvl", internvl_processor()), ("llava_onevision", onevision_processor())):
+        assert LMMS_MODELS[family] in ("internvl_hf", "llava_hf")
         other = Adapter()
         other.family = family  # type: ignore[attr-defined]
-        with pytest.raises(EvalError, match="prompt-style native"):
-            lmms_eval_style(other)
+        other.processor = proc  # type: ignore[misc]
+        with pytest.raises(ValueError, match="no chat template"):
+            chat_text(other, "q ?")
+        proc.chat_template = CHAT_HF_TEMPLATES[family]
+        assert chat_text(other, "q ?\nAnswer.") == expected[family]
+        assert chat_messages_text(proc, "q ?\nAnswer.") == expected[family]
+        with pytest.raises(ValueError, match="system_prompt"):
+            chat_text(other, "q ?", system_prompt="Be brief.")
+        with pytest.raises(ValueError, match="chat_template"):
+            chat_text(other, "q ?", chat_template="{{ 1 }}")
+        with pytest.raises(ValueError, match="two image placeholders"):
+            chat_text(other, f"{proc.image_token}\nq ?")
+        prompt_fn, _ = lmms_eval_style(other)
+        assert prompt_fn(None, "q ?\nAnswer.") == expected[family]
+    ip = internvl_processor().image_processor
+    holder = Adapter()
+    holder.processor = type("P", (), {"image_processor": ip})()  # type: ignore[misc]
+    ip.crop_to_patches, ip.max_patches = False, 6
+    internvl_tiles_as_lmms(holder)
+    assert (ip.crop_to_patches, ip.min_patches, ip.max_patches) == (True, 1, 12)
+    with pytest.raises(ValueError, match="min_patches"):
+        internvl_tiles_as_lmms(holder, 3, 2)
+
+
+def test_checkpoint_chat_template_prefers_the_processors(tmp_path):
+    """A processor built from its parts takes the template AutoProcessor would load
+    (chat_template.jinja, legacy chat_template.json), else the tokenizer's."""
+    from nuwa_graph.adapters.processors import checkpoint_chat_template
+    from nuwa_graph.adapters.tiny_tiled import internvl_tokenizer
+
+    tok = internvl_tokenizer()
+    tok.chat_template = "{{ 'tokenizer' }}"
+    tok.save_pretrained(tmp_path)
+    (tmp_path / "chat_template.jinja").unlink(missing_ok=True)
+    assert checkpoint_chat_template(str(tmp_path), tok) == "{{ 'tokenizer' }}"
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": "{{ 'legacy processor' }}"}))
+    assert checkpoint_chat_template(str(tmp_path), tok) == "{{ 'legacy processor' }}"
+    (tmp_path / "chat_template.json").unlink()
+    (tmp_path / "chat_template.jinja").write_text("{{ 'processor' }}")
+    assert checkpoint_chat_template(str(tmp_path), tok) == "{{ 'processor' }}"

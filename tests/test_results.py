@@ -146,15 +146,17 @@ def test_generated_docs_name_the_shipped_weights_by_their_repository_path(untrai
 
 
 def test_run_all_and_render(untrained, tmp_path):
-    entries = [e for e in ENTRIES if e.name in ("vanilla", "visionzip", "fastv", "nuwa")]
+    entries = [e for e in ENTRIES if e.name in ("vanilla", "downsample", "visionzip", "fastv", "nuwa")]
     totals = []
     res = run_all(str(untrained), 2, tmp_path, batch=2, max_new_tokens=2, budgets=(64,), entries=entries,
                   on_total=totals.append)
     # this 4-layer model's log records a supervised head at layer 1: FastV (K = scale32(2) = 1) reads
     # layer 0, Nüwa's stage 2 layer 1, so only Nüwa is rerun with the head masked
-    assert totals == [(4 + 1) * 2 * 2]  # (main + masked runs) x 2 tasks x 2 samples
+    assert totals == [(5 + 2 + 1) * 2 * 2]  # (main + question-agnostic twins + masked runs) x 2 tasks x 2 samples
     main, caveat = res["main"], res["caveat"]
-    assert [r["label"] for r in main["results"]] == ["vanilla", "fastv budget=64", "visionzip budget=64", "nuwa budget=64"]
+    assert [r["label"] for r in main["results"]] == [
+        "vanilla", "downsample budget=64", "fastv budget=64", "fastv budget=64 (question-agnostic)",
+        "visionzip budget=64", "nuwa budget=64", "nuwa budget=64 (question-agnostic)"]
     assert [r["label"] for r in caveat["results"]] == ["nuwa budget=64 -head"]
     by = {r["label"]: r for r in main["results"]}
     assert by["visionzip budget=64"]["visual_tokens_avg"] == 16 and by["vanilla"]["visual_tokens_avg"] == 144
@@ -168,6 +170,13 @@ def test_run_all_and_render(untrained, tmp_path):
     # the agreement with the paper and the schedules are part of the page
     assert "## Agreement with the paper" in text and "| Nüwa | 47.19 |" in text and "Kendall's tau: **" in text
     assert "## Schedules used" in text and "- FastV: `pipelines/fastv.yaml: " in text
+    # the field's evaluations: loyalty, the hard/easy split by downsample, question-agnostic twins
+    assert "Loyalty, hard samples and question-agnostic pruning at budget 64. Hard / easy: grounding" in text
+    assert "| vanilla | 100.0 | 100.0 |" in text and "= " in text.split("| VisionZip |", 2)[2].split("\n")[0]
+    assert "## Question-agnostic pruning: what each method reads of the prompt" in text
+    assert "- VisionZip: nothing (reads the image only" in text and "- FastV: `llm.attention(layer=0" in text
+    assert main["difficulty"]["splits"][0]["filter"] == "downsample budget=64"
+    assert "(question-agnostic)" not in text.split("## Question-agnostic pruning")[0].split("| pipeline |")[1]
     assert str(ROOT) not in text  # files by their place in the repository, not this machine's path
 
 

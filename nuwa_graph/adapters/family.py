@@ -36,6 +36,8 @@ Extension points (what a family subclass implements; LLaVA in llava.py is the ex
 - `post_layers()` / `on_layer_output(run, layer, seg, hidden)`: decoder layers whose OUTPUT
   the family changes during prefill, and the change (Qwen3-VL's DeepStack adds vision rows
   to the visual positions still present after layers 0..2); the session hooks them.
+- `turn_text(question)` / `turn_end_id()`: a later user turn of a conversation in the
+  family's chat format, and the token that ends an answer (adapters/conversation.py).
 """
 
 from __future__ import annotations
@@ -363,6 +365,30 @@ class FamilyHooks:
         if plan.offsets.numel() != ids.numel():
             raise RunError("the position plan does not match the kept tokens")
         return s + plan.offsets.reshape(1, -1).long()
+
+    # ---- conversations (adapters/conversation.py) ---------------------------------------
+    def turn_text(self, question: str) -> str:
+        """The text of a later user turn, right after a finished answer, in the chat format."""
+        raise RunError(f"multi-turn conversations are not available for the {self.family} family (no turn_text)")
+
+    def _tokenizer(self):
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    def turn_end_id(self) -> int:
+        """The token that ends an answer in the chat format (default: the tokenizer's EOS)."""
+        eos = self._tokenizer().eos_token_id
+        if eos is None:
+            raise RunError(f"{self.name}: the tokenizer has no EOS token to end an answer with")
+        return int(eos)
+
+    def turn_ids(self, question: str) -> list[int]:
+        """`turn_text(question)` as token ids (no BOS)."""
+        return list(self._tokenizer()(self.turn_text(question), add_special_tokens=False)["input_ids"])
+
+    def pad_id(self) -> int:
+        tok = self._tokenizer()
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return int(pad or 0)
 
     # ---- checks --------------------------------------------------------------------------
     @property

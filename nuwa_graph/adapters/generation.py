@@ -18,6 +18,7 @@ from ..errors import PipelineError, RunError
 from ..executor import Executor
 from ..loader import family_file_of
 from ..pipeline import Pipeline
+from ..replay import ReplayExecutor, recorded_keeps
 from ..sites import Site
 from .layout import Block, Segment, VisionOut, columns, decode_mask, host_keeps
 from .report import PeakMemory, RunReport, build_report, kv_cache_bytes, model_devices, sync
@@ -192,8 +193,13 @@ class Generation(HookSession):
                       [r.layouts[b].n_extra for b in range(r.B)], runs=seg_runs)
         return x, am, seg
 
-    def _start(self, pipeline: Pipeline, images, prompts, external, seed, extra_ids=None) -> AdapterRun:
-        ex = self._bind(pipeline)
+    def _start(self, pipeline: Pipeline, images, prompts, external, seed, extra_ids=None, replay=None,
+               extra_in_prompt: bool = False) -> AdapterRun:
+        """`replay`: recorded Keep actions issued instead of running the nodes (nuwa_graph/replay.py);
+        `extra_ids` are appended after each prompt, as prompt tokens when `extra_in_prompt`."""
+        ex: Executor = self._bind(pipeline)
+        if replay is not None:
+            ex = ReplayExecutor(ex, replay)
         if isinstance(prompts, str):
             prompts = [prompts]
         if not isinstance(images, (list, tuple)):
@@ -216,6 +222,8 @@ class Generation(HookSession):
         if extra_ids is not None:
             for b in range(r.B):
                 r.layouts[b].extend(torch.as_tensor(extra_ids[b]))
+                if extra_in_prompt:
+                    r.layouts[b].n_extra = 0
         r.counts = [[] for _ in range(r.B)]
         return r
 
@@ -247,10 +255,11 @@ class Generation(HookSession):
         return logits, cache
 
     def forward_logits(self, pipeline: Pipeline, images, prompts, external: dict | None = None,
-                       seed: int | None = None, extra_ids=None) -> tuple[torch.Tensor, AdapterRun]:
+                       seed: int | None = None, extra_ids=None, replay=None) -> tuple[torch.Tensor, AdapterRun]:
         """Cache-free prefill; logits for every position of the (pruned) sequence.
-        `extra_ids[b]` are appended after the prompt (recompute of generated tokens)."""
-        r = self._start(pipeline, images, prompts, external, seed, extra_ids)
+        `extra_ids[b]` are appended after the prompt (recompute of generated tokens); `replay`
+        issues recorded Keep actions instead of running the nodes."""
+        r = self._start(pipeline, images, prompts, external, seed, extra_ids, replay)
         with self.session(r):
             logits, _ = self._prefill(r, use_cache=False, all_logits=True)
         r.phase = "idle"
@@ -259,24 +268,36 @@ class Generation(HookSession):
     @torch.no_grad()
     def generate(self, pipeline: Pipeline, images, prompts, max_new_tokens: int = 16, external: dict | None = None,
                  seed: int | None = None, stop_at_eos: bool = True, return_logits: bool = False,
-                 sampling: Sampling | None = None) -> RunReport:
+                 sampling: Sampling | None = None, replay=None, prompt_ids=None, conversation=None) -> RunReport:
         """Decoding with a KV cache over a left-padded batch, greedy unless `sampling` says
         otherwise; returns a RunReport (with `.step_logits`, a list of (B, V) tensors, when
-        return_logits)."""
-        r = self._start(pipeline, images, prompts, external, seed)
+        return_logits).
+
+        `replay`: Keep actions recorded in another run of the same images (`RunReport.keeps`),
+        issued instead of running the nodes (question-agnostic pruning; nuwa_graph/replay.py).
+        `prompt_ids[b]`: token ids appended to prompt b as prompt tokens (a conversation's later
+        turns). `conversation` (adapters/conversation.py): its first call prefills as usual and
+        keeps the KV cache; each later call feeds `prompts` (the next turn's questions) to that
+        cache and decodes, without pruning again."""
+        t_call = time.perf_counter()
+        resume = conversation is not None and conversation.active
+        r = conversation.run if resume else self._start(pipeline, images, prompts, external, seed, prompt_ids, replay,
+                                                        extra_in_prompt=True)
         pick = (sampling or GREEDY).picker(self.device, pipeline.spec.seed if seed is None else seed)
         eos = self._eos_ids()
         step_logits = []
         new_tokens: list[list[int]] = [[] for _ in range(r.B)]
         finished = torch.zeros(r.B, dtype=torch.bool)
         decode_s = 0.0
+        ttft_s = 0.0
         steps = 0
         devices = model_devices(self.model, self.device)  # under a device_map: every GPU of the model
         mem = PeakMemory(devices)
         with self.session(r), mem:
             sync(devices)
             t0 = time.perf_counter()
-            logits, cache = self._prefill(r, use_cache=True)
+            logits, cache = (conversation.extend(self, r, prompts, pipeline) if resume
+                             else self._prefill(r, use_cache=True))
             sync(devices)
             prefill_s = time.perf_counter() - t0
             r.phase = "decode"
@@ -301,6 +322,8 @@ class Generation(HookSession):
                     step_logits.append(last_logits.cpu())
                 nxt_dev = pick(last_logits)
                 nxt = nxt_dev.cpu()  # the one host copy per step: the token ids
+                if step == 0:
+                    ttft_s = time.perf_counter() - t_call
                 for b in range(r.B):
                     if not finished[b]:
                         new_tokens[b].append(int(nxt[b]))
@@ -330,6 +353,10 @@ class Generation(HookSession):
         rep = build_report(self, r, new_tokens, prefill_s, decode_s, steps, mem, kv_cache_bytes(cache))
         rep.schedule = r.ex.pipeline.schedule()
         rep.signals = [f"{q.key} at {q.site}" for q in r.ex.requests()]
+        rep.ttft_ms = ttft_s * 1e3
+        rep.keeps = recorded_keeps(r.state)  # type: ignore[arg-type]
+        if conversation is not None:
+            conversation.keep(r, cache, new_tokens, steps, rep, pipeline.name)
         if return_logits:
             rep.step_logits = step_logits  # type: ignore[attr-defined]
         return rep

@@ -36,8 +36,10 @@ from ..part_views import CropSignals
 from ..signals import SignalRequest
 from ..types import Geometry
 from .base import LLM_SIGNALS, AdapterRun, Encoded, VisionOut, load_checkpoint, register_adapter
+from .conversation import CHATML_END, CHATML_TURN, token_id
 from .family import flatten_images
 from .llava import LlavaAdapter
+from .processors import checkpoint_chat_template
 
 NO_UNIT_SIGNALS = frozenset({"vision.cls_hidden", "vision.qk_single_head"})
 
@@ -78,7 +80,7 @@ class InternVLAdapter(LlavaAdapter):
         ip = GotOcr2ImageProcessorPil.from_pretrained(id_or_path)  # PIL: no torchvision needed
         proc = internvl_processor_class()(image_processor=ip, tokenizer=tok, video_processor=None,
                                           image_seq_length=cls.units_per_tile(model.config),
-                                          chat_template=getattr(tok, "chat_template", None))
+                                          chat_template=checkpoint_chat_template(id_or_path, tok))
         return cls(model, proc, name=str(id_or_path), dtype=dtype, device=device,
                    attn_implementation=attn_implementation)
 
@@ -134,6 +136,14 @@ class InternVLAdapter(LlavaAdapter):
     def with_placeholders(self, question: str) -> str:
         text = question.replace("<image>", self.processor.image_token)
         return self.prompt_template.replace("{image}\n", "").format(prompt=text)
+
+    def turn_text(self, question: str) -> str:
+        """A later user turn in InternVL's chat format (ChatML, as its prompt), after `answer<|im_end|>`."""
+        return CHATML_TURN.format(question=question)
+
+    def turn_end_id(self) -> int:
+        end = token_id(self._tokenizer(), CHATML_END)
+        return end if end is not None else super().turn_end_id()
 
     def tiles_of(self, size_hw: tuple[int, int]) -> tuple[int, int, bool]:
         """(tile rows, tile cols, thumbnail) GotOcr2's processing gives an image of (height, width) pixels."""

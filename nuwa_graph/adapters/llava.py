@@ -174,6 +174,10 @@ class LlavaAdapter(VLMAdapter):
         texts = [self.format_prompt(p, n) for p, n in zip(prompts, counts or [1] * len(prompts))]
         return flat, counts, texts
 
+    def turn_text(self, question: str) -> str:
+        """LLaVA-1.5's later user turn: `...ASSISTANT: answer</s>USER: {question} ASSISTANT:`."""
+        return f"USER: {question} ASSISTANT:"
+
     def encode(self, images: list, prompts: list[str]) -> Encoded:
         flat, counts, texts = self.texts(images, prompts)
         tok = self.processor.tokenizer

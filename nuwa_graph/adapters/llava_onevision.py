@@ -23,7 +23,9 @@ from ..errors import RunError
 from ..part_views import CropSignals
 from ..signals import SignalRequest
 from .base import LLM_SIGNALS, AdapterRun, load_checkpoint, register_adapter
+from .conversation import template_turn, token_id
 from .llava_next import LlavaNextAdapter
+from .processors import checkpoint_chat_template
 
 
 def onevision_processor_class():
@@ -49,17 +51,33 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     supported_signals = frozenset({"vision.hidden", "vision.hidden_mean"}) | LLM_SIGNALS
     feature_strategy = "full"  # SigLIP: no CLS row
 
+    def _template(self) -> str | None:
+        return getattr(self.processor, "chat_template", None) or getattr(self.processor.tokenizer, "chat_template",
+                                                                         None)
+
     def format_prompt(self, prompt: str, images: int = 1) -> str:
         """A plain question gets the checkpoint's chat template with one image (Qwen2 chat for the
         released models), else LLaVA's `USER: <image>` form (the tiny preset has no template)."""
         if "<image>" in prompt:
             return prompt
-        template = getattr(self.processor, "chat_template", None) or getattr(self.processor.tokenizer,
-                                                                             "chat_template", None)
-        if template:
+        if self._template():
             msg = [{"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": prompt}]}]
             return self.processor.apply_chat_template(msg, add_generation_prompt=True, tokenize=False)
         return super().format_prompt(prompt, images)
+
+    def turn_text(self, question: str) -> str:
+        """A later user turn in the same format as `format_prompt`: read off the chat template
+        (conversation.template_turn), else LLaVA's."""
+        if self._template():
+            return template_turn(self.processor)[0].replace("{question}", question)
+        return super().turn_text(question)
+
+    def turn_end_id(self) -> int:
+        if self._template():
+            end = token_id(self._tokenizer(), template_turn(self.processor)[1])
+            if end is not None:
+                return end
+        return super().turn_end_id()
 
     @classmethod
     def from_pretrained(cls, id_or_path: str, dtype: torch.dtype, device: str, attn_implementation: str = "sdpa",
@@ -79,7 +97,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                                            num_image_tokens=(vc.image_size // vc.patch_size) ** 2,
                                            vision_feature_select_strategy="full",
                                            vision_aspect_ratio=model.config.vision_aspect_ratio,
-                                           chat_template=getattr(tok, "chat_template", None))
+                                           chat_template=checkpoint_chat_template(id_or_path, tok))
         return cls(model, proc, name=str(id_or_path), dtype=dtype, device=device,
                    attn_implementation=attn_implementation)
 

@@ -1,7 +1,8 @@
 """Processors without torchvision: the stock multimodal processors check that a video
 processor of the right class is given, and that class lives behind torchvision. Images never
 need it, so every family (the Qwen-VL line, LLaVA-NeXT/OneVision, InternVL) builds its
-processor through `without_video`."""
+processor through `without_video`. `checkpoint_chat_template`: the processor's own chat template
+for a processor built from its parts."""
 
 from __future__ import annotations
 
@@ -21,3 +22,21 @@ def without_video(base: type) -> type:
     return type(base.__name__, (base,), {
         "check_argument_for_proper_class": check_argument_for_proper_class,
         "__doc__": f"{base.__name__} usable without torchvision (`video_processor=None`; no videos)."})
+
+
+def checkpoint_chat_template(id_or_path: str, tokenizer) -> str | None:
+    """The chat template `AutoProcessor.from_pretrained` would give the checkpoint's processor
+    (chat_template.jinja, or the legacy processor-only chat_template.json), else the
+    tokenizer's. A processor built by hand from its parts would otherwise take the tokenizer's
+    template, which can differ from the processor's (a checkpoint converted from a text LLM keeps
+    that LLM's template in tokenizer_config.json), while lmms-eval's chat models render the
+    processor's."""
+    from transformers import ProcessorMixin
+
+    try:
+        found = ProcessorMixin.get_processor_dict(id_or_path)[0].get("chat_template")
+    except (OSError, ValueError):  # no processor files: the tokenizer's template is all there is
+        found = None
+    if isinstance(found, dict):  # several named templates: the default one, as apply_chat_template picks
+        found = found.get("default")
+    return found or getattr(tokenizer, "chat_template", None)

@@ -68,6 +68,7 @@ from ..part_views import CropSignals
 from ..signals import SignalRequest
 from ..types import Geometry, PositionPlan
 from .base import LLM_SIGNALS, AdapterRun, Encoded, SampleLayout, VisionOut, VLMAdapter, load_checkpoint, register_adapter
+from .conversation import CHATML_END, CHATML_TURN, token_id
 from .family import flatten_images
 from .qwen_geometry import (
     VisionGeometry,
@@ -143,6 +144,14 @@ class QwenAdapter(VLMAdapter):
 
     def with_placeholders(self, question: str) -> str:
         return self.prompt(question.replace("<image>", "<|vision_start|><|image_pad|><|vision_end|>"), images=0)
+
+    def turn_text(self, question: str) -> str:
+        """A later user turn of the chat template, after `answer<|im_end|>`."""
+        return CHATML_TURN.format(question=question)
+
+    def turn_end_id(self) -> int:
+        end = token_id(self._tokenizer(), CHATML_END)
+        return end if end is not None else super().turn_end_id()
 
     # ---- checks -------------------------------------------------------------------------
     def unavailable_signal(self, req: SignalRequest) -> str | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import tracemalloc
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
@@ -50,9 +50,15 @@ class RunReport:
     devices: list[str] = field(default_factory=list)  # every device holding part of the model
     peak_memory_per_device: dict[str, int] = field(default_factory=dict)  # CUDA: each GPU's peak
     node_ms_synchronized: bool = True  # node times include their GPU work (every device synchronised)
+    ttft_ms: float = 0.0  # time to first token: from the generate call (inputs encoded) to the first token id on the host
+    # per sample, the run's Keep actions as tensors, for a replay on another prompt (nuwa_graph/replay.py);
+    # not part of to_dict()
+    keeps: list[list[Any]] = field(default_factory=list, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(replace(self, keeps=[]))
+        out.pop("keeps")
+        return out
 
 
 

@@ -81,6 +81,18 @@ def wide_image(width: int = 200, height: int = 150, seed: int = 0):
     return synthetic_image(336, seed).resize((width, height))
 
 
+def wide_pictures(family: str) -> list:
+    """Two wide pictures of different crop counts for a tiled family's checks (tests, gpu_check):
+    InternVL 1x3 tiles + thumbnail and 2x2 + thumbnail (64 px tiles); AnyRes (LLaVA-NeXT,
+    OneVision) 1x2 and 2x2 tiles, cut by unpad. The first is the one single-picture checks use:
+    on tiny-llava-next in float16/bfloat16 one crop of the 2x2 picture has no PruMerge+ outlier
+    (the official code divides by zero there; the node refuses), a property of the tiny random
+    weights, which gpu_check's half-precision agreement would otherwise stop on."""
+    if family == "internvl":
+        return [wide_image(160, 64), wide_image(200, 150)]
+    return [wide_image(240, 120), wide_image(200, 150)]
+
+
 # --- tiny-internvl: InternVL3.5 shape (InternViT with CLS, pixel shuffle, Qwen3 LLM with QK-norm) ---
 INTERNVL_TILE = 64  # px per tile: 4 px patches -> 16 x 16 patches -> 8 x 8 = 64 tokens per tile after the shuffle
 INTERNVL_SPECIALS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",

@@ -8,7 +8,6 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from ..errors import PipelineError, RunError
 from ..preflight import check_template
@@ -58,8 +57,9 @@ def eval_(
                                                   "the question using a single word or phrase.')."),
     prompt_style: str = typer.Option("native", "--prompt-style",
                                      help="native: the adapter's chat format, boxes parsed by parse_box; lmms-eval: "
-                                          "lmms-eval's chat text (llava_hf, qwen2_vl, qwen2_5_vl, qwen3_vl), RefCOCO "
-                                          "prompt and box parsing, so numbers compare with lmms-eval's."),
+                                          "lmms-eval's chat text (llava_hf, qwen2_vl, qwen2_5_vl, qwen3_vl, "
+                                          "internvl_hf), RefCOCO prompt and box parsing, so numbers compare with "
+                                          "lmms-eval's."),
     image_root: Path | None = typer.Option(None, "--image-root",
                                               help="Folder relative image paths are read from (default: each data "
                                                    "file's folder)."),
@@ -79,13 +79,37 @@ def eval_(
                                                "reported) instead of stopping with the list of them."),
     fresh: bool = typer.Option(False, "--fresh", help="Discard the partial predictions of an interrupted eval in "
                                                       "OUTPUT instead of resuming from them."),
+    difficulty: str | None = typer.Option(None, "--difficulty", metavar="FILTER",
+                                             help="Split the samples as VTC-Bench does: run FILTER (downsample) at "
+                                                  "each evaluated budget and report every run's accuracy on the "
+                                                  "samples it gets wrong (hard) and right (easy)."),
+    question_agnostic: bool = typer.Option(False, "--question-agnostic",
+                                           help="Also run every pipeline that reads the prompt's text "
+                                                "question-agnostically: prune from a neutral prompt (the question "
+                                                "removed), then answer the full prompt over the kept tokens."),
+    neutral_prompt: str = typer.Option("", "--neutral-prompt",
+                                       help="The neutral instruction of --question-agnostic (default: empty, i.e. "
+                                            "the question removed and the chat template kept); \\n is a newline."),
+    turns: int = typer.Option(0, "--turns", min=0,
+                              help="With the built-in sample set: also a multi-turn set of up to N questions per "
+                                   "image (dialog data given with --data is detected by its `turns`)."),
+    turn_mode: str = typer.Option("reuse,prune", "--turn-mode",
+                                  help="Multi-turn modes, comma-separated: reuse (the first turn's kept tokens and "
+                                       "KV cache) and/or prune (pruned again every turn)."),
+    no_vanilla: bool = typer.Option(False, "--no-vanilla",
+                                    help="Do not add pipelines/vanilla.yaml as the reference when no evaluated "
+                                         "pipeline is vanilla (loyalty and % of vanilla then have no reference)."),
 ) -> None:
     """Accuracy of pipelines over a data set: grounding Acc@0.5, VQA exact match, tokens, prefill time.
 
     Every data record is checked before the model is loaded. An interrupted eval (Ctrl-C) keeps its
     finished batches in OUTPUT/predictions.partial.jsonl; the same command again resumes from them.
 
+    Every run reports its loyalty (agreement with vanilla on the same samples) and its costs; a
+    vanilla run is added as the reference when none is given (--no-vanilla leaves it out).
+
     Example: nuwa-graph eval pipelines/vanilla.yaml pipelines/fastv.yaml pipelines/nuwa.yaml --set budget=32,64 --limit 100
+    Hard samples: nuwa-graph eval pipelines/nuwa.yaml pipelines/random.yaml --difficulty downsample
     Many GPUs: torchrun --nproc_per_node 8 -m nuwa_graph.apps.cli eval ... (rank 0 writes the merged results)
     """
     from rich.progress import (
@@ -96,6 +120,7 @@ def eval_(
         TimeRemainingColumn,
     )
 
+    from .dialogs import MODES
     from .evaluate import (
         GROUNDING_PROMPT,
         OUTPUT_FILES,
@@ -107,6 +132,9 @@ def eval_(
         load_data,
         plan_runs,
         sample_data,
+        with_difficulty_filter,
+        with_question_agnostic,
+        with_vanilla,
     )
     from .prompts import LMMS_REC_PROMPT, LMMS_VQA_PROMPT, STYLES, lmms_eval_style, unescape
     from .shards import Group, Shard, check_launch, device_for, merge, parse_shard, read_shards, shard_payload, write_shard
@@ -126,10 +154,18 @@ def eval_(
     lmms = prompt_style == "lmms-eval"
     grounding_prompt = unescape(grounding_prompt) if grounding_prompt else (LMMS_REC_PROMPT if lmms else GROUNDING_PROMPT)
     vqa_prompt = unescape(vqa_prompt) if vqa_prompt else (LMMS_VQA_PROMPT if lmms else VQA_PROMPT)
+    modes = tuple(m.strip() for m in turn_mode.split(",") if m.strip())
+    if not modes or any(m not in MODES for m in modes):
+        raise typer.BadParameter(f"{turn_mode!r}: give reuse and/or prune, comma-separated", param_hint="--turn-mode")
     try:
         shard = parse_shard(shard_) if shard_ else Shard.from_env()
         check_launch(shard, device_map)
         runs = plan_runs(files, grid)
+        added_vanilla = False
+        if not no_vanilla:
+            runs, added_vanilla = with_vanilla(runs)
+        if difficulty:
+            runs = with_difficulty_filter(runs, difficulty)
     except PipelineError as exc:
         _print_problems(exc)
         raise typer.Exit(1) from None
@@ -145,7 +181,8 @@ def eval_(
         with Group(shard) as group:
             if not data and shard and shard.launched and shard.index != 0:
                 group.barrier()  # rank 0 writes the built-in sample set first
-            tasks = load_data(data if data else [str(p) for p in sample_data(output / "sample_data")], limit=limit,
+            tasks = load_data(data if data else [str(p) for p in sample_data(output / "sample_data", n_turns=turns)],
+                              limit=limit,
                               bbox_format=bbox_format, image_root=image_root, image_template=image_template,
                               skip_bad=skip_bad_records)
             if not data and shard and shard.launched and shard.index == 0:
@@ -160,7 +197,13 @@ def eval_(
             dev = resolve_device(device_for(shard, device))
             adapter = load_adapter(model or default_model(), resolve_dtype(dtype, dev), dev,
                                    attn_implementation=attn_implementation, device_map=device_map)
-            total = len(runs) * sum(len(t.samples) for t in part)
+            if question_agnostic:  # what each file reads on this model (its family file, where it names one)
+                runs = with_question_agnostic(runs, adapter.model_variables())
+            if added_vanilla and (shard is None or shard.index == 0):
+                err.print("added pipelines/vanilla.yaml as the reference (loyalty, % of vanilla; --no-vanilla "
+                          "leaves it out)")
+            total = len(runs) * sum(len(t.samples) * (len(modes) if t.kind.startswith("dialog") else 1)
+                                    for t in part)
             who = f"[{shard.index}/{shard.count}] " if shard else ""
             result = None
             with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -173,7 +216,8 @@ def eval_(
                                       progress=lambda desc, n: bar.update(job, description=escape(who + desc),
                                                                           advance=n),
                                       prompt_fn=prompt_fn, score_fn=score_fn, raw=shard is not None,
-                                      checkpoint=partial)
+                                      checkpoint=partial, neutral_prompt=unescape(neutral_prompt),
+                                      turn_modes=modes, difficulty=difficulty)
                     result["settings"]["prompt_style"] = prompt_style
             if shard is not None:
                 path = write_shard(shard_payload(result, tasks, shard.take(tasks), shard, grid,
@@ -231,36 +275,12 @@ def merge_(
 
 def _eval_report(result: dict[str, Any], output: Path, grid: dict[str, list[Any]], partial: Path | None = None) -> None:
     """The table of `eval` / `merge` and the files (results.json/csv, predictions, pictures)."""
-    from .evaluate import sweep_axis, tokens_runs, write_results
+    from .eval_tables import print_tables
+    from .evaluate import sweep_axis, write_results
     from .viz import write_pictures
 
-    names = [d["task"] for d in result["data"]]
-    sizes = ", ".join(f"{d['task']}: {d['n']}" for d in result["data"])
-    table = Table(title=f"eval on {escape(result['model'])} ({sizes}; relative to {escape(result['reference'])})")
-    table.add_column("run", overflow="fold")
-    for k in names:
-        table.add_column(f"{k} acc", justify="right")
-        if k.startswith("grounding"):
-            table.add_column(f"{k} unparsed", justify="right")
-    table.add_column("mean acc", justify="right")
-    table.add_column("rel. %", justify="right")
-    table.add_column("avg tokens", justify="right")
-    table.add_column("tokens per layer", overflow="fold")
-    table.add_column("prefill ms", justify="right")
-    for r in result["results"]:
-        cells = [escape(r["label"])]
-        for k in names:
-            t = r["tasks"][k]
-            cells.append(f"{100 * t['accuracy']:.1f}%")
-            if k.startswith("grounding"):
-                cells.append(f"{t['parse_failures']}/{t['n']}")
-        rel = r["relative_pct"]
-        cells += [f"{100 * r['accuracy']:.1f}%", "-" if rel is None else f"{rel:.1f}",
-                  f"{r['visual_tokens_avg']:.1f}/{r['visual_tokens_full']}",
-                  tokens_runs(r["visual_tokens_per_layer"]), f"{r['prefill_ms_median']:.1f}"]
-        table.add_row(*cells)
     # piped output (files, CI logs) gets a wide table instead of rich's 80-column default
-    (out if out.is_terminal else Console(highlight=False, width=max(out.width, 160))).print(table)
+    print_tables(result, out if out.is_terminal else Console(highlight=False, width=max(out.width, 160)))
     if result.get("resumed_batches"):
         err.print(f"resumed: {result['resumed_batches']} batches taken from {escape(str(partial))}")
     paths = list(write_results(result, output).values())
@@ -269,3 +289,30 @@ def _eval_report(result: dict[str, Any], output: Path, grid: dict[str, list[Any]
     paths += write_pictures(result, output, sweep_axis(grid))
     for p in paths:
         out.print(f"wrote {escape(str(p))}")
+
+
+@app.command("report")
+def report_(
+    results: Path = typer.Argument(..., metavar="RESULTS.json", help="The results.json of `nuwa-graph eval` (or its "
+                                                                     "output folder).", show_default=False),
+    output: Path = typer.Option(Path("report.html"), "--output", "-o", help="The HTML page to write."),
+) -> None:
+    """One self-contained HTML page of an eval: accuracy vs budget and vs FLOPs (Pareto) per task,
+    accuracy with % of vanilla and loyalty, hard samples, multi-turn, costs, kept tokens.
+
+    The page fetches nothing (inline SVG, base64 images); open it in any browser.
+    Example: nuwa-graph eval pipelines/fastv.yaml --set budget=64,128 -o runs/ev && nuwa-graph report runs/ev -o report.html
+    """
+    from ..safe_io import atomic_write
+    from .errors import EvalError
+    from .report_html import load_results, render
+
+    src = results / "results.json" if results.is_dir() else results
+    _output_or_exit(output, "file", [src], "--output")
+    try:
+        result = load_results(results)
+    except EvalError as exc:
+        err.print(f"[bold red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(1) from None
+    atomic_write(output, render(result, str(src)))
+    out.print(f"wrote {escape(str(output))}")

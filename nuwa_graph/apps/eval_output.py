@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from ..safe_io import atomic_write
+from .efficiency import cost_cells
 
 if TYPE_CHECKING:
     from .evaluate import EvalRun
@@ -96,9 +97,19 @@ def rows(result: dict[str, Any]) -> list[dict[str, Any]]:
             row[f"{k}_relative_pct"] = None if t["relative_pct"] is None else round(t["relative_pct"], 2)
         row["accuracy"] = round(r["accuracy"], 4)
         row["relative_pct"] = None if r["relative_pct"] is None else round(r["relative_pct"], 2)
+        loy = r.get("loyalty") or {}
+        row["loyalty"] = None if loy.get("rate") is None else round(loy["rate"], 4)
+        for k, t in (loy.get("tasks") or {}).items():
+            row[f"{k}_loyalty"] = None if t["rate"] is None else round(t["rate"], 4)
+        for k, t in ((r.get("difficulty") or {}).get("tasks") or {}).items():  # the hard/easy split at its budget
+            for side in ("hard", "easy"):
+                row[f"{k}_{side}_n"] = t[side]["n"]
+                row[f"{k}_{side}_accuracy"] = None if t[side]["accuracy"] is None else round(t[side]["accuracy"], 4)
+        row["question_agnostic"] = bool(r.get("question_agnostic"))
         row["visual_tokens_avg"] = r["visual_tokens_avg"]
         row["visual_tokens_full"] = r["visual_tokens_full"]
         row["prefill_ms_median"] = r["prefill_ms_median"]
+        row.update(cost_cells(r.get("efficiency") or {}))
         fl = r.get("flops", {})
         if "prefill" in fl:
             row["prefill_gflops"] = round(fl["prefill"] / 1e9, 4)

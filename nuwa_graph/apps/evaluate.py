@@ -14,24 +14,31 @@ Metrics (see docs/evaluation.md):
   articles) against any reference answer;
 - per run: visual tokens per LLM layer (mean over samples) and their average, median prefill
   time per batch, and accuracy relative to the reference run in % (the pipeline named
-  `vanilla` if it is evaluated, else the first run).
+  `vanilla` if it is evaluated, else the first run);
+- loyalty to vanilla and the hard/easy split (loyalty.py), costs (efficiency.py), multi-turn
+  dialogs per turn (dialogs.py), question-agnostic runs (nuwa_graph/replay.py).
+
+The per-run loop is eval_batches.py; `with_vanilla`, `with_difficulty_filter` and
+`with_question_agnostic` add the runs those evaluations need.
 """
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import PipelineError
-from ..flops import mean_flops
 from ..pipeline import Pipeline, load
+from ..replay import NEUTRAL_PROMPT, prompt_signals, reads_prompt
+from ..resources import shipped_pipeline
 from ..world.shapes import GROUNDING_TEMPLATE
-from .data import GroundingSample
+from .dialogs import MODES
 from .errors import EvalError
+from .eval_batches import evaluate_run, finish_run, full_mean, load_image, placed, prompt_of
 from .eval_output import OUTPUT_FILES, PARTIAL_PREDICTIONS, Checkpoint, rows, sweep_axis, write_results
+from .loyalty import DIFFICULTY_FILTERS, add_difficulty, add_loyalty
 from .models import default_model
 from .scoring import IOU_THRESHOLD, grounding_score, relative_pct, summarize, tokens_runs, vqa_score
 from .tasks import KINDS, SAMPLE_IMAGES, SAMPLE_SEED, Task, detect_kind, load_data, sample_data
@@ -47,6 +54,12 @@ class EvalRun:
     file: str
     variables: dict[str, Any]     # the swept values this run uses
     pipeline: Pipeline
+    question_agnostic: bool = False  # prune from a neutral prompt, answer the full one (replay.py)
+
+    @property
+    def budget(self) -> Any:
+        """The pipeline's `budget` variable (None: it has none)."""
+        return self.pipeline.variables.get("budget")
 
 
 def plan_runs(files: Iterable[str | Path], grid: dict[str, list[Any]] | None = None) -> list[EvalRun]:
@@ -87,6 +100,60 @@ def plan_runs(files: Iterable[str | Path], grid: dict[str, list[Any]] | None = N
     return runs
 
 
+def with_vanilla(runs: list[EvalRun]) -> tuple[list[EvalRun], bool]:
+    """`runs` plus the shipped vanilla pipeline as the reference (loyalty, % of vanilla) when
+    none of them is vanilla; -> (runs, whether it was added)."""
+    if any(r.pipeline.name == "vanilla" for r in runs):
+        return runs, False
+    return runs + plan_runs([shipped_pipeline("vanilla")]), True
+
+
+def with_difficulty_filter(runs: list[EvalRun], name: str) -> list[EvalRun]:
+    """`runs` plus the filter pipeline `name` (shipped) at every budget some run has and no
+    `name` run covers yet (VTC-Bench's split needs it at the same budget)."""
+    if name not in DIFFICULTY_FILTERS:
+        raise EvalError(f"--difficulty {name!r}: the filter must be one of {', '.join(DIFFICULTY_FILTERS)}")
+    have = {r.budget for r in runs if r.pipeline.name == name}
+    need = sorted({r.budget for r in runs if r.budget is not None} - have,
+                  key=lambda b: (0, b, "") if isinstance(b, (int, float)) else (1, 0, str(b)))
+    if not need and not have:
+        raise EvalError(f"--difficulty {name}: no evaluated pipeline has a budget, so there is no budget to run "
+                        f"{name} at; evaluate budgeted pipelines (e.g. --set budget=64)")
+    path = shipped_pipeline(name)
+    extra = []
+    for b in need:
+        try:
+            pipe = load(path, {"budget": b})
+        except PipelineError as exc:
+            raise EvalError(f"--difficulty {name}: {path} at budget={b!r}: {exc}") from None
+        extra.append(EvalRun(f"{pipe.name} budget={b} (filter)", str(path), {"budget": b}, pipe))
+    return runs + extra
+
+
+def with_question_agnostic(runs: list[EvalRun], model_vars: dict[str, Any] | None = None) -> list[EvalRun]:
+    """Each run whose pruning reads the prompt's text (replay.prompt_signals), followed by its
+    question-agnostic twin; runs that read the image only are question-agnostic already.
+    `model_vars` (the adapter's): what a file reads is that of the file it runs as on the model
+    (`family_files`: nuwa.yaml runs nuwa_qwen.yaml on the Qwen-VL line)."""
+    out = []
+    for r in runs:
+        out.append(r)
+        pipe = r.pipeline
+        if model_vars:
+            try:
+                pipe = pipe.bind_model(model_vars)
+            except PipelineError:
+                pass  # it does not fit the model: evaluate() says so; the file as given decides here
+        if prompt_signals(pipe) and not r.question_agnostic:
+            out.append(EvalRun(f"{r.label} (question-agnostic)", r.file, dict(r.variables), r.pipeline, True))
+    return out
+
+
+def vanilla_index(results: list[dict[str, Any]]) -> int | None:
+    """The first result of the pipeline named vanilla (None: no vanilla run)."""
+    return next((i for i, r in enumerate(results) if r["pipeline"] == "vanilla"), None)
+
+
 def reference_index(runs: list) -> int:
     """The run accuracy is relative to: the first pipeline named `vanilla`, else the first run."""
     for i, r in enumerate(runs):
@@ -96,56 +163,14 @@ def reference_index(runs: list) -> int:
     return 0
 
 
-def _prompt(task: Task, s, grounding_prompt: str, vqa_prompt: str) -> str:
-    if isinstance(s, GroundingSample):
-        return grounding_prompt.format(expression=s.expression)
-    return vqa_prompt.format(question=s.question)
-
-
-def _load_image(s):
-    try:
-        return s.load_image()
-    except (OSError, ValueError) as exc:
-        raise EvalError(f"image of sample {s.id!r} ({s.image if isinstance(s.image, str) else '<bytes>'}) could not "
-                        f"be read: {exc}") from None
-
-
-def _placed(adapter, prompt: str, image) -> str:
-    """A prompt of several images whose text writes `<image>` where each goes: the adapter's chat
-    prompt with them there (without placeholders the adapter puts them before the question)."""
-    if isinstance(image, list) and "<image>" in prompt:
-        return adapter.chat_prompt(prompt, len(image))
-    return prompt
-
-
-def _score(s, answer: str, image) -> dict[str, Any]:
-    if isinstance(s, GroundingSample):
-        if (s.width is None or s.height is None) and image is None:
-            image = _load_image(s)  # a batch taken from the checkpoint: only the size is needed
-        w, h = (s.width or image.size[0]), (s.height or image.size[1])
-        return grounding_score(answer, s.box, w, h)
-    return vqa_score(answer, s.answers)
-
-
-
-def _batch_record(key: str, rep, prompts: list[str]) -> dict[str, Any]:
-    """What a finished batch contributes to the results (all JSON)."""
-    return {"key": key, "answers": list(rep.answers), "prompts": prompts,
-            "counts": [list(c) for c in rep.visual_tokens_per_layer], "avg": list(rep.visual_tokens_avg),
-            "full": rep.visual_tokens_full,
-            "fulls": list(getattr(rep, "visual_tokens_full_per_sample", None) or [rep.visual_tokens_full] * len(prompts)),
-            "prefill_ms": rep.prefill_ms, "kept": rep.kept[0] if rep.kept else {},
-            "views": rep.views[0] if getattr(rep, "views", None) else [],
-            "schedule": rep.schedule, "signals": list(rep.signals), "flops": list(rep.flops)}
-
-
 def evaluate(adapter, runs: list[EvalRun], tasks: list[Task], batch: int = 8, max_new_tokens: int = 16,
              seed: int | None = None, grounding_prompt: str = GROUNDING_PROMPT, vqa_prompt: str = VQA_PROMPT,
              progress: Callable[[str, int], None] | None = None, warmup: bool = True,
              checkpoint: str | Path | None = None,
              prompt_fn: Callable[[Any, str], str] | None = None,
              score_fn: Callable[[Any, str, Any], dict[str, Any]] | None = None,
-             raw: bool = False) -> dict[str, Any]:
+             raw: bool = False, neutral_prompt: str = NEUTRAL_PROMPT, turn_modes: tuple[str, ...] = MODES,
+             difficulty: str | None = None) -> dict[str, Any]:
     """Run every run over every task; returns the result dict (see docs/evaluation.md).
 
     `progress(description, n_done)` is called after each batch. Each run also keeps, for the
@@ -156,6 +181,11 @@ def evaluate(adapter, runs: list[EvalRun], tasks: list[Task], batch: int = 8, ma
     `raw` (unrounded sums and per-task scores) so that shards can be merged exactly
     (`shards.merge`).
 
+    A run with `question_agnostic` prunes from `neutral_prompt` (replay.py); dialog tasks run in
+    each of `turn_modes` (dialogs.py); every run gets its loyalty to the vanilla run (when one is
+    evaluated) and, with `difficulty` (a filter pipeline's name, e.g. 'downsample'), its accuracy
+    on the samples that filter's runs get wrong and right (loyalty.py).
+
     `checkpoint`: the partial predictions file (see Checkpoint). Batches found there (same
     settings, same samples) are taken from it, the others run and are appended as they finish;
     the result is the same as an uninterrupted run's."""
@@ -165,138 +195,84 @@ def evaluate(adapter, runs: list[EvalRun], tasks: list[Task], batch: int = 8, ma
         raise EvalError("no pipeline to evaluate")
     if not tasks:
         raise EvalError("no data to evaluate on")
-    from ..preflight import check_context
-
-    for task in tasks:  # the longest prompt of each task must fit the model's context, before any run
-        s_long = max(task.samples, key=lambda s: len(_prompt(task, s, grounding_prompt, vqa_prompt)))
-        p_long = _prompt(task, s_long, grounding_prompt, vqa_prompt)
-        img_long = _load_image(s_long)
-        check_context(adapter, img_long, _placed(adapter, prompt_fn(s_long, p_long) if prompt_fn else p_long, img_long),
-                      max_new_tokens, where=f"the prompt of sample {s_long.id!r} of {task.source}")
+    bad_modes = [m for m in turn_modes if m not in MODES]
+    if bad_modes or not turn_modes:
+        raise EvalError(f"turn modes {', '.join(turn_modes) or '(none)'}: use {' and/or '.join(MODES)}")
+    dialogs = [t for t in tasks if t.kind.startswith("dialog")]
+    if dialogs and (prompt_fn is not None or score_fn is not None):
+        raise EvalError("multi-turn data runs with the native prompt style only (the model's own chat format for "
+                        "every turn); leave out --prompt-style lmms-eval for dialog files")
+    if dialogs and any(r.question_agnostic for r in runs):
+        raise EvalError("--question-agnostic applies to grounding and VQA data; dialog data (several questions per "
+                        "image) has its own modes: reuse (the first turn's kept tokens and KV cache) and prune")
+    check_prompts(adapter, tasks, grounding_prompt, vqa_prompt, max_new_tokens, prompt_fn)
     settings = {"model": str(getattr(adapter, "name", "model")), "device": str(getattr(adapter, "device", "")),
                 "dtype": str(getattr(adapter, "dtype", "")), "batch": batch, "max_new_tokens": max_new_tokens,
                 "seed": seed, "grounding_prompt": grounding_prompt, "vqa_prompt": vqa_prompt,
                 "prompt_fn": getattr(prompt_fn, "__qualname__", None), "score_fn": getattr(score_fn, "__qualname__", None),
-                "runs": [[r.label, r.file, r.pipeline.dumps()] for r in runs]}
+                "runs": [[r.label, r.file, r.pipeline.dumps(), r.question_agnostic] for r in runs],
+                "neutral_prompt": neutral_prompt, "turn_modes": list(turn_modes)}
     ckpt = Checkpoint(checkpoint, settings)
     keys = [Checkpoint.key(run, task, task.samples[i:i + batch]) for run in runs for task in tasks
             for i in range(0, len(task.samples), batch)]
     if warmup and not all(k in ckpt.done for k in keys):  # first-call costs stay out of the timings
         s0 = tasks[0].samples[0]
-        p0 = _prompt(tasks[0], s0, grounding_prompt, vqa_prompt)
-        adapter.generate(runs[0].pipeline, [_load_image(s0)], [prompt_fn(s0, p0) if prompt_fn else p0],
+        p0 = prompt_of(tasks[0], s0, grounding_prompt, vqa_prompt)
+        adapter.generate(runs[0].pipeline, [load_image(s0)], [prompt_fn(s0, p0) if prompt_fn else p0],
                          max_new_tokens=1, seed=seed)
     results = []
+    grid_fn = lambda n: _grid(adapter, n)  # noqa: E731
     try:
         for run in runs:
-            results.append(_evaluate_run(adapter, run, tasks, batch, max_new_tokens, seed, grounding_prompt,
-                                         vqa_prompt, progress, ckpt, prompt_fn, score_fn, raw))
+            res, tally, scores = evaluate_run(adapter, run, tasks, batch, max_new_tokens, seed, grounding_prompt,
+                                              vqa_prompt, progress, ckpt, prompt_fn, score_fn, raw, neutral_prompt,
+                                              turn_modes, grid_fn)
+            # what its pruning read of the prompt's text (a question-agnostic run: of the neutral prompt)
+            res["prompt_signals"] = [x for x in res.get("signals", []) if reads_prompt(x.split("(")[0])]
+            results.append(finish_run(res, tally, scores, raw))
     finally:
         ckpt.close()
     add_relative(results)
-    model = getattr(adapter, "name", "model")
-    return {"model": str(model), "device": str(getattr(adapter, "device", "")),
-            "dtype": str(getattr(adapter, "dtype", "")).replace("torch.", ""),
-            "data": [{"task": t.kind, "source": t.source, "n": len(t.samples), "skipped_bad_records": t.skipped}
-                     for t in tasks],
-            "settings": {"batch": batch, "max_new_tokens": max_new_tokens, "seed": seed,
-                         "iou_threshold": IOU_THRESHOLD, "grounding_prompt": grounding_prompt,
-                         "vqa_prompt": vqa_prompt, "prefill_ms": "median over batches of one generate call each"},
-            "reference": results[reference_index(results)]["label"],
-            "results": results, "resumed_batches": ckpt.reused}
+    out = {"model": str(getattr(adapter, "name", "model")), "device": str(getattr(adapter, "device", "")),
+           "dtype": str(getattr(adapter, "dtype", "")).replace("torch.", ""),
+           "data": [{"task": t.kind, "source": t.source, "n": len(t.samples), "skipped_bad_records": t.skipped}
+                    for t in tasks],
+           "settings": {"batch": batch, "max_new_tokens": max_new_tokens, "seed": seed,
+                        "iou_threshold": IOU_THRESHOLD, "grounding_prompt": grounding_prompt,
+                        "vqa_prompt": vqa_prompt, "prefill_ms": "median over batches of one generate call each",
+                        "neutral_prompt": neutral_prompt, "turn_modes": list(turn_modes), "difficulty": difficulty},
+           "reference": results[reference_index(results)]["label"],
+           "results": results, "resumed_batches": ckpt.reused}
+    analyse(out, difficulty)
+    return out
 
 
-def _evaluate_run(adapter, run: EvalRun, tasks: list[Task], batch: int, max_new_tokens: int, seed: int | None,
-                  grounding_prompt: str, vqa_prompt: str, progress, ckpt: Checkpoint, prompt_fn=None,
-                  score_fn=None, raw: bool = False) -> dict[str, Any]:
-    res: dict[str, Any] = {"label": run.label, "pipeline": run.pipeline.name, "file": run.file,
-                           "variables": dict(run.variables), "tasks": {}, "predictions": []}
-    per_layer_sum: list[float] = []
-    n_counted = 0
-    avg_sum = 0.0
-    prefill: list[float] = []
-    flops: list[dict[str, Any]] = []
-    full_sum = 0
-    raw_scores: dict[str, list] = {}
+def analyse(result: dict[str, Any], difficulty: str | None) -> None:
+    """Loyalty to vanilla and the hard/easy split, from the predictions (also after a merge)."""
+    add_loyalty(result, vanilla_index(result["results"]))
+    if difficulty:
+        add_difficulty(result, difficulty)
+
+
+def check_prompts(adapter, tasks: list[Task], grounding_prompt: str, vqa_prompt: str, max_new_tokens: int,
+                  prompt_fn=None) -> None:
+    """The longest prompt of each task (a dialog: its first question plus every later turn and
+    answer) must fit the model's context, before any run."""
+    from ..preflight import check_context
+
     for task in tasks:
-        scores = []
-        for i in range(0, len(task.samples), batch):
-            chunk = task.samples[i:i + batch]
-            key = Checkpoint.key(run, task, chunk)
-            rec = ckpt.get(key)
-            images = None
-            if rec is None:
-                images = [_load_image(s) for s in chunk]
-                prompts = [_prompt(task, s, grounding_prompt, vqa_prompt) for s in chunk]
-                if prompt_fn:
-                    prompts = [prompt_fn(s, p) for s, p in zip(chunk, prompts)]
-                prompts = [_placed(adapter, p, im) for p, im in zip(prompts, images)]
-                rep = adapter.generate(run.pipeline, images, prompts, max_new_tokens=max_new_tokens, seed=seed)
-                rec = _batch_record(key, rep, prompts)
-                ckpt.add(rec)
-            prefill.append(rec["prefill_ms"])
-            flops.extend(rec.get("flops", []))
-            # image tokens before pruning, per sample (Qwen2.5-VL's depend on each image's size)
-            fulls = rec.get("fulls") or [rec["full"]] * len(chunk)
-            for b, s in enumerate(chunk):
-                answer = rec["answers"][b]
-                if score_fn is not None:
-                    sc = score_fn(s, answer, images[b] if images is not None else _load_image(s))
-                else:
-                    sc = _score(s, answer, images[b] if images is not None else None)
-                full_sum += fulls[b]
-                scores.append(sc)
-                pred = {"task": task.kind, "id": s.id, "prompt": rec["prompts"][b], "answer": answer,
-                        "correct": bool(sc["correct"])}
-                if isinstance(s, GroundingSample):
-                    pred.update(parsed=sc["parsed"], iou=round(sc["iou"], 4), box=sc["box"],
-                                target=[round(float(c), 2) for c in s.box])
-                else:
-                    pred["answers"] = s.answers
-                res["predictions"].append(pred)
-                counts = rec["counts"][b]
-                if len(per_layer_sum) < len(counts):
-                    per_layer_sum += [0.0] * (len(counts) - len(per_layer_sum))
-                for L, c in enumerate(counts):
-                    per_layer_sum[L] += c
-                avg_sum += rec["avg"][b]
-                n_counted += 1
-            if "sample_kept" not in res:
-                res["sample_kept"] = rec["kept"]
-                first = chunk[0].image
-                res["sample_image"] = (first if isinstance(first, str) else
-                                       first if isinstance(first, list) and all(isinstance(x, str) for x in first)
-                                       else None)
-                res["sample_prompt"] = rec["prompts"][0]
-                res["grid"] = _grid(adapter, fulls[0]) if not rec.get("views") else None
-                if rec.get("views"):  # a tiled image: a panel per crop view (viz.draw_kept)
-                    res["views"] = rec["views"]
-                res["schedule"] = rec.get("schedule", {})  # file, variable values (and their origin), sites
-                res["signals"] = rec.get("signals", [])
-            if progress:
-                progress(f"{run.label} [{task.kind}]", len(chunk))
-        res["tasks"][task.kind] = summarize(task.kind.split("#")[0], scores)
-        raw_scores[task.kind] = scores
-    accs = [t["accuracy"] for t in res["tasks"].values()]
-    res["accuracy"] = sum(accs) / len(accs)
-    res["visual_tokens_per_layer"] = [round(v / n_counted, 3) for v in per_layer_sum] if n_counted else []
-    res["visual_tokens_avg"] = round(avg_sum / n_counted, 3) if n_counted else 0.0
-    res["visual_tokens_full"] = full_mean(full_sum, n_counted)
-    res["prefill_ms_median"] = round(statistics.median(prefill), 3) if prefill else 0.0
-    res["flops"] = mean_flops(flops)  # per sample, mean over the data (nuwa_graph/flops.py)
-    if raw:
-        res["raw"] = {"scores": raw_scores, "per_layer_sum": per_layer_sum, "avg_sum": avg_sum,
-                      "full_sum": full_sum, "n": n_counted, "prefill_ms": prefill, "flops": flops}
-    return res
-
-
-def full_mean(full_sum: float, n: int) -> float | int:
-    """Image tokens of the unpruned prompt, mean over samples: an int when every sample had the
-    same count (LLaVA), else rounded to 3 decimals (Qwen2.5-VL, image-size dependent)."""
-    if not n:
-        return 0
-    v = full_sum / n
-    return int(v) if v == int(v) else round(v, 3)
+        if task.kind.startswith("dialog"):
+            s_long = max(task.samples, key=lambda s: sum(len(t.question) for t in s.turns))
+            extra = sum(len(adapter.turn_ids(t.question)) + 1 for t in s_long.turns[1:])
+            check_context(adapter, load_image(s_long), s_long.turns[0].question,
+                          max_new_tokens * len(s_long.turns) + extra,
+                          where=f"the dialog {s_long.id!r} of {task.source} (all its turns)")
+            continue
+        s_long = max(task.samples, key=lambda s: len(prompt_of(task, s, grounding_prompt, vqa_prompt)))
+        p_long = prompt_of(task, s_long, grounding_prompt, vqa_prompt)
+        img_long = load_image(s_long)
+        check_context(adapter, img_long, placed(adapter, prompt_fn(s_long, p_long) if prompt_fn else p_long, img_long),
+                      max_new_tokens, where=f"the prompt of sample {s_long.id!r} of {task.source}")
 
 
 def add_relative(results: list[dict[str, Any]]) -> None:
@@ -349,5 +325,8 @@ __all__ = [
     "sweep_axis",
     "tokens_runs",
     "vqa_score",
+    "with_difficulty_filter",
+    "with_question_agnostic",
+    "with_vanilla",
     "write_results",
 ]

@@ -32,6 +32,15 @@ def summarize(kind: str, scores: list[dict[str, Any]]) -> dict[str, Any]:
     if kind == "grounding":
         out["parse_failures"] = sum(not s["parsed"] for s in scores)
         out["mean_iou"] = sum(s["iou"] for s in scores) / n if n else 0.0
+    elif kind.startswith("dialog"):  # several questions per image: accuracy per turn too
+        per: dict[int, list[bool]] = {}
+        for s in scores:
+            per.setdefault(int(s["turn"]), []).append(bool(s["correct"]))
+        out["per_turn"] = [{"turn": t, "n": len(v), "correct": sum(v), "accuracy": sum(v) / len(v)}
+                           for t, v in sorted(per.items())]
+        boxes = [s for s in scores if "parsed" in s]
+        if boxes:
+            out["parse_failures"] = sum(not s["parsed"] for s in boxes)
     return out
 
 

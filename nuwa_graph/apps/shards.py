@@ -28,8 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from ..flops import mean_flops
+from .efficiency import summarize_costs
 from .errors import EvalError
-from .evaluate import add_relative, full_mean, reference_index
+from .eval_batches import turn_medians
+from .evaluate import add_relative, analyse, full_mean, reference_index
 from .scoring import summarize
 from .tasks import Task
 
@@ -222,10 +224,18 @@ def merge(shards: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, list[
                 break
         run["tasks"] = {}
         run["predictions"] = []
-        for kind in kinds:
+        # the task keys as one process has them (a dialog file gives one per turn mode: dialog:reuse, ...)
+        keys = [k for k in parts[0]["raw"]["scores"] if k.split(":")[0] in kinds] or kinds
+        for kind in keys:
             scores = [sc for p in parts for sc in p["raw"]["scores"].get(kind, [])]
             run["tasks"][kind] = summarize(kind.split("#")[0], scores)
-        for kind in kinds:  # single-process order: task by task, shard by shard
+            turns: dict[str, list[float]] = {}
+            for p in parts:  # a dialog task's prefill per turn: the median over all shards' calls
+                for t, ms in p["raw"].get("turn_prefill", {}).get(kind, {}).items():
+                    turns.setdefault(t, []).extend(ms)
+            if turns:
+                run["tasks"][kind]["prefill_ms_per_turn"] = turn_medians(turns)
+        for kind in keys:  # single-process order: task by task, shard by shard
             run["predictions"] += [pr for p in parts for pr in p["predictions"] if pr["task"] == kind]
         accs = [t["accuracy"] for t in run["tasks"].values()]
         run["accuracy"] = sum(accs) / len(accs)
@@ -239,6 +249,8 @@ def merge(shards: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, list[
         prefill = [ms for p in parts for ms in p["raw"]["prefill_ms"]]
         run["prefill_ms_median"] = round(statistics.median(prefill), 3) if prefill else 0.0
         run["flops"] = mean_flops([f for p in parts for f in p["raw"].get("flops", [])])
+        run["efficiency"] = summarize_costs([c for p in parts for c in p["raw"].get("costs", [])], run["flops"],
+                                            [c for p in parts for c in p["raw"].get("neutral", [])])
         order = [k for k in parts[0] if k != "raw"]   # a single process's key order
         merged_runs.append({**{k: run[k] for k in order if k in run}, **run})
     add_relative(merged_runs)
@@ -247,6 +259,7 @@ def merge(shards: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, list[
     out["settings"] = {**base["settings"], "shards": len(shards)}
     out["reference"] = merged_runs[reference_index(merged_runs)]["label"]
     out["results"] = merged_runs
+    analyse(out, out["settings"].get("difficulty"))  # loyalty and the hard/easy split, from the merged predictions
     return out, first["grid"]
 
 

@@ -12,16 +12,17 @@ from typing import Any
 
 from ..safe_io import probe_image
 from .data import BadRecord, DataFormatError, load_grounding, load_vqa, read_records
+from .dialogs import is_dialog, load_dialogs
 from .errors import EvalError
 
 SAMPLE_SEED = 4242          # world seed of the built-in sample set (training uses 0, held-out eval 1000003)
 SAMPLE_IMAGES = 40          # scenes in the built-in sample set (1 grounding + 1 VQA question each)
-KINDS = ("grounding", "vqa")
+KINDS = ("grounding", "vqa", "dialog")
 
 
 @dataclass
 class Task:
-    kind: str          # "grounding" | "vqa"
+    kind: str          # "grounding" | "vqa" | "dialog" (several questions per image: apps/dialogs.py)
     source: str        # the data file
     samples: list      # GroundingSample | VQASample
     skipped: int = 0   # bad records left out (--skip-bad-records)
@@ -32,7 +33,8 @@ class Task:
 
 
 def detect_kind(path: str | Path) -> str:
-    """'grounding' if the records carry a box, else 'vqa' if they carry a question."""
+    """'dialog' if the records carry turns, 'grounding' if they carry a box, else 'vqa' if
+    they carry a question."""
     try:
         recs = read_records(path)
     except DataFormatError as exc:
@@ -42,6 +44,8 @@ def detect_kind(path: str | Path) -> str:
     rec = recs[0]
     if not isinstance(rec, dict):
         raise EvalError(f"data file {str(path)!r}: record 0 is not an object")
+    if is_dialog(rec):
+        return "dialog"
     if any(rec.get(k) is not None for k in ("bbox", "box_xyxy", "bbox_xyxy")):
         return "grounding"
     if any(isinstance(rec.get(k), str) for k in ("question", "text", "prompt")):
@@ -79,9 +83,13 @@ def _read_task(text: str, kind: str | None, limit: int | None, bbox_format: str,
     found: list[BadRecord] = []
     try:
         kind = kind or detect_kind(path)
-        samples = (load_grounding(path, image_root, bbox_format=bbox_format, limit=limit, problems=found,
-                                  image_template=image_template) if kind == "grounding"
-                   else load_vqa(path, image_root, image_template, limit=limit, problems=found, require_answers=True))
+        if kind == "dialog":
+            samples: list = load_dialogs(path, image_root, bbox_format, limit, found, image_template)
+        elif kind == "grounding":
+            samples = load_grounding(path, image_root, bbox_format=bbox_format, limit=limit, problems=found,
+                                     image_template=image_template)
+        else:
+            samples = load_vqa(path, image_root, image_template, limit=limit, problems=found, require_answers=True)
     except DataFormatError as exc:
         raise EvalError(f"data file {text!r} is not valid {kind or 'grounding/VQA'} data: {exc}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -141,20 +149,23 @@ def load_data(specs: Iterable[str | Path], limit: int | None = None, bbox_format
     return tasks
 
 
-def sample_data(out_dir: str | Path, n_images: int = SAMPLE_IMAGES, seed: int = SAMPLE_SEED) -> list[Path]:
+def sample_data(out_dir: str | Path, n_images: int = SAMPLE_IMAGES, seed: int = SAMPLE_SEED,
+                n_turns: int = 0) -> list[Path]:
     """The built-in sample set: shapes-world scenes [0, n_images) of world `seed`, written once
-    to `out_dir` (reused when its world.json matches) -> [refcoco.json, vqa.jsonl]."""
+    to `out_dir` (reused when its world.json matches) -> [refcoco.json, vqa.jsonl], and
+    dialog.jsonl (up to `n_turns` questions per scene) when n_turns > 0."""
     from ..world import write_split
 
     out = Path(out_dir)
     world = out / "world.json"
-    paths = [out / "refcoco.json", out / "vqa.jsonl"]
+    paths = [out / "refcoco.json", out / "vqa.jsonl"] + ([out / "dialog.jsonl"] if n_turns else [])
     try:
         meta = json.loads(world.read_text())
-        fresh = (meta.get("seed"), meta.get("n_images"), meta.get("start")) == (seed, n_images, 0)
+        fresh = (meta.get("seed"), meta.get("n_images"), meta.get("start"), meta.get("n_turns", 0)) == \
+            (seed, n_images, 0, n_turns)
     except (OSError, ValueError):
         fresh = False
     if not fresh or not all(p.is_file() for p in paths):
-        write_split(out, n_images, seed, n_grounding=1, n_vqa=1)
+        write_split(out, n_images, seed, n_grounding=1, n_vqa=1, n_turns=n_turns)
     return paths
 

@@ -38,6 +38,19 @@ def _site_key(site: str) -> tuple[int, int]:
     return (2, int(m.group(1))) if m else (3, 0)
 
 
+def kept_panels(kept: dict[str, list[int]], grid, views: list | None) -> tuple[list, list]:
+    """What a kept-token picture draws: the views (label, rows x cols ids; one grid view when
+    the image has no parts) and the panels, (site, kept ids) in stream order ('all' with every
+    id when nothing was dropped). Shared by draw_kept and the HTML report (report_svg)."""
+    if not views:
+        if grid is None:
+            raise ValueError("a kept-token picture needs a grid or views")
+        rows, cols = int(grid[0]), int(grid[1])
+        views = [("", [list(range(r * cols, (r + 1) * cols)) for r in range(rows)])]
+    every = sorted({int(i) for _, ids in views for row in ids for i in row})
+    return views, sorted(kept.items(), key=lambda kv: _site_key(kv[0])) or [("all", every)]
+
+
 def plot_accuracy(result: dict[str, Any], axis: str, path: str | Path, metric: str = "accuracy") -> Path:
     """Accuracy (%) against `axis` per pipeline; one line per task-mean (`metric`='accuracy') or
     per task when `metric` names one (e.g. 'grounding')."""
@@ -97,13 +110,7 @@ def draw_kept(image, kept: dict[str, list[int]], grid: tuple[int, int] | list[in
         pictures.append(one)
     if len(pictures) > 1 and not views:
         raise ValueError("draw_kept of several images needs their views (RunReport.views)")
-    if not views:
-        if grid is None:
-            raise ValueError("draw_kept needs a grid or views")
-        rows, cols = int(grid[0]), int(grid[1])
-        views = [("", [list(range(r * cols, (r + 1) * cols)) for r in range(rows)])]
-    every = sorted({int(i) for _, ids in views for row in ids for i in row})
-    panels = sorted(kept.items(), key=lambda kv: _site_key(kv[0])) or [("all", every)]
+    views, panels = kept_panels(kept, grid, views)
     fig, axes = plt.subplots(len(panels), len(views), figsize=(3.4 * len(views), 3.8 * len(panels)), dpi=110,
                              squeeze=False)
     for pi, (site, ids) in enumerate(panels):

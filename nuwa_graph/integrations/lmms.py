@@ -9,23 +9,33 @@ Registered through the entry-point group `lmms_eval.models` (pyproject.toml) as 
 
 model_args: `pretrained` (model id, local folder or preset; default the embedded model),
 `pipeline` (a pipeline YAML; default pipelines/vanilla.yaml), `dtype`, `device`, `seed`,
-`max_new_tokens` (when the task gives none; default 1024 as llava_hf), `chat_template` (LLaVA),
-`system_prompt` (the Qwen-VL line; default "You are a helpful assistant."), `min_pixels` /
-`max_pixels` (the Qwen-VL line; the defaults of lmms-eval's model for the family, QWEN_LMMS),
+`max_new_tokens` (when the task gives none; default 1024 as llava_hf), `chat_template` (LLaVA,
+LLaVA-NeXT), `system_prompt` (the Qwen-VL line; default "You are a helpful assistant."),
+`min_pixels` / `max_pixels` (the Qwen-VL line; the defaults of lmms-eval's model for the family,
+QWEN_LMMS), `min_patches` / `max_patches` (InternVL; internvl_hf's 1 and 12),
 `stats` (the per-sample side file, default
 `nuwa_graph_stats/`), and any variable of the pipeline, its value read as
 YAML like `--set` (`layers=[2,6,15]`, `budget=64`). An unknown name is an error naming the
 pipeline's variables.
 
 Prompts are the text lmms-eval's own model builds for the checkpoint (`prompts.chat_text`:
-`llava_hf` for LLaVA, `qwen2_vl` / `qwen2_5_vl` / `qwen3_vl` for the Qwen-VL generations);
+`llava_hf` for LLaVA and LLaVA-NeXT, `qwen2_vl` / `qwen2_5_vl` / `qwen3_vl` for the Qwen-VL
+generations; the chat models `internvl_hf` (lmms_eval/models/chat/internvl_hf.py, the class that
+loads InternVL3 / 3.5 `-hf` checkpoints) and `llava_hf` (lmms_eval/models/chat/llava_hf.py, what
+`--model llava_hf` resolves to, loading LLaVA-OneVision `-hf` checkpoints) for InternVL and
+LLaVA-OneVision: one user turn [image, text] through the processor's template, no system message);
 Qwen-VL images are prepared as that model does (`qwen_image_as_lmms`: JPEG quality 85 for
 qwen2_vl and qwen2_5_vl, the image as given for qwen3_vl, then resized into its pixel range
 in multiples of patch x merge: 28 px, 32 px on Qwen3-VL), and its stop-string rule is kept
-(qwen2_5_vl and qwen3_vl drop "\n\n" from the stops; qwen2_vl strips the answer). Decoding is
+(qwen2_5_vl and qwen3_vl drop "\n\n" from the stops; qwen2_vl strips the answer). InternVL images
+are tiled with internvl_hf's `min_patches` / `max_patches` (`prompts.internvl_tiles_as_lmms`);
+OneVision images go to the processor as given, as llava_hf hands them. Neither chat model reads
+the task's `until`: their answers run to the tokenizer's end token or `max_new_tokens`, decoded
+without special tokens and not stripped, and so are the plugin's for these two. Decoding is
 the adapter's KV-cached loop: greedy with temperature 0 (the tasks' default), sampled with
 `temperature` > 0 or `do_sample` (with `top_k` / `top_p`, seeded by the run's seed:
-`adapters.base.Sampling`); stop strings (`until`) cut the answer at their first occurrence.
+`adapters.base.Sampling`); stop strings (`until`) cut the answer at their first occurrence
+(not on InternVL and OneVision, above).
 Beam search, text-only, multi-image and video documents and `loglikelihood` are refused with a
 clear error.
 
@@ -34,8 +44,16 @@ there and makes the process group (NCCL on GPUs, gloo on CPU) so that lmms-eval'
 gathers the ranks' results itself.
 
 Side file: one JSON line per sample in `STATS/rank{R}-of-{W}.jsonl`: task, split, doc_id,
-pipeline, visual tokens per LLM layer, their average, the unpruned count, the batch's prefill ms
-and batch size, and `flops` (filled by `flops_fn` when set: the hook for a FLOPs counter).
+pipeline, visual tokens per LLM layer, their average, the unpruned count, and what the sample's
+generate call cost, as `nuwa-graph eval` measures it (apps/efficiency.py): the batch's prefill
+ms, TTFT, decode ms per token, method (node) ms, peak memory, KV-cache bytes, and the sample's
+counted FLOPs (vision + LLM; `flops_fn`, when set, replaces them). At the end of
+`generate_until`, `STATS/efficiency-rank{R}-of-{W}.json` summarises them per task (medians,
+with how each was measured).
+
+`question_agnostic=true` prunes each image from `neutral_prompt` (default: empty, the question
+removed, the chat template kept) and answers the task's prompt over the kept tokens
+(nuwa_graph/replay.py).
 """
 
 from __future__ import annotations
@@ -50,13 +68,15 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 
 from ..adapters.base import Sampling
-from ..apps.prompts import LMMS_MODELS
+from ..apps.efficiency import batch_costs
+from ..apps.prompts import INTERNVL_LMMS_PATCHES, LMMS_CHAT_FAMILIES, LMMS_MODELS, internvl_tiles_as_lmms
 from ..errors import RunError
 from ..resources import resolve_pipeline, shipped_pipeline
 
 MODEL_ID = "nuwa_graph"
 OWN_ARGS = {"pretrained", "pipeline", "dtype", "device", "seed", "max_new_tokens", "chat_template", "system_prompt",
-            "stats", "batch_size", "max_batch_size", "min_pixels", "max_pixels"}
+            "stats", "batch_size", "max_batch_size", "min_pixels", "max_pixels", "min_patches", "max_patches",
+            "question_agnostic", "neutral_prompt"}
 DEFAULT_PIPELINE = shipped_pipeline("vanilla")  # installed, or the checkout's pipelines/vanilla.yaml
 
 
@@ -132,6 +152,14 @@ def qwen_image_as_lmms(image, factor: int, min_pixels: int = QWEN_MIN_PIXELS, ma
     return img.resize((wb, hb))
 
 
+def _whole(name: str, value: Any) -> int:
+    """A model_args number lmms-eval may hand over as a string."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r}: give a whole number") from None
+
+
 def _launch() -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -147,7 +175,9 @@ class NuwaGraph(lmms):
                  device: str | None = None, batch_size: int | str = 1, max_batch_size: int | None = None,
                  seed: int | None = None, max_new_tokens: int = 1024, chat_template: str | None = None,
                  system_prompt: str | None = None, stats: str = "nuwa_graph_stats",
-                 min_pixels: int | None = None, max_pixels: int | None = None, **variables: Any) -> None:
+                 min_pixels: int | None = None, max_pixels: int | None = None, min_patches: int | None = None,
+                 max_patches: int | None = None, question_agnostic: bool = False, neutral_prompt: str = "",
+                 **variables: Any) -> None:
         super().__init__()
         import torch
 
@@ -189,9 +219,26 @@ class NuwaGraph(lmms):
         if getattr(self.adapter, "family", "") not in LMMS_MODELS:
             raise PluginError(f"model family {getattr(self.adapter, 'family', '?')!r}: the plugin builds lmms-eval's "
                               f"prompts for " + ", ".join(f"{f} ({m})" for f, m in LMMS_MODELS.items()) + " only")
-        if system_prompt is not None and LMMS_MODELS.get(self.adapter.family) == "llava_hf":
+        family = self.adapter.family
+        if family in LMMS_CHAT_FAMILIES:
+            for name, given in (("system_prompt", system_prompt), ("chat_template", chat_template)):
+                if given is not None:
+                    raise PluginError(f"model_args {name}: lmms-eval's {LMMS_MODELS[family]} (a chat model) renders the "
+                                      f"processor's own chat template with no system message of its own; leave "
+                                      f"{name} out for {family}")
+        elif system_prompt is not None and LMMS_MODELS.get(family) == "llava_hf":
             raise PluginError("model_args system_prompt: lmms-eval's llava_hf has none (the checkpoint's chat "
                               "template decides); leave it out for LLaVA, or pass chat_template")
+        if family == "internvl":
+            try:  # internvl_hf passes these to the processor on every call
+                lo = INTERNVL_LMMS_PATCHES[0] if min_patches is None else _whole("min_patches", min_patches)
+                hi = INTERNVL_LMMS_PATCHES[1] if max_patches is None else _whole("max_patches", max_patches)
+                internvl_tiles_as_lmms(self.adapter, lo, hi)
+            except ValueError as exc:
+                raise PluginError(f"model_args {exc}") from None
+        elif min_patches is not None or max_patches is not None:
+            raise PluginError(f"model_args min_patches / max_patches: InternVL's tiling (internvl_hf); model family "
+                              f"{family!r} does not tile that way")
         self._device = torch.device(dev)
         self.seed = seed
         self.default_max_new_tokens = int(max_new_tokens)
@@ -214,7 +261,13 @@ class NuwaGraph(lmms):
         self.stats_path = Path(stats) / f"rank{rank}-of-{world}.jsonl"
         self.stats_path.parent.mkdir(parents=True, exist_ok=True)
         self.stats_path.write_text("")
-        self.flops_fn: Callable[[Any, Any, int], float | None] | None = None  # hook: (adapter, RunReport, b) -> FLOPs
+        self.flops_fn: Callable[[Any, Any, int], Any] | None = None  # hook: (adapter, RunReport, b) -> FLOPs
+        if isinstance(question_agnostic, str):
+            question_agnostic = question_agnostic.strip().lower() in ("1", "true", "yes")
+        self.question_agnostic = bool(question_agnostic)
+        self.neutral_prompt = str(neutral_prompt)
+        self.costs: dict[str, list[dict[str, Any]]] = {}  # task -> batch_costs of its generate calls
+        self.flops_of: dict[str, list[dict[str, Any]]] = {}  # task -> counted FLOPs per sample
 
     # --- what lmms-eval reads ---------------------------------------------------------------
     @property
@@ -284,6 +337,8 @@ class NuwaGraph(lmms):
             raise PluginError(f"gen_kwargs until {until!r}: expected a string or a list of strings")
         if self.qwen is not None and self.qwen.drop_blank_line_stop:  # qwen2_5_vl, qwen3_vl drop "\n\n"
             until = [u for u in until if u != "\n\n"]
+        if self.adapter.family in LMMS_CHAT_FAMILIES:  # internvl_hf / llava_hf's chat class never read `until`
+            until = []
         # as lmms-eval's llava_hf / Qwen models: temperature > 0 samples, 0 (the tasks' default) is greedy
         temperature = float(kw.get("temperature") or 0.0)
         do_sample = bool(kw.get("do_sample")) or temperature > 0
@@ -320,8 +375,10 @@ class NuwaGraph(lmms):
                         images.append(self._visual(doc_to_visual(self.task_dict[task][split][doc_id]), task, doc_id))
                         n = len(images[-1]) if isinstance(images[-1], list) else 1
                         prompts.append(chat_text(self.adapter, context, self.system_prompt, self.chat_template, n))
-                    rep = self.adapter.generate(self.pipeline, images, prompts, max_new_tokens=max_new, seed=self.seed,
-                                                sampling=sampling)
+                    rep = self._generate(images, prompts, max_new, sampling)
+                    costs = batch_costs(rep)
+                    self.costs.setdefault(args[0][4], []).append(costs)
+                    self.flops_of.setdefault(args[0][4], []).extend(rep.flops or [])
                     full = getattr(rep, "visual_tokens_full_per_sample", None) or [rep.visual_tokens_full] * len(chunk)
                     for b, i in enumerate(chunk):
                         answer = rep.answers[b]
@@ -334,11 +391,40 @@ class NuwaGraph(lmms):
                             "visual_tokens_per_layer": rep.visual_tokens_per_layer[b],
                             "visual_tokens_avg": rep.visual_tokens_avg[b], "visual_tokens_full": full[b],
                             "prefill_ms_batch": round(rep.prefill_ms, 3), "batch_size": len(chunk),
-                            "flops": self.flops_fn(self.adapter, rep, b) if self.flops_fn else None}) + "\n")
+                            "ttft_ms_batch": costs["ttft_ms"], "decode_ms_per_token_batch": costs["decode_ms_per_token"],
+                            "method_ms_batch": costs["method_ms"], "peak_memory_bytes_batch": costs["peak_memory_bytes"],
+                            "peak_memory_source": costs["peak_memory_source"],
+                            "kv_cache_bytes_per_sample": costs["kv_cache_bytes"] / len(chunk),
+                            "question_agnostic": self.question_agnostic,
+                            "flops": self.flops_fn(self.adapter, rep, b) if self.flops_fn else
+                            (rep.flops[b] if rep.flops else None)}) + "\n")
                         self.cache_hook.add_partial("generate_until", (args[b][0], args[b][1]), answer)
                     bar.update(len(chunk))
         bar.close()
+        self._write_efficiency()
         return [a if a is not None else "" for a in out]
+
+    def _generate(self, images: list, prompts: list[str], max_new: int, sampling: Sampling):
+        if not self.question_agnostic:
+            return self.adapter.generate(self.pipeline, images, prompts, max_new_tokens=max_new, seed=self.seed,
+                                         sampling=sampling)
+        from ..apps.prompts import chat_text
+        from ..replay import generate_question_agnostic
+
+        neutral = [chat_text(self.adapter, self.neutral_prompt, self.system_prompt, self.chat_template)] * len(prompts)
+        rep, _ = generate_question_agnostic(self.adapter, self.pipeline, images, prompts, neutral,
+                                            max_new_tokens=max_new, seed=self.seed, sampling=sampling)
+        return rep
+
+    def _write_efficiency(self) -> None:
+        """STATS/efficiency-rank{R}-of-{W}.json: per task, the cost columns of `nuwa-graph eval`."""
+        from ..apps.efficiency import summarize_costs
+        from ..flops import mean_flops
+
+        path = self.stats_path.with_name(f"efficiency-rank{self.rank}-of-{self.world_size}.json")
+        path.write_text(json.dumps({"pipeline": self.pipeline.name, "question_agnostic": self.question_agnostic,
+                                    "tasks": {t: summarize_costs(c, mean_flops(self.flops_of.get(t, [])))
+                                              for t, c in self.costs.items()}}, indent=1) + "\n")
 
 
 __all__ = ["MODEL_ID", "QWEN_LMMS", "NuwaGraph", "PluginError", "manifest", "qwen_image_as_lmms"]

@@ -218,6 +218,14 @@ def samples(seed: int, index: int, n_grounding: int = 1, n_vqa: int = 1, size: i
     return scene, grounding_items(scene, n_grounding, rng), vqa_items(scene, n_vqa, rng)
 
 
+def dialog_items(seed: int, index: int, n_turns: int, size: int = IMAGE_SIZE) -> tuple[Scene, list[VQAItem]]:
+    """(scene, up to n_turns VQA items of distinct kinds where possible) for a multi-turn
+    dialog about scene `index`; its own random stream, so the single-question sets are
+    unchanged."""
+    scene = make_scene(seed, index, size)
+    return scene, vqa_items(scene, n_turns, _rng(seed, index, 5))
+
+
 def vocabulary() -> list[str]:
     """Every word the world's questions, expressions and answers use (sorted, lower case)."""
     words = set(COLOR_NAMES) | set(SHAPES) | set(SIZES) | set(PLURAL.values()) | {"shape"} | set(NUMBERS)
