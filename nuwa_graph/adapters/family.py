@@ -58,6 +58,7 @@ from ..prompt_geometry import PromptGeometry, prompt_geometry
 from ..signals import SignalRequest
 from ..sites import Site
 from ..types import Geometry, PositionPlan
+from .image_runs import image_runs
 from .layout import Encoded, SampleLayout, Segment, VisionOut
 from .state import AdapterRun
 
@@ -85,16 +86,6 @@ def indexed_device(device: str | torch.device) -> torch.device:
     """`device` with its index: plain "cuda" is the current GPU (tensors on it say cuda:N)."""
     d = torch.device(device)
     return torch.device("cuda", torch.cuda.current_device()) if d.type == "cuda" and d.index is None else d
-
-
-def flatten_images(images: list) -> tuple[list, list[int] | None]:
-    """A batch's images as one list in prompt order, and how many each prompt has (None: one
-    image per prompt, the batch as given)."""
-    if not any(isinstance(im, (list, tuple)) for im in images):
-        return list(images), None
-    counts = [len(im) if isinstance(im, (list, tuple)) else 1 for im in images]
-    flat = [x for im in images for x in (im if isinstance(im, (list, tuple)) else [im])]
-    return flat, counts
 
 
 def layer_variable_hint(pipe: Pipeline, site: Site) -> str:
@@ -199,24 +190,7 @@ class FamilyHooks:
     def image_runs(self, ids: torch.Tensor, counts: list[int] | None = None) -> list[tuple[int, int]]:
         """[(start, end), ...] of each image's placeholder run in a sample's ids: each maximal run
         of `image_token_id`, cut by `counts` (tokens per image) where images touch."""
-        is_img = (ids == self.image_token_id).long()
-        if not bool(is_img.any()):
-            raise RunError("the prompt has no image placeholder token; the processor did not insert the image")
-        edges = torch.diff(torch.cat([is_img.new_zeros(1), is_img, is_img.new_zeros(1)]))
-        runs = list(zip((edges == 1).nonzero().flatten().tolist(), (edges == -1).nonzero().flatten().tolist()))
-        if counts is None or len(counts) == len(runs):
-            return runs
-        cut, left = [], list(counts)
-        for s, e in runs:
-            while s < e and left and s + left[0] <= e:
-                cut.append((s, s + left[0]))
-                s += left.pop(0)
-            if s != e:
-                break
-        if left or len(cut) != len(counts):
-            raise RunError(f"the prompt's image placeholders ({sum(e - s for s, e in runs)} tokens in {len(runs)} "
-                           f"runs) do not match its {len(counts)} images of {counts} tokens")
-        return cut
+        return image_runs(ids == self.image_token_id, counts)
 
     def vision_forward(self, run: AdapterRun) -> VisionOut:
         raise NotImplementedError

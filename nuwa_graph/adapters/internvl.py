@@ -37,7 +37,7 @@ from ..signals import SignalRequest
 from ..types import Geometry
 from .base import LLM_SIGNALS, AdapterRun, Encoded, VisionOut, load_checkpoint, register_adapter
 from .conversation import CHATML_END, CHATML_TURN, token_id
-from .family import flatten_images
+from .image_runs import flatten_images
 from .llava import LlavaAdapter
 from .processors import checkpoint_chat_template
 

@@ -42,7 +42,7 @@ from ..signals import SignalRequest
 from ..types import Geometry
 from .base import LLM_SIGNALS, AdapterRun, Encoded, VisionOut, VLMAdapter, load_checkpoint, register_adapter
 from .clip_text import ClipText, clip_text_name, load_clip_text
-from .family import flatten_images
+from .image_runs import flatten_images
 
 
 def question_of(prompt: str) -> str:

@@ -69,7 +69,7 @@ from ..signals import SignalRequest
 from ..types import Geometry, PositionPlan
 from .base import LLM_SIGNALS, AdapterRun, Encoded, SampleLayout, VisionOut, VLMAdapter, load_checkpoint, register_adapter
 from .conversation import CHATML_END, CHATML_TURN, token_id
-from .family import flatten_images
+from .image_runs import flatten_images
 from .qwen_geometry import (
     VisionGeometry,
     attention_received,
