@@ -70,14 +70,7 @@ from ..types import Geometry, PositionPlan
 from .base import LLM_SIGNALS, AdapterRun, Encoded, SampleLayout, VisionOut, VLMAdapter, load_checkpoint, register_adapter
 from .conversation import CHATML_END, CHATML_TURN, token_id
 from .image_runs import flatten_images
-from .qwen_geometry import (
-    VisionGeometry,
-    attention_received,
-    block_index,
-    hidden_index,
-    hidden_indices,
-    visual_positions_3d,
-)
+from .qwen_geometry import VisionGeometry, attention_received, block_index, hidden_index, hidden_indices, visual_positions_3d
 from .qwen_processing import _processor_class, qwen_processor
 
 #: signals that need a CLS token; Qwen2.5-VL's vision tower has none
@@ -234,7 +227,7 @@ class QwenAdapter(VLMAdapter):
         pos, _ = self.model.model.get_rope_index(ids[None], mm[None], image_grid_thw=grid)
         return SampleLayout.of(ids, pos[:, 0].cpu(), runs)
 
-    def geometry(self, run: AdapterRun, b: int) -> Geometry:
+    def geometry(self, run: AdapterRun, b: int) -> Geometry:  # a sample's first image
         return self.image_geometries(run, b)[0]
 
     def image_geometries(self, run: AdapterRun, b: int) -> list[Geometry]:
@@ -244,9 +237,8 @@ class QwenAdapter(VLMAdapter):
 
     def per_sample(self, run: AdapterRun, per_image: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per-image rows -> per-sample rows (a sample's images' rows in prompt order)."""
-        if run.enc.extras.get("images_per_sample") is None:
-            return per_image
-        return [torch.cat([per_image[i] for i in self.image_indices(run, b)]) for b in range(run.B)]
+        many = run.enc.extras.get("images_per_sample") is not None
+        return [torch.cat([per_image[i] for i in self.image_indices(run, b)]) for b in range(run.B)] if many else per_image
 
     def visual_positions(self, layout: SampleLayout, ids: torch.Tensor, plan: PositionPlan | None) -> torch.Tensor:
         if plan is not None and plan.offsets.numel() != ids.numel():

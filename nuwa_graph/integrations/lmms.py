@@ -309,9 +309,8 @@ class NuwaGraph(lmms):
         if not visuals:
             raise PluginError(f"{where}: a text-only document; nuwa-graph prunes visual tokens and serves "
                               f"documents with images only")
-        if len(visuals) > 1:  # one prompt of several images, in the document's order
-            return [self._one_visual(v, where) for v in visuals]
-        return self._one_visual(visuals[0], where)
+        many = [self._one_visual(v, where) for v in visuals]  # several: one prompt of them, in order
+        return many if len(many) > 1 else many[0]
 
     def _one_visual(self, v: Any, where: str) -> Any:
         from PIL import Image
