@@ -409,13 +409,13 @@ def test_the_plugin_serves_internvl_and_onevision(preset, tmp_path):
     it), the arguments those models do not have refused, and per-sample stats of a pruned run."""
     from types import SimpleNamespace
 
+    from _chat_templates import CHAT_HF_TEMPLATES
     from lmms_eval.api.task import ConfigurableMessagesTask
     from lmms_eval.protocol import ChatMessages
     from PIL import Image
 
     from nuwa_graph.apps.prompts import chat_text
     from nuwa_graph.integrations.lmms import NuwaGraph, PluginError
-    from tests.test_prompts import CHAT_HF_TEMPLATES
 
     plugin = NuwaGraph(pretrained=preset, pipeline=str(PIPELINES / "fastv.yaml"), budget="16", device="cpu",
                        stats=str(tmp_path / "stats"))

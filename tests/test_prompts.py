@@ -168,20 +168,7 @@ def test_cli_eval_prompt_options_are_checked(tmp_path):
     assert "{expression}" in LMMS_REC_PROMPT
 
 
-# the chat templates of the released -hf checkpoints, as their conversion scripts write them
-# (transformers' convert_internvl_weights_to_hf / convert_llava_onevision_weights_to_hf): no system message
-INTERNVL_HF_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
-    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<IMG_CONTEXT>\n{% elif c['type'] == 'video' %}"
-    "<video>\n{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-ONEVISION_HF_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-    "{% for c in m['content'] | selectattr('type', 'equalto', 'image') %}<image>\n{% endfor %}"
-    "{% for c in m['content'] | selectattr('type', 'equalto', 'video') %}<video>\n{% endfor %}"
-    "{% for c in m['content'] | selectattr('type', 'equalto', 'text') %}{{ c['text'] }}{% endfor %}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-CHAT_HF_TEMPLATES = {"internvl": INTERNVL_HF_TEMPLATE, "llava_onevision": ONEVISION_HF_TEMPLATE}
+from _chat_templates import CHAT_HF_TEMPLATES  # noqa: E402  (shared with test_lmms.py)
 
 
 def test_lmms_prompts_per_tiled_family():
