@@ -17,7 +17,7 @@ import torch
 
 from .context import Keep, SampleContext
 from .errors import BudgetError, RunError
-from .part_views import image_reader, memo_reader, scope_of, split_to_units, to_block, unit_present, unit_reader
+from .part_views import image_reader, memo_reader, scope_of, split_to_units, to_block, unit_cells, unit_reader
 from .pipeline import Pipeline
 from .signals import SignalRequest
 from .sites import Site
@@ -189,7 +189,7 @@ class Executor:
                     split_to_units(Selection(state.present[b]), units, "present", name, markers=False))
         for i, u in enumerate(units):
             local = {port: split[port][i] for port in kwargs}
-            present = unit_present(geom, u, state.present[b], untouched) if presents is None else presents[i].ids
+            present = unit_cells(u, state.present[b].device) if presents is None else presents[i].ids
             ctx = SampleContext(sample=b, geometry=u.geometry or Geometry(u.shape, geom.image_start), present=present,
                                 seed=seed,
                                 node_name=name, reader=unit_reader(reader, u, state.present[b], name),

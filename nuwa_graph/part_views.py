@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from .errors import RunError
-from .geometry import Geometry, Unit
+from .geometry import Unit
 from .signals import SignalRequest
 from .types import Applied, PositionPlan, Regions, Roles, Scores, Selection, Tokens
 
@@ -80,7 +80,8 @@ def scope_of(node: Any, per: str | None) -> str:
 
 
 def to_local(value: Any, unit: Unit, units: list[Unit], port: str, node: str) -> Any:
-    """`value` (block ids) restricted to the unit, in its local ids."""
+    """A value that is not a tensor of ids (values per unit, regions, anything else) as the unit
+    sees it; ids are cut into units by `split_to_units`."""
     if isinstance(value, list) and not isinstance(value, PerUnit):
         return [to_local(v, unit, units, port, node) for v in value]
     if isinstance(value, PerUnit):
@@ -88,20 +89,6 @@ def to_local(value: Any, unit: Unit, units: list[Unit], port: str, node: str) ->
             raise RunError(f"node {node!r}: input {port!r} was made per {value.per}, this node runs per {unit.kind}; "
                            f"give both the same `per`")
         return value[units.index(unit)]
-    if isinstance(value, Scores):
-        keep, local = unit.to_local(value.ids)
-        return Scores(value.values[keep], local)
-    if isinstance(value, Selection):
-        return Selection(unit.to_local(value.ids)[1])
-    if isinstance(value, Tokens):
-        keep, local = unit.to_local(value.ids)
-        return Tokens(value.values[keep], local, value.space)
-    if isinstance(value, Roles):
-        keep, local = unit.to_local(value.ids)
-        return Roles(local, value.pillar[keep])
-    if isinstance(value, PositionPlan):
-        keep, local = unit.to_local(value.ids)
-        return PositionPlan(local, value.offsets[keep], value.policy, value.text_follows)
     if isinstance(value, Regions):
         raise RunError(f"node {node!r}: input {port!r} holds regions of the whole image, which has several parts; "
                        f"make them per part (a region node runs per part by default)")
@@ -171,14 +158,10 @@ def to_block(values: list[Any], units: list[Unit], port: str, node: str) -> Any:
     return PositionPlan(ids, torch.cat([v.offsets for v in values]), first.policy, first.text_follows)
 
 
-def unit_present(geom: Geometry, unit: Unit, present: torch.Tensor, untouched_vision: bool) -> torch.Tensor:
-    """The unit's present tokens as local ids: at the vision site before any Keep, every cell of
-    the unit (vision signals cover them all, cut cells included); elsewhere the present tokens
-    that belong to it, in sequence order."""
-    if untouched_vision:
-        return torch.arange(unit.shape[0] * unit.shape[1], device=present.device)
-    _, local = unit.to_local(present)
-    return local[local >= 0]
+def unit_cells(unit: Unit, device: torch.device) -> torch.Tensor:
+    """Every cell of the unit as local ids: its present tokens at the vision site before any Keep
+    (vision signals cover them all, cut cells included)."""
+    return torch.arange(unit.shape[0] * unit.shape[1], device=device)
 
 
 def memo_reader(reader: Callable[[SignalRequest, int], Any] | None) -> Callable[[SignalRequest, int], Any] | None:
