@@ -1,7 +1,10 @@
 """Offline drawings of a loaded pipeline: mermaid and Graphviz dot text, svg/png via `dot`.
 
-Every box shows the node's name, type and key params (`Node.summary()`); every edge is
-labelled `out_port -> in_port : Type`; nodes are grouped by the site where they act, the
+Every box shows the node's name, type, how it runs over an image of several crops or parts or a
+prompt of several images when that is not once per image (`per crop`, `per part`, `per prompt`:
+part_views.scope_of, the file's `per:` or the node's default; appliers always run once over the
+prompt and say nothing), and key params (`Node.summary()`); every edge is labelled
+`out_port -> in_port : Type`; nodes are grouped by the site where they act, the
 groups in stream order (vision, pre_llm, llm.0, llm.1, ...). Mermaid and dot text are made
 here without any binary or network; svg and png hand the dot text to Graphviz's `dot`.
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 
+from .part_views import scope_of
 from .pipeline import Pipeline
 
 TEXT_FORMATS = ("mermaid", "dot")
@@ -54,9 +58,14 @@ def edge_label(pipeline: Pipeline, src: str, out: str, dst: str, port: str) -> s
 
 
 def box_lines(pipeline: Pipeline, name: str) -> list[str]:
-    """The lines of a node's box: name, type, key params (if any)."""
+    """The lines of a node's box: name, type (with `per X` when it does not run once per image,
+    or the file says how it runs; appliers, always once over the prompt, say nothing), key
+    params (if any)."""
     node = pipeline.nodes[name]
-    lines = [name, node.type_name]
+    per = getattr(node, "per", None)
+    scope = scope_of(node, per)
+    shown = node.family != "applier" and (per is not None or scope != "image")
+    lines = [name, node.type_name + (f" · per {scope}" if shown else "")]
     summary = node.summary()
     if summary:
         lines.append(summary)

@@ -84,3 +84,18 @@ def test_svg_with_graphviz(sample):
     svg = draw.draw(sample, "svg")
     assert "<svg" in svg and "prune_late" in svg
     assert draw.draw(sample, "png")[:4] == b"\x89PNG"
+
+
+def test_boxes_say_how_a_node_runs_when_not_once_per_image(tmp_path):
+    """Nüwa's vision scorer runs per crop and its spatial nodes per part; a plain top-k per image
+    says nothing; a file's `per:` is shown even where it is the default; appliers say nothing."""
+    from nuwa_graph.resources import shipped_pipeline
+
+    lines = {name: draw.box_lines(p, name)[1] for p in [load(shipped_pipeline("nuwa"))] for name in p.nodes}
+    assert lines["salience"] == "scorer.cls-attention · per crop"
+    assert lines["cells"] == "region.grid-cells · per part"
+    assert lines["align"] == "selector.top-k"
+    assert lines["stage1"] == "applier.keep"
+    fastv = load(shipped_pipeline("fastv"))
+    per_prompt = [n for n in fastv.nodes if draw.box_lines(fastv, n)[1].endswith("· per prompt")]
+    assert per_prompt, "FastV's top-k over every image of a prompt (per: prompt) is not shown"

@@ -85,8 +85,9 @@ def test_replay_question_agnostic_and_continuation(one_thread, preset, name, ove
 
 def test_each_family_continues_in_its_own_chat_format():
     """A later turn is written as the family's prompt is: ChatML on the Qwen-VL line and InternVL
-    (answers end with <|im_end|>), LLaVA's on LLaVA-NeXT, the checkpoint's chat template on
-    OneVision (read off the template; LLaVA's without one, as the tiny preset)."""
+    (answers end with <|im_end|>), LLaVA's on LLaVA-NeXT without a chat template (the tiny preset;
+    with one: test_llava_next_prompts_and_turns_follow_its_chat_template), the checkpoint's chat
+    template on OneVision (read off the template; LLaVA's without one, as the tiny preset)."""
     for preset in ("tiny-qwen3-vl", "tiny-internvl"):
         a = _adapter(preset)
         assert a.turn_text("q ?") == CHATML_TURN.format(question="q ?")
@@ -130,6 +131,48 @@ def test_onevision_turns_follow_its_chat_template(one_thread):
     logits, _ = a.forward_logits(pipe, images, TURNS[0], extra_ids=conv.history, replay=r1.keeps)
     assert (logits[:, -1].float() - rep.step_logits[0]).abs().max() < 1e-4
     a.processor.chat_template = "{% for m in messages %}{{ m['role'] }}{% endfor %}"  # no end marker, no next turn
+    with pytest.raises(RunError, match="cannot be continued"):
+        a.turn_text("q ?")
+
+
+# chat templates in the shape of the released LLaVA-NeXT checkpoints' (written here): Mistral's
+# [INST] turns, each answer closed by </s>; Vicuna's USER/ASSISTANT, no token after an answer
+NEXT_MISTRAL_STYLE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}[INST] {% for c in m['content'] %}{% if c['type'] == 'image' %}"
+    "<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} [/INST]{% else %} {{ m['content'][0]['text'] }}</s>"
+    "{% endif %}{% endfor %}")
+NEXT_VICUNA_STYLE = (
+    "{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n"
+    "{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+def test_llava_next_prompts_and_turns_follow_its_chat_template(one_thread):
+    """A NeXT checkpoint with a chat template (Mistral's [INST]) gets its prompt, its placeholders
+    and every later turn from it, and the continuation equals the recompute; Vicuna's template is
+    LLaVA's own format, whose turns stay LLaVA's; a template that cannot be continued is refused."""
+    from nuwa_graph.adapters import load_adapter
+    from nuwa_graph.errors import RunError
+
+    a = load_adapter("tiny-llava-next", "float32", "cpu")
+    llava_prompt, llava_turn = a.format_prompt("what ?"), a.turn_text("what ?")
+    a.processor.chat_template = NEXT_MISTRAL_STYLE
+    assert a.format_prompt("what ?") == "[INST] <image>\nwhat ? [/INST]"
+    assert a.format_prompt("what ?", 2) == "[INST] <image>\n<image>\nwhat ? [/INST]"
+    assert a.with_placeholders("<image> and <image>: same ?") == "[INST] <image>\n and <image>\n: same ? [/INST]"
+    assert a.turn_text("what ?") == "[INST] what ? [/INST]" and a.turn_end_id() == a._tokenizer().eos_token_id
+    pipe = load(PIPELINES / "fastv.yaml")
+    images = _images(a)
+    conv = Conversation()
+    r1 = a.generate(pipe, images, TURNS[0], max_new_tokens=3, conversation=conv)
+    rep = a.generate(pipe, images, TURNS[1], max_new_tokens=3, conversation=conv, return_logits=True)
+    logits, _ = a.forward_logits(pipe, images, TURNS[0], extra_ids=conv.history, replay=r1.keeps)
+    assert (logits[:, -1].float() - rep.step_logits[0]).abs().max() < 1e-4
+    turn = a.turn_ids(TURNS[1][0])  # the tiny vocabulary has no [INST]: compared as ids
+    assert turn == a._tokenizer()("[INST] what shape is red ? [/INST]", add_special_tokens=False)["input_ids"]
+    assert conv.history[0][-len(turn):] == turn
+    a.processor.chat_template = NEXT_VICUNA_STYLE
+    assert a.format_prompt("what ?") == llava_prompt and a.turn_text("what ?") == llava_turn
+    a.processor.chat_template = "{% for m in messages %}<{{ m['role'] }}>{% endfor %}"  # not LLaVA's, no end token
     with pytest.raises(RunError, match="cannot be continued"):
         a.turn_text("q ?")
 

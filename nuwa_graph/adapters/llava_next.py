@@ -13,6 +13,13 @@ CLS first where the signal has it): CLIP runs every crop of an image as one batc
 ids are mapped through the stitching and the unpad cut; cells cut away get ids past the
 stream, newline slots have no vision row). Layer indexing is LLaVA-1.5's (llava.py).
 
+Prompts: a plain question gets the checkpoint's chat template (the released -hf checkpoints ship
+one: `[INST] ... [/INST]` on Mistral, ChatML on the 34B, Qwen2 chat on OneVision, `USER: ...
+ASSISTANT:` on Vicuna), else LLaVA's `USER: <image>` form (the tiny presets have none); later
+dialog turns are read off the same template (`conversation.template_turn`), or are LLaVA's where
+the template is LLaVA's own format (Vicuna: it puts no end token after an answer, the official
+conversation ends one with `</s>`).
+
 Budgets: papers count LLaVA-NeXT budgets over the 5 crops of a 2x2 image (640 / 320 / 160 =
 5 x 128 / 64 / 32); the model variables say `crops` (the most crops the pinpoints give),
 `crop_tokens` (one crop's grid) and `visual_tokens` (the most stream tokens of an image).
@@ -30,6 +37,7 @@ from ..part_views import CropSignals
 from ..signals import SignalRequest
 from ..types import Geometry
 from .base import AdapterRun, Encoded, VisionOut, load_checkpoint, register_adapter
+from .conversation import template_turn, token_id
 from .llava import ATTN_KINDS, LlavaAdapter
 
 
@@ -68,6 +76,57 @@ class LlavaNextAdapter(LlavaAdapter):
                                   num_additional_image_tokens=1, chat_template=getattr(tok, "chat_template", None))
         return cls(model, proc, name=str(id_or_path), dtype=dtype, device=device,
                    attn_implementation=attn_implementation)
+
+    # ---- prompts ---------------------------------------------------------------------------
+    def _template(self) -> str | None:
+        return getattr(self.processor, "chat_template", None) or getattr(self.processor.tokenizer, "chat_template",
+                                                                         None)
+
+    def format_prompt(self, prompt: str, images: int = 1) -> str:
+        """A prompt with `<image>` is used as it is; a plain question gets the checkpoint's chat
+        template with `images` images before it, else LLaVA's `USER: <image>` form."""
+        if "<image>" in prompt:
+            return prompt
+        if self._template():
+            msg = [{"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": prompt}]}]
+            return self.processor.apply_chat_template(msg, add_generation_prompt=True, tokenize=False)
+        return super().format_prompt(prompt, images)
+
+    def with_placeholders(self, question: str) -> str:
+        if not self._template():
+            return super().with_placeholders(question)
+        content: list[dict] = []
+        for i, piece in enumerate(question.split("<image>")):
+            if i:
+                content.append({"type": "image"})
+            if piece:
+                content.append({"type": "text", "text": piece})
+        return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                                  tokenize=False)
+
+    def _template_turn(self) -> tuple[str, str] | None:
+        """(a later user turn, the token ending an answer) read off the chat template; None:
+        LLaVA's turns (no template, or one whose prompt is LLaVA's own format and which ends an
+        answer with no special token: Vicuna). Any other template that cannot be continued is
+        refused (template_turn's error)."""
+        if not self._template():
+            return None
+        try:
+            return template_turn(self.processor)
+        except RunError:
+            if self.format_prompt("q") == super().format_prompt("q"):
+                return None
+            raise
+
+    def turn_text(self, question: str) -> str:
+        """A later user turn in the format of `format_prompt`."""
+        turn = self._template_turn()
+        return super().turn_text(question) if turn is None else turn[0].replace("{question}", question)
+
+    def turn_end_id(self) -> int:
+        turn = self._template_turn()
+        end = None if turn is None else token_id(self._tokenizer(), turn[1])
+        return super().turn_end_id() if end is None else end
 
     # ---- geometry --------------------------------------------------------------------------
     def tiles_of(self, image_size_hw: Any) -> tuple[int, int]:

@@ -23,7 +23,6 @@ from ..errors import RunError
 from ..part_views import CropSignals
 from ..signals import SignalRequest
 from .base import LLM_SIGNALS, AdapterRun, load_checkpoint, register_adapter
-from .conversation import template_turn, token_id
 from .llava_next import LlavaNextAdapter
 from .processors import checkpoint_chat_template
 
@@ -50,34 +49,6 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                              "torch_dtype float16 by default)")
     supported_signals = frozenset({"vision.hidden", "vision.hidden_mean"}) | LLM_SIGNALS
     feature_strategy = "full"  # SigLIP: no CLS row
-
-    def _template(self) -> str | None:
-        return getattr(self.processor, "chat_template", None) or getattr(self.processor.tokenizer, "chat_template",
-                                                                         None)
-
-    def format_prompt(self, prompt: str, images: int = 1) -> str:
-        """A plain question gets the checkpoint's chat template with one image (Qwen2 chat for the
-        released models), else LLaVA's `USER: <image>` form (the tiny preset has no template)."""
-        if "<image>" in prompt:
-            return prompt
-        if self._template():
-            msg = [{"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": prompt}]}]
-            return self.processor.apply_chat_template(msg, add_generation_prompt=True, tokenize=False)
-        return super().format_prompt(prompt, images)
-
-    def turn_text(self, question: str) -> str:
-        """A later user turn in the same format as `format_prompt`: read off the chat template
-        (conversation.template_turn), else LLaVA's."""
-        if self._template():
-            return template_turn(self.processor)[0].replace("{question}", question)
-        return super().turn_text(question)
-
-    def turn_end_id(self) -> int:
-        if self._template():
-            end = token_id(self._tokenizer(), template_turn(self.processor)[1])
-            if end is not None:
-                return end
-        return super().turn_end_id()
 
     @classmethod
     def from_pretrained(cls, id_or_path: str, dtype: torch.dtype, device: str, attn_implementation: str = "sdpa",
@@ -109,20 +80,6 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             return (f"signal {req.kind!r} (read at {req.site}) is not available for LLaVA-OneVision: its SigLIP tower "
                     f"has no CLS token")
         return super().unavailable_signal(req)
-
-    def with_placeholders(self, question: str) -> str:
-        template = getattr(self.processor, "chat_template", None) or getattr(self.processor.tokenizer,
-                                                                             "chat_template", None)
-        if not template:
-            return super().with_placeholders(question)
-        content: list[dict] = []
-        for i, piece in enumerate(question.split("<image>")):
-            if i:
-                content.append({"type": "image"})
-            if piece:
-                content.append({"type": "text", "text": piece})
-        msg = [{"role": "user", "content": content}]
-        return self.processor.apply_chat_template(msg, add_generation_prompt=True, tokenize=False)
 
     def tiled(self, enc, image: int) -> bool:
         """The stock model tiles an image only when it is alone in its prompt (a prompt of several

@@ -29,13 +29,14 @@ qwen2_vl and qwen2_5_vl, the image as given for qwen3_vl, then resized into its 
 in multiples of patch x merge: 28 px, 32 px on Qwen3-VL), and its stop-string rule is kept
 (qwen2_5_vl and qwen3_vl drop "\n\n" from the stops; qwen2_vl strips the answer). InternVL images
 are tiled with internvl_hf's `min_patches` / `max_patches` (`prompts.internvl_tiles_as_lmms`);
-OneVision images go to the processor as given, as llava_hf hands them. Neither chat model reads
-the task's `until`: their answers run to the tokenizer's end token or `max_new_tokens`, decoded
-without special tokens and not stripped, and so are the plugin's for these two. Decoding is
+OneVision images go to the processor as given, as llava_hf hands them. Neither `llava_hf` (LLaVA,
+LLaVA-NeXT, OneVision) nor `internvl_hf` applies the task's `until`: their answers run to the
+tokenizer's end token or `max_new_tokens`, decoded without special tokens and not stripped, and
+so are the plugin's for these families. Decoding is
 the adapter's KV-cached loop: greedy with temperature 0 (the tasks' default), sampled with
 `temperature` > 0 or `do_sample` (with `top_k` / `top_p`, seeded by the run's seed:
-`adapters.base.Sampling`); stop strings (`until`) cut the answer at their first occurrence
-(not on InternVL and OneVision, above).
+`adapters.base.Sampling`); stop strings (`until`) cut the answer at their first occurrence on
+the Qwen-VL line (not on the llava_hf / internvl_hf families, above).
 Beam search, text-only, multi-image and video documents and `loglikelihood` are refused with a
 clear error.
 
@@ -78,6 +79,9 @@ MODEL_ID = "nuwa_graph"
 OWN_ARGS = {"pretrained", "pipeline", "dtype", "device", "seed", "max_new_tokens", "chat_template", "system_prompt",
             "stats", "batch_size", "max_batch_size", "min_pixels", "max_pixels", "min_patches", "max_patches",
             "question_agnostic", "neutral_prompt"}
+# lmms-eval models that read a task's `until` and never apply it (their generate calls pass only the
+# end token): llava_hf (lmms_eval/models/simple/llava_hf.py, generate_until) and internvl_hf
+UNTIL_UNREAD = ("llava_hf", "internvl_hf")
 DEFAULT_PIPELINE = shipped_pipeline("vanilla")  # installed, or the checkout's pipelines/vanilla.yaml
 
 
@@ -288,7 +292,7 @@ class NuwaGraph(lmms):
             raise PluginError(f"gen_kwargs until {until!r}: expected a string or a list of strings")
         if self.qwen is not None and self.qwen.drop_blank_line_stop:  # qwen2_5_vl, qwen3_vl drop "\n\n"
             until = [u for u in until if u != "\n\n"]
-        if self.adapter.family in LMMS_CHAT_FAMILIES:  # internvl_hf / llava_hf's chat class never read `until`
+        if LMMS_MODELS.get(self.adapter.family) in UNTIL_UNREAD:  # llava_hf, internvl_hf: read, never applied
             until = []
         # as lmms-eval's llava_hf / Qwen models: temperature > 0 samples, 0 (the tasks' default) is greedy
         temperature = float(kw.get("temperature") or 0.0)
