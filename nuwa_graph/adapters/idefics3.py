@@ -306,15 +306,12 @@ class Idefics3Adapter(LlavaAdapter):
         per_sample = [sum(counts[i] for i in g) for g in groups]
         pix = run.enc.vision_inputs["pixel_values"]  # (B, most crops, 3, H, W), zero crops pad a sample
         mask = run.enc.vision_inputs["pixel_attention_mask"]
-        pix = torch.cat([pix[b, :n] for b, n in enumerate(per_sample)]).to(self.device, self.dtype)
-        mask = torch.cat([mask[b, :n] for b, n in enumerate(per_sample)]).to(self.device)
-        p = int(self.model.config.vision_config.patch_size)
-        patches = mask.unfold(1, p, p).unfold(2, p, p).sum(dim=(-1, -2)) > 0  # as the stock get_image_features
-        if not bool(patches.all()):
+        mask = torch.cat([mask[b, :n] for b, n in enumerate(per_sample)])  # on the host, as the processor gave it
+        if not bool(mask.all()):  # the stock patch mask is then all True, what the tower makes by itself
             raise RunError("Idefics3: a crop has padded pixels; the image processor makes square crops of "
                            "max_image_size (keep do_resize and do_image_splitting as the checkpoint sets them)")
-        out = self.vision_tower()(pixel_values=pix, patch_attention_mask=patches, output_hidden_states=True,
-                                  return_dict=True)
+        pix = torch.cat([pix[b, :n] for b, n in enumerate(per_sample)]).to(self.device, self.dtype)
+        out = self.vision_tower()(pixel_values=pix, output_hidden_states=True, return_dict=True)
         # the last entry: the tower's output after its post-LayerNorm, what the connector takes
         hs = (*out.hidden_states[:-1], out.last_hidden_state)
         run.vision["hidden_states"] = hs
