@@ -235,3 +235,16 @@ def test_saved_folders_load_through_the_same_path(img, tmp_path, model_type):
     assert type(again).__name__ == "Idefics3Adapter" and type(again.model).__name__ == type(model).__name__
     a, _ = again.forward_logits(load(PIPES / "vanilla.yaml"), [img], [PROMPT])
     assert torch.equal(a, stock(again, [img], [PROMPT]).logits)
+
+
+def test_flops_count_every_crop_without_cls_and_one_linear_connector(smol):
+    """The tower per crop on its patches (no CLS), the connector one linear layer on the s x s units."""
+    from nuwa_graph.flops import layer_shape, vision_flops
+
+    cfg = smol.model.config
+    one, five = vision_flops(cfg, None, 1), vision_flops(cfg, None, 5)
+    assert five == {k: 5 * v for k, v in one.items()}
+    units, width = 64, 4 * int(cfg.vision_config.hidden_size)
+    assert one["projector"] == units * width * int(cfg.text_config.hidden_size)
+    s = layer_shape(cfg.vision_config)
+    assert one["vision"] == 4 * s.prefill(256) + 256 * 3 * 4 ** 2 * s.d  # 16 x 16 patches, no CLS row
