@@ -34,12 +34,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pictures", type=Path, default=None, help="folder for the plots (default: beside --write, "
                                                                  "<stem>/)")
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own; the page "
+                                                               "records the count, its prefill ms depend on it)")
     ap.add_argument("--no-caveat", action="store_true", help="skip the masked-head rerun")
     ap.add_argument("--render-only", action="store_true", help="rewrite the markdown and pictures from the files "
                                                                 "of the last run in --out, without evaluating")
     args = ap.parse_args(argv)
     if args.n < 1:
         ap.error("--n must be at least 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            ap.error("--threads must be at least 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
     console = Console(stderr=True)
     pictures = args.pictures or args.write.with_suffix("")
     if args.render_only:

@@ -177,6 +177,27 @@ def test_llava_next_prompts_and_turns_follow_its_chat_template(one_thread):
         a.turn_text("q ?")
 
 
+def test_a_qwen_image_that_is_not_square_gets_its_kept_picture(one_thread, tmp_path):
+    """The Qwen-VL line's merged grid is the image's own shape: the eval records it per batch, so a
+    10 x 14 image gets its kept-token picture (a square root of 140 tokens found no grid)."""
+    from types import SimpleNamespace
+
+    from nuwa_graph.apps.eval_batches import _first_sample, batch_record
+    from nuwa_graph.apps.viz import write_pictures
+
+    a = _adapter("tiny-qwen2-vl")
+    images = _images(a)[::-1]  # 10 x 14 first
+    rep = a.generate(load(PIPELINES / "random.yaml"), images, TURNS[0][:2], max_new_tokens=1)
+    assert rep.grids == [[10, 14], [12, 12]]
+    res: dict = {"label": "random"}
+    path = tmp_path / "wide.png"
+    images[0].save(path)
+    _first_sample(res, batch_record("k", rep, TURNS[0][:2]), SimpleNamespace(image=str(path)), lambda n: None)
+    assert res["grid"] == [10, 14] and "views" not in res
+    pictures = write_pictures({"results": [res]}, tmp_path / "pictures")
+    assert [p.name for p in pictures] == ["random.png"] and pictures[0].stat().st_size > 0
+
+
 def test_question_agnostic_twins_follow_the_file_the_model_runs(tmp_path):
     """A file routed to another on a family group (`family_files`) is classified by what runs:
     FastV (reads the question) routed to random (the image only) on the Qwen-VL line gets no

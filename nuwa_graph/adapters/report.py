@@ -46,6 +46,9 @@ class RunReport:
     # per sample: the image's parts as picture views (label, rows x cols ids; Geometry.views), [] for one grid
     views: list[list[Any]] = field(default_factory=list)
     geometry: list[str] = field(default_factory=list)  # per sample: the parts, e.g. "grid 24x24, tiles 36x48, ..."
+    # per sample: [rows, cols] of an image that is one grid (its kept ids are raster ids; the Qwen-VL line's
+    # merged grid differs per image), None where `views` draw it
+    grids: list[list[int] | None] = field(default_factory=list)
     dtype_reason: str = ""  # why this dtype (--dtype auto: the dtype the family's official code runs)
     devices: list[str] = field(default_factory=list)  # every device holding part of the model
     peak_memory_per_device: dict[str, int] = field(default_factory=dict)  # CUDA: each GPU's peak
@@ -184,6 +187,7 @@ def build_report(adapter: Generation, r: AdapterRun, new_tokens: list[list[int]]
         visual_tokens_full_per_sample=[lay.n_image for lay in r.layouts],
         views=[[] if g.simple else [list(v) for v in g.views()] for g in r.state.geometries],
         geometry=[g.describe() for g in r.state.geometries],
+        grids=[[int(x) for x in g.grid] if g.simple else None for g in r.state.geometries],
         dtype_reason=adapter.dtype_reason, devices=[str(d) for d in mem.devices],
         peak_memory_per_device=dict(mem.per_device),
         node_ms_synchronized=r.state.sync is not None or not mem.cuda,

@@ -79,6 +79,7 @@ def batch_record(key: str, rep, prompts: list[str]) -> dict[str, Any]:
             "fulls": list(getattr(rep, "visual_tokens_full_per_sample", None) or [rep.visual_tokens_full] * len(prompts)),
             "prefill_ms": rep.prefill_ms, "kept": rep.kept[0] if rep.kept else {},
             "views": rep.views[0] if getattr(rep, "views", None) else [],
+            "grid": rep.grids[0] if getattr(rep, "grids", None) else None,
             "schedule": rep.schedule, "signals": list(rep.signals), "flops": list(rep.flops),
             "costs": batch_costs(rep)}
 
@@ -123,7 +124,8 @@ def _first_sample(res: dict[str, Any], rec: dict[str, Any], s, grid_fn) -> None:
     res["sample_image"] = (s.image if isinstance(s.image, str) else s.image
                            if isinstance(s.image, list) and all(isinstance(x, str) for x in s.image) else None)
     res["sample_prompt"] = rec["prompts"][0]
-    res["grid"] = grid_fn(fulls[0]) if not rec.get("views") else None
+    # the image's own grid (any shape); batches checkpointed before it was recorded: the adapter's
+    res["grid"] = (rec.get("grid") or grid_fn(fulls[0])) if not rec.get("views") else None
     if rec.get("views"):  # a tiled image: a panel per crop view (viz.draw_kept)
         res["views"] = rec["views"]
     res["schedule"] = rec.get("schedule", {})  # file, variable values (and their origin), sites
