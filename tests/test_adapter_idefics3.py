@@ -248,3 +248,40 @@ def test_flops_count_every_crop_without_cls_and_one_linear_connector(smol):
     assert one["projector"] == units * width * int(cfg.text_config.hidden_size)
     s = layer_shape(cfg.vision_config)
     assert one["vision"] == 4 * s.prefill(256) + 256 * 3 * 4 ** 2 * s.d  # 16 x 16 patches, no CLS row
+
+
+# a chat template in the shape of the released SmolVLM checkpoints' (written here): `User:` / `Assistant:`
+# turns, each closed by <end_of_utterance>
+SMOLVLM_STYLE = (
+    "<|im_start|>{% for m in messages %}{{ m['role'] | capitalize }}"
+    "{% if m['content'][0]['type'] == 'image' %}:{% else %}: {% endif %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
+
+
+def test_prompts_and_later_turns_follow_the_chat_template(img):
+    """With a chat template the prompt, the placeholders and every later turn come from it (read
+    off the template); without one, SmolVLM's form; a continued dialog equals the recompute of
+    the same ids with turn 1's pruning replayed, in both."""
+    from nuwa_graph.adapters.conversation import Conversation
+
+    a = load_adapter("tiny-smolvlm", "float32", "cpu")
+    assert a.turn_text("what ?") == "\nUser:what ?<end_of_utterance>\nAssistant:"
+    assert a.with_placeholders("is <image> red ?") == "<|im_start|>User:is <image> red ?<end_of_utterance>\nAssistant:"
+    pipe = load(PIPES / "fastv.yaml", {"budget": 64})
+    for template in (None, SMOLVLM_STYLE):
+        a.processor.chat_template = template
+        if template:
+            assert a.format_prompt("what ?") == "<|im_start|>User:<image>what ?<end_of_utterance>\nAssistant:"
+            assert a.with_placeholders("is <image> red ?") == \
+                "<|im_start|>User: is <image> red ?<end_of_utterance>\nAssistant:"
+            assert a.turn_text("what ?") == "\nUser: what ?<end_of_utterance>\nAssistant:"
+        assert a.turn_end_id() == a._tokenizer().convert_tokens_to_ids("<end_of_utterance>")
+        conv = Conversation()
+        r1 = a.generate(pipe, [img], [PROMPT], max_new_tokens=3, conversation=conv)
+        rep = a.generate(pipe, [img], [PROMPT2], max_new_tokens=3, conversation=conv, return_logits=True)
+        logits, _ = a.forward_logits(pipe, [img], [PROMPT], extra_ids=conv.history, replay=r1.keeps)
+        assert (logits[:, -1].float() - rep.step_logits[0]).abs().max() < 1e-4
+        assert rep.visual_tokens_per_layer == r1.visual_tokens_per_layer  # nothing pruned again
+        turn = a.turn_ids(PROMPT2)
+        assert conv.history[0][-len(turn):] == turn

@@ -49,7 +49,7 @@ from ..prompt_geometry import prompt_geometry
 from ..signals import SignalRequest
 from ..types import Geometry, PositionPlan
 from .base import LLM_SIGNALS, AdapterRun, Encoded, VisionOut, load_checkpoint, register_adapter
-from .conversation import token_id
+from .conversation import template_turn, token_id, user_content
 from .image_runs import flatten_images, image_runs
 from .layout import SampleLayout
 from .llava import LlavaAdapter, attention_columns
@@ -165,14 +165,22 @@ class Idefics3Adapter(LlavaAdapter):
         return DEFAULT_TEMPLATE.format(image=self.processor.image_token * images, prompt=prompt)
 
     def with_placeholders(self, question: str) -> str:
-        return self.format_prompt(question.replace("<image>", self.processor.image_token), 0)
+        """A question with `<image>` placeholders inside one user turn of the chat template
+        (SmolVLM's form without one), each image where its placeholder is."""
+        if self._template():
+            return self.processor.apply_chat_template([{"role": "user", "content": user_content(question)}],
+                                                      add_generation_prompt=True, tokenize=False)
+        return DEFAULT_TEMPLATE.format(image="", prompt=question.replace("<image>", self.processor.image_token))
 
     def turn_text(self, question: str) -> str:
-        """A later user turn in the chat format, after `answer<end_of_utterance>`."""
+        """A later user turn in the format of `format_prompt`: read off the chat template
+        (conversation.template_turn), else SmolVLM's form after `answer<end_of_utterance>`."""
+        if self._template():
+            return template_turn(self.processor)[0].replace("{question}", question)
         return f"\nUser:{question}{END_OF_UTTERANCE}\nAssistant:"
 
     def turn_end_id(self) -> int:
-        end = token_id(self._tokenizer(), END_OF_UTTERANCE)
+        end = token_id(self._tokenizer(), template_turn(self.processor)[1] if self._template() else END_OF_UTTERANCE)
         return end if end is not None else super().turn_end_id()
 
     def tiles_of(self, size_hw: tuple[int, int]) -> tuple[int, int]:
