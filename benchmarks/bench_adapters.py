@@ -350,14 +350,16 @@ def oracle_run(adapter, image, prompt, k: int, new_tokens: int):
 
 def _oracle_llava(adapter, image, prompt, k: int, new_tokens: int):
     """The stock LLaVA-line model (no hooks; LLaVA-1.5 and the tiled families) fed the first k
-    projected visual tokens directly (tiled: the packed crops' rows, in stream order)."""
+    projected visual tokens directly (tiled: the packed crops' rows, in stream order; Idefics3 /
+    SmolVLM: the crops' rows in place of the span from the first to the last image token, so the
+    few tile markers between its runs go too: a timing reference)."""
     from transformers import DynamicCache
 
     model, dev = adapter.model, adapter.device
     enc, ids, s, e = _oracle_parts(adapter, image, prompt)
     vision = {name: (v.to(dev, adapter.dtype) if name == "pixel_values" else v.to(dev))
               for name, v in enc.vision_inputs.items()}
-    lm, head, emb = model.model.language_model, model.lm_head, model.get_input_embeddings()
+    lm, head, emb = adapter.text_model(), model.lm_head, model.get_input_embeddings()
 
     def prefill():
         pooled = model.model.get_image_features(**vision).pooler_output  # per image rows (tiled: packed)

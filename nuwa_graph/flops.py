@@ -146,7 +146,8 @@ def vision_flops(config, grid: tuple[int, int] | None = None, crops: int = 1) ->
     px, patch = _first(vc.image_size), _first(vc.patch_size)  # InternVL gives [h, w] pairs
     side = px // patch
     n_patches = side * side
-    n = n_patches + (0 if mt.startswith("llava_onevision") else 1)  # CLS (SigLIP has none)
+    siglip = mt.startswith(("llava_onevision", "idefics3", "smolvlm"))
+    n = n_patches + (0 if siglip else 1)  # CLS (SigLIP has none)
     tower = int(vc.num_hidden_layers) * s.prefill(n)
     tower += n_patches * int(getattr(vc, "num_channels", 3)) * patch ** 2 * s.d
     layer = getattr(config, "vision_feature_layer", -2)
@@ -155,6 +156,9 @@ def vision_flops(config, grid: tuple[int, int] | None = None, crops: int = 1) ->
     if mt.startswith("internvl"):  # the projector takes 2x2 patch units (pixel shuffle)
         u = int(round(1 / float(config.downsample_ratio) ** 2))
         rows, width = n_patches // u, width * u
+    if mt.startswith(("idefics3", "smolvlm")):  # one linear layer on s x s patch units (pixel shuffle)
+        u = int(config.scale_factor) ** 2
+        return {"vision": tower * crops, "projector": (n_patches // u) * (width * u) * d_llm * crops}
     projector = rows * (width * d_llm + d_llm * d_llm)
     return {"vision": tower * crops, "projector": projector * crops}
 

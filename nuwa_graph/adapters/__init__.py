@@ -31,6 +31,8 @@ FAMILY_MODULES = {
     "llava_next": "nuwa_graph.adapters.llava_next",
     "internvl": "nuwa_graph.adapters.internvl",
     "llava_onevision": "nuwa_graph.adapters.llava_onevision",
+    "idefics3": "nuwa_graph.adapters.idefics3",
+    "smolvlm": "nuwa_graph.adapters.idefics3",
 }
 # preset -> (module, factory(dtype=..., device=...) -> adapter)
 PRESETS = {
@@ -41,6 +43,7 @@ PRESETS = {
     "tiny-llava-next": ("nuwa_graph.adapters.tiny_tiled", "tiny_llava_next"),
     "tiny-internvl": ("nuwa_graph.adapters.tiny_tiled", "tiny_internvl"),
     "tiny-llava-onevision": ("nuwa_graph.adapters.tiny_tiled", "tiny_llava_onevision"),
+    "tiny-smolvlm": ("nuwa_graph.adapters.tiny_idefics3", "tiny_smolvlm"),
 }
 
 

@@ -67,6 +67,18 @@ def template_turn(processor) -> tuple[str, str]:
     return after[len(end):].replace(_QUESTION, "{question}"), end
 
 
+def user_content(question: str, placeholder: str = "<image>") -> list[dict]:
+    """One user turn's chat-template content from a question with image placeholders: text
+    pieces and `{"type": "image"}` entries in their order (what `apply_chat_template` takes)."""
+    content: list[dict] = []
+    for i, piece in enumerate(question.split(placeholder)):
+        if i:
+            content.append({"type": "image"})
+        if piece:
+            content.append({"type": "text", "text": piece})
+    return content
+
+
 class Conversation:
     """The state a multi-turn exchange carries between `generate` calls (one batch of images)."""
 

@@ -162,8 +162,11 @@ class Generation(HookSession):
             texts, vpos = place_runs(lay, lay.pos_texts, visual, follows, top)
             e = text_rows[b].split([t.numel() for t in lay.texts])
             pieces, pos_pieces, runs, at = [e[0]], [texts[0]], [], e[0].shape[0]
+            # every run's rows in one gather (one index copy to the device, not one per run)
+            parts = [blk.rows] if len(sels) == 1 else list(
+                blk.rows.index_select(0, torch.cat(sels).to(blk.rows.device)).split([x.numel() for x in sels]))
             for i, sel in enumerate(sels):
-                rows = blk.rows if len(sels) == 1 else blk.rows[sel.to(blk.rows.device)]
+                rows = parts[i]
                 pieces += [rows.to(e[0]), e[i + 1]]
                 pos_pieces += [vpos[i], texts[i + 1]]
                 runs.append((at, sel.numel()))

@@ -37,7 +37,7 @@ from ..part_views import CropSignals
 from ..signals import SignalRequest
 from ..types import Geometry
 from .base import AdapterRun, Encoded, VisionOut, load_checkpoint, register_adapter
-from .conversation import template_turn, token_id
+from .conversation import template_turn, token_id, user_content
 from .llava import ATTN_KINDS, LlavaAdapter
 
 
@@ -95,14 +95,8 @@ class LlavaNextAdapter(LlavaAdapter):
     def with_placeholders(self, question: str) -> str:
         if not self._template():
             return super().with_placeholders(question)
-        content: list[dict] = []
-        for i, piece in enumerate(question.split("<image>")):
-            if i:
-                content.append({"type": "image"})
-            if piece:
-                content.append({"type": "text", "text": piece})
-        return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                                  tokenize=False)
+        return self.processor.apply_chat_template([{"role": "user", "content": user_content(question)}],
+                                                  add_generation_prompt=True, tokenize=False)
 
     def _template_turn(self) -> tuple[str, str] | None:
         """(a later user turn, the token ending an answer) read off the chat template; None:

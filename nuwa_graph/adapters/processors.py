@@ -7,10 +7,11 @@ for a processor built from its parts."""
 from __future__ import annotations
 
 from functools import cache
+from typing import Any
 
 
 @cache
-def without_video(base: type) -> type:
+def without_video(base: type[Any]) -> type:
     """`base` (a transformers processor class) accepting `video_processor=None`; same class name,
     so a saved processor config names the stock class."""
 
@@ -19,9 +20,22 @@ def without_video(base: type) -> type:
             return None
         return base.check_argument_for_proper_class(self, argument_name, argument)
 
-    return type(base.__name__, (base,), {
-        "check_argument_for_proper_class": check_argument_for_proper_class,
-        "__doc__": f"{base.__name__} usable without torchvision (`video_processor=None`; no videos)."})
+    from transformers import ProcessorMixin
+
+    stock = base.apply_chat_template
+
+    def apply_chat_template(self, conversation, chat_template=None, **kwargs):
+        # SmolVLM's own apply_chat_template reads the video processor's frame defaults on every call;
+        # with no video processor there are no videos: the generic rendering is the same text
+        if getattr(self, "video_processor", None) is None:
+            return ProcessorMixin.apply_chat_template(self, conversation, chat_template, **kwargs)
+        return stock(self, conversation, chat_template, **kwargs)
+
+    members = {"check_argument_for_proper_class": check_argument_for_proper_class,
+               "__doc__": f"{base.__name__} usable without torchvision (`video_processor=None`; no videos)."}
+    if stock is not ProcessorMixin.apply_chat_template:
+        members["apply_chat_template"] = apply_chat_template
+    return type(base.__name__, (base,), members)
 
 
 def checkpoint_chat_template(id_or_path: str, tokenizer) -> str | None:
