@@ -1,6 +1,6 @@
 """Regenerate docs/results.md (and docs/results/*.png) from a fresh evaluation.
 
-    python scripts/gen_results.py                 # 500 + 500 held-out samples, 8 min on 2 idle CPU cores
+    python scripts/gen_results.py                 # 500 + 500 held-out samples x 80 runs, 19 min on 2 idle CPU cores
     python scripts/gen_results.py --n 50 --write /tmp/results.md   # a quick look
 
 Everything is measured on the committed embedded model; see scripts/results_report.py.

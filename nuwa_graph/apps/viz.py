@@ -65,19 +65,27 @@ def plot_accuracy(result: dict[str, Any], axis: str, path: str | Path, metric: s
             series.setdefault(key, []).append((float(r["variables"][axis]), 100.0 * acc))
         else:
             flat.append((r["label"], 100.0 * acc))
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-    for key, pts in series.items():
+    n = len(series) + len(flat)
+    many = n > 8  # the legend goes beside the axes, and colours and markers both tell lines apart
+    colors = plt.get_cmap("tab20" if n > 10 else "tab10").colors
+    markers = "osD^vPX*<>"
+    fig, ax = plt.subplots(figsize=(9.2 if many else 6.4, 4.2 + 0.12 * max(0, n - 16)), dpi=110)
+    for i, (key, pts) in enumerate(series.items()):
         pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)],
+                color=colors[i % len(colors)], label=key)
     for i, (label, acc) in enumerate(flat):
-        ax.axhline(acc, linestyle="--", color=f"C{(len(series) + i) % 10}", label=label)
+        ax.axhline(acc, linestyle="--", color=colors[(len(series) + i) % len(colors)], label=label)
     ax.set_xlabel(axis)
     ax.set_ylim(-2, 102)
     ax.set_ylabel(("accuracy" if metric == "accuracy" else f"{metric} accuracy") + " (%)")
     tasks = ", ".join(d["task"] for d in result.get("data", []))
     ax.set_title(f"{metric} vs {axis} ({tasks})" if tasks else f"{metric} vs {axis}", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if many:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    else:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
