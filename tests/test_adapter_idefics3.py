@@ -10,15 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from _probes import registered, signal_probe
 
-from nuwa_graph import RunError, load, load_text, registry
+from nuwa_graph import RunError, load, load_text
 from nuwa_graph.adapters import load_adapter
 from nuwa_graph.adapters.tiny_tiled import wide_image
-from nuwa_graph.node import Node, NodeParams, Port
 from nuwa_graph.part_views import CropSignals
-from nuwa_graph.signals import SignalRequest
-from nuwa_graph.sites import Site
-from nuwa_graph.types import Scores
 
 PROMPT = "what is left of the red circle ?"
 PROMPT2 = "how many shapes are there ?"
@@ -26,37 +23,13 @@ PIPES = Path(__file__).resolve().parents[1] / "pipelines"
 SEEN: list = []
 
 
-class ProbeParams(NodeParams):
-    kind: str
-    site: str
-    args: dict = {}
-
-
-class Probe(Node):
-    """Records one signal; scores every present token 0."""
-
-    type_name = "scorer.test-probe-idefics3"
-    family = "scorer"
-    outputs = {"scores": Port(Scores)}
-    Params = ProbeParams
-
-    def site(self):
-        return Site(self.params.site)
-
-    def requests(self):
-        return [SignalRequest.make(self.params.kind, self.params.site, **self.params.args)]
-
-    def run(self, ctx):
-        SEEN.append(ctx.signal(self.requests()[0]))
-        return {"scores": Scores(torch.zeros(ctx.present.numel()), ctx.present.clone())}
+Probe = signal_probe("scorer.test-probe-idefics3", lambda name, value: SEEN.append(value))
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _probe():
-    registry.ensure_loaded()
-    registry.register(Probe)
-    yield
-    registry._REGISTRY.pop(Probe.type_name, None)
+    with registered(Probe):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from _probes import signal_probe
 
 from nuwa_graph import RunError, load_text, registry
 from nuwa_graph.adapters import load_adapter
@@ -22,29 +23,7 @@ PROBES: dict[str, list[torch.Tensor]] = {}
 
 
 # --- test-local nodes (registered only while this module runs) ------------------------------
-class ProbeParams(NodeParams):
-    kind: str
-    site: str
-    args: dict = {}
-
-
-class Probe(Node):
-    """Reads one signal, records it per sample, scores every present token 0."""
-
-    type_name = "scorer.test-probe-llava"
-    family = "scorer"
-    outputs = {"scores": Port(Scores)}
-    Params = ProbeParams
-
-    def site(self):
-        return Site(self.params.site)
-
-    def requests(self):
-        return [SignalRequest.make(self.params.kind, self.params.site, **self.params.args)]
-
-    def run(self, ctx):
-        PROBES.setdefault(self.name, []).append(ctx.signal(self.requests()[0]))
-        return {"scores": Scores(torch.zeros(ctx.present.numel()), ctx.present.clone())}
+Probe = signal_probe("scorer.test-probe-llava", lambda name, value: PROBES.setdefault(name, []).append(value))
 
 
 class ThresholdParams(NodeParams):

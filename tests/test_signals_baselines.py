@@ -14,49 +14,22 @@ import json
 
 import pytest
 import torch
+from _probes import registered, signal_probe
 
-from nuwa_graph import RunError, load_text, registry
+from nuwa_graph import RunError, load_text
 from nuwa_graph.adapters.tiny import build_tiny_llava, tiny_qwen, tiny_qwen_image
-from nuwa_graph.node import Node, NodeParams, Port
-from nuwa_graph.signals import SignalRequest
-from nuwa_graph.sites import Site
-from nuwa_graph.types import Scores
 
 PROMPT = "what color is the circle ?"
 PROBES: dict[str, list[torch.Tensor]] = {}
 
 
-class ProbeParams(NodeParams):
-    kind: str
-    site: str
-    args: dict = {}
-
-
-class Probe(Node):
-    """Reads one signal and records it."""
-
-    type_name = "scorer.test-probe-baselines"
-    family = "scorer"
-    outputs = {"scores": Port(Scores)}
-    Params = ProbeParams
-
-    def site(self):
-        return Site(self.params.site)
-
-    def requests(self):
-        return [SignalRequest.make(self.params.kind, self.params.site, **self.params.args)]
-
-    def run(self, ctx):
-        PROBES.setdefault(self.name, []).append(ctx.signal(self.requests()[0]))
-        return {"scores": Scores(torch.zeros(ctx.present.numel(), device=ctx.device), ctx.present.clone())}
+Probe = signal_probe("scorer.test-probe-baselines", lambda name, value: PROBES.setdefault(name, []).append(value))
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _local_nodes():
-    registry.ensure_loaded()
-    registry.register(Probe)
-    yield
-    registry._REGISTRY.pop(Probe.type_name, None)
+    with registered(Probe):
+        yield
 
 
 @pytest.fixture(autouse=True)
