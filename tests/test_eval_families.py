@@ -110,6 +110,17 @@ def test_each_family_continues_in_its_own_chat_format():
     assert template_turn(Proc()) == (CHATML_TURN, CHATML_END)
 
 
+def _second_turn_equals_recompute(a, pipe, images) -> Conversation:
+    """Two turns through the continued cache; the second's logits == a cache-free recompute of
+    the same ids with turn 1's pruning replayed. Returns the conversation."""
+    conv = Conversation()
+    r1 = a.generate(pipe, images, TURNS[0], max_new_tokens=3, conversation=conv)
+    rep = a.generate(pipe, images, TURNS[1], max_new_tokens=3, conversation=conv, return_logits=True)
+    logits, _ = a.forward_logits(pipe, images, TURNS[0], extra_ids=conv.history, replay=r1.keeps)
+    assert (logits[:, -1].float() - rep.step_logits[0]).abs().max() < 1e-4
+    return conv
+
+
 def test_onevision_turns_follow_its_chat_template(one_thread):
     """With a chat template (as the released OneVision checkpoints have), the prompt and every
     later turn come from it, and the continuation still equals the recompute."""
@@ -123,13 +134,7 @@ def test_onevision_turns_follow_its_chat_template(one_thread):
         "{% endif %}{% endfor %}")
     assert a.format_prompt("what ?") == "Q: <image>\nwhat ? A:"
     assert a.turn_text("what ?") == "Q: what ? A:" and a.turn_end_id() == a._tokenizer().eos_token_id
-    pipe = load(PIPELINES / "pdrop.yaml")
-    images = _images(a)
-    conv = Conversation()
-    r1 = a.generate(pipe, images, TURNS[0], max_new_tokens=3, conversation=conv)
-    rep = a.generate(pipe, images, TURNS[1], max_new_tokens=3, conversation=conv, return_logits=True)
-    logits, _ = a.forward_logits(pipe, images, TURNS[0], extra_ids=conv.history, replay=r1.keeps)
-    assert (logits[:, -1].float() - rep.step_logits[0]).abs().max() < 1e-4
+    _second_turn_equals_recompute(a, load(PIPELINES / "pdrop.yaml"), _images(a))
     a.processor.chat_template = "{% for m in messages %}{{ m['role'] }}{% endfor %}"  # no end marker, no next turn
     with pytest.raises(RunError, match="cannot be continued"):
         a.turn_text("q ?")
@@ -162,11 +167,7 @@ def test_llava_next_prompts_and_turns_follow_its_chat_template(one_thread):
     assert a.turn_text("what ?") == "[INST] what ? [/INST]" and a.turn_end_id() == a._tokenizer().eos_token_id
     pipe = load(PIPELINES / "fastv.yaml")
     images = _images(a)
-    conv = Conversation()
-    r1 = a.generate(pipe, images, TURNS[0], max_new_tokens=3, conversation=conv)
-    rep = a.generate(pipe, images, TURNS[1], max_new_tokens=3, conversation=conv, return_logits=True)
-    logits, _ = a.forward_logits(pipe, images, TURNS[0], extra_ids=conv.history, replay=r1.keeps)
-    assert (logits[:, -1].float() - rep.step_logits[0]).abs().max() < 1e-4
+    conv = _second_turn_equals_recompute(a, pipe, images)
     turn = a.turn_ids(TURNS[1][0])  # the tiny vocabulary has no [INST]: compared as ids
     assert turn == a._tokenizer()("[INST] what shape is red ? [/INST]", add_special_tokens=False)["input_ids"]
     assert conv.history[0][-len(turn):] == turn
