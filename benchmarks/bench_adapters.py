@@ -21,11 +21,12 @@ Models: `random-llava` (random weights at LLaVA-1.5-like shapes, sizes from the 
 px CLIP grid = 576 tokens), `random-llava-next` (LLaVA-NeXT v1.6 token geometry: 336 px crops,
 a 640x480 image = 5 crops, 2340 tokens), `random-internvl` (448 px tiles, 256 tokens each, up
 to 12 tiles + thumbnail, Qwen3 LLM), `random-llava-onevision` (384 px SigLIP crops, anyres_max_9,
-Qwen2 LLM), `random-qwen` (Qwen2.5-VL; growth mode), `random-qwen2-vl`, `random-qwen3-vl` (the
-real classes and structure: patch 14 / 16, Qwen3-VL's DeepStack levels at 8/27, 16/27, 24/27 of
-the vision depth, QK-norm, head_dim 128; widths and depths from the flags; a 24 x 24 merged
-grid = 576 tokens in methods mode), or any local directory / hub id / preset `load_adapter`
-takes. Every number is the median (`--stat min`: the minimum) of `--repeats` runs after
+Qwen2 LLM), `random-smolvlm` (512 px SigLIP crops of 64 tokens after the shuffle, up to 4x4 tiles +
+the global image, each crop its own run; Llama LLM), `random-qwen` (Qwen2.5-VL; growth mode),
+`random-qwen2-vl`, `random-qwen3-vl` (the real classes and structure: patch 14 / 16, Qwen3-VL's
+DeepStack levels at 8/27, 16/27, 24/27 of the vision depth, QK-norm, head_dim 128; widths and
+depths from the flags; a 24 x 24 merged grid = 576 tokens in methods mode), or any local
+directory / hub id / preset `load_adapter` takes. Every number is the median (`--stat min`: the minimum) of `--repeats` runs after
 `--warmup` warm-up runs.
 
     # CPU, a small model (the command of docs/performance.md)
@@ -177,6 +178,25 @@ def random_llava_onevision(dtype, device, attn, args, seed: int = 0):
     name = (f"random LLaVA-OneVision (SigLIP {args.vision_hidden}x{args.vision_layers}, 384 px crops, anyres_max_9, "
             f"Qwen2 {args.llm_hidden}x{args.llm_layers})")
     return LlavaOnevisionAdapter(model, proc, name=name, dtype=dtype, device=device, attn_implementation=attn)
+
+
+def random_smolvlm(dtype, device, attn, args, seed: int = 0):
+    """SmolVLM-256M / 500M token geometry at the flags' widths: 512 px SigLIP crops of 16 px
+    patches, pixel shuffle 4 -> 64 tokens per crop, the longest edge resized to 2048 px (up to
+    4x4 tiles + the global image, each crop its own run); a Llama LLM. A 640x480 picture is 4x3
+    tiles + global = 13 runs, 832 tokens."""
+    from transformers import SmolVLMForConditionalGeneration
+
+    from nuwa_graph.adapters.idefics3 import Idefics3Adapter
+    from nuwa_graph.adapters.tiny_idefics3 import smolvlm_config, smolvlm_processor
+
+    proc = smolvlm_processor(tile=512, units=64, longest_edge=2048)
+    cfg = smolvlm_config(proc.tokenizer, tile=512, patch=16, scale=4, vision_hidden=args.vision_hidden,
+                         vision_layers=args.vision_layers, text_hidden=args.llm_hidden, text_layers=args.llm_layers)
+    model = _random_model(SmolVLMForConditionalGeneration, cfg, dtype, device, seed)
+    name = (f"random SmolVLM (SigLIP {args.vision_hidden}x{args.vision_layers}, 512 px crops, shuffle 4, "
+            f"Llama {args.llm_hidden}x{args.llm_layers})")
+    return Idefics3Adapter(model, proc, name=name, dtype=dtype, device=device, attn_implementation=attn)
 
 
 def random_qwen(dtype, device, attn, args, seed: int = 0):
@@ -601,7 +621,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=["methods", "growth"], default="methods")
     ap.add_argument("--model", default=None, help="random-llava (methods default), random-llava-next, random-internvl, "
-                                                  "random-llava-onevision, random-qwen (growth default), "
+                                                  "random-llava-onevision, random-smolvlm, random-qwen (growth default), "
                                                   "random-qwen2-vl, random-qwen3-vl, "
                                                   "a preset, a local directory or a hub id")
     ap.add_argument("--device-map", default=None, help="e.g. auto (checkpoints only; needs accelerate)")
@@ -638,9 +658,9 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     if model == "random-llava":
         adapter = random_llava(dtype, args.device, args.attn_implementation, args)
-    elif model in ("random-llava-next", "random-internvl", "random-llava-onevision"):
+    elif model in ("random-llava-next", "random-internvl", "random-llava-onevision", "random-smolvlm"):
         build = {"random-llava-next": random_llava_next, "random-internvl": random_internvl,
-                 "random-llava-onevision": random_llava_onevision}[model]
+                 "random-llava-onevision": random_llava_onevision, "random-smolvlm": random_smolvlm}[model]
         adapter = build(dtype, args.device, args.attn_implementation, args)
     elif model == "random-qwen":
         adapter = random_qwen(dtype, args.device, args.attn_implementation, args)

@@ -89,3 +89,17 @@ def test_the_random_qwen_line_builders_have_the_real_structure():
         rep = adapter.generate(load(ROOT / "pipelines/random.yaml", {"budget": 8}),
                                [tiny_qwen_image((4, 6), unit=2 * patch)], [tiny_qwen_prompt()], max_new_tokens=1)
         assert rep.visual_tokens_per_layer[0] == [8, 8]
+
+
+def test_methods_mode_on_random_smolvlm(tmp_path):
+    """The real-geometry random SmolVLM builder (toy widths): a 640x480 picture is 4x3 tiles + the
+    global image = 13 runs of 64 tokens; the oracle feeds k rows in place of the runs, and the
+    stock model's generate runs beside vanilla."""
+    out = tmp_path / "smolvlm.md"
+    code = _bench().main(["--model", "random-smolvlm", "--methods", "vanilla,random", "--budgets", "64", "--repeats",
+                          "1", "--warmup", "0", "--new-tokens", "2", "--vision-layers", "1", "--vision-hidden", "32",
+                          "--llm-layers", "2", "--llm-hidden", "64", "--write", str(out)])
+    assert code == 0
+    text = out.read_text()
+    assert "| vanilla | - | 832.0 |" in text and "| random | 64 | 64.0 |" in text
+    assert "Stock (the unmodified model's own generate" in text and "k=64:" in text and "k=832:" in text
