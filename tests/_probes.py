@@ -1,5 +1,6 @@
-"""A test-only scorer that records one model signal, shared by the adapter and signal tests
-(imported as `_probes`, as `_chat_templates`: the lmms extra installs a top-level `tests`)."""
+"""What the adapter and signal tests share to check signals: a test-only scorer that records one
+model signal, and the tiny LLaVA's eager reference maps (imported as `_probes`, as
+`_chat_templates`: the lmms extra installs a top-level `tests`)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,21 @@ def signal_probe(type_name: str, record: Callable[[str, Any], None]) -> type[Nod
 
     Probe.type_name = type_name
     return Probe
+
+
+def eager_llava_reference(image, prompt: str):
+    """The tiny-llava preset's weights run eagerly with every attention map and hidden state:
+    (model, encoding, vision tower output, model output, the image token positions)."""
+    from nuwa_graph.adapters.tiny import build_tiny_llava
+
+    model, proc = build_tiny_llava()  # same seed, same weights as the preset
+    model.set_attn_implementation({"vision_config": "eager", "text_config": "eager"})
+    enc = proc(images=[image], text=["USER: <image>\n" + prompt + " ASSISTANT:"], return_tensors="pt")
+    with torch.no_grad():
+        vis = model.model.vision_tower(enc["pixel_values"], output_attentions=True, output_hidden_states=True)
+        out = model(**enc, output_attentions=True, output_hidden_states=True)
+    img = (enc["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
+    return model, enc, vis, out, img
 
 
 @contextmanager

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from _probes import signal_probe
+from _probes import eager_llava_reference, signal_probe
 
 from nuwa_graph import RunError, load_text, registry
 from nuwa_graph.adapters import load_adapter
@@ -240,15 +240,6 @@ def test_llm_site_positions_and_kv(tiny_llava, tiny_image):
 
 
 # --- invariant 4: rows equal eager maps --------------------------------------------------------
-def _eager_reference(image, prompt):
-    model, proc = build_tiny_llava()  # same seed, same weights as the preset
-    model.set_attn_implementation({"vision_config": "eager", "text_config": "eager"})
-    enc = proc(images=[image], text=["USER: <image>\n" + prompt + " ASSISTANT:"], return_tensors="pt")
-    with torch.no_grad():
-        vis = model.model.vision_tower(enc["pixel_values"], output_attentions=True, output_hidden_states=True)
-        out = model(**enc, output_attentions=True, output_hidden_states=True)
-    img = (enc["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
-    return model, enc, vis, out, img
 
 
 def _probe_yaml(kind: str, site: str, **args) -> str:
@@ -262,7 +253,7 @@ nodes:
 
 
 def test_vision_rows_equal_eager(tiny_llava, tiny_image):
-    model, enc, vis, out, img = _eager_reference(tiny_image, PROMPT)
+    model, enc, vis, out, img = eager_llava_reference(tiny_image, PROMPT)
     for layer in (-2, 0, 3):
         tiny_llava.forward_logits(load_text(_probe_yaml("vision.cls_attention", "vision", layer=layer)), [tiny_image],
                                   [PROMPT])
@@ -273,7 +264,7 @@ def test_vision_rows_equal_eager(tiny_llava, tiny_image):
 
 
 def test_vision_hidden_keys_and_qk(tiny_llava, tiny_image):
-    model, enc, vis, out, img = _eager_reference(tiny_image, PROMPT)
+    model, enc, vis, out, img = eager_llava_reference(tiny_image, PROMPT)
     hs = vis.hidden_states
     checks = {
         ("vision.hidden", (("layer", -2),)): hs[-2][0, 1:],
@@ -320,7 +311,7 @@ def _llm_reference(model, out, enc, img, layer, queries, rope, softmax_over):
 @pytest.mark.parametrize("layer_site", [(1, 2), (2, 2)])
 def test_llm_rows_equal_eager(tiny_llava, tiny_image, queries, rope, softmax_over, layer_site):
     layer, K = layer_site
-    model, enc, vis, out, img = _eager_reference(tiny_image, PROMPT)
+    model, enc, vis, out, img = eager_llava_reference(tiny_image, PROMPT)
     pipe = load_text(_probe_yaml("llm.attention", f"llm.{K}", layer=layer, queries=queries, rope=rope,
                                  softmax_over=softmax_over))
     tiny_llava.forward_logits(pipe, [tiny_image], [PROMPT])
@@ -332,7 +323,7 @@ def test_llm_rows_equal_eager(tiny_llava, tiny_image, queries, rope, softmax_ove
 
 
 def test_llm_hidden_and_pre_llm_signals(tiny_llava, tiny_image):
-    model, enc, vis, out, img = _eager_reference(tiny_image, PROMPT)
+    model, enc, vis, out, img = eager_llava_reference(tiny_image, PROMPT)
     tiny_llava.forward_logits(load_text(_probe_yaml("llm.hidden", "llm.2", layer=2)), [tiny_image], [PROMPT])
     assert (PROBES.pop("p")[0] - out.hidden_states[2][0, img]).abs().max().item() <= 1e-5
     tiny_llava.forward_logits(load_text(_probe_yaml("pre_llm.visual", "pre_llm")), [tiny_image], [PROMPT])

@@ -38,6 +38,16 @@ S, N, GRID = 35, 576, (24, 24)
 TOL = 1e-5
 
 
+def _assert_stream(keep, S: int, N: int, L: int, want_src, want_positions, rows, want_rows) -> Stream:
+    """A Keep applied to a stream of S text, N image and L - S - N text tokens gives the official
+    code's kept sequence positions, position ids and rows, exactly; returns the stream."""
+    st = Stream(S, N, L - S - N, S)
+    src = torch.tensor(st.apply(keep))
+    assert torch.equal(src, want_src)
+    assert torch.equal(st.positions(), want_positions)
+    assert torch.equal(rows[src], want_rows)
+    return st
+
 def golden(name: str):
     path = golden_file(f"{name}.safetensors")
     with safe_open(str(path), "pt") as f:
@@ -100,11 +110,8 @@ def test_dart(budget):
     assert keep.site == "llm.2" and keep.positions is None and keep.tokens is None
     assert keep.ids.numel() == budget + 4 == params["n_retained_image_tokens"]
     assert set((keep.ids + S).tolist()) == set(t["expected_retained_image_tokens_index"].tolist())
-    st = Stream(S, N, L - S - N, S)
-    src = torch.tensor(st.apply(keep))
-    assert torch.equal(src, t["expected_keep_indexs"])
-    assert torch.equal(st.positions(), t["expected_position_ids_after"])
-    assert torch.equal(h[src], t["expected_hidden_after"])
+    _assert_stream(keep, S, N, L, t["expected_keep_indexs"], t["expected_position_ids_after"], h,
+                   t["expected_hidden_after"])
     assert tokens_per_layer([keep], N, 32) == [576, 576] + [budget + 4] * 30
 
 
@@ -142,11 +149,8 @@ def test_divprune(name, overrides):
     assert torch.equal(keep.ids, torch.sort(picks_official).values)
     assert keep.positions.policy == "perc" and torch.equal(keep.positions.offsets, torch.arange(k))
     L = t["inputs_embeds"].shape[0]
-    st = Stream(S, N, L - S - N, S)
-    src = torch.tensor(st.apply(keep))
-    assert torch.equal(src, t["expected_keep_indexs"])
-    assert torch.equal(st.positions(), t["derived_position_ids_after"])
-    assert torch.equal(t["inputs_embeds"][src], t["expected_inputs_embeds_after"])
+    _assert_stream(keep, S, N, L, t["expected_keep_indexs"], t["derived_position_ids_after"], t["inputs_embeds"],
+                   t["expected_inputs_embeds_after"])
 
 
 def test_divprune_repeats_only_when_asked():
@@ -319,11 +323,8 @@ def test_vtw(name, budget):
     assert keep.site == f"llm.{K}" and keep.ids.numel() == 0 and keep.positions is None
     assert tokens_per_layer([keep], N, 32) == t["derived_visual_tokens_per_layer"].tolist()
     L = t["hidden_in"].shape[0]
-    st = Stream(S, N, L - S - N, S)
-    src = torch.tensor(st.apply(keep))
-    assert torch.equal(src, t["expected_kept_seq_positions"])
-    assert torch.equal(st.positions(), t["expected_position_ids_after"])
-    assert torch.equal(t["hidden_in"][src], t["expected_hidden_after"])
+    st = _assert_stream(keep, S, N, L, t["expected_kept_seq_positions"], t["expected_position_ids_after"],
+                        t["hidden_in"], t["expected_hidden_after"])
     assert torch.equal(t["expected_layer_seq_len"], torch.tensor([L] * K + [L - N] * (32 - K)))
     # decoding continues with the unpruned numbering (the adapter's rule: last prompt id + 1)
     assert torch.equal(st.positions()[-1] + 1 + torch.arange(3), t["expected_decode_position_ids"])

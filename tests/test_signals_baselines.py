@@ -14,10 +14,10 @@ import json
 
 import pytest
 import torch
-from _probes import registered, signal_probe
+from _probes import eager_llava_reference, registered, signal_probe
 
 from nuwa_graph import RunError, load_text
-from nuwa_graph.adapters.tiny import build_tiny_llava, tiny_qwen, tiny_qwen_image
+from nuwa_graph.adapters.tiny import tiny_qwen, tiny_qwen_image
 
 PROMPT = "what color is the circle ?"
 PROBES: dict[str, list[torch.Tensor]] = {}
@@ -50,14 +50,7 @@ def read(adapter, image, *specs, prompt=PROMPT) -> list[torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def eager(tiny_image):
-    model, proc = build_tiny_llava()  # the preset's weights
-    model.set_attn_implementation({"vision_config": "eager", "text_config": "eager"})
-    enc = proc(images=[tiny_image], text=["USER: <image>\n" + PROMPT + " ASSISTANT:"], return_tensors="pt")
-    with torch.no_grad():
-        vis = model.model.vision_tower(enc["pixel_values"], output_attentions=True, output_hidden_states=True)
-        out = model(**enc, output_attentions=True, output_hidden_states=True)
-    img = (enc["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
-    return model, enc, vis, out, img
+    return eager_llava_reference(tiny_image, PROMPT)
 
 
 def _rope_keys(model, h, layer, L):

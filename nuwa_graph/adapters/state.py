@@ -14,6 +14,13 @@ if TYPE_CHECKING:
     from .family import FamilyHooks
 
 
+def read_in_attention(req: SignalRequest) -> bool:
+    """Whether an LLM signal with RoPE of a layer before its site is taken inside that layer's
+    attention function (the rotated q/k exist only there); otherwise at the layer's input."""
+    K = Site(req.site).layer
+    return bool(getattr(req, "rope", False)) and K is not None and req.layer < K  # type: ignore[attr-defined]
+
+
 class LLMSignalPlan:
     """Which decoder layers capture `llm.keys` / `llm.token_hidden` (adapters/llm_signals.py)."""
 
@@ -22,8 +29,7 @@ class LLMSignalPlan:
         self.pre: dict[int, list[SignalRequest]] = {}  # layer -> values computed at its input (pre-hook)
         for req in requests:
             if isinstance(req, LLMKeys):
-                K = Site(req.site).layer
-                if req.rope and K is not None and req.layer < K:
+                if read_in_attention(req):
                     self.keys_attn.setdefault(req.layer, []).append(req)
                 else:
                     self.pre.setdefault(req.layer, []).append(req)
@@ -63,8 +69,7 @@ class AdapterRun:
         self.llm_plan = LLMSignalPlan(ex.requests())  # llm.keys, llm.token_hidden (llm_signals.py)
         for req in ex.requests():  # typed and checked when the pipeline loaded (signals.py)
             if isinstance(req, LLMAttention):
-                K = Site(req.site).layer
-                if req.rope and K is not None and req.layer < K:
+                if read_in_attention(req):
                     self.rows_attn.setdefault(req.layer, []).append(req)
                 else:
                     self.rows_pre.setdefault(req.layer, []).append(req)
